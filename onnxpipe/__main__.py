@@ -1,0 +1,5 @@
+"""``python -m onnxpipe`` runs the command line."""
+
+from onnxpipe.cli import main
+
+main()

@@ -1,0 +1,98 @@
+"""Prove an ONNX model computes what its framework computes, on example and random batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxpipe.converter.base import FrameworkModel
+from onnxpipe.runtimes.session import Session
+from onnxpipe.tensors import Comparison, batched_inputs, compare, graph_inputs, random_like
+
+
+@dataclass
+class CheckRun:
+    """One set of inputs: which batch, and how every output compared."""
+
+    label: str
+    batch: int | None
+    outputs: list[Comparison]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.outputs)
+
+
+@dataclass
+class CheckReport:
+    """Every run of the check and the worst case per output."""
+
+    atol: float
+    rtol: float
+    runs: list[CheckRun] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.runs) and all(r.ok for r in self.runs)
+
+    def worst(self) -> list[Comparison]:
+        """Per output: the largest diffs over all runs, failed if any run failed."""
+        names: list[str] = []
+        for r in self.runs:
+            names += [c.name for c in r.outputs if c.name not in names]
+        out = []
+        for name in names:
+            cs = [c for r in self.runs for c in r.outputs if c.name == name]
+            detail = next((c.detail for c in cs if c.detail), "")
+            out.append(Comparison(name, max(c.max_abs for c in cs), max(c.max_rel for c in cs),
+                                  all(c.ok for c in cs), max(c.mismatched for c in cs), detail))
+        return out
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "atol": self.atol, "rtol": self.rtol,
+                "outputs": [c.as_dict() for c in self.worst()],
+                "runs": [{"label": r.label, "batch": r.batch, "ok": r.ok} for r in self.runs]}
+
+
+def _dynamic_first_axis(model: onnx.ModelProto, names: set[str]) -> bool:
+    for info in graph_inputs(model):
+        if info.name in names and info.shape and isinstance(info.shape[0], int) and info.shape[0] > 0:
+            return False
+    return True
+
+
+def verify(model: onnx.ModelProto, fm: FrameworkModel, *, atol: float, rtol: float,
+           random_batches: int = 2, seed: int = 0) -> CheckReport:
+    """Compare every output of ``model`` (ONNX Runtime, CPU) with the framework's own.
+
+    Runs the example inputs, then ``random_batches`` random batches drawn from the examples'
+    value ranges, at another batch size when the model's first axis is dynamic.
+    """
+    report = CheckReport(atol, rtol)
+    rng = np.random.default_rng(seed)
+    batched, batch = batched_inputs(fm.inputs)
+    with Session(model) as session:
+        onnx_names = session.output_names
+        feeds_list = [("example", batch, dict(fm.inputs))]
+        other = batch
+        if batched and _dynamic_first_axis(model, batched):
+            other = batch + 2
+        for k in range(random_batches):
+            feeds = {}
+            for name, arr in fm.inputs.items():
+                shape = ((other,) + arr.shape[1:]) if name in batched else arr.shape
+                feeds[name] = random_like(arr, shape, rng)
+            feeds_list.append((f"random #{k + 1}", other, feeds))
+        for label, b, feeds in feeds_list:
+            expected = fm.reference(feeds)
+            got = session.run(feeds)
+            comps = []
+            if len(expected) != len(onnx_names):
+                comps.append(Comparison("(outputs)", float("inf"), float("inf"), False, 1.0,
+                                        f"ONNX model has {len(onnx_names)} outputs, framework {len(expected)}"))
+            for name, exp in zip(onnx_names, expected):
+                comps.append(compare(name, got[name], exp, atol=atol, rtol=rtol))
+            report.runs.append(CheckRun(label, b, comps))
+    return report

@@ -1,0 +1,200 @@
+"""Parse a SOURCE argument and load the framework model it names."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxpipe.converter.base import FrameworkModel, first_line
+from onnxpipe.errors import InputError
+from onnxpipe.tensors import InputSpec
+
+FRAMEWORKS = ("torch", "tensorflow", "onnx")
+FORMS = ("file.py:factory, .onnx, .pt/.pth (TorchScript), .pt2 (torch.export), "
+         ".keras, or a SavedModel directory")
+
+_SUFFIX_KIND = {
+    ".onnx": ("onnx", "onnx"),
+    ".pt": ("torch", "torchscript"),
+    ".pth": ("torch", "torchscript"),
+    ".ptl": ("torch", "torchscript"),
+    ".pt2": ("torch", "torch.export"),
+    ".keras": ("tensorflow", "keras"),
+    ".h5": ("tensorflow", "keras"),
+}
+
+
+def split_factory(source: str) -> tuple[Path, str] | None:
+    """``path/to/file.py:build`` -> (path, "build"); anything else -> None."""
+    head, sep, name = str(source).rpartition(":")
+    if sep and head.endswith(".py") and name.isidentifier():
+        return Path(head), name
+    if str(source).endswith(".py"):
+        raise InputError(f"{source} names a Python file but no factory",
+                         hint=f"write it as {source}:build, naming the function that returns (model, example_inputs)")
+    return None
+
+
+def detect(source: str | Path) -> tuple[str, str]:
+    """Framework and kind of a source path, without importing any framework.
+
+    Example:
+        >>> detect("model.onnx")  # doctest: +SKIP
+        ('onnx', 'onnx')
+    """
+    text = str(source)
+    factory = split_factory(text)
+    if factory is not None:
+        path, _ = factory
+        _must_exist(path)
+        return "python", "factory"
+    path = Path(text)
+    _must_exist(path)
+    if path.is_dir():
+        if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+            return "tensorflow", "savedmodel"
+        raise InputError(f"{path} is a directory but not a TensorFlow SavedModel (no saved_model.pb in it)",
+                         hint="give a SavedModel directory or one of: " + FORMS)
+    kind = _SUFFIX_KIND.get(path.suffix.lower())
+    if kind is None:
+        raise InputError(f"cannot tell what kind of model {path} is from its suffix {path.suffix or '(none)'}",
+                         hint="give one of: " + FORMS)
+    return kind
+
+
+def _must_exist(path: Path) -> None:
+    if not path.exists():
+        raise InputError(f"no such file or directory: {path}", hint="check the path")
+
+
+def load_factory(path: Path, name: str) -> tuple[Any, Any]:
+    """Import ``path`` as a module and call ``name()``; it must return (model, example_inputs)."""
+    module_name = f"_onnxpipe_user_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise InputError(f"cannot import {path} as a Python module", hint="check that it is a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    parent = str(path.resolve().parent)
+    added = parent not in sys.path
+    if added:
+        sys.path.insert(0, parent)  # let the factory import its sibling modules
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise InputError(f"importing {path} failed: {first_line(exc)}",
+                         hint="fix the module (run with --debug for the traceback)") from exc
+    finally:
+        if added:
+            sys.path.remove(parent)
+    factory = getattr(module, name, None)
+    if factory is None:
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                        and getattr(v, "__module__", None) == module_name)
+        raise InputError(f"{path} has no factory named {name!r}",
+                         hint=f"callables defined there: {', '.join(public) or 'none'}")
+    if not callable(factory):
+        raise InputError(f"{path}:{name} is not callable", hint="name a function returning (model, example_inputs)")
+    try:
+        result = factory()
+    except Exception as exc:
+        raise InputError(f"factory {path}:{name} raised {first_line(exc)}",
+                         hint="fix the factory (run with --debug for the traceback)") from exc
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise InputError(f"factory {path}:{name} returned {type(result).__name__}, expected (model, example_inputs)",
+                         hint="return a 2-tuple: the model and its example inputs (tuple, or dict by input name)")
+    return result
+
+
+def framework_of(obj: Any) -> str | None:
+    """``torch`` or ``tensorflow`` from an object's class hierarchy, importing neither."""
+    for cls in type(obj).__mro__:
+        root = (cls.__module__ or "").split(".")[0]
+        if root == "torch":
+            return "torch"
+        if root in ("keras", "tensorflow", "tf_keras"):
+            return "tensorflow"
+    return None
+
+
+def to_numpy(value: Any, what: str) -> np.ndarray:
+    """Tensor-like (numpy, torch, tf, scalars) to a numpy array."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # torch.Tensor
+        return value.detach().cpu().numpy()
+    if hasattr(value, "numpy"):  # tf.Tensor
+        return np.asarray(value.numpy())
+    if isinstance(value, (int, float, bool, list)):
+        return np.asarray(value)
+    raise InputError(f"example input {what} is a {type(value).__name__}, not an array or tensor",
+                     hint="return arrays or tensors (a tuple, or a dict by input name)")
+
+
+def normalize_examples(example: Any, names: Sequence[str] | None) -> tuple[dict[str, np.ndarray], bool]:
+    """Example inputs (tensor, tuple/list or dict) -> ordered ``{name: array}`` and whether by keyword."""
+    if isinstance(example, dict):
+        return {str(k): to_numpy(v, repr(k)) for k, v in example.items()}, True
+    items = list(example) if isinstance(example, (tuple, list)) else [example]
+    names = list(names or [])
+    if len(names) < len(items):
+        names += [f"input_{i}" for i in range(len(names), len(items))]
+    return {names[i]: to_numpy(v, names[i]) for i, v in enumerate(items)}, False
+
+
+def examples_from_specs(specs: Sequence[InputSpec], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Example inputs generated from ``--input`` specs."""
+    from onnxpipe.tensors import TensorInfo, random_input
+
+    return {s.name: random_input(TensorInfo(s.name, list(s.shape), np.dtype(s.dtype)), s.shape, rng) for s in specs}
+
+
+def load(source: str, *, framework: str | None = None, specs: Sequence[InputSpec] = ()) -> FrameworkModel:
+    """Load SOURCE into a :class:`FrameworkModel`, importing only the framework it needs.
+
+    Example:
+        >>> fm = load("models/digits_cnn/model.py:build")  # doctest: +SKIP
+    """
+    if framework is not None and framework not in FRAMEWORKS:
+        raise InputError(f"unknown framework {framework!r}", hint=f"use one of {', '.join(FRAMEWORKS)}, or omit it to detect")
+    detected, kind = detect(source)
+    if kind == "factory":
+        path, name = split_factory(str(source))  # type: ignore[misc]
+        model, example = load_factory(path, name)
+        detected = framework_of(model)
+        if detected is None:
+            raise InputError(
+                f"factory {source} returned a {type(model).__module__}.{type(model).__name__}, "
+                "which is not a torch.nn.Module, Keras model or tf.function",
+                hint="return a PyTorch or TensorFlow model")
+        _agree(framework, detected, source)
+        if detected == "torch":
+            from onnxpipe.converter import pytorch
+
+            return pytorch.from_object(model, example)
+        from onnxpipe.converter import tensorflow
+
+        return tensorflow.from_object(model, example)
+    _agree(framework, detected, source)
+    if detected == "onnx":
+        from onnxpipe.converter import onnx_file
+
+        return onnx_file.load(Path(source), specs)
+    if detected == "torch":
+        from onnxpipe.converter import pytorch
+
+        return pytorch.from_archive(Path(source), kind, specs)
+    from onnxpipe.converter import tensorflow
+
+    return tensorflow.from_path(Path(source), kind, specs)
+
+
+def _agree(asked: str | None, detected: str, source: str) -> None:
+    if asked is not None and asked != detected:
+        raise InputError(f"--framework {asked} was given but {source} is a {detected} model",
+                         hint="drop --framework to detect it, or give a source of that framework")

@@ -1,0 +1,159 @@
+"""Load and save ONNX models safely: clear errors, external data, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+
+from onnxpipe.errors import InputError
+
+# protobuf cannot serialize a message of 2 GiB or more; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by the model's initializers (raw data or typed fields), external data included."""
+    total = 0
+    for init in _all_initializers(model.graph):
+        n = 1
+        for d in init.dims:
+            n *= d
+        total += n * _itemsize(init.data_type)
+    return total
+
+
+def _itemsize(data_type: int) -> int:
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return 4
+
+
+def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _all_initializers(g)
+
+
+def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file, turning every failure into one clear line.
+
+    Example:
+        >>> model = load_model("model.onnx")  # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"no such file: {p}", hint="check the path")
+    if p.is_dir():
+        raise InputError(f"{p} is a directory, not an .onnx file", hint="give the path of the .onnx file")
+    try:
+        model = onnx.load(str(p), load_external_data=load_external_data)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... depending on damage
+        raise InputError(
+            f"{p} is not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse failed'})",
+            hint="the file may be truncated or not ONNX; re-export it",
+        ) from exc
+    if not model.graph.node and not model.graph.output:
+        raise InputError(f"{p} holds no ONNX graph (empty or not an ONNX file)", hint="re-export the model")
+    return model
+
+
+def check_model(model: onnx.ModelProto, *, what: str = "model") -> None:
+    """Run ``onnx.checker`` with full checks; large models are checked without serializing."""
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(model, full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise InputError(f"{what} is not a valid ONNX model: {first}", hint="re-export it or fix the graph") from exc
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory; on success, move every file in it next to ``path``.
+
+    Files written into the directory under ``path``'s own name (and any sidecar files such as
+    external data) appear at the destination only once everything was written: an error or an
+    interrupt leaves no half-written output behind.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    try:
+        yield tmp
+        # sidecars first, the model file last: a reader never sees a model without its data
+        files = sorted(tmp.iterdir(), key=lambda f: f.name == dest.name)
+        for f in files:
+            os.replace(f, dest.parent / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    threshold: int | None = None,
+) -> Path:
+    """Write ``model`` atomically; weights go to ``<name>.data`` when over protobuf's limit.
+
+    Args:
+        model: the model to write.
+        path: destination ``.onnx`` file.
+        external_data: force (True) or forbid (False) external data; None decides by size.
+        threshold: initializer bytes above which external data is used (default ~1.8 GB).
+
+    Example:
+        >>> save_model(model, "out/model.onnx")  # doctest: +SKIP
+    """
+    dest = Path(path)
+    limit = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
+    use_external = tensor_bytes(model) > limit if external_data is None else external_data
+    with atomic_output(dest) as tmp:
+        target = tmp / dest.name
+        if use_external:
+            model = _copy_with_data(model)
+            onnx.save_model(
+                model,
+                str(target),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=f"{dest.name}.data",
+                size_threshold=1024,
+            )
+        else:
+            onnx.save_model(model, str(target))
+    if not use_external:
+        stale = dest.parent / f"{dest.name}.data"
+        stale.unlink(missing_ok=True)
+    return dest
+
+
+def _copy_with_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    # onnx.save_model with external data mutates the proto in place (moves raw_data out);
+    # work on a copy so the caller's model keeps its weights.
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def model_size_bytes(path: str | os.PathLike) -> int:
+    """Size on disk of an ONNX file plus its external-data files."""
+    p = Path(path)
+    total = p.stat().st_size
+    data = p.parent / f"{p.name}.data"
+    if data.exists():
+        total += data.stat().st_size
+    return total

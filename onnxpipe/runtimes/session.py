@@ -1,0 +1,150 @@
+"""One ONNX Runtime session with checked feeds: the unit every runner and check builds on."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+
+from onnxpipe._deps import require
+from onnxpipe.errors import InputError, OnnxpipeError
+from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.tensors import TensorInfo, value_infos
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+              "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+class Session:
+    """An ONNX Runtime inference session that checks its feeds and names what is wrong.
+
+    Args:
+        model: a path to an ``.onnx`` file or an in-memory ``ModelProto``.
+        providers: ORT provider names, in order of preference (default: CPU).
+        threads: intra-op threads (None lets ORT decide).
+        optimization: ``disable | basic | extended | all`` graph optimizations.
+
+    Example:
+        >>> with Session("model.onnx") as s:  # doctest: +SKIP
+        ...     outputs = s.run({"x": x})
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | onnx.ModelProto,
+        *,
+        providers: Sequence[str | tuple[str, dict]] = ("CPUExecutionProvider",),
+        threads: int | None = None,
+        optimization: str = "all",
+    ) -> None:
+        ort_mod = require("onnxruntime")
+        opts = ort_mod.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        if optimization not in OPT_LEVELS:
+            raise InputError(f"unknown optimization level {optimization!r}", hint=f"use one of {', '.join(OPT_LEVELS)}")
+        opts.graph_optimization_level = getattr(ort_mod.GraphOptimizationLevel, OPT_LEVELS[optimization])
+        self._tmpdir: tempfile.TemporaryDirectory | None = None
+        source: str | bytes
+        if isinstance(model, onnx.ModelProto):
+            if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+                self._tmpdir = tempfile.TemporaryDirectory(prefix="onnxpipe-")
+                source = str(save_model(model, Path(self._tmpdir.name) / "model.onnx"))
+            else:
+                source = model.SerializeToString()
+        else:
+            if not Path(model).exists():
+                raise InputError(f"no such file: {model}", hint="check the path")
+            source = str(model)
+        try:
+            self.session: ort.InferenceSession = ort_mod.InferenceSession(source, opts, providers=list(providers))
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise OnnxpipeError(f"ONNX Runtime cannot load the model: {msg}",
+                                hint="check the model with `onnxpipe inspect`") from exc
+        self.inputs: list[TensorInfo] = [
+            TensorInfo(i.name, list(i.shape) if i.shape is not None else None, _ort_dtype(i.type))
+            for i in self.session.get_inputs()
+        ]
+        self.output_names: list[str] = [o.name for o in self.session.get_outputs()]
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Return feeds as arrays, or raise naming the expected and received name, shape, dtype."""
+        expected = {i.name for i in self.inputs}
+        unknown = sorted(set(feeds) - expected)
+        if unknown:
+            raise InputError(f"unknown input(s) {', '.join(unknown)}: expected {', '.join(sorted(expected))}",
+                             hint="rename the inputs to the model's input names")
+        out = {}
+        for info in self.inputs:
+            if info.name not in feeds:
+                raise InputError(f"missing input {info.name!r}: expected {info.dtype} {info.shape_str()}",
+                                 hint="give a value for every model input")
+            arr = np.asarray(feeds[info.name])
+            if arr.dtype != info.dtype:
+                raise InputError(
+                    f"input {info.name!r}: expected dtype {info.dtype}, received {arr.dtype}",
+                    hint=f"cast the data to {info.dtype}")
+            if info.shape is not None:
+                ok = len(arr.shape) == len(info.shape) and all(
+                    not isinstance(d, int) or d <= 0 or d == a for d, a in zip(info.shape, arr.shape))
+                if not ok:
+                    raise InputError(
+                        f"input {info.name!r}: expected shape {info.shape_str()}, received {list(arr.shape)}",
+                        hint="reshape the data to the model's input shape")
+            out[info.name] = arr
+        return out
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run once; returns ``{output name: array}`` in the model's output order."""
+        names = list(outputs) if outputs is not None else self.output_names
+        values = self.session.run(names, self.check_feeds(feeds))
+        return dict(zip(names, values))
+
+
+def _ort_dtype(type_str: str) -> np.dtype:
+    # ORT reports "tensor(float)", "tensor(int64)", ...
+    inner = type_str[len("tensor("):-1] if type_str.startswith("tensor(") else type_str
+    mapping = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool",
+               "string": "object"}
+    try:
+        return np.dtype(mapping.get(inner, inner))
+    except TypeError:
+        return np.dtype(object)
+
+
+def run_model(model: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, np.ndarray],
+              **session_kwargs: Any) -> dict[str, np.ndarray]:
+    """Run a model once on CPU and return its outputs by name.
+
+    Example:
+        >>> run_model("model.onnx", {"x": x})  # doctest: +SKIP
+    """
+    with Session(model, **session_kwargs) as s:
+        return s.run(feeds)
+
+
+def output_infos(model: onnx.ModelProto) -> list[TensorInfo]:
+    return value_infos(model.graph.output)

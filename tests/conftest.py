@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny models built in the test run, never downloaded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip GPU tests cleanly where CUDA is not available to ONNX Runtime."""
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs CUDA and onnxruntime-gpu")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _zoo_cache(tmp_path_factory):
+    """Zoo models train into a cache private to this test session unless one is given."""
+    if "ONNXPIPE_CACHE_DIR" not in os.environ:
+        os.environ["ONNXPIPE_CACHE_DIR"] = str(tmp_path_factory.mktemp("onnxpipe-cache"))
+    yield
+
+
+def write_factory(tmp_path: Path, body: str, name: str = "factory.py") -> Path:
+    """Write a Python factory module and return its path."""
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m onnxpipe ARGS`` in a subprocess, as a user would."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "onnxpipe", *args], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=timeout)
+
+
+def conv_gemm_model(batch: str | int = "N") -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(3->4,k3,pad1)+bias -> Relu -> Flatten -> Gemm(256->10)+bias -> y."""
+    rng = np.random.default_rng(0)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    b = onnx.numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")
+    fw = onnx.numpy_helper.from_array(rng.standard_normal((10, 256)).astype(np.float32) * 0.1, "fw")
+    fb = onnx.numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "fb")
+    nodes = [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv_gemm",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch, 10])],
+        [w, b, fw, fb],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.fixture
+def conv_gemm_path(tmp_path: Path) -> Path:
+    path = tmp_path / "conv_gemm.onnx"
+    onnx.save(conv_gemm_model(), path)
+    return path
