@@ -169,7 +169,7 @@ def export(fm: FrameworkModel, *, opset: int, dynamic_batch: bool) -> ExportOutc
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(buf):
-            model, _ = tf2onnx.convert.from_function(function, input_signature=signature, opset=opset)
+            model = _from_function(tf, tf2onnx, function, signature, opset)
     except Exception as exc:
         attempt = Attempt("tf2onnx.from_function", time.perf_counter() - start, first_line(exc))
         raise ConversionError(f"tf2onnx could not convert the model ({attempt.error})",
@@ -178,3 +178,25 @@ def export(fm: FrameworkModel, *, opset: int, dynamic_batch: bool) -> ExportOutc
         logging.getLogger("tf2onnx").setLevel(level)
     return ExportOutcome(model, "tf2onnx (from_function)",
                          [Attempt("tf2onnx.from_function", time.perf_counter() - start)])
+
+
+def _from_function(tf: Any, tf2onnx: Any, function: Any, signature: list[Any], opset: int) -> Any:
+    """``tf2onnx.convert.from_function``, but with only the signature's tensors as graph inputs.
+
+    tf2onnx takes every non-resource input of the concrete function as a graph input, captured
+    constants included (a ``tf.constant`` closed over by the function becomes a bogus input).
+    Captures follow the signature's tensors, so the first ``len(signature)`` inputs are the real
+    ones; freezing turns the captures into constants.
+    """
+    from tf2onnx import tf_loader
+
+    concrete = function.get_concrete_function(*signature)
+    input_names = [t.name for t in concrete.inputs[: len(signature)]]
+    output_names = [t.name for t in concrete.outputs if t.dtype != tf.dtypes.resource]
+    renames = tf2onnx.convert.tensor_names_from_structed(concrete, input_names, output_names)
+    with tf.device("/cpu:0"):
+        frozen = tf_loader.from_function(concrete, input_names, output_names)
+        model, _ = tf2onnx.convert._convert_common(
+            frozen, name=concrete.name, continue_on_error=True, opset=opset,
+            input_names=input_names, output_names=output_names, tensors_to_rename=renames)
+    return model
