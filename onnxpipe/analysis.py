@@ -1,0 +1,499 @@
+"""How heavy is a model: I/O, opsets, op histogram, parameters, and MACs/FLOPs per op type.
+
+Costs are counted for concrete input shapes: a symbolic first axis becomes ``batch``, named
+dims come from ``dims``, other unknown dims become 1, and ``input_shapes`` overrides whole
+inputs. Shapes come from ``onnx.shape_inference`` (with data propagation); tensors it cannot
+size are read from one ONNX Runtime run on random inputs. An op whose cost still cannot be
+determined is listed in ``ModelSummary.uncounted``, never silently counted as zero.
+
+Counting conventions (one MAC = one multiply-add; FLOPs = 2 * MACs for MAC ops):
+
+- Conv / ConvInteger / QLinearConv: ``N*Cout*prod(out spatial) * (Cin/group)*prod(kernel)``.
+- ConvTranspose: ``N*Cin*prod(in spatial) * (Cout/group)*prod(kernel)``.
+- Gemm: ``M*N*K`` (transA/transB honored); MatMul / MatMulInteger / QLinearMatMul:
+  ``prod(broadcast batch dims)*M*N*K`` with 1-D operands promoted as numpy does, so
+  attention chains (Q@K^T, P@V) count even when both operands are activations.
+- Einsum with 1 operand: input elements (0 if a pure transpose); with 2: the product of all
+  index sizes (broadcast ``...`` included); 3+ operands: uncounted.
+- LSTM / GRU / RNN: ``seq*batch*(numel(W)+numel(R))`` MACs (gate elementwise math ignored).
+- Conv, ConvTranspose, QLinearConv and Gemm with a bias add one FLOP per output element.
+- No MACs: MaxPool/AveragePool/LpPool ``output elements*prod(kernel)``; global pools, Reduce*,
+  ArgMax/ArgMin/TopK/CumSum: input elements; elementwise ops (Add, Relu, Erf, Where, Clip,
+  Max/Min/Sum/Mean, comparisons, (De)QuantizeLinear, Resize, ...): one per output element;
+  Softmax/LogSoftmax/Hardmax ~5, BatchNormalization 2 (inference), Layer/Instance/Group/RMS
+  normalization and LRN ~8 per output element.
+- Data movement (Reshape, Transpose, Concat, Gather, Slice, Shape, Cast, Pad, ...) costs 0 and
+  is not "uncounted". Ops without a rule (most custom domains) are uncounted.
+- Subgraphs: an ``If`` counts its costlier branch (uncounted ops of both branches are listed);
+  a ``Loop``/``Scan`` body is counted once, as one iteration (a note says so).
+- Model-local functions are inlined first, so the histogram and costs show the ops they run.
+
+Parameters are the elements of all initializers (subgraphs included, sparse ones by their
+stored values) plus the tensors of Constant nodes (functions included).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+from rich.markup import escape
+from rich.table import Table
+
+from onnxpipe.errors import InputError
+from onnxpipe.modelio import tensor_bytes
+from onnxpipe.tensors import TensorInfo, concrete_shape, graph_inputs, random_input, value_infos
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+Shape = tuple[int, ...]
+
+_ZERO = set("""Reshape Transpose Concat Gather GatherElements GatherND Slice Shape Size Cast CastLike
+Flatten Squeeze Unsqueeze Identity Expand Tile Split SplitToSequence ConcatFromSequence SequenceAt
+SequenceConstruct SequenceEmpty SequenceInsert SequenceErase SequenceLength Pad Constant
+ConstantOfShape DepthToSpace SpaceToDepth Dropout ScatterND ScatterElements Scatter Range NonZero
+OneHot Trilu EyeLike Compress ReverseSequence Optional OptionalGetElement OptionalHasElement
+If Loop Scan RandomNormal RandomUniform RandomNormalLike RandomUniformLike Multinomial Bernoulli
+Col2Im Unique""".split())
+_ELEMENTWISE = set("""Add Sub Mul Div Pow Mod Neg Abs Reciprocal Floor Ceil Round Sign Sqrt Exp Log
+Erf Sin Cos Tan Asin Acos Atan Sinh Cosh Asinh Acosh Atanh Relu LeakyRelu PRelu Elu Selu Celu
+ThresholdedRelu Sigmoid HardSigmoid HardSwish Tanh Softplus Softsign Gelu Mish Swish Clip Max Min
+Sum Mean Where Equal Less LessOrEqual Greater GreaterOrEqual And Or Xor Not BitShift BitwiseAnd
+BitwiseOr BitwiseXor BitwiseNot IsNaN IsInf Shrink QuantizeLinear DequantizeLinear
+DynamicQuantizeLinear Resize Upsample FastGelu BiasGelu QuickGelu BiasAdd""".split())
+_PER_ELEMENT = {"Softmax": 5, "LogSoftmax": 5, "Hardmax": 5, "BatchNormalization": 2,
+                **dict.fromkeys("""LayerNormalization InstanceNormalization GroupNormalization
+                RMSNormalization MeanVarianceNormalization LpNormalization LRN SkipLayerNormalization
+                SimplifiedLayerNormalization SkipSimplifiedLayerNormalization""".split(), 8)}
+_REDUCE = set("""ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum
+ReduceLogSumExp ReduceSumSquare ArgMax ArgMin TopK CumSum GlobalAveragePool GlobalMaxPool
+GlobalLpPool""".split())
+# ORT's contrib ops that follow the standard ops' semantics closely enough to share a rule
+_MS_OK = set("""Gelu FastGelu BiasGelu QuickGelu BiasAdd QuantizeLinear DequantizeLinear
+LayerNormalization SkipLayerNormalization SimplifiedLayerNormalization
+SkipSimplifiedLayerNormalization QLinearConv""".split())
+
+
+@dataclass
+class OpCost:
+    """Nodes of one op type and their summed cost."""
+
+    count: int = 0
+    macs: int = 0
+    flops: int = 0
+
+
+@dataclass
+class UncountedOp:
+    """A node whose cost could not be determined, and why."""
+
+    node: str
+    op_type: str
+    reason: str
+    tensors: tuple[str, ...] = field(default=(), repr=False)  # what the ORT fallback should size
+
+
+@dataclass
+class ModelSummary:
+    """Everything ``onnxpipe inspect`` reports about a model.
+
+    Example:
+        >>> s = summarize(onnx.load("model.onnx"), batch=8)  # doctest: +SKIP
+        >>> s.flops, s.params, s.uncounted  # doctest: +SKIP
+        (3660000000, 25557032, [])
+    """
+
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    input_shapes: dict[str, Shape]
+    batch: int
+    opsets: dict[str, int]
+    ir_version: int
+    producer_name: str
+    producer_version: str
+    op_counts: Counter[str]
+    params: int
+    param_bytes: int
+    macs: int
+    flops: int
+    cost_by_op: dict[str, OpCost]
+    uncounted: list[UncountedOp] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain python types only, ready for ``json.dumps``.
+
+        Example:
+            >>> json.dumps(summarize(model).as_dict())  # doctest: +SKIP
+        """
+        def io(infos: list[TensorInfo]) -> list[dict[str, Any]]:
+            return [{"name": i.name, "shape": None if i.shape is None else list(i.shape),
+                     "dtype": str(i.dtype)} for i in infos]
+
+        by_op = {k: {**vars(c), "share": c.flops / self.flops if self.flops else 0.0}
+                 for k, c in self.cost_by_op.items()}
+        return {"ir_version": self.ir_version, "opsets": dict(self.opsets),
+                "producer": {"name": self.producer_name, "version": self.producer_version},
+                "inputs": io(self.inputs), "outputs": io(self.outputs), "batch": self.batch,
+                "input_shapes": {k: list(v) for k, v in self.input_shapes.items()},
+                "op_counts": dict(self.op_counts), "parameters": {"count": self.params, "bytes": self.param_bytes},
+                "cost": {"macs": self.macs, "flops": self.flops, "by_op": by_op,
+                         "uncounted": [{"node": u.node, "op_type": u.op_type, "reason": u.reason}
+                                       for u in self.uncounted]},
+                "notes": list(self.notes)}
+
+    def render(self, console: Console) -> None:
+        """Print the I/O table, the op table with costs and shares, and a totals line.
+
+        Example:
+            >>> summarize(model).render(rich.console.Console())  # doctest: +SKIP
+        """
+        opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in self.opsets.items())
+        producer = f"{self.producer_name} {self.producer_version}".strip() or "unknown"
+        console.print(f"producer {escape(producer)} · IR {self.ir_version} · opsets {escape(opsets)}")
+        io_table = Table(title="inputs and outputs")
+        for col in ("", "name", "shape", "counted as", "dtype"):
+            io_table.add_column(col)
+        for kind, infos in (("input", self.inputs), ("output", self.outputs)):
+            for i in infos:
+                used = self.input_shapes.get(i.name) if kind == "input" else None
+                io_table.add_row(kind, escape(i.name), escape(i.shape_str()),
+                                 "x".join(map(str, used)) if used is not None else "", str(i.dtype))
+        console.print(io_table)
+        ops = Table(title=f"ops (batch {self.batch})")
+        ops.add_column("op")
+        for col in ("count", "MACs", "FLOPs", "share"):
+            ops.add_column(col, justify="right")
+        missed = Counter(u.op_type for u in self.uncounted)
+        # heaviest first; the histogram itself (op_counts) stays ordered by count
+        for op in sorted(self.op_counts, key=lambda k: -self.cost_by_op.get(k, OpCost()).flops):
+            c = self.cost_by_op.get(op, OpCost())
+            share = f"{100 * c.flops / self.flops:.1f}%" if self.flops else "-"
+            count = f"{self.op_counts[op]}" + (f" ({missed[op]} uncounted)" if missed[op] else "")
+            ops.add_row(escape(op), count, _human(c.macs) if c.macs else "-",
+                        _human(c.flops, "FLOPs") if c.flops else "-", share)
+        console.print(ops)
+        console.print(f"[bold]total[/]: {_human(self.params)} parameters ({_human(self.param_bytes, 'B')}) · "
+                      f"{_human(self.macs, 'MACs')} · {_human(self.flops, 'FLOPs')}")
+        if self.uncounted:
+            console.print(f"[yellow]{len(self.uncounted)} op(s) not counted[/] (totals are a lower bound):")
+            for u in self.uncounted[:20]:
+                console.print(f"  {escape(u.op_type)} {escape(u.node)}: {escape(u.reason)}")
+            if len(self.uncounted) > 20:
+                console.print(f"  ... and {len(self.uncounted) - 20} more")
+        for note in self.notes:
+            console.print(f"[dim]note: {escape(note)}[/]")
+
+
+def _human(n: float, unit: str = "") -> str:
+    """``1234567 -> '1.23 M'``, ``(4.5e9, 'FLOPs') -> '4.5 GFLOPs'``."""
+    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {prefix}{unit}"
+    return f"{n:g} {unit}".rstrip()
+
+
+def summarize(model: onnx.ModelProto, *, batch: int = 1, dims: Mapping[str, int] | None = None,
+              input_shapes: Mapping[str, Sequence[int]] | None = None) -> ModelSummary:
+    """Describe a model and count its parameters and compute for concrete input shapes.
+
+    Args:
+        model: the model (not modified).
+        batch: size given to a symbolic first axis.
+        dims: sizes of named symbolic dims, e.g. ``{"seq": 128}``; other symbolic dims are 1.
+        input_shapes: full shapes for some inputs, overriding ``batch`` and ``dims``.
+
+    Raises:
+        InputError: ``input_shapes`` names an unknown input or has a dim <= 0, or batch < 1.
+
+    Example:
+        >>> s = summarize(onnx.load("bert.onnx"), batch=4, dims={"seq": 128})  # doctest: +SKIP
+        >>> print(s.flops)  # doctest: +SKIP
+    """
+    if batch < 1:
+        raise InputError(f"batch must be >= 1, got {batch}", hint="give a positive batch size")
+    inputs, given = graph_inputs(model), dict(input_shapes or {})
+    unknown = sorted(set(given) - {i.name for i in inputs})
+    if unknown:
+        raise InputError(f"unknown input(s) {', '.join(unknown)}",
+                         hint=f"the model's inputs are {', '.join(i.name for i in inputs)}")
+    notes: list[str] = []
+    concrete: dict[str, Shape] = {}
+    for info in inputs:
+        if info.name in given:
+            concrete[info.name] = tuple(int(d) for d in given[info.name])
+            if any(d <= 0 for d in concrete[info.name]):
+                raise InputError(f"shape {list(given[info.name])} for input {info.name!r} has a dim <= 0",
+                                 hint="dims are positive integers")
+        elif info.shape is not None:
+            concrete[info.name] = concrete_shape(info, batch, dims)
+        else:  # an unshaped tensor, a sequence or a map: its ops stay uncounted unless ORT sizes them
+            notes.append(f"input {info.name!r} has no tensor shape; give it with input_shapes to count its ops")
+
+    work = _concrete_copy(model, concrete, weights=False)
+    try:
+        work = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False, data_prop=True)
+    except Exception as exc:  # inference is best effort: the ORT fallback covers what it misses
+        notes.append(f"shape inference failed ({type(exc).__name__}); using ONNX Runtime shapes")
+    shapes = _collect_shapes(work)
+
+    records, uncounted, loop_notes = _graph_cost(work.graph, shapes)
+    if uncounted:
+        produced = {o for n in work.graph.node for o in n.output if o}
+        missing = sorted({t for u in uncounted for t in u.tensors if t in produced and t not in shapes})
+        if missing:
+            found = _runtime_shapes(model, concrete, missing, notes)
+            if found:
+                shapes.update(found)
+                records, uncounted, loop_notes = _graph_cost(work.graph, shapes)
+    notes.extend(loop_notes)
+
+    cost: dict[str, OpCost] = {}
+    for key, macs, flops in records:
+        c = cost.setdefault(key, OpCost())
+        c.count, c.macs, c.flops = c.count + 1, c.macs + macs, c.flops + flops
+    cost = dict(sorted(cost.items(), key=lambda kv: (-kv[1].flops, kv[0])))
+    hist = Counter(_op_key(n) for g in _graphs(work.graph) for n in g.node)
+    params, const_bytes = _parameters(model)
+    return ModelSummary(
+        inputs=inputs, outputs=value_infos(model.graph.output), input_shapes=concrete, batch=batch,
+        opsets={o.domain: o.version for o in model.opset_import}, ir_version=model.ir_version,
+        producer_name=model.producer_name, producer_version=model.producer_version,
+        op_counts=Counter(dict(sorted(hist.items(), key=lambda kv: (-kv[1], kv[0])))),
+        params=params, param_bytes=tensor_bytes(model) + const_bytes,
+        macs=sum(c.macs for c in cost.values()), flops=sum(c.flops for c in cost.values()),
+        cost_by_op=cost, uncounted=uncounted, notes=notes,
+    )
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for g in _subgraphs(node):
+            yield from _graphs(g)
+
+
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
+def _op_key(node: onnx.NodeProto) -> str:
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
+def _concrete_copy(model: onnx.ModelProto, concrete: Mapping[str, Shape], *, weights: bool) -> onnx.ModelProto:
+    """A copy with concrete input shapes; without ``weights``, big or external initializers
+    become typed inputs so shape inference stays fast and under protobuf's 2 GiB limit."""
+    src = model.graph
+    out = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
+    g = out.graph
+    g.name = src.name
+    for f in ("node", "output", "value_info", "sparse_initializer"):
+        getattr(g, f).extend(getattr(src, f))
+    typed: dict[str, onnx.ValueInfoProto] = {}
+    for init in src.initializer:
+        external = init.data_location == onnx.TensorProto.EXTERNAL
+        if weights or (not external and init.ByteSize() < 1 << 16):  # small ones may feed shape math
+            g.initializer.append(init)
+        else:
+            typed[init.name] = onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+    for vi in src.input:  # an initializer listed as input (IR < 4) keeps its single declaration
+        g.input.append(typed.pop(vi.name, vi))
+        if vi.name in concrete:
+            g.input[-1].type.tensor_type.shape.ClearField("dim")
+            g.input[-1].type.tensor_type.shape.dim.extend(
+                onnx.TensorShapeProto.Dimension(dim_value=d) for d in concrete[vi.name])
+    g.input.extend(typed.values())
+    try:
+        return onnx.inliner.inline_local_functions(out) if out.functions else out
+    except Exception:  # a broken function: keep the calls, they are reported as uncounted
+        return out
+
+
+def _collect_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
+    shapes: dict[str, Shape] = {}
+    for g in _graphs(model.graph):
+        for vi in (*g.value_info, *g.input, *g.output):
+            tt = vi.type.tensor_type
+            known = vi.type.HasField("tensor_type") and tt.HasField("shape")
+            if known and all(d.HasField("dim_value") for d in tt.shape.dim):  # symbolic dims: not sized
+                shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
+        shapes.update((init.name, tuple(init.dims)) for init in g.initializer)
+    return shapes
+
+
+def _runtime_shapes(model: onnx.ModelProto, concrete: Mapping[str, Shape], names: list[str],
+                    notes: list[str]) -> dict[str, Shape]:
+    """Shapes of ``names`` read from one ONNX Runtime run on random inputs (empty on failure)."""
+    from onnxpipe.runtimes.session import Session  # imports onnxruntime: only when needed
+
+    full = _concrete_copy(model, concrete, weights=True)
+    outputs = {o.name for o in full.graph.output}
+    full.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
+    rng = np.random.default_rng(0)
+    try:
+        feeds = {i.name: random_input(i, concrete[i.name], rng) for i in graph_inputs(model)}
+        with Session(full, optimization="disable") as s:
+            values = s.run(feeds, outputs=names)
+    except Exception as exc:  # best effort (ORT raises its own types): those ops stay uncounted
+        text = str(exc).strip()
+        reason = getattr(exc, "message", None) or (text.splitlines()[0] if text else type(exc).__name__)
+        notes.append(f"ONNX Runtime could not run the model to size {len(names)} tensor(s): {reason}")
+        return {}
+    notes.append(f"{len(names)} tensor shape(s) read from an ONNX Runtime run on random inputs")
+    return {n: tuple(v.shape) for n, v in values.items() if isinstance(v, np.ndarray)}
+
+
+class _NoShape(Exception):
+    pass
+
+
+Record = tuple[str, int, int]  # op key, MACs, FLOPs
+
+
+def _graph_cost(graph: onnx.GraphProto, shapes: Mapping[str, Shape]
+                ) -> tuple[list[Record], list[UncountedOp], list[str]]:
+    records: list[Record] = []
+    uncounted: list[UncountedOp] = []
+    notes: list[str] = []
+    for node in graph.node:
+        name = node.name or (node.output[0] if node.output else "")
+        branches = [_graph_cost(g, shapes) for g in _subgraphs(node)]
+        for sub_records, sub_uncounted, sub_notes in branches:
+            uncounted.extend(sub_uncounted)
+            notes.extend(sub_notes)
+            if node.op_type != "If":
+                records.extend(sub_records)
+        if node.op_type == "If" and branches:  # the costlier branch: an upper bound
+            records.extend(max((b[0] for b in branches), key=lambda r: sum(f for _, _, f in r)))
+        elif branches and node.op_type in ("Loop", "Scan"):
+            notes.append(f"{node.op_type} {name!r}: body counted once (one iteration)")
+        try:
+            cost = _node_cost(node, shapes)
+        except _NoShape:
+            tensors = tuple(t for t in (*node.input, *node.output) if t)
+            uncounted.append(UncountedOp(name, _op_key(node), "shapes unknown", tensors))
+            continue
+        except (IndexError, ValueError, KeyError):  # ranks or attributes the op's rule cannot use
+            uncounted.append(UncountedOp(name, _op_key(node), "unexpected shapes or attributes"))
+            continue
+        if cost is None:
+            uncounted.append(UncountedOp(name, _op_key(node), "no cost rule for this op"))
+        else:
+            records.append((_op_key(node), *cost))
+    return records, uncounted, notes
+
+
+def _node_cost(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> tuple[int, int] | None:
+    """(MACs, FLOPs) of one node; None when no rule applies; raises _NoShape when sizes are missing."""
+    op = node.op_type
+    if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and op in _MS_OK):
+        return None
+
+    def shape(i: int, outputs: bool = False) -> Shape:
+        names = node.output if outputs else node.input
+        if i >= len(names) or not names[i] or names[i] not in shapes:
+            raise _NoShape
+        return shapes[names[i]]
+
+    def has(i: int) -> bool:
+        return i < len(node.input) and bool(node.input[i])
+
+    if op in _ZERO:
+        return 0, 0
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if op in _ELEMENTWISE:
+        return 0, math.prod(shape(0, True))
+    if op in _PER_ELEMENT:
+        return 0, _PER_ELEMENT[op] * math.prod(shape(0, True))
+    if op in _REDUCE:
+        return 0, math.prod(shape(0))
+    if op in ("MaxPool", "AveragePool", "LpPool"):
+        return 0, math.prod(shape(0, True)) * math.prod(attrs.get("kernel_shape", [1]))
+    if op in ("Conv", "ConvInteger", "QLinearConv"):
+        w = shape(3 if op == "QLinearConv" else 1)
+        y = math.prod(shape(0, True))
+        macs = y * math.prod(w[1:])  # W is [Cout, Cin/group, *kernel]
+        bias = {"Conv": 2, "QLinearConv": 8}.get(op)
+        return macs, 2 * macs + (y if bias is not None and has(bias) else 0)
+    if op == "ConvTranspose":
+        macs = math.prod(shape(0)) * math.prod(shape(1)[1:])  # W is [Cin, Cout/group, *kernel]
+        return macs, 2 * macs + (math.prod(shape(0, True)) if has(2) else 0)
+    if op == "Gemm":
+        a, b = shape(0), shape(1)
+        m, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
+        n = b[0] if attrs.get("transB", 0) else b[1]
+        return m * n * k, 2 * m * n * k + (m * n if has(2) else 0)
+    if op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
+        macs = _matmul_macs(shape(0), shape(3 if op == "QLinearMatMul" else 1))
+        return macs, 2 * macs
+    if op == "Einsum":
+        return _einsum_cost(attrs["equation"].decode(), [shape(i) for i in range(len(node.input))])
+    if op in ("LSTM", "GRU", "RNN"):
+        x = shape(0)
+        macs = x[0] * x[1] * (math.prod(shape(1)) + math.prod(shape(2)))
+        return macs, 2 * macs
+    return None
+
+
+def _matmul_macs(a: Shape, b: Shape) -> int:
+    # numpy semantics: a 1-D left operand is [1, K], a 1-D right operand is [K, 1]
+    a2 = (1, *a) if len(a) == 1 else a
+    b2 = (*b, 1) if len(b) == 1 else b
+    batch = np.broadcast_shapes(a2[:-2], b2[:-2])
+    return math.prod(batch) * a2[-2] * a2[-1] * b2[-1]
+
+
+def _einsum_cost(equation: str, operands: list[Shape]) -> tuple[int, int] | None:
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if len(terms) != len(operands) or len(terms) > 2:
+        return None
+    sizes: dict[str, int] = {}
+    ellipses = []
+    for term, shp in zip(terms, operands):
+        head, ell, tail = term.partition("...")
+        n_ell = len(shp) - len(head) - len(tail)
+        if n_ell < 0 or (n_ell and not ell):
+            return None
+        ellipses.append(shp[len(head):len(head) + n_ell])
+        for ch, d in zip(head + tail, shp[:len(head)] + shp[len(head) + n_ell:]):
+            sizes[ch] = max(sizes.get(ch, 1), d)  # a size-1 dim broadcasts
+    loop = math.prod(np.broadcast_shapes(*ellipses)) * math.prod(sizes.values())
+    if len(operands) == 1:
+        letters = terms[0].replace("...", "")
+        out = rhs.replace("...", "") if arrow else "".join(sorted(c for c in letters if letters.count(c) == 1))
+        return (0, 0) if sorted(out) == sorted(letters) else (0, loop)  # a pure transpose is free
+    return loop, 2 * loop
+
+
+def _parameters(model: onnx.ModelProto) -> tuple[int, int]:
+    """(elements of initializers and Constant tensors, bytes not in ``tensor_bytes``: Constant and sparse)."""
+    graphs = [*_graphs(model.graph), *(g for f in model.functions for n in f.node
+                                       for sub in _subgraphs(n) for g in _graphs(sub))]
+    tensors = [t for g in graphs for t in g.initializer]
+    extra = [s.values for g in graphs for s in g.sparse_initializer]
+    for n in [*(n for g in graphs for n in g.node), *(n for f in model.functions for n in f.node)]:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
+            for a in n.attribute:
+                if a.name in ("value", "sparse_value"):
+                    extra.append(a.t if a.name == "value" else a.sparse_tensor.values)
+                elif a.name in ("value_float", "value_floats", "value_int", "value_ints"):  # value_float(s) / value_int(s): 4 / 8 bytes each
+                    k = 1 if a.name in ("value_float", "value_int") else len(a.floats) + len(a.ints)
+                    dtype = onnx.TensorProto.FLOAT if "float" in a.name else onnx.TensorProto.INT64
+                    extra.append(onnx.TensorProto(dims=[k], data_type=dtype))
+    return sum(math.prod(t.dims) for t in (*tensors, *extra)), sum(_nbytes(t) for t in extra)
+
+
+def _nbytes(t: onnx.TensorProto) -> int:
+    try:
+        item = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        item = 4
+    return math.prod(t.dims) * item
