@@ -7,7 +7,7 @@ from typing import Any
 from onnxpipe.errors import OnnxpipeError
 
 __version__ = "0.1.0"
-__all__ = ["OnnxpipeError", "__version__", "convert"]
+__all__ = ["OnnxpipeError", "__version__", "convert", "optimize", "run"]
 
 
 def convert(*args: Any, **kwargs: Any) -> Any:
@@ -20,3 +20,25 @@ def convert(*args: Any, **kwargs: Any) -> Any:
     from onnxpipe.converter import convert as _convert
 
     return _convert(*args, **kwargs)
+
+
+def optimize(*args: Any, **kwargs: Any) -> Any:
+    """Run passes over a model with a check after each; see :func:`onnxpipe.pipeline.optimize`.
+
+    Example:
+        >>> result = onnxpipe.optimize("model.onnx", ["simplify", "fp16"])  # doctest: +SKIP
+    """
+    from onnxpipe.pipeline import optimize as _optimize
+
+    return _optimize(*args, **kwargs)
+
+
+def run(*args: Any, **kwargs: Any) -> Any:
+    """Run a recipe end to end; see :func:`onnxpipe.pipeline.run`.
+
+    Example:
+        >>> result = onnxpipe.run("models/digits_cnn/pipeline.yaml")  # doctest: +SKIP
+    """
+    from onnxpipe.pipeline import run as _run
+
+    return _run(*args, **kwargs)

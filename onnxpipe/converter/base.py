@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.userfiles import first_line  # noqa: F401  (re-exported for the backends)
+
 DEFAULT_OPSET = 18
 """Opset 18: exported by torch's dynamo exporter, run by ONNX Runtime and parsed by TensorRT 10."""
 
@@ -59,14 +61,6 @@ class ExportOutcome:
     model: Any  # onnx.ModelProto
     exporter: str
     attempts: list[Attempt] = field(default_factory=list)
-
-
-def first_line(exc: BaseException, limit: int = 300) -> str:
-    """A short one-line description of an exception for reports."""
-    text = str(exc).strip()
-    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    msg = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def flatten_outputs(out: Any) -> tuple[list[Any], list[str] | None]:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from onnxpipe.converter.base import FrameworkModel, first_line
+from onnxpipe.converter.base import FrameworkModel
 from onnxpipe.errors import InputError
 from onnxpipe.tensors import InputSpec
+from onnxpipe.userfiles import first_line, load_callable, split_spec
 
 FRAMEWORKS = ("torch", "tensorflow", "onnx")
 FORMS = ("file.py:factory, .onnx, .pt/.pth (TorchScript), .pt2 (torch.export), "
@@ -31,13 +30,12 @@ _SUFFIX_KIND = {
 
 def split_factory(source: str) -> tuple[Path, str] | None:
     """``path/to/file.py:build`` -> (path, "build"); anything else -> None."""
-    head, sep, name = str(source).rpartition(":")
-    if sep and head.endswith(".py") and name.isidentifier():
-        return Path(head), name
-    if str(source).endswith(".py"):
+    try:
+        return split_spec(source)
+    except InputError:
         raise InputError(f"{source} names a Python file but no factory",
-                         hint=f"write it as {source}:build, naming the function that returns (model, example_inputs)")
-    return None
+                         hint=f"write it as {source}:build, naming the function that returns (model, example_inputs)"
+                         ) from None
 
 
 def detect(source: str | Path) -> tuple[str, str]:
@@ -73,33 +71,8 @@ def _must_exist(path: Path) -> None:
 
 
 def load_factory(path: Path, name: str) -> tuple[Any, Any]:
-    """Import ``path`` as a module and call ``name()``; it must return (model, example_inputs)."""
-    module_name = f"_onnxpipe_user_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise InputError(f"cannot import {path} as a Python module", hint="check that it is a .py file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    parent = str(path.resolve().parent)
-    added = parent not in sys.path
-    if added:
-        sys.path.insert(0, parent)  # let the factory import its sibling modules
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise InputError(f"importing {path} failed: {first_line(exc)}",
-                         hint="fix the module (run with --debug for the traceback)") from exc
-    finally:
-        if added:
-            sys.path.remove(parent)
-    factory = getattr(module, name, None)
-    if factory is None:
-        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                        and getattr(v, "__module__", None) == module_name)
-        raise InputError(f"{path} has no factory named {name!r}",
-                         hint=f"callables defined there: {', '.join(public) or 'none'}")
-    if not callable(factory):
-        raise InputError(f"{path}:{name} is not callable", hint="name a function returning (model, example_inputs)")
+    """Import ``path`` and call ``name()``; it must return (model, example_inputs)."""
+    factory = load_callable(f"{path}:{name}", what="factory")
     try:
         result = factory()
     except Exception as exc:

@@ -1,0 +1,200 @@
+"""The YAML recipe, validated with pydantic; every error names the file and line.
+
+Example recipe::
+
+    model: {source: models/digits_cnn/model.py:build}
+    data:
+      calibration: models/digits_cnn/data.py:calibration
+      evaluation: models/digits_cnn/data.py:evaluation
+    passes:
+      - simplify
+      - fp16: {keep_fp32_ops: [Softmax]}
+    validate: {providers: [cpu], atol: 1.0e-4, rtol: 1.0e-3, metric: top1}
+    output: runs/digits
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from onnxpipe.errors import InputError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """What to convert: anything ``onnxpipe convert`` accepts."""
+
+    source: str
+    framework: str | None = None
+    inputs: list[str] = Field(default_factory=list)
+    dynamic_batch: bool = True
+    opset: int | None = None
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    check: bool = True
+
+
+class DataSpec(_Strict):
+    calibration: str | None = None
+    """``file.py:function`` (iterable of input dicts), a ``.npz``, or a directory of .npy/.npz."""
+    evaluation: str | None = None
+    """``file.py:function`` returning (inputs, labels), or a ``.npz`` with a ``labels`` array."""
+    batch_size: int = Field(32, ge=1)
+    check_batches: int = Field(2, ge=1)
+
+
+class ValidateSpec(_Strict):
+    providers: list[str] = Field(default_factory=lambda: ["cpu"])
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    metric: str | None = None
+    latency: bool = True
+
+
+class Recipe(_Strict):
+    """A whole run: convert, passes, validation and where to write it."""
+
+    model: ModelSpec
+    data: DataSpec = Field(default_factory=DataSpec)
+    passes: list[Any] = Field(default_factory=list)
+    validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate")
+    output: str | None = None
+    base_dir: Path | None = Field(default=None, exclude=True)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"source": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check_passes(self) -> Recipe:
+        from onnxpipe.passes import get_pass
+
+        for i, spec in enumerate(self.passes):
+            if isinstance(spec, str):
+                name, cfg = spec, {}
+            elif isinstance(spec, dict) and len(spec) == 1:
+                (name, cfg), = spec.items()
+                cfg = cfg or {}
+                if not isinstance(cfg, dict):
+                    raise _PassError(i, name, f"options of {name} must be a mapping, received {cfg!r}")
+            else:
+                raise _PassError(i, None, f"a pass is a name or {{name: {{options}}}}, received {spec!r}")
+            try:
+                get_pass(name).parse_config(cfg)
+            except InputError as exc:
+                raise _PassError(i, name, str(exc)) from None
+        return self
+
+
+class _PassError(ValueError):
+    def __init__(self, index: int, name: str | None, message: str) -> None:
+        self.index, self.name = index, name
+        super().__init__(message)
+
+
+def _lines(text: str) -> dict[tuple, int]:
+    """Line number (1-based) of every key and item, keyed by its path in the document."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                lines[path + (key.value,)] = key.start_mark.line + 1
+                walk(value, path + (key.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, path + (i,))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def load_recipe(source: str | os.PathLike | dict[str, Any]) -> Recipe:
+    """Read and validate a recipe from a YAML file (or a dict); errors give ``file:line: what``."""
+    if isinstance(source, dict):
+        where, text, data, lines = "recipe", None, source, {}
+        base = Path.cwd()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise InputError(f"no such recipe file: {path}", hint="give the path of a .yaml recipe")
+        where, text, base = str(path), path.read_text(), path.resolve().parent
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise InputError(f"{where}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})",
+                             hint="fix the YAML syntax") from exc
+        lines = _lines(text)
+        if not isinstance(data, dict):
+            raise InputError(f"{where}: a recipe is a mapping with model, passes, ...",
+                             hint="see models/digits_cnn/pipeline.yaml")
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        hint = "see the recipe keys in onnxpipe/config.py"
+        if isinstance(cause, _PassError):
+            loc = ("passes", cause.index) + ((cause.name,) if cause.name else ())
+            msg, hint = str(cause), None
+        else:
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key {loc[-1]!r}"
+        line = _line_of(lines, loc)
+        dotted = ".".join(str(p) for p in loc if p != "validate_") or "(top)"
+        raise InputError(f"{where}{f':{line}' if line else ''}: {dotted}: {msg}", hint=hint) from exc
+    recipe.base_dir = base
+    _check_files(recipe, where, lines)
+    return recipe
+
+
+def resolve_path(recipe: Recipe, text: str) -> str:
+    """A relative path in the recipe: from the recipe's folder if it exists there, else as given."""
+    path_part, sep, rest = text.partition(".py:")
+    p = Path(path_part + (".py" if sep else ""))
+    if recipe.base_dir is not None and not p.is_absolute() and not p.exists() and (recipe.base_dir / p).exists():
+        p = recipe.base_dir / p
+    return f"{p}:{rest}" if sep else str(p)
+
+
+def _check_files(recipe: Recipe, where: str, lines: dict[tuple, int]) -> None:
+    checks = [(("model", "source"), recipe.model.source),
+              (("data", "calibration"), recipe.data.calibration),
+              (("data", "evaluation"), recipe.data.evaluation)]
+    for loc, value in checks:
+        if not value:
+            continue
+        resolved = resolve_path(recipe, value)
+        file_part = resolved.partition(".py:")[0] + ".py" if ".py:" in resolved else resolved
+        if not Path(file_part).exists():
+            line = _line_of(lines, loc)
+            raise InputError(f"{where}{f':{line}' if line else ''}: {'.'.join(loc)}: no such file {file_part}",
+                             hint="paths are relative to the recipe's folder or the current directory")

@@ -1,0 +1,100 @@
+"""Calibration and evaluation data from a recipe: a Python function, a .npz, or a directory."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxpipe.errors import InputError
+from onnxpipe.userfiles import load_callable
+
+Batch = dict[str, np.ndarray]
+
+
+def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as exc:
+        raise InputError(f"cannot read {path} as .npz/.npy ({type(exc).__name__})", hint="check the file") from exc
+
+
+def _files(directory: Path) -> list[Path]:
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".npz", ".npy"))
+    if not files:
+        raise InputError(f"{directory} holds no .npy or .npz files", hint="put one file per batch or per input there")
+    return files
+
+
+def _batches_from_arrays(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[Batch]:
+    n = min(len(a) for a in arrays.values())
+    for start in range(0, n, batch_size):
+        yield {k: np.ascontiguousarray(v[start:start + batch_size]) for k, v in arrays.items()}
+
+
+def calibration_source(spec: str | Path | Callable[[], Iterable[Batch]], *,
+                       batch_size: int = 32) -> Callable[[], Iterable[Batch]]:
+    """A callable returning a fresh, lazily streamed iterable of input batches.
+
+    Forms: ``file.py:function`` (returns an iterable of input dicts), a ``.npz`` of arrays by
+    input name (samples along axis 0), or a directory of ``.npz`` files (each a batch) and
+    ``.npy`` files (``<input>.npy``, or ``<input>_<k>.npy`` for batch k).
+    """
+    if callable(spec):
+        return spec
+    text = str(spec)
+    if ".py:" in text:
+        fn = load_callable(text, what="calibration data")
+        return lambda: fn()
+    path = Path(text)
+    if not path.exists():
+        raise InputError(f"calibration data: no such file or directory {path}", hint="check the path")
+    if path.is_file():
+        return lambda: _batches_from_arrays(_npz_arrays(path), batch_size)
+    files = _files(path)
+
+    def from_dir() -> Iterator[Batch]:
+        npz = [f for f in files if f.suffix == ".npz"]
+        for f in npz:  # one batch per file, read when needed: memory stays bounded
+            yield _npz_arrays(f)
+        npy = [f for f in files if f.suffix == ".npy"]
+        groups: dict[str, dict[str, Path]] = {}
+        for f in npy:
+            name, _, idx = f.stem.rpartition("_")
+            key, input_name = (idx, name) if idx.isdigit() and name else ("0", f.stem)
+            groups.setdefault(key, {})[input_name] = f
+        for key in sorted(groups, key=int):
+            yield from _batches_from_arrays({n: np.load(p) for n, p in groups[key].items()}, batch_size)
+
+    return from_dir
+
+
+def evaluation_source(spec: str | Path | tuple) -> tuple[Batch, np.ndarray]:
+    """``(inputs by name, labels)``: from ``file.py:function``, or a ``.npz`` with a ``labels`` array."""
+    if isinstance(spec, tuple):
+        inputs, labels = spec
+        return dict(inputs), np.asarray(labels)
+    text = str(spec)
+    if ".py:" in text:
+        result = load_callable(text, what="evaluation data")()
+        if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Mapping)):
+            raise InputError(f"evaluation data {text} must return (inputs dict, labels)",
+                             hint="return ({'x': array}, labels)")
+        return {k: np.asarray(v) for k, v in result[0].items()}, np.asarray(result[1])
+    path = Path(text)
+    if not path.is_file():
+        raise InputError(f"evaluation data: no such file {path}", hint="give a .npz with the inputs and 'labels'")
+    arrays = _npz_arrays(path)
+    if "labels" not in arrays:
+        raise InputError(f"evaluation data {path} has no 'labels' array", hint="save the labels under the key 'labels'")
+    labels = arrays.pop("labels")
+    return arrays, labels
+
+
+def take(source: Callable[[], Iterable[Batch]], n: int) -> list[Batch]:
+    """The first ``n`` batches of a source."""
+    return list(itertools.islice(source(), n))

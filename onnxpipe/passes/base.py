@@ -1,0 +1,111 @@
+"""The pass contract: a small class with a validated config and one method from model to model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from onnxpipe.errors import InputError
+
+
+class PassConfig(BaseModel):
+    """Options every pass accepts; unknown keys are rejected.
+
+    ``atol``/``rtol`` override the pass's own tolerance for the check the pipeline runs after it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    atol: float | None = None
+    rtol: float | None = None
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model: data, a scratch directory, a progress callback.
+
+    Attributes:
+        check_inputs: input batches the pipeline compares models on (a pass may use them too).
+        calibration: a callable returning a fresh iterable of input dicts (streamed, not stored).
+        evaluation: ``(inputs by name, labels)`` for task metrics, or None.
+        metric: ``metric(model) -> float`` on the evaluation data, or None.
+        workdir: a scratch directory private to this pass run.
+        log: a callable taking one line of text for the report and the live view.
+    """
+
+    check_inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None
+    evaluation: tuple[dict[str, np.ndarray], np.ndarray] | None = None
+    metric: Callable[[onnx.ModelProto], float] | None = None
+    workdir: Path | None = None
+    log: Callable[[str], None] = lambda line: None
+
+
+@dataclass
+class PassResult:
+    """The new model, whether it changed, and what the pass wants reported."""
+
+    model: onnx.ModelProto
+    modified: bool = True
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Base class: subclasses set ``name``, a nested ``Config`` and implement :meth:`apply`.
+
+    The pipeline, not the pass, checks the result against the input and rolls it back when it
+    breaks the model; a pass only has to do its job and say what it did.
+
+    Example:
+        >>> class Identity(Pass):
+        ...     name = "identity"
+        ...     def apply(self, model, ctx):
+        ...         return PassResult(model, modified=False)
+        >>> Identity({}).config.atol is None
+        True
+    """
+
+    name: ClassVar[str] = "pass"
+    atol: ClassVar[float] = 1e-4
+    rtol: ClassVar[float] = 1e-3
+
+    class Config(PassConfig):
+        pass
+
+    def __init__(self, config: Mapping[str, Any] | PassConfig | None = None) -> None:
+        if isinstance(config, PassConfig):
+            self.config = config
+        else:
+            self.config = self.parse_config(config or {})
+
+    @classmethod
+    def parse_config(cls, raw: Mapping[str, Any]) -> PassConfig:
+        """Validate a raw option mapping, naming the pass and the bad key in the error."""
+        try:
+            return cls.Config.model_validate(dict(raw))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"option {'.'.join(str(p) for p in err['loc']) or '(options)'}: "
+                + ("unknown option" if err["type"] == "extra_forbidden" else err["msg"])
+                for err in exc.errors())
+            known = ", ".join(cls.Config.model_fields)
+            raise InputError(f"pass {cls.name!r}, {problems}", hint=f"options of {cls.name}: {known}") from exc
+
+    @property
+    def tolerance(self) -> tuple[float, float]:
+        """(atol, rtol) for the pipeline's check after this pass."""
+        c = self.config
+        return (self.atol if c.atol is None else c.atol, self.rtol if c.rtol is None else c.rtol)
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = self.config.model_dump(exclude_defaults=True)
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"

@@ -1,0 +1,374 @@
+"""Run passes with a correctness check after each one; a pass that breaks the model is rolled back.
+
+Example:
+    >>> import onnxpipe
+    >>> result = onnxpipe.optimize("model.onnx", ["simplify", {"fp16": {}}])  # doctest: +SKIP
+    >>> [(s.name, s.kept) for s in result.stages]  # doctest: +SKIP
+    [('input', True), ('simplify', True), ('fp16', True)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpipe.errors import OnnxpipeError
+from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, load_model, save_model, tensor_bytes
+from onnxpipe.passes import get_pass
+from onnxpipe.passes.base import Pass, PassContext
+from onnxpipe.passes.simplify import count_nodes
+from onnxpipe.runtimes.compare import compare_runs, outputs_on
+from onnxpipe.tensors import Comparison, graph_inputs, random_like
+from onnxpipe.userfiles import first_line
+
+PassSpec = str | Pass | Mapping[str, Any] | tuple[str, Mapping[str, Any]]
+
+
+@dataclass
+class Stage:
+    """One row of the report: a pass (or the input model) and what it did."""
+
+    index: int
+    name: str
+    description: str
+    kept: bool
+    reason: str | None = None
+    seconds: float = 0.0
+    nodes: int = 0
+    params: int = 0
+    size_bytes: int = 0
+    op_delta: dict[str, int] = field(default_factory=dict)
+    max_abs: float | None = None
+    max_rel: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    comparisons: list[Comparison] = field(default_factory=list)
+    metric: float | None = None
+    latency_ms: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "comparisons"}
+        d["comparisons"] = [c.as_dict() for c in self.comparisons]
+        return _jsonable(d)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+@dataclass
+class PipelineResult:
+    """The final model and a stage per pass (stage 0 is the input model)."""
+
+    model: onnx.ModelProto
+    stages: list[Stage]
+    metric_name: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric_name, "stages": [s.as_dict() for s in self.stages]}
+
+
+def make_pass(spec: PassSpec) -> Pass:
+    """``"simplify"``, ``{"fp16": {...}}``, ``("opset", {"version": 17})`` or a Pass -> a Pass."""
+    if isinstance(spec, Pass):
+        return spec
+    if isinstance(spec, str):
+        return get_pass(spec)({})
+    if isinstance(spec, tuple):
+        name, cfg = spec
+        return get_pass(name)(cfg or {})
+    if isinstance(spec, Mapping) and len(spec) == 1:
+        (name, cfg), = spec.items()
+        return get_pass(name)(cfg or {})
+    raise OnnxpipeError(f"cannot read pass {spec!r}", hint="write a pass as a name, or {name: {options}}")
+
+
+def param_count(model: onnx.ModelProto) -> int:
+    return int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in model.graph.initializer))
+
+
+def generated_inputs(model: onnx.ModelProto, batches: int = 2, batch: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Random inputs of the right shapes and dtypes, for models with no data to check on."""
+    from onnxpipe.converter.onnx_file import example_inputs
+
+    return [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
+
+
+def fit_inputs(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Adapt check inputs to a model whose input shapes were fixed by a pass.
+
+    Inputs that fit stay as they are; a batch axis that became smaller is sliced; anything else
+    is redrawn at the new shape from the old values' range, so both models can run it.
+    """
+    infos = {i.name: i for i in graph_inputs(model)}
+    rng = np.random.default_rng(0)
+    out = []
+    for b in batches:
+        fitted = {}
+        for name, arr in b.items():
+            info = infos.get(name)
+            if info is None or info.shape is None or len(info.shape) != arr.ndim:
+                fitted[name] = arr
+                continue
+            want = [d if isinstance(d, int) and d > 0 else a for d, a in zip(info.shape, arr.shape)]
+            if list(arr.shape) == want:
+                fitted[name] = arr
+            elif list(arr.shape[1:]) == want[1:] and want[0] <= arr.shape[0]:
+                fitted[name] = arr[: want[0]]
+            else:
+                fitted[name] = random_like(arr, want, rng)
+        out.append(fitted)
+    return out
+
+
+def _stats(stage: Stage, model: onnx.ModelProto) -> None:
+    stage.nodes = count_nodes(model)
+    stage.params = param_count(model)
+    stage.size_bytes = model.ByteSize() if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD else tensor_bytes(model)
+
+
+def optimize(
+    model: onnx.ModelProto | str | os.PathLike,
+    passes: Sequence[PassSpec],
+    *,
+    check_inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
+    calibration: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None,
+    evaluation: tuple[dict[str, np.ndarray], np.ndarray] | None = None,
+    metric: str | Callable | None = None,
+    outdir: str | os.PathLike | None = None,
+    measure_latency: bool = True,
+    on_event: Callable[[str, Stage | None], None] | None = None,
+) -> PipelineResult:
+    """Run ``passes`` in order; after each, compare the model before and after on the same inputs.
+
+    A pass whose result is not a valid graph, that ONNX Runtime refuses, or whose outputs differ
+    beyond the pass's tolerance is rolled back: the pipeline goes on from the last good model
+    and the stage says why. A pass raising :class:`OnnxpipeError` (bad options, missing data)
+    stops the run: that is the user's to fix, not something to roll back quietly.
+
+    Args:
+        model: the input model (path or proto).
+        passes: pass names, ``{name: options}`` mappings, or :class:`Pass` objects.
+        check_inputs: input batches for the checks; default: two calibration batches, else
+            generated inputs.
+        calibration: a callable returning an iterable of input batches (quantization, pruning).
+        evaluation: ``(inputs, labels)`` to score every kept stage with ``metric``.
+        metric: ``top1``, ``top5``, ``file.py:function`` or a callable ``(outputs, labels) -> float``.
+        outdir: where to write ``stages/NN-<pass>.onnx`` for every stage.
+        measure_latency: time every kept stage (median ms on the first check batch).
+        on_event: progress callback ``(message, stage or None)``.
+    """
+    from onnxpipe.metrics import evaluate, resolve
+    from onnxpipe.runtimes.bench import latency_ms
+
+    current = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    pass_objs = [make_pass(p) for p in passes]
+    notify = on_event or (lambda msg, stage: None)
+    if check_inputs is None:
+        from onnxpipe.data import take
+
+        check_inputs = take(calibration, 2) if calibration is not None else []
+        if not check_inputs:
+            check_inputs = generated_inputs(current)
+    inputs = [dict(b) for b in check_inputs]
+    metric_fn = resolve(metric) if (metric is not None and evaluation is not None) else None
+    stage_dir = Path(outdir) / "stages" if outdir is not None else None
+
+    def score(stage: Stage, m: onnx.ModelProto) -> None:
+        if metric_fn is not None:
+            stage.metric = evaluate(m, evaluation[0], evaluation[1], metric_fn)
+        if measure_latency:
+            stage.latency_ms = latency_ms(m, inputs[0], budget_s=0.5)["median_ms"]
+
+    def save(stage: Stage, m: onnx.ModelProto, suffix: str = "") -> None:
+        if stage_dir is not None:
+            path = stage_dir / f"{stage.index:02d}-{stage.name}{suffix}.onnx"
+            save_model(m, path)
+            stage.path = str(path)
+
+    first = Stage(0, "input", "input model", kept=True)
+    _stats(first, current)
+    score(first, current)
+    save(first, current)
+    stages = [first]
+    notify("input model", first)
+    reference = outputs_on(current, inputs)
+    histogram = Counter(n.op_type for n in current.graph.node)
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-pass-") as scratch:
+        for index, p in enumerate(pass_objs, start=1):
+            stage = Stage(index, p.name, repr(p), kept=False)
+            stage.atol, stage.rtol = p.tolerance
+            notify(f"running {p!r}", None)
+            work = Path(scratch) / f"{index:02d}"
+            work.mkdir()
+            ctx = PassContext(check_inputs=inputs, calibration=calibration, evaluation=evaluation,
+                              metric=(lambda m: evaluate(m, evaluation[0], evaluation[1], metric_fn))
+                              if metric_fn else None, workdir=work,
+                              log=lambda line: notify(line, None))
+            start = time.perf_counter()
+            candidate = None
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    result = p.apply(current, ctx)
+                candidate = result.model
+                stage.notes = dict(result.notes)
+                if candidate.ByteSize() < EXTERNAL_DATA_THRESHOLD:  # protobuf cannot check bigger ones
+                    onnx.checker.check_model(candidate)
+                new_inputs = fit_inputs(candidate, inputs)
+                before = reference if _same(new_inputs, inputs) else outputs_on(current, new_inputs)
+                after = outputs_on(candidate, new_inputs)
+                stage.comparisons = compare_runs(before, after, atol=stage.atol, rtol=stage.rtol)
+            except OnnxpipeError as exc:
+                if "ONNX Runtime cannot load" not in exc.message:
+                    raise
+                stage.reason = f"ONNX Runtime refuses the result: {exc.message}"
+            except onnx.checker.ValidationError as exc:
+                stage.reason = f"invalid graph: {first_line(exc)}"
+            except Exception as exc:  # a broken pass is rolled back, never fatal
+                stage.reason = f"pass failed: {first_line(exc)}"
+            stage.seconds = time.perf_counter() - start
+            if stage.comparisons:
+                stage.max_abs = max(c.max_abs for c in stage.comparisons)
+                stage.max_rel = max(c.max_rel for c in stage.comparisons)
+                bad = [c for c in stage.comparisons if not c.ok]
+                if bad and stage.reason is None:
+                    worst = max(bad, key=lambda c: c.max_abs)
+                    stage.reason = (f"output {worst.name} differs by {worst.max_abs:.3g} "
+                                    f"(atol={stage.atol:g}, rtol={stage.rtol:g}, "
+                                    f"{worst.mismatched:.1%} of elements out of tolerance)"
+                                    + (f"; {worst.detail}" if worst.detail else ""))
+            if stage.reason is None and candidate is not None:
+                stage.kept = True
+                current, inputs, reference = candidate, new_inputs, after
+                new_hist = Counter(n.op_type for n in current.graph.node)
+                stage.op_delta = {op: new_hist[op] - histogram[op] for op in set(new_hist) | set(histogram)
+                                  if new_hist[op] != histogram[op]}
+                histogram = new_hist
+                _stats(stage, current)
+                score(stage, current)
+                save(stage, current)
+            else:
+                _stats(stage, current)
+                if candidate is not None:
+                    save(stage, candidate, ".rejected")
+            stages.append(stage)
+            notify(f"{p.name}: {'kept' if stage.kept else 'rolled back: ' + str(stage.reason)}", stage)
+    return PipelineResult(current, stages, metric if isinstance(metric, str) else getattr(metric, "__name__", None))
+
+
+def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(x[k] is y[k] or np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+@dataclass
+class RunResult:
+    """What ``run`` wrote and measured."""
+
+    outdir: Path
+    pipeline: PipelineResult
+    conversion: Any
+    validation: list[dict[str, Any]]
+
+    @property
+    def model_path(self) -> Path:
+        return self.outdir / "model.onnx"
+
+
+def validate_providers(model: onnx.ModelProto, providers: Sequence[str], inputs: list[dict[str, np.ndarray]],
+                       *, atol: float, rtol: float) -> list[dict[str, Any]]:
+    """The final model on every listed provider against the same model on CPU."""
+    from onnxpipe.runtimes import providers as prov
+    from onnxpipe.runtimes.session import Session
+
+    resolved = {p: prov.resolve(p) for p in providers}  # fail before running anything
+    reference = outputs_on(model, inputs)
+    rows = []
+    for device, plist in resolved.items():
+        with Session(model, providers=plist) as s:
+            got = [s.run(b) for b in inputs]
+        comps = compare_runs(reference, got, atol=atol, rtol=rtol)
+        rows.append({"provider": device, "ok": all(c.ok for c in comps), "outputs": [c.as_dict() for c in comps]})
+    return rows
+
+
+def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = None) -> RunResult:
+    """Convert, run the passes, validate and write the report, as a recipe says.
+
+    Writes ``stages/NN-<pass>.onnx``, ``model.onnx``, ``report.json``, ``report.md`` and
+    ``report.png`` to ``outdir`` (default: the recipe's ``output``, else ``runs/<recipe name>``).
+
+    Example:
+        >>> result = onnxpipe.run("models/digits_cnn/pipeline.yaml")  # doctest: +SKIP
+    """
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from onnxpipe import data as data_mod
+    from onnxpipe import report
+    from onnxpipe.config import Recipe, load_recipe, resolve_path
+    from onnxpipe.converter import convert
+
+    r: Recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    console = console or Console(stderr=True)
+    default_out = Path("runs") / (Path(recipe).stem if isinstance(recipe, (str, os.PathLike)) else "run")
+    out = Path(outdir or r.output or default_out)
+    out.mkdir(parents=True, exist_ok=True)
+    calibration = (data_mod.calibration_source(resolve_path(r, r.data.calibration), batch_size=r.data.batch_size)
+                   if r.data.calibration else None)
+    evaluation = data_mod.evaluation_source(resolve_path(r, r.data.evaluation)) if r.data.evaluation else None
+    total = len(r.passes) + 2
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("converting", total=total)
+        m = r.model
+        conversion = convert(resolve_path(r, m.source), framework=m.framework, inputs=m.inputs,
+                             dynamic_batch=m.dynamic_batch, opset=m.opset, atol=m.atol, rtol=m.rtol, check=m.check)
+        progress.advance(task)
+
+        def on_event(message: str, stage: Stage | None) -> None:
+            progress.update(task, description=message)
+            if stage is not None and stage.index > 0:
+                progress.advance(task)
+                console.print(f"{stage.index:02d} {stage.name}: " + ("kept" if stage.kept else f"[red]rolled back[/]: {stage.reason}"))
+
+        check_inputs = data_mod.take(calibration, r.data.check_batches) if calibration else None
+        result = optimize(conversion.model, r.passes, check_inputs=check_inputs, calibration=calibration,
+                          evaluation=evaluation, metric=r.validate_.metric if evaluation else None,
+                          outdir=out, measure_latency=r.validate_.latency, on_event=on_event)
+        progress.update(task, description="validating on " + ", ".join(r.validate_.providers))
+        inputs = check_inputs or generated_inputs(result.model)
+        validation = validate_providers(result.model, r.validate_.providers, fit_inputs(result.model, inputs),
+                                        atol=r.validate_.atol, rtol=r.validate_.rtol)
+        progress.advance(task)
+    save_model(result.model, out / "model.onnx")
+    doc = {"recipe": r.model_dump(mode="json", by_alias=True), "conversion": conversion.as_dict(),
+           **result.as_dict(), "validation": validation}
+    report.write_json(doc, out / "report.json")
+    report.write_text(report.markdown(result.stages, result.metric_name), out / "report.md")
+    report.chart(result.stages, out / "report.png", result.metric_name)
+    console.print(report.table(result.stages, result.metric_name, title=f"onnxpipe run -> {out}"))
+    for row in validation:
+        console.print(f"validate on {row['provider']}: " + ("[green]ok[/]" if row["ok"] else "[red]FAILED[/]"))
+    return RunResult(out, result, conversion, validation)

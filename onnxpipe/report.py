@@ -1,0 +1,105 @@
+"""The run's report: one table (terminal and Markdown), the JSON, and a chart per stage."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from onnxpipe.modelio import atomic_output
+
+COLUMNS = ("stage", "nodes", "params", "size", "max diff", "metric", "latency", "kept")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _rows(stages: list[Any], metric_name: str | None) -> list[list[str]]:
+    rows = []
+    for s in stages:
+        diff = "-" if s.max_abs is None else f"{s.max_abs:.2g}"
+        metric = "-" if s.metric is None else f"{s.metric:.4f}"
+        latency = "-" if s.latency_ms is None else f"{s.latency_ms:.3f} ms"
+        kept = "yes" if s.kept else f"no: {s.reason}"
+        rows.append([f"{s.index:02d} {s.name}", str(s.nodes), f"{s.params:,}", human_bytes(s.size_bytes),
+                     diff, metric, latency, kept])
+    return rows
+
+
+def table(stages: list[Any], metric_name: str | None = None, title: str = "stages") -> Table:
+    """A rich table of the stages, for the terminal."""
+    t = Table(title=title)
+    for col in COLUMNS:
+        header = f"{col} ({metric_name})" if col == "metric" and metric_name else col
+        t.add_column(header, justify="left" if col in ("stage", "kept") else "right",
+                     overflow="fold", no_wrap=col == "stage", max_width=60 if col == "kept" else None)
+    for row, s in zip(_rows(stages, metric_name), stages):
+        if not s.kept:
+            row[-1] = f"[red]{row[-1]}[/]"
+        t.add_row(*row)
+    return t
+
+
+def markdown(stages: list[Any], metric_name: str | None = None, title: str = "onnxpipe report") -> str:
+    """The same table in Markdown, with each stage's notes below it."""
+    header = [f"{c} ({metric_name})" if c == "metric" and metric_name else c for c in COLUMNS]
+    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in _rows(stages, metric_name):
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
+    lines.append("")
+    for s in stages:
+        if s.index == 0:
+            continue
+        lines.append(f"- **{s.index:02d} {s.name}** `{s.description}`: {s.seconds:.2f} s"
+                     + (f", tolerance atol={s.atol:g} rtol={s.rtol:g}" if s.atol is not None else "")
+                     + (f", ops {', '.join(f'{k} {v:+d}' for k, v in sorted(s.op_delta.items()))}" if s.op_delta else ""))
+    return "\n".join(lines) + "\n"
+
+
+def chart(stages: list[Any], path: str | os.PathLike, metric_name: str | None = None) -> Path:
+    """Size, latency and metric per kept stage, side by side (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = [s for s in stages if s.kept]
+    labels = [f"{s.index:02d}\n{s.name}" for s in kept]
+    panels = [("size (KB)", [s.size_bytes / 1024 for s in kept]),
+              ("latency (ms, median)", [s.latency_ms or 0 for s in kept])]
+    if any(s.metric is not None for s in kept):
+        panels.append((metric_name or "metric", [s.metric or 0 for s in kept]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (name, values) in zip(axes, panels):
+        bars = ax.bar(labels, values, color="#4C72B0")
+        ax.set_title(name)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    dest = Path(path)
+    with atomic_output(dest) as tmp:
+        fig.savefig(tmp / dest.name, dpi=110)
+    plt.close(fig)
+    return dest
+
+
+def write_json(doc: dict[str, Any], path: str | os.PathLike) -> Path:
+    dest = Path(path)
+    with atomic_output(dest) as tmp:
+        (tmp / dest.name).write_text(json.dumps(doc, indent=2))
+    return dest
+
+
+def write_text(text: str, path: str | os.PathLike) -> Path:
+    dest = Path(path)
+    with atomic_output(dest) as tmp:
+        (tmp / dest.name).write_text(text)
+    return dest
