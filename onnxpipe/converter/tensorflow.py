@@ -76,7 +76,7 @@ def _keras_call(model: Any, by_keyword: bool, names: list[str]) -> _Callable:
 
 def from_object(model: Any, example: Any) -> FrameworkModel:
     """A Keras 3 model or a ``tf.function`` returned by a factory."""
-    tf = _tf()
+    _tf()  # sets TF's log level before Keras imports it
     keras = require("keras")
     if isinstance(model, keras.Model):
         keras_names = [getattr(t, "name", None) for t in (getattr(model, "inputs", None) or [])]

@@ -1,0 +1,63 @@
+"""The ``onnxpipe`` command line: user errors print one line and exit 2, bugs keep their traceback.
+
+One module per command group; each has ``register(app)`` and is listed in ``_COMMANDS`` below.
+Command modules import heavy libraries only inside the commands.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from onnxpipe import __version__
+from onnxpipe.errors import OnnxpipeError
+
+app = typer.Typer(
+    help="From a trained PyTorch or TensorFlow model to a fast, validated ONNX deployment.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"onnxpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    _state["debug"] = debug
+
+
+# explicit, in the order `onnxpipe --help` lists them
+_COMMANDS = ("convert", "inspect", "optimize")
+
+for _name in _COMMANDS:
+    importlib.import_module(f"onnxpipe.cli.{_name}").register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``onnxpipe`` command."""
+    args = sys.argv[1:] if argv is None else argv
+    _state["debug"] = "--debug" in args
+    try:
+        app(args=args, prog_name="onnxpipe", standalone_mode=True)
+    except OnnxpipeError as err:
+        if _state["debug"]:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,29 @@
+"""What the command modules share: consoles and tables."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def console_for(json_mode: bool) -> Console:
+    # with --json, stdout carries only the JSON document; people read stderr
+    return Console(stderr=json_mode, highlight=False)
+
+
+def fmt(x: float) -> str:
+    return "inf" if x == float("inf") else f"{x:.3g}"
+
+
+def check_table(check, title: str = "check against the framework") -> Table:
+    """Per-output max abs/rel diff and pass/fail of a :class:`CheckReport`."""
+    table = Table(title=f"{title} (atol={check.atol:g}, rtol={check.rtol:g}; "
+                        f"{len(check.runs)} runs: " + ", ".join(f"{r.label} b={r.batch}" for r in check.runs) + ")")
+    for col in ("output", "max abs diff", "max rel diff", "out of tol", "result"):
+        table.add_column(col, justify="left" if col == "output" else "right")
+    for c in check.worst():
+        table.add_row(c.name, fmt(c.max_abs), fmt(c.max_rel), f"{c.mismatched:.2%}",
+                      "[green]pass[/]" if c.ok else f"[red]FAIL[/] {c.detail}".strip())
+    return table
+
+

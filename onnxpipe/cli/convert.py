@@ -1,0 +1,57 @@
+"""``onnxpipe convert``: framework model to checked ONNX."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from onnxpipe.cli._common import check_table, console_for
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def convert(
+        source: Annotated[str, typer.Argument(help="file.py:factory, model.onnx, model.pt (TorchScript), "
+                                                   "model.pt2 (torch.export), model.keras, or a SavedModel dir.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model.")],
+        framework: Annotated[Optional[str], typer.Option(help="torch | tensorflow | onnx (default: detect).")] = None,
+        input: Annotated[Optional[list[str]], typer.Option(
+            "--input", help="NAME:1x3x224x224:float32, repeatable; for sources without example inputs.")] = None,
+        dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch",
+                                                    help="Make the first axis symbolic.")] = True,
+        opset: Annotated[Optional[int], typer.Option(help="Target opset (default 18; an .onnx keeps its own).")] = None,
+        atol: Annotated[float, typer.Option(help="Absolute tolerance of the check.")] = 1e-4,
+        rtol: Annotated[float, typer.Option(help="Relative tolerance of the check.")] = 1e-3,
+        check: Annotated[bool, typer.Option("--check/--no-check", help="Compare outputs with the framework.")] = True,
+        json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+    ) -> None:
+        """Convert a framework model to ONNX and prove its outputs match the framework's."""
+        from onnxpipe.converter import convert as do_convert
+        from onnxpipe.errors import CheckFailedError
+
+        console = console_for(json_out)
+        try:
+            result = do_convert(source, output, framework=framework, inputs=input or (), dynamic_batch=dynamic_batch,
+                                opset=opset, atol=atol, rtol=rtol, check=check)
+        except CheckFailedError as err:
+            result = getattr(err, "result", None)
+            if result is not None:
+                _print_conversion(result, console, json_out)
+            raise
+        _print_conversion(result, console, json_out)
+
+
+def _print_conversion(result, console: Console, json_out: bool) -> None:
+    for a in result.attempts:
+        if not a.ok:
+            console.print(f"[yellow]exporter {a.strategy} failed[/]: {a.error}")
+    console.print(f"{result.framework} ({result.kind}) -> [bold]{result.path or 'memory'}[/] "
+                  f"via {result.exporter} in {result.seconds:.1f}s")
+    if result.check is not None:
+        console.print(check_table(result.check))
+    if json_out:
+        print(json.dumps(result.as_dict(), indent=2))

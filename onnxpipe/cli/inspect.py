@@ -1,0 +1,43 @@
+"""``onnxpipe inspect``: how heavy a model is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from onnxpipe.cli._common import console_for
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def inspect(
+        model: Annotated[Path, typer.Argument(help="An .onnx model.")],
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch for symbolic first axes.")] = 1,
+        dim: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE for a named symbolic dim, repeatable.")] = None,
+        input: Annotated[Optional[list[str]], typer.Option(
+            "--input", help="NAME:1x3x224x224 to fix one input's shape for the cost count.")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    ) -> None:
+        """Show a model's inputs, outputs, opsets, op histogram, parameters and compute cost."""
+        from onnxpipe.analysis import summarize
+        from onnxpipe.errors import InputError
+        from onnxpipe.modelio import load_model
+        from onnxpipe.tensors import InputSpec
+
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, received {batch_size}", hint="use a positive batch size")
+        dims = {}
+        for d in dim or []:
+            name, sep, value = d.partition("=")
+            if not sep or not value.strip().isdigit():
+                raise InputError(f"cannot parse --dim {d!r}", hint="write it as NAME=VALUE, e.g. --dim seq=128")
+            dims[name.strip()] = int(value)
+        shapes = {s.name: s.shape for s in (InputSpec.parse(t) for t in input or [])}
+        summary = summarize(load_model(model), batch=batch_size, dims=dims, input_shapes=shapes or None)
+        if json_out:
+            print(json.dumps(summary.as_dict(), indent=2))
+        else:
+            summary.render(console_for(False))

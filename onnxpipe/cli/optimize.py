@@ -1,0 +1,106 @@
+"""``onnxpipe optimize``, ``run`` and ``passes``: passes with or without a recipe."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from onnxpipe.cli._common import console_for
+
+
+def parse_pass(text: str) -> str | dict:
+    """``simplify``, ``opset:version=17`` or ``fp16:{keep_fp32_ops: [Softmax]}`` -> a pass spec."""
+    import yaml
+
+    from onnxpipe.errors import InputError
+
+    name, sep, opts = text.partition(":")
+    if not sep:
+        return name.strip()
+    opts = opts.strip()
+    try:
+        if opts.startswith("{"):
+            cfg = yaml.safe_load(opts)
+        else:
+            cfg = {}
+            for item in filter(None, (o.strip() for o in opts.split(","))):
+                key, eq, value = item.partition("=")
+                if not eq:
+                    raise ValueError(item)
+                cfg[key.strip()] = yaml.safe_load(value)
+    except (yaml.YAMLError, ValueError):
+        raise InputError(f"cannot parse pass options in {text!r}",
+                         hint="write --pass name:key=value,key=value or --pass 'name:{key: value}'") from None
+    return {name.strip(): cfg}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def optimize(
+        model: Annotated[Path, typer.Argument(help="An .onnx model.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the optimized model.")],
+        passes: Annotated[list[str], typer.Option("--pass", "-p", help="A pass, repeatable, in order: simplify, "
+                                                                     "fp16, opset:version=17, 'fix-shapes:{dims: {batch: 1}}'.")],
+        data: Annotated[Optional[str], typer.Option(help="Calibration/check data: .npz, a folder, or file.py:function.")] = None,
+        report_dir: Annotated[Optional[Path], typer.Option("--report", help="Also write every stage and report.* here.")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the stages as JSON on stdout.")] = False,
+    ) -> None:
+        """Run passes over an ONNX model, checking the outputs after each one."""
+        from onnxpipe import report
+        from onnxpipe.data import calibration_source
+        from onnxpipe.modelio import load_model, save_model
+        from onnxpipe.pipeline import make_pass, optimize as do_optimize
+
+        console = console_for(json_out)
+        specs = [make_pass(parse_pass(p)) for p in passes]  # bad names fail before any work
+        calibration = calibration_source(data) if data else None
+
+        def on_event(message: str, stage) -> None:
+            if stage is not None and stage.index > 0:
+                console.print(f"{stage.index:02d} {stage.name}: " + ("kept" if stage.kept else f"[red]rolled back[/]: {stage.reason}"))
+
+        result = do_optimize(load_model(model), specs, calibration=calibration, outdir=report_dir, on_event=on_event)
+        save_model(result.model, output)
+        console.print(report.table(result.stages, title=f"onnxpipe optimize -> {output}"))
+        if report_dir is not None:
+            report.write_json(result.as_dict(), report_dir / "report.json")
+            report.write_text(report.markdown(result.stages), report_dir / "report.md")
+            report.chart(result.stages, report_dir / "report.png")
+        if json_out:
+            print(json.dumps(result.as_dict(), indent=2))
+
+
+    @app.command()
+    def run(
+        recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see models/digits_cnn/pipeline.yaml).")],
+        output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder (default: the recipe's).")] = None,
+    ) -> None:
+        """Convert, optimize, validate and report, as a recipe says."""
+        from onnxpipe.pipeline import run as do_run
+
+        result = do_run(recipe, output, console=Console(highlight=False))
+        if not all(row["ok"] for row in result.validation):
+            from onnxpipe.errors import CheckFailedError
+
+            raise CheckFailedError("validation across providers failed; see report.json", hint=str(result.outdir))
+
+
+    @app.command("passes")
+    def list_passes() -> None:
+        """List the available passes and their options."""
+        from onnxpipe.passes import available, get_pass
+
+        table = Table(title="passes")
+        table.add_column("pass")
+        table.add_column("options")
+        table.add_column("what it does")
+        for name in available():
+            cls = get_pass(name)
+            opts = ", ".join(k for k in cls.Config.model_fields)
+            table.add_row(name, opts, (cls.__doc__ or "").strip().splitlines()[0])
+        Console(highlight=False).print(table)

@@ -1,0 +1,148 @@
+"""What this machine can accelerate: CPU SIMD and int8 dot-product support, GPUs and their int8 units."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """The CPU's name, cores and the instruction sets that matter for inference.
+
+    ``simd`` is the widest vector level (avx512, avx2, avx, sse4, neon, ...), ``int8_dot`` names
+    the int8 dot-product instructions (avx512_vnni, avx_vnni, amx_int8, asimddp, i8mm) or is
+    empty when int8 goes through plain SIMD, where it gains little over float32.
+    """
+
+    arch: str
+    model: str
+    cores: int
+    simd: str
+    int8_dot: tuple[str, ...] = ()
+    flags: frozenset[str] = field(default_factory=frozenset, repr=False)
+
+    @property
+    def vnni(self) -> bool:
+        return any(f in self.int8_dot for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("flags")
+        d["int8_dot"] = list(self.int8_dot)
+        return d
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    """One NVIDIA GPU as ``nvidia-smi`` reports it."""
+
+    index: int
+    name: str
+    memory_mib: int
+    compute_capability: str
+
+    @property
+    def int8_tensor_cores(self) -> bool:
+        """Turing (7.5) and later have int8 tensor cores; Volta (7.0) does not; Xavier (7.2) does."""
+        major, _, minor = self.compute_capability.partition(".")
+        try:
+            cc = (int(major), int(minor or 0))
+        except ValueError:
+            return False
+        return cc >= (7, 2) and cc != (7, 0)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "int8_tensor_cores": self.int8_tensor_cores}
+
+
+def _cpu_flags() -> tuple[str, frozenset[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+                elif key in ("model name", "cpu model") and value.strip():
+                    model = value.strip()
+    except OSError:
+        pass
+    if not flags and platform.system() == "Darwin":
+        try:
+            out = subprocess.run(["sysctl", "-a"], capture_output=True, text=True, timeout=5).stdout
+            flags = {line.split(":")[0].rsplit(".", 1)[-1].lower() for line in out.splitlines()
+                     if line.startswith("hw.optional.") and line.strip().endswith(": 1")}
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return model, frozenset(flags)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu() -> CpuInfo:
+    """This machine's CPU (cached).
+
+    Example:
+        >>> cpu().simd in {"avx512", "avx2", "avx", "sse4", "neon", "sve", "generic"}
+        True
+    """
+    arch = platform.machine().lower()
+    model, flags = _cpu_flags()
+    if arch in ("x86_64", "amd64", "i686", "x86"):
+        simd = next((name for name, flag in (("avx512", "avx512f"), ("avx2", "avx2"), ("avx", "avx"),
+                                              ("sse4", "sse4_2")) if flag in flags), "generic")
+        dot = tuple(f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags)
+    else:
+        simd = "sve" if "sve" in flags else "neon" if ({"asimd", "neon"} & flags or arch in ("arm64", "aarch64")) else "generic"
+        dot = tuple(name for name, keys in (("asimddp", ("asimddp", "feat_dotprod")), ("i8mm", ("i8mm", "feat_i8mm")))
+                    if any(k in flags for k in keys))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return CpuInfo(arch, model, cores, simd, dot, flags)
+
+
+@functools.lru_cache(maxsize=1)
+def gpus() -> tuple[GpuInfo, ...]:
+    """NVIDIA GPUs visible through ``nvidia-smi``; empty where there is none."""
+    if shutil.which("nvidia-smi") is None:
+        return ()
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,name,memory.total,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    found = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 4 and parts[0].isdigit():
+            mem = int(parts[2]) if parts[2].isdigit() else 0
+            found.append(GpuInfo(int(parts[0]), parts[1], mem, parts[3]))
+    return tuple(found)
+
+
+def int8_advice(target: str = "cpu") -> tuple[bool, str]:
+    """Whether int8 is likely to be faster than float32 on ``target`` here, and why.
+
+    Example:
+        >>> ok, why = int8_advice("cpu")
+    """
+    if target == "cpu":
+        c = cpu()
+        if c.int8_dot:
+            return True, f"{c.model}: int8 dot-product instructions ({', '.join(c.int8_dot)})"
+        if c.simd in ("avx2", "avx512"):
+            return True, (f"{c.model}: {c.simd} without VNNI; int8 helps with uint8 activations (U8S8) "
+                          "and MatMul-heavy models, often not with int8 activations (S8S8)")
+        return False, f"{c.model}: {c.simd} SIMD only; int8 is likely slower than float32 here"
+    gs = gpus()
+    if not gs:
+        return False, "no NVIDIA GPU visible (nvidia-smi found none)"
+    fast = [g for g in gs if g.int8_tensor_cores]
+    if fast:
+        return True, f"{fast[0].name} (sm {fast[0].compute_capability}): int8 tensor cores"
+    return False, f"{gs[0].name} (sm {gs[0].compute_capability}) has no int8 tensor cores"
