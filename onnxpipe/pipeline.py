@@ -238,7 +238,7 @@ def optimize(
                 new_inputs = fit_inputs(candidate, inputs)
                 before = reference if _same(new_inputs, inputs) else outputs_on(current, new_inputs)
                 after = outputs_on(candidate, new_inputs)
-                stage.comparisons = compare_runs(before, after, atol=stage.atol, rtol=stage.rtol)
+                stage.comparisons = p.compare(before, after)
             except OnnxpipeError as exc:
                 if "ONNX Runtime cannot load" not in exc.message:
                     raise

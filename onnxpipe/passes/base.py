@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,6 +12,8 @@ import onnx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from onnxpipe.errors import InputError
+from onnxpipe.runtimes.compare import compare_runs
+from onnxpipe.tensors import Comparison
 
 
 class PassConfig(BaseModel):
@@ -105,6 +107,18 @@ class Pass:
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def compare(self, before: Sequence[Mapping[str, np.ndarray]],
+                after: Sequence[Mapping[str, np.ndarray]]) -> list[Comparison]:
+        """How the pipeline judges this pass: outputs before vs after on the same inputs.
+
+        The default is elementwise ``|after - before| <= atol + rtol * |before|`` per output.
+        Passes that change numerics by design (quantization, pruning) override this with the
+        criterion that fits them (cosine similarity, top-1 agreement, ...); a Comparison with
+        ``ok=False`` rolls the pass back.
+        """
+        atol, rtol = self.tolerance
+        return compare_runs(before, after, atol=atol, rtol=rtol)
 
     def __repr__(self) -> str:
         opts = self.config.model_dump(exclude_defaults=True)

@@ -1,0 +1,195 @@
+"""tiny_transformer: a small PyTorch transformer encoder over sklearn's digits read as 64 tokens.
+
+Input ``tokens``: Nx64 int64, each 8x8 image row-major, token id = pixel intensity 0..16 (vocab 17).
+Token embedding + learned positional embedding -> 2 pre-LayerNorm encoder layers (d_model 64,
+4 heads, GELU MLP 128) -> LayerNorm -> mean over the sequence -> Linear(64 -> 10) logits.
+
+The attention is written out on purpose (Linear q/k/v, split heads, q @ k^T * scale, softmax,
+@ v, merge heads, output Linear) so the exported ONNX graph is plain MatMul/Softmax/Transpose
+instead of the fused ``nn.MultiheadAttention`` fast path.
+
+``build()`` trains on first use (fixed seed) and caches the state_dict in
+``$ONNXPIPE_CACHE_DIR/zoo`` (default ``platformdirs.user_cache_dir("onnxpipe")/zoo``).
+Seed 0 reaches ~92 % test accuracy after 8 epochs (~25 s on one CPU thread).
+Nothing is printed on stdout.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _load(path: Path):
+    """Import a zoo file by path under a name unique to that path.
+
+    Every zoo directory has a ``data.py``; ``import data`` would hand one model another's module.
+    Same naming as ``_common.load_path``, so each file is imported once per process.
+    """
+    path = Path(path).resolve()
+    name = f"_onnxpipe_zoo_{path.parent.name}_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return sys.modules[name]
+
+
+_common = _load(Path(__file__).resolve().parent.parent / "_common.py")
+_data = _load(Path(__file__).resolve().parent / "data.py")
+
+log = logging.getLogger("onnxpipe.zoo.tiny_transformer")
+
+NAME = "tiny_transformer"
+CODE_VERSION = 1  # bump when the architecture or training loop changes: it is part of the cache key
+# pos_std: the learned positional embedding starts at the scale of the token embedding (N(0, 1));
+# with the usual 0.02 the model sees a near bag-of-pixels at first and needs ~3x the epochs.
+CONFIG = {"code_version": CODE_VERSION, "seed": 0, "epochs": 8, "batch": 32, "lr": 5e-3,
+          "weight_decay": 0.01, "d_model": 64, "heads": 4, "ffn": 128, "layers": 2, "pos_std": 1.0,
+          "vocab": _data.VOCAB, "seq_len": _data.SEQ_LEN, "split_seed": _common.SPLIT_SEED}
+TRAIN_CALLS = 0  # how many times this process trained (the tests check that the cache is reused)
+
+
+def _net(cfg: dict | None = None):
+    import torch
+    from torch import nn
+
+    cfg = cfg or CONFIG
+    d, h, ffn = cfg["d_model"], cfg["heads"], cfg["ffn"]
+
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads, self.head_dim = h, d // h
+            self.q = nn.Linear(d, d)
+            self.k = nn.Linear(d, d)
+            self.v = nn.Linear(d, d)
+            self.out = nn.Linear(d, d)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            n, s, _ = x.shape
+            q = self.q(x).reshape(n, s, self.heads, self.head_dim).transpose(1, 2)  # N,H,S,Dh
+            k = self.k(x).reshape(n, s, self.heads, self.head_dim).transpose(1, 2)
+            v = self.v(x).reshape(n, s, self.heads, self.head_dim).transpose(1, 2)
+            att = torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim)), dim=-1)
+            y = (att @ v).transpose(1, 2).reshape(n, s, d)
+            return self.out(y)
+
+    class EncoderLayer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ln1 = nn.LayerNorm(d)
+            self.attn = SelfAttention()
+            self.ln2 = nn.LayerNorm(d)
+            self.mlp = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Linear(ffn, d))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = x + self.attn(self.ln1(x))
+            return x + self.mlp(self.ln2(x))
+
+    class TinyTransformer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(cfg["vocab"], d)
+            self.pos = nn.Parameter(torch.zeros(1, cfg["seq_len"], d))
+            nn.init.normal_(self.pos, std=cfg["pos_std"])
+            self.layers = nn.ModuleList(EncoderLayer() for _ in range(cfg["layers"]))
+            self.norm = nn.LayerNorm(d)
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # the ONNX input is named after `tokens`
+            x = self.embed(tokens) + self.pos
+            for layer in self.layers:
+                x = layer(x)
+            return self.head(self.norm(x).mean(dim=1))
+
+    return TinyTransformer()
+
+
+def train(seed: int = 0, cfg: dict | None = None):
+    """Train a fresh model on the TRAIN split (deterministic for a given seed); returns it in eval mode."""
+    global TRAIN_CALLS
+    import torch
+    from torch import nn
+
+    cfg = dict(cfg or CONFIG, seed=seed)
+    start = time.perf_counter()
+    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    # One thread: tiny batches gain nothing from more (on a 2-vCPU VM two threads were 1.5-10x
+    # slower), and the float sums then run in the same order everywhere: the same weights.
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        model = _net(cfg)
+        inputs, labels = _data.train_set()
+        x = torch.from_numpy(inputs["tokens"])
+        y = torch.from_numpy(labels)
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n != "pos"]
+        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n != "pos")]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                 {"params": rest, "weight_decay": 0.0}], lr=cfg["lr"])
+        steps = cfg["epochs"] * -(-len(x) // cfg["batch"])
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps, pct_start=0.2)
+        loss_fn = nn.CrossEntropyLoss()
+        gen = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(cfg["epochs"]):
+            order = torch.randperm(len(x), generator=gen)
+            for i in range(0, len(x), cfg["batch"]):
+                idx = order[i:i + cfg["batch"]]
+                opt.zero_grad()
+                loss_fn(model(x[idx]), y[idx]).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                sched.step()
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.set_num_threads(was_threads)
+    TRAIN_CALLS += 1
+    log.info("trained %s in %.1f s", NAME, time.perf_counter() - start)
+    return model.eval()
+
+
+def cache_file() -> Path:
+    """Where the trained state_dict is cached (depends on CONFIG and ``ONNXPIPE_CACHE_DIR``)."""
+    return _common.cache_path(NAME, CONFIG, ".pt")
+
+
+def load_trained():
+    """The trained model (eval mode): from the cache, else trained now and cached atomically."""
+    import torch
+
+    path = cache_file()
+    if path.is_file():
+        model = _net()
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval()
+        except Exception as exc:  # a corrupt or stale file: retrain and overwrite it
+            log.warning("ignoring unreadable cache %s (%s)", path, exc)
+    model = train(CONFIG["seed"])
+    with _common.atomic_target(path) as tmp:
+        torch.save(model.state_dict(), tmp)
+    return model
+
+
+def build():
+    """``(model in eval mode, (tokens,))`` with ``tokens`` four TEST sequences, 4x64 int64."""
+    import torch
+
+    model = load_trained()
+    inputs, _ = _data.evaluation()
+    return model, (torch.from_numpy(np.ascontiguousarray(inputs["tokens"][:4])),)
