@@ -10,11 +10,14 @@ install:
 	$(PIP) install -q -c constraints.txt -e '.[$(EXTRAS)]'
 
 demo: install
-	$(PYTHON) -m onnxpipe convert models/digits_cnn/model.py:build -o $(OUT)/digits_cnn.onnx
-	$(PYTHON) -m onnxpipe inspect $(OUT)/digits_cnn.onnx
+	$(PYTHON) -m onnxpipe run models/digits_cnn/pipeline.yaml -o $(OUT)
+	$(PYTHON) -m onnxpipe inspect $(OUT)/model.onnx
 
 test: install
 	$(PYTHON) -m pytest -q
+
+bench: install
+	for b in benchmarks/*.py; do $(PYTHON) $$b || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

@@ -58,3 +58,26 @@ def toposort(graph: onnx.GraphProto) -> None:
     if order != list(range(len(nodes))):
         del graph.node[:]
         graph.node.extend(nodes[i] for i in order)
+
+
+def rename_values(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
+    """Rename tensors everywhere in ``graph`` (subgraphs included), e.g. to give outputs clean names.
+
+    Example:
+        >>> rename_values(model.graph, {"Identity:0": "logits"})  # doctest: +SKIP
+    """
+    if not mapping:
+        return
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        v.name = mapping.get(v.name, v.name)
+    for init in graph.initializer:
+        init.name = mapping.get(init.name, init.name)
+    for node in graph.node:
+        node.input[:] = [mapping.get(i, i) for i in node.input]
+        node.output[:] = [mapping.get(o, o) for o in node.output]
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                rename_values(attr.g, mapping)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    rename_values(g, mapping)

@@ -40,7 +40,7 @@ def table(stages: list[Any], metric_name: str | None = None, title: str = "stage
     for col in COLUMNS:
         header = f"{col} ({metric_name})" if col == "metric" and metric_name else col
         t.add_column(header, justify="left" if col in ("stage", "kept") else "right",
-                     overflow="fold", no_wrap=col == "stage", max_width=60 if col == "kept" else None)
+                     overflow="fold", no_wrap=col != "kept", max_width=60 if col == "kept" else None)
     for row, s in zip(_rows(stages, metric_name), stages):
         if not s.kept:
             row[-1] = f"[red]{row[-1]}[/]"

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe._deps import require
-from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel, first_line
+from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel, default_output_names, first_line
 from onnxpipe.converter.source import examples_from_specs, normalize_examples
 from onnxpipe.errors import ConversionError, InputError
 from onnxpipe.tensors import InputSpec, batched_inputs
@@ -176,6 +176,7 @@ def export(fm: FrameworkModel, *, opset: int, dynamic_batch: bool) -> ExportOutc
                               hint="run with --debug; check that every op is supported by tf2onnx") from exc
     finally:
         logging.getLogger("tf2onnx").setLevel(level)
+    _clean_output_names(model, fm.output_names)
     return ExportOutcome(model, "tf2onnx (from_function)",
                          [Attempt("tf2onnx.from_function", time.perf_counter() - start)])
 
@@ -200,3 +201,14 @@ def _from_function(tf: Any, tf2onnx: Any, function: Any, signature: list[Any], o
             frozen, name=concrete.name, continue_on_error=True, opset=opset,
             input_names=input_names, output_names=output_names, tensors_to_rename=renames)
     return model
+
+
+def _clean_output_names(model: Any, names: list[str] | None) -> None:
+    """tf2onnx names outputs after TF tensors (``Identity:0``); use the model's keys, or output_i."""
+    from onnxpipe.graph import rename_values
+
+    outputs = [o.name for o in model.graph.output]
+    wanted = names if names and len(names) == len(outputs) else default_output_names(len(outputs))
+    taken = {v for n in model.graph.node for v in list(n.input) + list(n.output)} | {i.name for i in model.graph.input}
+    mapping = {old: new for old, new in zip(outputs, wanted) if old != new and new not in taken}
+    rename_values(model.graph, mapping)

@@ -1,0 +1,67 @@
+"""The package as a user meets it: a bare import, --help, zoo conversions, inspect."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+HEAVY = ("torch", "tensorflow", "tf2onnx", "keras", "ray", "tensorrt", "onnxruntime")
+
+
+def test_import_and_help_load_no_heavy_framework():
+    code = ("import sys, onnxpipe, onnxpipe.cli, onnxpipe.passes, onnxpipe.runtimes\n"
+            "from onnxpipe.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_module_imports_in_a_bare_process():
+    import pkgutil
+
+    import onnxpipe
+
+    names = [m.name for m in pkgutil.walk_packages(onnxpipe.__path__, "onnxpipe.") if not m.name.endswith("__main__")]
+    code = "import importlib\nfor n in %r:\n    importlib.import_module(n)\nprint('ok')" % names
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("onnxpipe ")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zoo, framework", [("digits_cnn", "torch"), ("keras_digits", "tensorflow"),
+                                            ("tiny_transformer", "torch")])
+def test_zoo_models_convert_and_pass_their_check(tmp_path, zoo, framework):
+    pytest.importorskip("torch" if framework == "torch" else "tensorflow")
+    out = tmp_path / f"{zoo}.onnx"
+    proc = run_cli("convert", f"models/{zoo}/model.py:build", "-o", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads(proc.stdout)
+    assert doc["framework"] == framework and doc["check"]["ok"]
+    assert {r["batch"] for r in doc["check"]["runs"]} == {4, 6}  # the dynamic batch axis works
+    inspect = run_cli("inspect", str(out), "--json", "--batch-size", "2")
+    assert inspect.returncode == 0, inspect.stderr
+    summary = json.loads(inspect.stdout)
+    assert summary["cost"]["flops"] > 0 and summary["parameters"]["count"] > 1000
+    assert summary["cost"]["uncounted"] == []
+
+
+def test_inspect_cli_flops_match_hand_count(conv_gemm_path):
+    proc = run_cli("inspect", str(conv_gemm_path), "--json", "--batch-size", "2")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    conv_macs = 4 * 8 * 8 * 3 * 3 * 3  # Cout * H * W * Cin * kh * kw
+    gemm_macs = 256 * 10
+    assert doc["cost"]["macs"] == 2 * (conv_macs + gemm_macs)
+    bad = run_cli("inspect", str(conv_gemm_path), "--dim", "oops")
+    assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
