@@ -77,3 +77,10 @@ def test_corrupt_onnx_is_a_clear_error(conv_gemm_path, tmp_path, damage):
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "conv_gemm.onnx"]  # nothing half-written
+
+
+def test_static_batch_fixes_a_symbolic_batch(conv_gemm_path, tmp_path):
+    result = convert(conv_gemm_path, tmp_path / "s.onnx", dynamic_batch=False, inputs=["x:4x3x8x8"])
+    model = onnx.load(tmp_path / "s.onnx")
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    assert result.check.ok and {r.batch for r in result.check.runs} == {4}

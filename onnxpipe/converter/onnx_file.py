@@ -59,10 +59,16 @@ def load(path: Path, specs: Sequence[InputSpec]) -> FrameworkModel:
 
 
 def export(fm: FrameworkModel, *, opset: int | None, dynamic_batch: bool) -> ExportOutcome:
+    """Opset conversion if asked; ``dynamic_batch=False`` fixes symbolic batch axes to the example's."""
     model: onnx.ModelProto = fm.obj
+    steps = []
+    if not dynamic_batch:
+        model, fixed = _static_batch(model, fm.inputs)
+        if fixed:
+            steps.append(f"batch fixed for {', '.join(fixed)}")
     current = default_opset(model)
     if opset is None or opset == current:
-        return ExportOutcome(model, "onnx (unchanged)", [])
+        return ExportOutcome(model, "onnx (" + ("; ".join(steps) or "unchanged") + ")", [])
     start = time.perf_counter()
     try:
         converted = convert_opset(model, opset)
@@ -78,3 +84,18 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     from onnx import version_converter
 
     return version_converter.convert_version(model, opset)
+
+
+def _static_batch(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str]]:
+    from onnxpipe.passes.fix_shapes import FixShapes
+    from onnxpipe.passes.base import PassContext
+    from onnxpipe.tensors import batched_inputs
+
+    batched, batch = batched_inputs(inputs)
+    shapes = {}
+    for info in graph_inputs(model):
+        if info.name in batched and info.shape and not (isinstance(info.shape[0], int) and info.shape[0] > 0):
+            shapes[info.name] = [batch] + list(inputs[info.name].shape[1:])
+    if not shapes:
+        return model, []
+    return FixShapes({"inputs": shapes}).apply(model, PassContext()).model, sorted(shapes)
