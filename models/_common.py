@@ -1,21 +1,19 @@
-"""Shared helpers of the example model zoo: the digits split, the weight cache, loading by path.
+"""Shared helpers of the example model zoo: the digits split and the weight cache.
 
-numpy / scikit-learn / platformdirs only: the zoo's ``data.py`` modules load this file and must
+numpy / scikit-learn / platformdirs only: the zoo's ``data.py`` modules import this file and must
 stay usable without torch or tensorflow.
 
-Zoo modules are loaded by file path (``importlib.util.spec_from_file_location``), and every zoo
-directory has a ``data.py``: a plain ``import data`` would hand the second model the first one's
-module. So siblings are loaded with :func:`load_path`, under a module name made from the file's
-absolute path, which cannot clash.
+Zoo files are loaded by file path, and every zoo directory has a ``data.py``: a plain
+``import data`` would hand the second model the first one's module. So each file puts the folder
+holding ``models/`` on ``sys.path`` and imports its siblings as ``models.<name>.data``, names
+that cannot clash.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import os
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,26 +26,6 @@ log = logging.getLogger("onnxpipe.zoo")
 SPLIT_SEED = 0
 TEST_SIZE = 0.25
 CACHE_ENV = "ONNXPIPE_CACHE_DIR"
-
-
-def load_path(path: str | os.PathLike) -> object:
-    """Import the Python file at ``path`` under a name unique to that path (memoized in sys.modules)."""
-    path = Path(path).resolve()
-    name = f"_onnxpipe_zoo_{path.parent.name}_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
-    module = sys.modules.get(name)
-    if module is not None:
-        return module
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
 
 
 # ----------------------------------------------------------------------------- data

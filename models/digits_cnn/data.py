@@ -4,35 +4,15 @@ numpy / scikit-learn only (no torch): ONNX-only steps use it.
 """
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 
 
-def _load(path: Path):
-    """Import a zoo file by path under a name unique to that path.
-
-    Every zoo directory has a ``data.py``; ``import data`` would hand one model another's module.
-    Same naming as ``_common.load_path``, so each file is imported once per process.
-    """
-    path = Path(path).resolve()
-    name = f"_onnxpipe_zoo_{path.parent.name}_{path.stem}_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return sys.modules[name]
-
-
-_common = _load(Path(__file__).resolve().parent.parent / "_common.py")
+if (_root := str(Path(__file__).resolve().parents[2])) not in sys.path:
+    sys.path.insert(0, _root)  # the folder holding models/: the zoo imports as a package
+from models import _common  # noqa: E402
 
 
 INPUT_NAME = "x"

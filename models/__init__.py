@@ -1,0 +1,1 @@
+"""The example model zoo: each folder has model.py (a factory), data.py and a recipe."""
