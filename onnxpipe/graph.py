@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from collections.abc import Iterator
 
 import onnx
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held by a node's attributes (If branches, Loop and Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope (implicit inputs)."""
     names: set[str] = set()
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            local = {i.name for i in g.input} | {i.name for i in g.initializer}
-            local |= {o for n in g.node for o in n.output}
-            for n in g.node:
-                names |= {i for i in n.input if i and i not in local}
-                names |= _subgraph_inputs(n) - local
+    for g in subgraphs(node):
+        local = {i.name for i in g.input} | {i.name for i in g.initializer}
+        local |= {o for n in g.node for o in n.output}
+        for n in g.node:
+            names |= {i for i in n.input if i and i not in local}
+            names |= _subgraph_inputs(n) - local
     return names
 
 
@@ -75,9 +83,5 @@ def rename_values(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
     for node in graph.node:
         node.input[:] = [mapping.get(i, i) for i in node.input]
         node.output[:] = [mapping.get(o, o) for o in node.output]
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                rename_values(attr.g, mapping)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    rename_values(g, mapping)
+        for g in subgraphs(node):
+            rename_values(g, mapping)

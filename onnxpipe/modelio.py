@@ -36,14 +36,12 @@ def _itemsize(data_type: int) -> int:
 
 
 def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    from onnxpipe.graph import subgraphs
+
     yield from graph.initializer
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_initializers(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    yield from _all_initializers(g)
+        for g in subgraphs(node):
+            yield from _all_initializers(g)
 
 
 def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> onnx.ModelProto:

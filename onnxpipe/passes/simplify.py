@@ -19,6 +19,7 @@ import onnx
 
 from onnxpipe._deps import require
 from onnxpipe.converter.base import first_line
+from onnxpipe.graph import subgraphs
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.runtimes.compare import compare_runs, outputs_on
 
@@ -28,26 +29,14 @@ Backend = Literal["onnxsim", "onnxslim", "ort"]
 def count_nodes(model: onnx.ModelProto | onnx.GraphProto) -> int:
     """Nodes in the graph and all its subgraphs."""
     graph = model.graph if isinstance(model, onnx.ModelProto) else model
-    total = 0
-    for node in graph.node:
-        total += 1
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                total += count_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                total += sum(count_nodes(g) for g in attr.graphs)
-    return total
+    return sum(1 + sum(count_nodes(g) for g in subgraphs(node)) for node in graph.node)
 
 
 def _used_names(graph: onnx.GraphProto, acc: set[str]) -> set[str]:
     for node in graph.node:
         acc.update(node.input)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                _used_names(attr.g, acc)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for g in attr.graphs:
-                    _used_names(g, acc)
+        for g in subgraphs(node):
+            _used_names(g, acc)
     return acc
 
 
