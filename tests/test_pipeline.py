@@ -156,3 +156,15 @@ def test_optimize_cli(tmp_path, conv_gemm_path):
     assert [o.version for o in onnx.load(out).opset_import if o.domain == ""] == [19]
     bad = run_cli("optimize", str(conv_gemm_path), "-o", str(out), "--pass", "nope")
     assert bad.returncode == 2 and "unknown pass 'nope'" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_digits_pipeline_runs_end_to_end(tmp_path):
+    proc = run_cli("run", "models/digits_cnn/pipeline.yaml", "-o", str(tmp_path / "digits"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "digits" / "report.json").read_text())
+    stages = doc["stages"]
+    assert stages[0]["metric"] >= 0.95  # the converted CNN keeps its accuracy
+    assert all(s["kept"] for s in stages), [(s["name"], s["reason"]) for s in stages]
+    assert stages[-1]["metric"] >= stages[0]["metric"] - 0.01
+    assert doc["conversion"]["check"]["ok"] and doc["validation"][0]["ok"]
