@@ -298,18 +298,26 @@ class RunResult:
 
 def validate_providers(model: onnx.ModelProto, providers: Sequence[str], inputs: list[dict[str, np.ndarray]],
                        *, atol: float, rtol: float) -> list[dict[str, Any]]:
-    """The final model on every listed provider against the same model on CPU."""
-    from onnxpipe.runtimes import providers as prov
-    from onnxpipe.runtimes.session import Session
+    """The final model on every listed provider against the same model on CPU.
 
-    resolved = {p: prov.resolve(p) for p in providers}  # fail before running anything
+    Providers are device specs with options (``cuda:0``, ``tensorrt:0[fp16]``); each row also says
+    how many nodes ran on which provider.
+    """
+    from onnxpipe.runtimes.device_session import DeviceSession
+    from onnxpipe.runtimes.providers import Device
+
+    devices = {p: Device.parse(p) for p in providers}
+    for d in devices.values():
+        d.check_available()  # fail before running anything
     reference = outputs_on(model, inputs)
     rows = []
-    for device, plist in resolved.items():
-        with Session(model, providers=plist) as s:
+    for name, device in devices.items():
+        with DeviceSession(model, device) as s:
             got = [s.run(b) for b in inputs]
+            placement = s.placement.as_dict() if s.placement else None
         comps = compare_runs(reference, got, atol=atol, rtol=rtol)
-        rows.append({"provider": device, "ok": all(c.ok for c in comps), "outputs": [c.as_dict() for c in comps]})
+        rows.append({"provider": name, "ok": all(c.ok for c in comps), "outputs": [c.as_dict() for c in comps],
+                     "placement": placement})
     return rows
 
 

@@ -41,7 +41,7 @@ def _root(
 
 
 # explicit, in the order `onnxpipe --help` lists them
-_COMMANDS = ("convert", "inspect", "optimize")
+_COMMANDS = ("convert", "inspect", "optimize", "runtime")
 
 for _name in _COMMANDS:
     importlib.import_module(f"onnxpipe.cli.{_name}").register(app)

@@ -1,0 +1,242 @@
+"""``onnxpipe providers``, ``infer``, ``validate`` and ``bench``: running models on this machine's devices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from onnxpipe.cli._common import console_for
+
+DEVICES_HELP = "Devices, comma-separated: cpu, cpu:1, cuda:0, tensorrt:0[fp16,cache_dir=trt] (see `onnxpipe providers`)."
+
+
+def int_list(text: str, what: str) -> list[int]:
+    """``"1,8,32"`` -> [1, 8, 32], or a one-line error."""
+    from onnxpipe.errors import InputError
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"cannot read {what} {text!r}", hint=f"write {what} as integers joined by commas, e.g. 1,8,32") from None
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"{what} must be integers >= 1, received {text!r}", hint="e.g. 1,8,32")
+    return values
+
+
+def parse_dims(items: list[str] | None) -> dict[str, int]:
+    from onnxpipe.errors import InputError
+
+    dims = {}
+    for d in items or []:
+        name, sep, value = d.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise InputError(f"cannot parse --dim {d!r}", hint="write it as NAME=VALUE, e.g. --dim seq=128")
+        dims[name.strip()] = int(value)
+    return dims
+
+
+def check_inputs(model: Any, *, data: str | None, load: Path | None, batches: int, batch_size: int, seed: int,
+                 specs: list[str] | None) -> list[dict]:
+    """Validation inputs: saved ones, the first batches of ``data``, or generated ones."""
+    import numpy as np
+
+    from onnxpipe.converter.onnx_file import example_inputs
+    from onnxpipe.data import calibration_source, take
+    from onnxpipe.errors import InputError
+    from onnxpipe.runtimes.validate import split_batches
+    from onnxpipe.tensors import InputSpec
+
+    if load is not None:
+        if not load.is_file():
+            raise InputError(f"no such file: {load}", hint="give the .npz written by --save-inputs")
+        with np.load(load, allow_pickle=False) as z:
+            return split_batches({k: z[k] for k in z.files}, None, what=str(load))
+    if data is not None:
+        got = take(calibration_source(data, batch_size=batch_size), batches)
+        if not got:
+            raise InputError(f"{data} yields no batches", hint="check the data")
+        return got
+    parsed = [InputSpec.parse(s) for s in specs or []]
+    return [example_inputs(model, parsed, batch=batch_size, seed=seed + k) for k in range(batches)]
+
+
+def save_inputs(batches: list[dict], path: Path) -> None:
+    import numpy as np
+
+    from onnxpipe.modelio import atomic_output
+
+    arrays = batches[0] if len(batches) == 1 else {f"b{k}/{n}": v for k, b in enumerate(batches) for n, v in b.items()}
+    with atomic_output(path) as tmp:
+        with open(tmp / path.name, "wb") as f:
+            np.savez(f, **arrays)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def providers(json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False) -> None:
+        """What this machine can run on: ONNX Runtime's build and providers, TensorRT, GPUs, the CPU."""
+        from onnxpipe.runtimes.machine import machine
+        from onnxpipe.runtimes.providers import option_rows
+
+        m = machine()
+        if json_out:
+            print(json.dumps(m.as_dict(), indent=2))
+            return
+        console = console_for(False)
+        m.render(console)
+        t = Table(title=escape("device options: cuda:0[cudnn=heuristic,mem_limit=8GiB], tensorrt:0[fp16,cache_dir=trt]"))
+        for col in ("option", "devices", "default", "what it does"):
+            t.add_column(col)
+        for row in option_rows():
+            t.add_row(*(escape(c) for c in row))
+        console.print(t)
+
+    @app.command()
+    def infer(
+        model: Annotated[Path, typer.Argument(help="An .onnx model.")],
+        data: Annotated[str, typer.Option("--data", help="Inputs: a .npz (samples along axis 0), a folder of "
+                                                         ".npy/.npz, or file.py:function yielding input dicts.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the shards and manifest.json.")],
+        devices: Annotated[str, typer.Option("--devices", help=DEVICES_HELP)] = "cpu",
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per micro-batch.")] = 32,
+        shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Samples per output shard.")] = None,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUTPUT, skipping finished shards.")] = False,
+        backend: Annotated[str, typer.Option("--backend", help="local (a process per device) or ray (an actor per device).")] = "local",
+        address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster (auto, ray://host:10001); default: a local Ray.")] = None,
+        max_attempts: Annotated[int, typer.Option("--max-attempts", help="Tries per sample before it is reported failed.")] = 2,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    ) -> None:
+        """Run a model over a dataset on several devices; outputs in input order, resumable."""
+        from onnxpipe.runtimes.batch import BatchRunner
+        from onnxpipe.runtimes.batch_result import SamplesFailedError
+
+        console = console_for(json_out)
+        with BatchRunner(model, devices, batch_size=batch_size, shard_size=shard_size, backend=backend,
+                         address=address, max_attempts=max_attempts) as runner:
+            for note in runner.notes:
+                console.print(f"[dim]note: {escape(note)}[/]")
+            result = runner.run(data, output, resume=resume, progress=True)
+        console.print(result.table())
+        for note in result.notes[len(runner.notes):]:
+            console.print(f"[yellow]note[/]: {escape(note)}")
+        if json_out:
+            print(json.dumps(result.as_dict(), indent=2))
+        if result.failed:
+            for f in result.failed[:20]:
+                console.print(f"[red]sample {f.index} failed[/]: {escape(f.error)}")
+            if len(result.failed) > 20:
+                console.print(f"... and {len(result.failed) - 20} more (see manifest.json)")
+            raise SamplesFailedError(f"{len(result.failed)} sample(s) failed on every attempt; the others are in {output}",
+                                     hint=f"see 'failed' in {output / 'manifest.json'}")
+        console.print(f"outputs: {output}/shard-*.npz · manifest: {output / 'manifest.json'}")
+
+    @app.command()
+    def validate(
+        model: Annotated[Path, typer.Argument(help="An .onnx model.")],
+        providers: Annotated[str, typer.Option("--providers", help="Targets, comma-separated, each DEVICE[/PRECISION]: "
+                                                                   "cpu, cuda/fp16, tensorrt:0[fp16].")] = "cpu",
+        reference: Annotated[Optional[Path], typer.Option("--reference", help="Reference: another .onnx (run on CPU, fp32) "
+                                                                               "or an .npz of saved outputs; default: the first provider.")] = None,
+        precisions: Annotated[Optional[str], typer.Option("--precisions", help="fp32,fp16,int8 for every provider without its own.")] = None,
+        data: Annotated[Optional[str], typer.Option("--data", help="Inputs: .npz, a folder, or file.py:function.")] = None,
+        input: Annotated[Optional[list[str]], typer.Option("--input", help="NAME:1x3x224x224:float32 for generated inputs.")] = None,
+        batches: Annotated[int, typer.Option("--batches", help="Input batches.")] = 2,
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per generated batch.")] = 2,
+        seed: Annotated[int, typer.Option("--seed", help="Seed of the generated inputs.")] = 0,
+        save: Annotated[Optional[Path], typer.Option("--save-inputs", help="Write the inputs used to this .npz (golden data).")] = None,
+        load: Annotated[Optional[Path], typer.Option("--load-inputs", help="Use the inputs saved in this .npz.")] = None,
+        atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default: by precision).")] = None,
+        rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (default: by precision).")] = None,
+        tol: Annotated[Optional[list[str]], typer.Option("--tol", help="NAME=ATOL[,RTOL] for one output, repeatable.")] = None,
+        localize: Annotated[bool, typer.Option("--localize", help="On failure, find the first node whose output diverges.")] = False,
+        chunk: Annotated[int, typer.Option("--chunk", help="Intermediate tensors compared at a time by --localize.")] = 32,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the matrix as JSON on stdout.")] = False,
+    ) -> None:
+        """Run a model on several providers and precisions and compare every output with a reference."""
+        from onnxpipe.errors import CheckFailedError, InputError
+        from onnxpipe.modelio import load_model
+        from onnxpipe.runtimes.validate import DEFAULTS, Tolerance, parse_targets
+        from onnxpipe.runtimes.validate import validate as do_validate
+
+        console = console_for(json_out)
+        targets = parse_targets(providers, precisions.split(",") if precisions else ())
+        proto = load_model(model)
+        default = None
+        if atol is not None or rtol is not None:
+            default = Tolerance(atol if atol is not None else DEFAULTS["fp32"].atol,
+                                rtol if rtol is not None else DEFAULTS["fp32"].rtol)
+        per_output = {}
+        for item in tol or []:
+            name, sep, value = item.rpartition("=")
+            if not sep or not name:
+                raise InputError(f"cannot read --tol {item!r}", hint="write it as NAME=ATOL or NAME=ATOL,RTOL")
+            per_output[name] = Tolerance.parse(value, default)
+        inputs = check_inputs(proto, data=data, load=load, batches=batches, batch_size=batch_size, seed=seed, specs=input)
+        if save is not None:
+            save_inputs(inputs, save)
+        report = do_validate(proto, targets, inputs=inputs, reference=reference, tolerances=per_output,
+                             default=default, localize=localize, chunk=chunk)
+        console.print(report.table())
+        for row in report.rows:
+            if row.localized:
+                if row.localized.get("found"):
+                    loc = row.localized
+                    console.print(f"{row.target}: first divergence at node [bold]{escape(loc['node'])}[/] ({loc['op_type']}), "
+                                  f"output {escape(loc['tensor'])}: max abs diff {loc['max_abs']:.3g} "
+                                  f"(tensor {loc['position'] + 1} of {loc['of']}, {loc['compared']} compared)")
+                else:
+                    console.print(f"{row.target}: no divergent intermediate found: {escape(row.localized['why'])}")
+        if json_out:
+            print(json.dumps(report.as_dict(), indent=2))
+        if not report.ok:
+            bad = [r.target for r in report.rows if not r.ok]
+            raise CheckFailedError(f"{', '.join(bad)} disagree(s) with {report.reference}",
+                                   hint="see the matrix; --localize finds the first divergent node")
+
+    @app.command()
+    def bench(
+        model: Annotated[Path, typer.Argument(help="An .onnx model.")],
+        providers: Annotated[str, typer.Option("--providers", help=DEVICES_HELP)] = "cpu",
+        batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes, e.g. 1,8,32.")] = "1",
+        threads: Annotated[Optional[str], typer.Option("--threads", help="CPU thread counts to try, e.g. 1,2,4.")] = None,
+        dim: Annotated[Optional[list[str]], typer.Option("--dim", help="NAME=VALUE for a named symbolic dim, repeatable.")] = None,
+        warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 5,
+        runs: Annotated[int, typer.Option("--runs", help="Timed runs at least.")] = 10,
+        budget: Annotated[float, typer.Option("--budget", help="Seconds of timed runs per row.")] = 1.0,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
+    ) -> None:
+        """Latency p50/p90/p99, throughput and FLOP/s (and fraction of peak) per provider, threads and batch."""
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        from onnxpipe.modelio import load_model
+        from onnxpipe.runtimes.bench import bench as do_bench
+        from onnxpipe.runtimes.providers import parse_devices
+
+        console = console_for(json_out)
+        sizes = int_list(batch_sizes, "--batch-sizes")
+        counts: list[int | None] = list(int_list(threads, "--threads")) if threads else [None]
+        devices = parse_devices(providers)
+        proto = load_model(model)
+        total = sum(len(sizes) * (1 if (d.is_gpu or d.options.threads) else len(counts)) for d in devices)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console_for(True), transient=True) as progress:
+            task = progress.add_task("benchmarking", total=total)
+            report = do_bench(proto, devices, batch_sizes=sizes, threads=counts, dims=parse_dims(dim), warmup=warmup,
+                              min_runs=runs, budget_s=budget, on_row=lambda row: progress.advance(task))
+        report.model = str(model)
+        console.print(report.table())
+        for note in report.notes:
+            console.print(f"[dim]note: {escape(note)}[/]")
+        if json_out:
+            print(json.dumps(report.as_dict(), indent=2))

@@ -1,0 +1,390 @@
+"""The batch runner: micro-batches over one worker per device, outputs in input order, nothing lost.
+
+The dispatcher (this process) reads the input lazily, cuts micro-batches that never cross a
+shard boundary, and gives each to the fastest worker with a free slot: a worker holds at most
+``depth`` batches, so faster devices come back for more sooner and get more (load balancing by
+pull, ties going to the best measured speed), and no more than a window of samples is ever in
+flight or waiting to be written (memory does not grow with the dataset).
+
+Failures: a batch that raises is split into single samples to find the culprit; a sample that
+fails ``max_attempts`` times is reported by index and left out. A worker that dies is restarted
+(up to ``max_restarts`` times); the batch it was running counts as an attempt and goes to
+another worker, the ones only queued on it go back unharmed.
+
+Example:
+    >>> with BatchRunner("model.onnx", ["cpu:0", "cpu:1"], batch_size=32) as runner:  # doctest: +SKIP
+    ...     result = runner.run("inputs.npz", outdir="out")
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpipe.errors import InputError, OnnxpipeError
+from onnxpipe.hardware import cpu
+from onnxpipe.modelio import load_model, save_model
+from onnxpipe.runtimes.batch_result import (
+    BatchEvent,
+    DeviceStats,
+    FailedSample,
+    InferResult,
+    SamplesFailedError,
+)
+from onnxpipe.runtimes.manifest import Shard, ShardWriter, file_digest
+from onnxpipe.runtimes.providers import Device, parse_devices
+from onnxpipe.runtimes.sources import Chunk, Source, check_chunk, open_source
+from onnxpipe.tensors import graph_inputs, value_infos
+
+__all__ = ["BatchRunner", "SamplesFailedError"]
+
+SHARD_BYTES = 64 << 20  # inputs per shard by default
+
+
+@dataclass
+class Task:
+    """A micro-batch: samples ``[start, start + count)``; ``rows`` >= count when padded to a fixed batch."""
+
+    id: int
+    start: int
+    count: int
+    batched: dict[str, np.ndarray]
+    constant: dict[str, np.ndarray]
+    rows: int
+    attempts: int = 0
+    avoid: int | None = None
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {**self.constant, **self.batched}
+
+
+@dataclass
+class _Job:
+    """The dispatcher's bookkeeping for one run."""
+
+    skip: set[int]
+    dispatched: Counter = field(default_factory=Counter)  # samples cut per shard
+    resolved: Counter = field(default_factory=Counter)    # samples done or failed per shard
+    results: dict[int, list[tuple[int, int, int, dict[str, np.ndarray]]]] = field(default_factory=dict)
+    failed: dict[int, dict[int, str]] = field(default_factory=dict)
+    pending: deque = field(default_factory=deque)
+    inflight: dict[int, tuple[Task, int]] = field(default_factory=dict)
+    stream_shard: int = 0
+    exhausted: bool = False
+    next_shard: int = 0
+    cut: int = 0          # samples read from the input
+    emitted: int = 0      # samples up to which shards were emitted (or skipped)
+    succeeded: int = 0
+    skipped: int = 0
+
+
+class BatchRunner:
+    """Run a model over many samples on several devices, locally or on Ray.
+
+    Args:
+        model: an ``.onnx`` path or a ``ModelProto``.
+        devices: device specs (``["cpu:0", "cpu:1"]``, ``"cuda:0,cuda:1"``, :class:`Device`).
+        batch_size: samples per micro-batch (forced to the model's batch when its batch dim is fixed).
+        shard_size: samples per output shard (default: ~64 MiB of inputs, a multiple of ``batch_size``).
+        backend: ``local`` (one process per device) or ``ray`` (one actor per device).
+        address: Ray cluster address (``auto``, ``ray://host:10001``); None starts a local Ray.
+        depth: micro-batches a worker holds at once.
+        max_attempts: tries per sample before it is reported failed.
+        max_restarts: restarts per worker before its device is given up.
+        on_batch: called in the dispatcher after every finished micro-batch (tests, custom logging).
+
+    Example:
+        >>> runner = BatchRunner("model.onnx", devices=["cpu:0", "cpu:1"])  # doctest: +SKIP
+        >>> runner.run({"x": x}).outputs["y"]  # doctest: +SKIP
+    """
+
+    def __init__(self, model: str | os.PathLike | onnx.ModelProto, devices: Any = ("cpu",), *,
+                 batch_size: int = 32, shard_size: int | None = None, backend: str = "local",
+                 address: str | None = None, depth: int = 2, max_attempts: int = 2, max_restarts: int = 3,
+                 on_batch: Callable[[BatchEvent], None] | None = None) -> None:
+        if batch_size < 1:
+            raise InputError(f"batch size must be >= 1, received {batch_size}", hint="use e.g. --batch-size 32")
+        if backend not in ("local", "ray"):
+            raise InputError(f"unknown backend {backend!r}", hint="use local or ray")
+        self.devices: list[Device] = parse_devices(devices)
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        if isinstance(model, onnx.ModelProto):
+            self._tmp = tempfile.TemporaryDirectory(prefix="onnxpipe-infer-")
+            self.model_path = str(save_model(model, Path(self._tmp.name) / "model.onnx"))
+            proto = model
+        else:
+            self.model_path = str(model)
+            proto = load_model(model, load_external_data=False)
+        self.inputs = graph_inputs(proto)
+        self.notes: list[str] = []
+        ranked = [i for i in self.inputs if i.shape]  # scalars have no batch axis to fix
+        fixed = {i.shape[0] if isinstance(i.shape[0], int) and i.shape[0] > 0 else None for i in ranked}
+        self.fixed_batch = fixed.pop() if len(fixed) == 1 else None
+        if self.fixed_batch is not None and batch_size != self.fixed_batch:
+            self.notes.append(f"the model's batch dim is fixed at {self.fixed_batch}: micro-batches of {self.fixed_batch}")
+            batch_size = self.fixed_batch
+        self.batch_size = batch_size
+        self.shard_size = shard_size or self._default_shard(batch_size)
+        if self.shard_size < 1:
+            raise InputError(f"shard size must be >= 1, received {shard_size}", hint="use e.g. --shard-size 4096")
+        # an output whose declared first dim is a fixed number other than the batch has no sample axis
+        self._no_axis = {o.name for o in value_infos(proto.graph.output)
+                         if o.shape is not None and (not o.shape or (isinstance(o.shape[0], int) and o.shape[0] > 0
+                                                                     and o.shape[0] != self.fixed_batch))}
+        self.backend, self.address, self.depth = backend, address, depth
+        self.max_attempts, self.max_restarts, self.on_batch = max(1, max_attempts), max_restarts, on_batch
+        share = max(1, cpu().cores // len(self.devices))
+        self.threads = [d.options.threads or share for d in self.devices]
+        self._pool: Any = None
+        self.stats: list[DeviceStats] = []
+
+    def _default_shard(self, batch_size: int) -> int:
+        """About 64 MiB of inputs per shard (so the window in flight stays a few hundred MiB),
+        between one batch and 16384 samples, a multiple of the batch size."""
+        sample = 0
+        for info in self.inputs:
+            dims = [d if isinstance(d, int) and d > 0 else 1 for d in (info.shape or [1])[1:]]
+            sample += math.prod(dims) * (info.dtype.itemsize or 8)
+        samples = SHARD_BYTES // max(1, sample)
+        return batch_size * max(1, min(16384, samples) // batch_size)
+
+    # lifecycle -----------------------------------------------------------------------------
+    def start(self, pool: Any = None) -> BatchRunner:
+        """Start the workers and wait until each has its session open (load time is recorded).
+
+        ``pool`` replaces the backend's pool by any object with :class:`LocalPool`'s interface
+        (``workers``, ``start``, ``submit``, ``poll``, ``restart``, ``close``): another backend,
+        or a simulated one in tests.
+        """
+        if self._pool is not None:
+            return self
+        if pool is not None:
+            pass
+        elif self.backend == "ray":
+            from onnxpipe.runtimes.ray_backend import RayPool
+
+            pool = RayPool(self.model_path, self.devices, self.threads, address=self.address, depth=self.depth)
+        else:
+            from onnxpipe.runtimes.worker import LocalPool
+
+            for d in self.devices:  # a missing provider is named here, before any process starts
+                d.check_available()
+            pool = LocalPool(self.model_path, self.devices, self.threads, self._pins(), depth=self.depth)
+        self._pool = pool
+        self.stats = [DeviceStats(d.label, str(d), t) for d, t in zip(self.devices, self.threads)]
+        try:
+            pool.start()
+            waiting = set(range(len(self.devices)))
+            deadline = time.monotonic() + 900  # TensorRT may build engines at session creation
+            while waiting:
+                if time.monotonic() > deadline:
+                    raise OnnxpipeError("workers did not start within 15 minutes", hint="check the devices")
+                for ev in pool.poll(0.5):
+                    if ev.kind == "start_failed":
+                        raise OnnxpipeError(f"{self.devices[ev.wid].label}: {ev.message}",
+                                            hint="check the device with `onnxpipe providers`")
+                    if ev.kind == "died":
+                        raise OnnxpipeError(f"{self.devices[ev.wid].label}: the worker died while starting ({ev.message})",
+                                            hint="run with one device to see its error")
+                    if ev.kind in ("ready", "placement"):
+                        self._ready(ev)
+                        waiting.discard(ev.wid)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _ready(self, ev: Any) -> None:
+        s = self.stats[ev.wid]
+        s.load_s = ev.info.get("load_s", s.load_s)
+        s.placement = ev.info.get("placement") or s.placement
+
+    def _pins(self) -> list[list[int] | None]:
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        pins, at = [], 0
+        for d, t in zip(self.devices, self.threads):
+            if d.kind == "cpu" and d.options.pin:
+                pins.append([allowed[(at + k) % len(allowed)] for k in range(t)])
+                at += t
+            else:
+                pins.append(None)
+        return pins
+
+    def close(self) -> None:
+        """Stop the workers and remove temporary files."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> BatchRunner:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # running -------------------------------------------------------------------------------
+    def run(self, inputs: Any, outdir: str | os.PathLike | None = None, *, resume: bool = False,
+            progress: bool = False) -> InferResult:
+        """Run every sample; outputs in memory, or as shards and a manifest in ``outdir``.
+
+        Samples that failed on every attempt are listed in ``result.failed`` (and the manifest);
+        the ``infer`` command then exits 1.
+
+        Args:
+            inputs: a ``.npz``, a folder, ``file.py:function``, a dict of arrays or an iterable of them.
+            outdir: write shards and ``manifest.json`` there instead of keeping outputs in memory.
+            resume: continue the job in ``outdir``, skipping the shards its manifest lists.
+            progress: draw a progress bar on stderr.
+
+        Raises:
+            InputError: inputs that do not fit the model, an ``outdir`` holding another job.
+            OnnxpipeError: no worker left, or every sample failing from the start.
+        """
+        from onnxpipe.runtimes.progress import job_progress
+
+        source = open_source(inputs, self.inputs)
+        writer = None
+        if outdir is not None:
+            meta = {"model": self.model_path, "model_sha256": file_digest(self.model_path),
+                    "shard_size": self.shard_size, "batch_size": self.batch_size,
+                    "inputs": [[i.name, str(i.dtype)] for i in self.inputs], "source": source.description}
+            writer = ShardWriter(outdir, meta, resume=resume)
+        started_here = self._pool is None
+        self.start()
+        for s in self.stats:
+            s.samples = s.batches = 0
+            s.busy_s = 0.0
+        job = _Job(skip=writer.done if writer else set())
+        parts: dict[str, list[np.ndarray]] = {}
+        per_batch: dict[str, np.ndarray] = {}
+        indices: list[np.ndarray] = []
+        failed: dict[int, str] = dict(writer.failed) if writer else {}
+        t0 = time.perf_counter()
+        try:
+            done = sum(s["count"] for s in writer.shards.values()) if writer else 0
+            with job_progress(progress, source.total, done=done) as bar:
+                for shard in self._execute(source, job, bar):
+                    failed.update(shard.failed)
+                    if writer is not None:
+                        writer.write(shard)
+                        continue
+                    indices.append(shard.indices)
+                    for k, v in shard.outputs.items():
+                        parts.setdefault(k, []).append(v)
+                    per_batch.update(shard.per_batch)
+        finally:
+            for wid, w in enumerate(self._pool.workers if self._pool else []):
+                self.stats[wid].restarts = w.restarts
+            if started_here:
+                self.close()
+        seconds = time.perf_counter() - t0
+        result = InferResult(samples=job.cut, computed=job.cut - job.skipped, skipped=job.skipped, seconds=seconds,
+                             devices=list(self.stats), failed=[FailedSample(i, e) for i, e in sorted(failed.items())],
+                             outdir=Path(outdir) if outdir is not None else None, backend=self.backend,
+                             notes=list(self.notes))
+        for d, st in zip(self.devices, self.stats):
+            counts = (st.placement or {}).get("counts", {})
+            on_cpu = counts.get("CPUExecutionProvider", 0)
+            if d.is_gpu and on_cpu:
+                ops = ", ".join(dict.fromkeys(st.placement.get("cpu_nodes", [])))
+                result.notes.append(f"{d.label}: {on_cpu} of {sum(counts.values())} nodes run on CPU ({ops})")
+        if writer is not None:
+            writer.save(complete=True, extra={"devices": [d.as_dict(seconds) for d in self.stats],
+                                              "seconds": seconds, "backend": self.backend})
+        else:
+            ragged = [k for k, v in parts.items() if len(v) != len(indices) or len({a.shape[1:] for a in v}) > 1]
+            result.outputs = {k: np.concatenate(v) for k, v in parts.items() if k not in ragged}
+            result.indices = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+            result.per_batch = per_batch
+            if ragged:
+                result.notes.append(f"outputs {', '.join(ragged)} change shape between shards: see per_batch")
+        return result
+
+    def _tasks(self, source: Source, job: _Job) -> Iterator[Task]:
+        """Micro-batches cut from the source, never across a shard; finished shards are read past."""
+        ids = itertools.count(job.cut)
+        pos, checked = 0, False
+        buf: list[Chunk] = []
+        have = 0
+
+        def cut(n: int) -> Chunk:
+            nonlocal have
+            pieces, need = [], n
+            while need:
+                c = buf[0]
+                take = min(need, c.rows)
+                pieces.append({k: v[:take] for k, v in c.batched.items()})
+                if take == c.rows:
+                    buf.pop(0)
+                else:
+                    buf[0] = Chunk({k: v[take:] for k, v in c.batched.items()}, c.constant)
+                need -= take
+            have -= n
+            batched = pieces[0] if len(pieces) == 1 else {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+            return Chunk(batched, constant)
+
+        constant: dict[str, np.ndarray] = {}
+        chunks = source.chunks()
+        while True:
+            chunk = next(chunks, None)
+            if chunk is not None and not checked:
+                check_chunk(chunk, self.inputs)
+                checked = True
+            if chunk is not None and buf and not _same(chunk.constant, constant):
+                flush = have  # inputs shared by a batch changed: no batch may mix the two
+            else:
+                flush = 0
+            while have and (have >= self._room(pos) or flush or chunk is None):
+                n = min(have, self._room(pos))
+                piece = cut(n)
+                flush = max(0, flush - n)
+                shard = pos // self.shard_size
+                job.stream_shard = shard
+                if shard in job.skip:
+                    job.skipped += n
+                else:
+                    job.dispatched[shard] += n
+                    yield self._task(next(ids), pos, piece)
+                pos += n
+                job.cut = pos
+            if chunk is None:
+                return
+            if chunk.rows:
+                constant = chunk.constant
+                buf.append(chunk)
+                have += chunk.rows
+
+    def _room(self, pos: int) -> int:
+        return min(self.batch_size, self.shard_size - pos % self.shard_size)
+
+    def _task(self, tid: int, start: int, piece: Chunk, attempts: int = 0) -> Task:
+        count = piece.rows
+        batched = piece.batched
+        if self.fixed_batch is not None and count < self.fixed_batch:  # pad with the last sample
+            pad = self.fixed_batch - count
+            batched = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batched.items()}
+        return Task(tid, start, count, batched, piece.constant, count if self.fixed_batch is None else self.fixed_batch,
+                    attempts)
+
+    def _execute(self, source: Source, job: _Job, bar: Any) -> Iterator[Shard]:
+        from onnxpipe.runtimes.dispatch import Dispatcher
+
+        yield from Dispatcher(self, source, job, bar).shards()
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] or np.array_equal(a[k], b[k]) for k in a)

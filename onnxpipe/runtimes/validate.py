@@ -1,0 +1,390 @@
+"""Cross-provider validation: one model on several providers and precisions, every output against a reference.
+
+Targets are devices with an optional precision, ``cpu``, ``cuda:0/fp16``, ``tensorrt/int8``:
+fp16 on CPU/CUDA runs the model through the ``fp16`` pass, int8 through ONNX Runtime's dynamic
+quantization (a model with Q/DQ nodes already is run as is); TensorRT gets its own ``fp16`` /
+``int8`` builder flags instead. The reference is the first target, another model (run on CPU
+in fp32), or saved outputs (``.npz``).
+
+Example:
+    >>> report = validate("model.onnx", parse_targets("cpu,cpu/fp16"), inputs=[{"x": x}])  # doctest: +SKIP
+    >>> report.ok  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from rich.markup import escape
+from rich.table import Table
+
+from onnxpipe.errors import InputError, OnnxpipeError
+from onnxpipe.modelio import load_model
+from onnxpipe.runtimes.providers import Device, split_devices
+from onnxpipe.tensors import compare
+from onnxpipe.userfiles import first_line
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """When an output passes: at most ``max_mismatch`` of its elements outside ``atol + rtol*|ref|``,
+    and a cosine similarity of at least ``min_cosine`` where given.
+
+    Example:
+        >>> Tolerance.parse("1e-3,1e-2")
+        Tolerance(atol=0.001, rtol=0.01, max_mismatch=0.0, min_cosine=None)
+    """
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+    max_mismatch: float = 0.0
+    min_cosine: float | None = None
+
+    @classmethod
+    def parse(cls, text: str, base: Tolerance | None = None) -> Tolerance:
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            raise InputError(f"cannot read tolerance {text!r}", hint="write ATOL or ATOL,RTOL, e.g. 1e-3,1e-2") from None
+        if not 1 <= len(values) <= 2 or any(v < 0 for v in values):
+            raise InputError(f"cannot read tolerance {text!r}", hint="write ATOL or ATOL,RTOL (non-negative)")
+        base = base or cls()
+        return replace(base, atol=values[0], rtol=values[1] if len(values) > 1 else base.rtol)
+
+
+# float16 rounds at ~1e-3 relative; int8 is judged by agreement, not elementwise closeness
+DEFAULTS = {"fp32": Tolerance(1e-4, 1e-3), "fp16": Tolerance(1e-2, 1e-2, 1e-3),
+            "int8": Tolerance(1e-1, 1e-1, 0.05, 0.98)}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A device and a precision: one row of the matrix."""
+
+    device: Device
+    precision: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        return self.device.label + ("" if self.precision == "fp32" else f"/{self.precision}")
+
+
+def parse_targets(spec: str | Sequence[str], precisions: Sequence[str] = ()) -> list[Target]:
+    """``"cpu,cuda/fp16"`` -> targets; ``precisions`` multiplies those without their own.
+
+    Example:
+        >>> [t.label for t in parse_targets("cpu,cpu:1/fp16")]
+        ['cpu:0', 'cpu:1/fp16']
+    """
+    items = split_devices(spec) if isinstance(spec, str) else list(spec)
+    out = []
+    for item in items:
+        dev, _, prec = str(item).partition("/")
+        for p in [prec] if prec else (list(precisions) or ["fp32"]):
+            if p not in PRECISIONS:
+                raise InputError(f"unknown precision {p!r} in {item!r}", hint=f"use one of {', '.join(PRECISIONS)}")
+            out.append(Target(Device.parse(dev), p))
+    if not out:
+        raise InputError("no providers given", hint="e.g. --providers cpu,cuda")
+    return out
+
+
+@dataclass
+class OutputCheck:
+    """One output of one target against the reference."""
+
+    name: str
+    ok: bool
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    cosine: float
+    mismatched: float
+    top1: float | None = None
+    topk: float | None = None
+    detail: str = ""
+    tolerance: Tolerance = field(default_factory=Tolerance)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tolerance"] = asdict(self.tolerance)
+        return {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
+
+def check_output(name: str, actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], tol: Tolerance) -> OutputCheck:
+    """Statistics over every batch of one output; shapes must match batch by batch.
+
+    Example:
+        >>> check_output("y", [np.ones(3)], [np.ones(3)], Tolerance()).ok
+        True
+    """
+    worst = None
+    for a, e in zip(actual, expected):
+        c = compare(name, a, e, atol=tol.atol, rtol=tol.rtol)
+        if c.detail:
+            return OutputCheck(name, False, c.max_abs, c.max_rel, float("inf"), 0.0, 1.0, detail=c.detail, tolerance=tol)
+        worst = c if worst is None else replace(worst, max_abs=max(worst.max_abs, c.max_abs),
+                                                max_rel=max(worst.max_rel, c.max_rel))
+    a64 = np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in actual]) if actual else np.zeros(0)
+    e64 = np.concatenate([np.asarray(e, np.float64).reshape(-1) for e in expected]) if expected else np.zeros(0)
+    if a64.size != e64.size:
+        return OutputCheck(name, False, float("inf"), float("inf"), float("inf"), 0.0, 1.0,
+                           detail=f"{a64.size} elements vs {e64.size} expected", tolerance=tol)
+    finite = np.isfinite(a64) & np.isfinite(e64)
+    diff = np.abs(a64 - e64)
+    mismatched = float(np.mean(diff[finite] > tol.atol + tol.rtol * np.abs(e64[finite]))) if finite.any() else 0.0
+    mismatched += float(np.mean(~finite & ~((a64 == e64) | (np.isnan(a64) & np.isnan(e64))))) if a64.size else 0.0
+    af, ef = a64[finite], e64[finite]
+    na, ne = np.linalg.norm(af), np.linalg.norm(ef)
+    cosine = 1.0 if na == 0 and ne == 0 else float(af @ ef / (na * ne)) if na and ne else 0.0
+    top1 = topk = None
+    last = [np.asarray(e).shape[-1] for e in expected if np.ndim(e) >= 2]  # scores per row: not 1-D outputs
+    if last and min(last) >= 2 and all(np.issubdtype(np.asarray(e).dtype, np.floating) for e in expected):
+        ra = np.concatenate([np.asarray(a).reshape(-1, np.asarray(a).shape[-1]) for a in actual])
+        re_ = np.concatenate([np.asarray(e).reshape(-1, np.asarray(e).shape[-1]) for e in expected])
+        top1 = float(np.mean(ra.argmax(-1) == re_.argmax(-1)))
+        k = min(5, ra.shape[-1])
+        ta, te = np.argsort(-ra, -1)[:, :k], np.argsort(-re_, -1)[:, :k]
+        topk = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ta, te)]))
+    ok = mismatched <= tol.max_mismatch and (tol.min_cosine is None or cosine >= tol.min_cosine)
+    return OutputCheck(name, ok, worst.max_abs if worst else 0.0, worst.max_rel if worst else 0.0,
+                       float(diff[finite].mean()) if finite.any() else 0.0, cosine, mismatched, top1, topk, tolerance=tol)
+
+
+@dataclass
+class Row:
+    """A target's outputs checked against the reference (or why it could not run)."""
+
+    target: str
+    outputs: list[OutputCheck] = field(default_factory=list)
+    error: str | None = None
+    placement: str | None = None
+    localized: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and all(o.ok for o in self.outputs)
+
+
+@dataclass
+class ValidationReport:
+    """The provider x output matrix."""
+
+    reference: str
+    rows: list[Row]
+    batches: int
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference, "batches": self.batches, "ok": self.ok,
+                "rows": [{"target": r.target, "ok": r.ok, "error": r.error, "placement": r.placement,
+                          "localized": r.localized, "outputs": [o.as_dict() for o in r.outputs]} for r in self.rows]}
+
+    def table(self) -> Table:
+        names = list(dict.fromkeys(o.name for r in self.rows for o in r.outputs))
+        t = Table(title=f"validation against {escape(self.reference)} ({self.batches} batch(es))")
+        t.add_column("provider")
+        for n in names:
+            t.add_column(escape(n))
+        t.add_column("nodes")
+        for r in self.rows:
+            if r.error:
+                t.add_row(r.target, *([f"[red]ERROR[/] {escape(r.error)}"] + [""] * (len(names) - 1) if names else []),
+                          r.placement or "")
+                continue
+            cells = []
+            for n in names:
+                o = next((o for o in r.outputs if o.name == n), None)
+                if o is None:
+                    cells.append("-")
+                    continue
+                mark = "[green]ok[/]" if o.ok else "[red]FAIL[/]"
+                text = f"{mark} max {o.max_abs:.2g} · mean {o.mean_abs:.2g} · cos {o.cosine:.5f}"
+                if o.top1 is not None:
+                    text += f" · top1 {o.top1:.0%} · top5 {o.topk:.0%}"
+                text += f" · out {o.mismatched:.2%}" + (f" · {escape(o.detail)}" if o.detail else "")
+                cells.append(text)
+            t.add_row(r.target, *cells, r.placement or "")
+        return t
+
+
+def precision_model(model: onnx.ModelProto, target: Target, workdir: Path) -> tuple[onnx.ModelProto | str, Device]:
+    """The model and device that run ``target``'s precision.
+
+    Example:
+        >>> m, dev = precision_model(model, Target(Device.parse("tensorrt"), "fp16"), tmp)  # doctest: +SKIP
+        >>> dev.options.fp16  # doctest: +SKIP
+        True
+    """
+    dev, p = target.device, target.precision
+    if p == "fp32":
+        return model, dev
+    if dev.kind == "tensorrt":
+        return model, Device.parse(dev, **{p: True})
+    if p == "fp16":
+        from onnxpipe.passes.base import PassContext
+        from onnxpipe.passes.fp16 import Fp16
+
+        return Fp16({}).apply(model, PassContext()).model, dev
+    quantized = ("QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger")
+    if any(n.op_type in quantized for n in model.graph.node):
+        return model, dev  # already int8
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src, dst = workdir / "fp32.onnx", workdir / "int8.onnx"
+    onnx.save(model, src)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's advice to pre-process goes to the root logger
+    try:
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        root.setLevel(level)
+    return str(dst), dev
+
+
+def run_target(model: onnx.ModelProto | str, device: Device, batches: Sequence[Mapping[str, np.ndarray]]
+               ) -> tuple[list[dict[str, np.ndarray]], str | None]:
+    """Outputs on every batch, and the node placement line.
+
+    Example:
+        >>> outs, placed = run_target("m.onnx", Device.parse("cpu"), [{"x": x}])  # doctest: +SKIP
+        >>> placed  # doctest: +SKIP
+        'cpu 52'
+    """
+    from onnxpipe.runtimes.device_session import DeviceSession
+
+    with DeviceSession(model, device) as s:
+        outs = [s.run(b) for b in batches]
+        return outs, s.placement.summary() if s.placement else None
+
+
+def load_outputs_npz(path: str | os.PathLike, batches: int) -> list[dict[str, np.ndarray]]:
+    """Saved outputs: plain names for one batch, ``b<k>/<name>`` for several."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return split_batches(arrays, batches, what=f"reference outputs {path}")
+
+
+def split_batches(arrays: Mapping[str, np.ndarray], batches: int | None, *, what: str) -> list[dict[str, np.ndarray]]:
+    """``{"b0/x": ..., "b1/x": ...}`` -> batches; plain names are one batch.
+
+    Example:
+        >>> [sorted(b) for b in split_batches({"b0/x": 1, "b1/x": 2}, 2, what="inputs")]
+        [['x'], ['x']]
+    """
+    if all("/" not in k for k in arrays):
+        out = [dict(arrays)]
+    else:
+        groups: dict[int, dict[str, np.ndarray]] = {}
+        for k, v in arrays.items():
+            head, _, name = k.partition("/")
+            if not (head.startswith("b") and head[1:].isdigit() and name):
+                raise InputError(f"{what}: cannot read key {k!r}", hint="keys are <name> or b<k>/<name>")
+            groups.setdefault(int(head[1:]), {})[name] = v
+        out = [groups[k] for k in sorted(groups)]
+    if batches is not None and len(out) != batches:
+        raise InputError(f"{what} holds {len(out)} batch(es), the inputs {batches}",
+                         hint="save the reference outputs of exactly these inputs (--load-inputs)")
+    return out
+
+
+def validate(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[Target], *,
+             inputs: Sequence[Mapping[str, np.ndarray]], reference: str | os.PathLike | None = None,
+             tolerances: Mapping[str, Tolerance] | None = None, default: Tolerance | None = None,
+             localize: bool = False, chunk: int = 32) -> ValidationReport:
+    """Run every target on ``inputs`` and compare each output with the reference.
+
+    Args:
+        model: the model to validate.
+        targets: devices and precisions (see :func:`parse_targets`).
+        inputs: input batches.
+        reference: None (the first target), an ``.onnx`` (run on CPU, fp32) or an ``.npz`` of outputs.
+        tolerances: per output name; others use ``default`` or the precision's default.
+        default: tolerance for outputs not in ``tolerances`` (None: by precision).
+        localize: for a failing row, find the first node whose output diverges.
+        chunk: intermediate tensors compared at a time when localizing.
+
+    Raises:
+        InputError: a provider this build lacks (before anything runs), unreadable references.
+
+    Example:
+        >>> r = validate("m.onnx", parse_targets("cpu,cuda,cuda/fp16"), inputs=[{"x": x}])  # doctest: +SKIP
+        >>> [(row.target, row.ok) for row in r.rows]  # doctest: +SKIP
+        [('cpu:0 (reference)', True), ('cuda:0', True), ('cuda:0/fp16', True)]
+    """
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    for t in targets:
+        t.device.check_available()
+    tolerances = dict(tolerances or {})
+    ref_model: onnx.ModelProto | None = None
+    ref_device = Device.parse("cpu")
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-validate-") as tmp:
+        rest = list(targets)
+        if reference is None:
+            first = rest.pop(0)
+            ref_label = first.label
+            m, ref_device = precision_model(proto, first, Path(tmp))
+            ref_model = m if isinstance(m, onnx.ModelProto) else load_model(m)
+            expected, placed = run_target(m, ref_device, inputs)
+            rows = [Row(f"{first.label} (reference)", placement=placed)]
+        elif str(reference).endswith(".npz"):
+            ref_label = str(reference)
+            expected, rows = load_outputs_npz(reference, len(inputs)), []
+        else:
+            ref_model = load_model(reference)
+            ref_label = f"{reference} on cpu"
+            expected, _ = run_target(ref_model, ref_device, inputs)
+            rows = []
+        for target in rest:
+            row = Row(target.label)
+            rows.append(row)
+            try:
+                m, dev = precision_model(proto, target, Path(tmp))
+                got, row.placement = run_target(m, dev, inputs)
+            except OnnxpipeError as exc:
+                row.error = exc.message
+                continue
+            except Exception as exc:  # a provider or quantizer failing is this row's result, not a crash
+                row.error = first_line(exc)
+                continue
+            for name in dict.fromkeys(list(expected[0]) + list(got[0])):
+                tol = tolerances.get(name) or default or DEFAULTS[target.precision]
+                if name not in got[0] or name not in expected[0]:
+                    row.outputs.append(OutputCheck(name, False, float("inf"), float("inf"), float("inf"), 0.0, 1.0,
+                                                   detail="missing" if name not in got[0] else "not in reference",
+                                                   tolerance=tol))
+                    continue
+                row.outputs.append(check_output(name, [g[name] for g in got], [e[name] for e in expected], tol))
+            if localize and not row.ok:
+                row.localized = _localize(m, dev, ref_model, ref_device, inputs[0], row, chunk)
+    return ValidationReport(ref_label, rows, len(inputs))
+
+
+def _localize(model: Any, device: Device, ref_model: onnx.ModelProto | None, ref_device: Device,
+              feeds: Mapping[str, np.ndarray], row: Row, chunk: int) -> dict[str, Any]:
+    from onnxpipe.runtimes.localize import localize
+
+    if ref_model is None:
+        return {"found": False, "why": "saved outputs have no intermediate tensors: give --reference MODEL.onnx"}
+    bad = next(o for o in row.outputs if not o.ok)
+    m = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    found = localize(m, device, ref_model, ref_device, feeds, bad.tolerance, chunk=chunk)
+    return found.as_dict() if found else {"found": False, "why": "every intermediate tensor matches; only the "
+                                                                  "outputs differ (or the graphs share no names)"}
