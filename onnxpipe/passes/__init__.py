@@ -16,6 +16,7 @@ PASSES: dict[str, str] = {
     "opset": "onnxpipe.passes.opset:Opset",
     "fp16": "onnxpipe.passes.fp16:Fp16",
     "fix-shapes": "onnxpipe.passes.fix_shapes:FixShapes",
+    "prune": "onnxpipe.passes.prune:Prune",
 }
 
 
