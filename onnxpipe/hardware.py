@@ -146,3 +146,44 @@ def int8_advice(target: str = "cpu") -> tuple[bool, str]:
     if fast:
         return True, f"{fast[0].name} (sm {fast[0].compute_capability}): int8 tensor cores"
     return False, f"{gs[0].name} (sm {gs[0].compute_capability}) has no int8 tensor cores"
+
+
+def int8_activation_type(target: str = "cpu", fmt: str = "qdq") -> tuple[str, str]:
+    """The activation type (``"uint8"`` or ``"int8"``) that int8 kernels run fast on ``target`` here, and why.
+
+    TensorRT and CUDA take signed, symmetric int8 only. On x86, ONNX Runtime runs uint8
+    activations with int8 weights (U8S8) through plain AVX2/AVX-512; int8 activations (S8S8)
+    are as fast only with VNNI and in QDQ form (S8S8 in QOperator form is slow on any x86).
+    ARM's dot-product instructions take signed int8 directly.
+
+    Example:
+        >>> int8_activation_type("tensorrt")[0]
+        'int8'
+    """
+    if target in ("cuda", "tensorrt"):
+        return "int8", f"{target} takes signed symmetric int8 activations"
+    c = cpu()
+    if c.arch in ("x86_64", "amd64", "i686", "x86"):
+        if c.vnni and fmt == "qdq":
+            return "int8", f"{c.model}: VNNI ({', '.join(c.int8_dot)}) runs int8 activations (S8S8) at full speed"
+        why = "without VNNI, S8S8 runs about as slow as float32" if not c.vnni else "S8S8 QOperator kernels are slow on x86"
+        return "uint8", f"{c.model}: {c.simd}, uint8 activations (U8S8) use the fast kernels ({why})"
+    if c.simd in ("neon", "sve"):
+        dot = f"dot-product instructions ({', '.join(c.int8_dot)})" if c.int8_dot else "no int8 dot-product instructions"
+        return "int8", f"{c.model}: ARM with {dot}; int8 activations (S8S8) are the native form"
+    return "uint8", f"{c.model}: {c.simd} SIMD; uint8 activations (U8S8) are ONNX Runtime's default kernels"
+
+
+def u8s8_saturates() -> bool:
+    """Whether uint8 x int8 products can saturate in ONNX Runtime's int8 kernels on this CPU.
+
+    x86 without VNNI multiplies uint8 activations by int8 weights with ``vpmaddubsw``, which
+    adds pairs of products in int16: two products of 255 x 127 overflow it. Weights limited to
+    7 bits (``reduce_range``) cannot. VNNI and ARM dot-product instructions accumulate in int32.
+
+    Example:
+        >>> isinstance(u8s8_saturates(), bool)
+        True
+    """
+    c = cpu()
+    return c.arch in ("x86_64", "amd64", "i686", "x86") and not c.vnni

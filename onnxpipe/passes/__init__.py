@@ -17,6 +17,7 @@ PASSES: dict[str, str] = {
     "fp16": "onnxpipe.passes.fp16:Fp16",
     "fix-shapes": "onnxpipe.passes.fix_shapes:FixShapes",
     "prune": "onnxpipe.passes.prune:Prune",
+    "quantize": "onnxpipe.passes.quantize:Quantize",
 }
 
 

@@ -1,0 +1,435 @@
+"""The accuracy budget of int8 quantization: agreement with float32, per-node error ranking, nodes kept in float."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpipe._deps import require
+from onnxpipe.errors import InputError
+from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.passes.base import PassContext
+from onnxpipe.passes.quant_data import RECIPE_HINT, progress_bar, take_batches
+from onnxpipe.runtimes.compare import outputs_on
+from onnxpipe.tensors import Comparison, graph_inputs
+
+# float32 carries about 140 dB of signal; an input no quantizer touched counts as this clean
+EXACT_DB = 140.0
+# the budget search measures at most this many node groups alone (each is one quantization)
+MAX_MEASURED = 64
+RANK_BATCHES = 4
+
+
+@dataclass
+class Agreement:
+    """How one output of a quantized model agrees with the float model, over every sample.
+
+    ``cosine_*`` is the cosine similarity per sample (the leading axis); ``top1`` the fraction
+    of samples whose arg-max over the last axis is unchanged (outputs with a class axis only);
+    ``exact`` the fraction of equal elements (integer and boolean outputs).
+    """
+
+    name: str
+    cosine_mean: float = 1.0
+    cosine_min: float = 1.0
+    top1: float | None = None
+    exact: float | None = None
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    samples: int = 0
+    cosines: np.ndarray | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        parts = [f"cosine mean {self.cosine_mean:.4f} (min {self.cosine_min:.4f})"] if self.exact is None else []
+        if self.top1 is not None:
+            parts.append(f"top-1 agreement {self.top1:.1%}")
+        if self.exact is not None:
+            parts.append(f"{self.exact:.1%} of elements equal")
+        return ", ".join(parts)
+
+
+def _per_sample(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(1, -1)
+
+
+def cosine_per_sample(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample (row of the leading axis); two zero samples count as 1.
+
+    Example:
+        >>> cosine_per_sample(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]])).round(4)
+        array([0.7071])
+    """
+    r, a = _per_sample(reference), _per_sample(actual)
+    nr, na = np.linalg.norm(r, axis=1), np.linalg.norm(a, axis=1)
+    dot = (r * a).sum(axis=1)
+    tiny = np.finfo(np.float32).tiny
+    cos = np.where((nr > tiny) & (na > tiny), dot / np.maximum(nr * na, tiny), 0.0)
+    return np.where((nr <= tiny) & (na <= tiny), 1.0, cos)
+
+
+def agreement(reference: Sequence[Mapping[str, np.ndarray]],
+              actual: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Agreement]:
+    """Per-output agreement of ``actual`` with ``reference`` over all batches.
+
+    Example:
+        >>> ref = [{"y": np.array([[2.0, 1.0], [0.0, 3.0]])}]
+        >>> agreement(ref, ref)["y"].top1
+        1.0
+    """
+    cos: dict[str, list[np.ndarray]] = {}
+    top: dict[str, list[np.ndarray]] = {}
+    exact: dict[str, list[np.ndarray]] = {}
+    out: dict[str, Agreement] = {}
+    for ref_batch, got_batch in zip(reference, actual):
+        for name in [n for n in got_batch if n not in ref_batch]:  # an output the float model lacks
+            out[name] = Agreement(name, 0.0, 0.0, max_abs=math.inf, max_rel=math.inf)
+        for name, ref in ref_batch.items():
+            got = np.asarray(got_batch.get(name)) if name in got_batch else None
+            ag = out.setdefault(name, Agreement(name))
+            ref = np.asarray(ref)
+            if got is None or got.shape != ref.shape:
+                ag.cosine_mean = ag.cosine_min = 0.0
+                ag.max_abs = ag.max_rel = math.inf
+                continue
+            ag.samples += ref.shape[0] if ref.ndim else 1
+            if not np.issubdtype(ref.dtype, np.floating):
+                exact.setdefault(name, []).append((ref == got).reshape(-1))
+                continue
+            diff = np.abs(got.astype(np.float64) - ref)
+            ag.max_abs = max(ag.max_abs, float(diff.max(initial=0.0)))
+            ag.max_rel = max(ag.max_rel, float((diff / np.maximum(np.abs(ref), 1e-12)).max(initial=0.0)))
+            cos.setdefault(name, []).append(cosine_per_sample(ref, got))
+            if ref.ndim >= 2 and ref.shape[-1] >= 2:
+                top.setdefault(name, []).append((ref.argmax(-1) == got.argmax(-1)).reshape(-1))
+    for name, ag in out.items():
+        if name in cos and math.isfinite(ag.max_abs):
+            c = np.concatenate(cos[name])
+            ag.cosine_mean, ag.cosine_min, ag.cosines = float(c.mean()), float(c.min()), c
+        if name in top and math.isfinite(ag.max_abs):
+            ag.top1 = float(np.concatenate(top[name]).mean())
+        if name in exact and math.isfinite(ag.max_abs):
+            ag.exact = float(np.concatenate(exact[name]).mean())
+    return out
+
+
+def judge(reference: Sequence[Mapping[str, np.ndarray]], actual: Sequence[Mapping[str, np.ndarray]], *,
+          min_cosine: float, min_top1: float | None) -> list[Comparison]:
+    """Comparisons for the pipeline: each float output must keep a mean cosine of ``min_cosine``.
+
+    With ``min_top1``, outputs with a class axis must also keep that share of their arg-maxes;
+    integer and boolean outputs (arg-max indices, masks) must keep ``min_top1`` (default 0.9) of
+    their elements equal: int8 flips near-ties, a wrecked model flips most.
+    ``mismatched`` is the share of samples below ``min_cosine``.
+
+    Example:
+        >>> y = [{"y": np.array([[1.0, 2.0], [3.0, 1.0]])}]
+        >>> [c.ok for c in judge(y, [{"y": -y[0]["y"]}], min_cosine=0.99, min_top1=None)]
+        [False]
+    """
+    comps = []
+    for name, ag in agreement(reference, actual).items():
+        if ag.exact is not None:
+            need = min_top1 if min_top1 is not None else 0.9
+            ok, mismatched, limits = ag.exact >= need, 1.0 - ag.exact, f"needs {need:.0%} equal"
+        else:
+            ok = ag.cosine_mean >= min_cosine and (min_top1 is None or ag.top1 is None or ag.top1 >= min_top1)
+            mismatched = float((ag.cosines < min_cosine).mean()) if ag.cosines is not None else 1.0
+            limits = f"needs cosine >= {min_cosine:g}" + (f", top-1 >= {min_top1:.0%}" if min_top1 is not None else "")
+        if not math.isfinite(ag.max_abs):
+            ok, mismatched = False, 1.0
+        detail = ag.describe() if math.isfinite(ag.max_abs) else "output missing or reshaped"
+        comps.append(Comparison(name, ag.max_abs, ag.max_rel, bool(ok), mismatched,
+                                detail + ("" if ok else f" ({limits})")))
+    return comps
+
+
+def score(reference: Sequence[Mapping[str, np.ndarray]], actual: Sequence[Mapping[str, np.ndarray]],
+          kind: str = "cosine") -> float:
+    """One number for agreement with the float model: mean cosine, or mean top-1 agreement.
+
+    Outputs without a class axis count with their cosine under ``top1``; 1.0 means identical.
+
+    Example:
+        >>> y = [{"y": np.array([[1.0, 2.0], [3.0, 1.0]])}]
+        >>> score(y, [{"y": np.array([[1.0, 2.0], [1.0, 3.0]])}], "top1")
+        0.5
+    """
+    values = []
+    for ag in agreement(reference, actual).values():
+        if ag.exact is not None:
+            values.append(ag.exact)
+        elif kind == "top1" and ag.top1 is not None:
+            values.append(ag.top1)
+        else:
+            values.append(ag.cosine_mean)
+    return float(np.mean(values)) if values else 1.0
+
+
+def _sqnr(signal_sq: float, noise_sq: float) -> float:
+    if noise_sq <= 0.0:
+        return EXACT_DB
+    return min(EXACT_DB, 10.0 * math.log10(max(signal_sq, 1e-30) / noise_sq))
+
+
+def tensor_sqnr(float_path: Path, quant_path: Path, batches: Sequence[Mapping[str, np.ndarray]],
+                workdir: Path) -> dict[str, float]:
+    """Signal-to-quantization-noise ratio (dB) of every float tensor, as the quantized model's consumers see it.
+
+    Both models are augmented by ORT's ``qdq_loss_debug`` to output every float tensor. The
+    quantizers keep the original tensor names (QDQ and dynamic formats); where a tensor goes
+    through QuantizeLinear/DequantizeLinear, its dequantized copy is what the next node reads,
+    so that copy is compared. Sums run batch by batch: one batch's activations at a time.
+    """
+    ort = require("onnxruntime")
+    from onnxruntime.quantization.qdq_loss_debug import modify_model_output_intermediate_tensors
+    from onnxruntime.quantization.quant_utils import DEQUANT_OUTPUT_SUFFIX
+
+    sessions = []
+    for label, path in (("float", float_path), ("quant", quant_path)):
+        augmented = workdir / f"rank-{label}.onnx"
+        size = sum(f.stat().st_size for f in path.parent.glob(f"{path.name}*"))
+        modify_model_output_intermediate_tensors(str(path), str(augmented),
+                                                 save_as_external_data=size > EXTERNAL_DATA_THRESHOLD)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # names must survive
+        opts.log_severity_level = 3
+        sessions.append(ort.InferenceSession(str(augmented), opts, providers=["CPUExecutionProvider"]))
+    suffix = "_ReshapedSavedOutput"
+    signal: dict[str, float] = {}
+    noise: dict[str, float] = {}
+    for batch in batches:
+        f_out, q_out = ({o.name[:-len(suffix)]: v for o, v in zip(s.get_outputs(), s.run(None, dict(batch)))
+                         if o.name.endswith(suffix)} for s in sessions)
+        for name, fv in f_out.items():
+            qv = q_out.get(name + DEQUANT_OUTPUT_SUFFIX, q_out.get(name))
+            if qv is None or qv.shape != fv.shape:
+                continue
+            f64 = fv.astype(np.float64)
+            signal[name] = signal.get(name, 0.0) + float(np.sum(f64 * f64))
+            noise[name] = noise.get(name, 0.0) + float(np.sum((f64 - qv) ** 2))
+    return {name: _sqnr(signal[name], noise[name]) for name in signal}
+
+
+def changed_nodes(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> list[str]:
+    """Names of float nodes the quantizer replaced or rewired (the ones it quantized).
+
+    Example:
+        >>> changed_nodes(float_model, qdq_model)  # doctest: +SKIP
+        ['conv1', 'relu1', 'fc']
+    """
+    kept = {(n.name, tuple(n.input)) for n in quant_model.graph.node}
+    return [n.name for n in float_model.graph.node if n.name and (n.name, tuple(n.input)) not in kept]
+
+
+def rank_nodes(float_model: onnx.ModelProto, candidates: Sequence[str],
+               sqnr: Mapping[str, float]) -> list[tuple[tuple[str, ...], float]]:
+    """Candidates ordered by the quantization noise each adds, worst first: ``[((node, ...), dB), ...]``.
+
+    A node's share is the SQNR of its cleanest input minus the SQNR of its worst output: the
+    noise its weights, integer arithmetic and output quantization add to what it was fed
+    (graph inputs count as clean, so their quantization falls to their consumers). A
+    tensor the quantized model no longer computes (a Relu fused into its Conv) joins its
+    producer to the consumer's group: keeping the group in float is what removes the noise.
+    """
+    graph = float_model.graph
+    clean = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    producer = {o: n for n in graph.node for o in n.output if o}
+    memo: dict[str, tuple[float, tuple[str, ...]]] = {}
+
+    def source(tensor: str, depth: int = 0) -> tuple[float, tuple[str, ...]]:
+        """(SQNR of a tensor, or of what made it when it was fused away; the nodes walked through)."""
+        if tensor in clean or depth > 64:
+            return EXACT_DB, ()
+        if tensor in sqnr or tensor not in producer:
+            return sqnr.get(tensor, EXACT_DB), ()
+        if tensor not in memo:
+            node = producer[tensor]
+            found = [source(t, depth + 1) for t in node.input if t]
+            memo[tensor] = (min((db for db, _ in found), default=EXACT_DB),
+                            tuple(dict.fromkeys(n for _, names in found for n in names)) + (node.name,))
+        return memo[tensor]
+
+    wanted = set(candidates)
+    order = {name: i for i, name in enumerate(candidates)}
+    ranked: dict[tuple[str, ...], float] = {}
+    for node in graph.node:
+        outs = [sqnr[t] for t in node.output if t in sqnr]
+        if not outs:
+            continue
+        fed = [source(t) for t in node.input if t]
+        group = tuple(dict.fromkeys([*(n for _, names in fed for n in names), node.name]))
+        if not wanted.intersection(group):
+            continue
+        ranked[group] = max(0.0, min((db for db, _ in fed), default=EXACT_DB) - min(outs))
+    return sorted(ranked.items(), key=lambda item: (-item[1], min(order.get(n, 1 << 30) for n in item[0])))
+
+
+@dataclass
+class BudgetResult:
+    """What the search for a set of float nodes found."""
+
+    met: bool
+    excluded: list[Any]
+    drop: float
+    metric: float
+    model: onnx.ModelProto | None
+    trials: list[dict] = field(default_factory=list)
+
+
+def fit_budget(ranked: Sequence[Any], evaluate: Callable[[list[Any]], tuple[float, onnx.ModelProto | None]],
+               reference: float, max_drop: float, *, limit: int | None = None,
+               baseline: tuple[float, onnx.ModelProto | None] | None = None) -> BudgetResult:
+    """The fewest of the worst-ranked items to keep in float so that the metric drops by at most ``max_drop``.
+
+    ``evaluate(excluded) -> (metric, model)`` quantizes with those items (nodes or groups of
+    nodes) in float and scores
+    the result. The count doubles (1, 2, 4, ...) until the budget holds, then a bisection
+    finds the smallest count that holds: about ``2 log2(n)`` quantizations instead of ``n``.
+    ``baseline`` is the already measured ``(metric, model)`` with no node in float.
+
+    Example:
+        >>> metrics = {0: 0.5, 1: 0.7, 2: 0.96, 3: 0.99}
+        >>> r = fit_budget(["a", "b", "c"], lambda ex: (metrics[len(ex)], None), 1.0, 0.05)
+        >>> r.met, r.excluded
+        (True, ['a', 'b'])
+    """
+    limit = len(ranked) if limit is None else min(limit, len(ranked))
+    metrics: dict[int, float] = {}
+    models: dict[int, onnx.ModelProto | None] = {}  # only the smallest count that holds and the best miss
+    trials: list[dict] = []
+    if baseline is not None:
+        metrics[0], models[0] = baseline
+
+    def holds(k: int) -> bool:
+        if k not in metrics:
+            metrics[k], models[k] = evaluate(list(ranked[:k]))
+            trials.append({"float_items": k, "metric": metrics[k], "drop": reference - metrics[k]})
+            good = [n for n in metrics if reference - metrics[n] <= max_drop]
+            keep = {min(good)} if good else {max(metrics, key=lambda n: (metrics[n], -n))}
+            for n in [n for n in models if n not in keep]:
+                del models[n]  # quantized models can be large: hold two at most
+        return reference - metrics[k] <= max_drop
+
+    lo, hi = 0, None  # lo: known to miss; hi: known to hold
+    k = 1
+    while k <= limit:
+        if holds(k):
+            hi = k
+            break
+        lo = k
+        k = limit if k * 2 > limit and k < limit else k * 2
+    if hi is None:
+        if not metrics:
+            return BudgetResult(False, [], math.nan, math.nan, None, trials)
+        best = max(metrics, key=lambda n: (metrics[n], -n))
+        return BudgetResult(False, list(ranked[:best]), reference - metrics[best], metrics[best],
+                            models.get(best), trials)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if holds(mid):
+            hi = mid
+        else:
+            lo = mid
+    metric, model = metrics[hi], models.get(hi)
+    return BudgetResult(True, list(ranked[:hi]), reference - metric, metric, model, trials)
+
+
+def search_budget(model: onnx.ModelProto, prepared: onnx.ModelProto, prepared_path: Path,
+                  twin: onnx.ModelProto, quantized: onnx.ModelProto, quantize: Callable[..., onnx.ModelProto],
+                  ctx: PassContext, work: Path, *, max_drop: float, agreement: str = "cosine",
+                  n_batches: int = 8, max_float_nodes: int | None = None) -> dict[str, Any]:
+    """Measure the metric drop of ``quantized``; above ``max_drop``, search the fewest nodes to keep in float.
+
+    Args:
+        model: the float model as given (the reference).
+        prepared, prepared_path: the pre-processed float model the quantizer reads.
+        twin: a QDQ or dynamic quantization of ``prepared`` (tensor names kept) for ranking.
+        quantized: the model to judge first.
+        quantize: ``quantize(excluded=(), only=None) -> model``.
+        ctx: the pass context (metric, calibration or check inputs, log).
+        max_drop: the budget, in metric units (or 1 - agreement without a metric).
+        agreement: ``cosine`` or ``top1``: the score without a metric.
+        n_batches: batches to measure agreement on.
+        max_float_nodes: at most this many nodes in float.
+
+    Returns:
+        Notes for the report, and the chosen model under ``model``.
+    """
+    if ctx.calibration is not None:
+        batches = take_batches(ctx.calibration, graph_inputs(model), n_batches)
+    else:
+        batches = [dict(b) for b in ctx.check_inputs[:n_batches]]
+    if not batches:
+        raise InputError("max_drop needs data to measure the drop on", hint=f"set {RECIPE_HINT}")
+    ref_outputs = outputs_on(model, batches)
+    if ctx.metric is not None:
+        metric_name, measure = "metric", ctx.metric
+        reference = float(ctx.metric(model))
+    else:
+        metric_name = f"{agreement} agreement with float32"
+
+        def measure(m: onnx.ModelProto) -> float:
+            return score(ref_outputs, outputs_on(m, batches), agreement)
+        reference = 1.0
+    first = float(measure(quantized))
+    out: dict[str, Any] = {"metric": metric_name, "metric_before": reference, "metric_int8": first,
+                           "max_drop": max_drop, "nodes_kept_float": [], "model": quantized}
+    if reference - first <= max_drop:
+        out.update(metric_after=first, drop=reference - first, budget_met=True)
+        return out
+    ranked = _rank(prepared, prepared_path, twin, quantize, batches, ref_outputs, work, ctx)
+    ctx.log(f"quantize: drop {reference - first:.4g} > max_drop {max_drop:g}; searching among "
+            f"{len(ranked)} ranked node groups")
+
+    def flat(groups: Sequence[tuple[str, ...]]) -> list[str]:
+        return list(dict.fromkeys(n for g in groups for n in g))
+
+    def evaluate(groups: list[tuple[str, ...]]) -> tuple[float, onnx.ModelProto]:
+        m = quantize(flat(groups))
+        value = float(measure(m))
+        ctx.log(f"quantize: {len(flat(groups))} nodes in float -> drop {reference - value:.4g}")
+        return value, m
+    groups = [r["nodes"] for r in ranked]
+    limit = len(groups)
+    if max_float_nodes is not None:  # the search counts groups; the option counts nodes
+        limit = max((k for k in range(len(groups) + 1) if len(flat(groups[:k])) <= max_float_nodes), default=0)
+    result = fit_budget(groups, evaluate, reference, max_drop, limit=limit, baseline=(first, quantized))
+    out.update(metric_after=result.metric, drop=result.drop, budget_met=result.met,
+               nodes_kept_float=flat(result.excluded), search=result.trials,
+               ranking=[{**r, "nodes": list(r["nodes"])} for r in ranked[:20]], model=result.model)
+    return out
+
+
+def _rank(prepared: onnx.ModelProto, prepared_path: Path, twin: onnx.ModelProto,
+          quantize: Callable[..., onnx.ModelProto], batches: list[dict[str, np.ndarray]],
+          ref_outputs: list[dict[str, np.ndarray]], work: Path, ctx: PassContext) -> list[dict[str, Any]]:
+    """Node groups, most harmful first: each quantized alone and scored at the outputs.
+
+    The QDQ twin's per-tensor SQNR (ORT's qdq_loss_debug) groups nodes a quantizer fuses
+    and orders the candidates; the MAX_MEASURED noisiest are then measured one by one,
+    since noise a node adds can grow or fade on its way to the outputs.
+    """
+    twin_path = work / "twin.onnx"
+    save_model(twin, twin_path, external_data=tensor_bytes(twin) > EXTERNAL_DATA_THRESHOLD)
+    rank_batches = batches[:RANK_BATCHES]
+    sqnr = tensor_sqnr(prepared_path, twin_path, rank_batches, work)
+    groups = rank_nodes(prepared, changed_nodes(prepared, twin), sqnr)
+    measured: list[dict[str, Any]] = []
+    with progress_bar("quantize: ranking nodes") as bar:
+        task = bar.add_task("rank", total=min(len(groups), MAX_MEASURED))
+        for group, db in groups[:MAX_MEASURED]:
+            alone = quantize(only=list(group))
+            error = 1.0 - score(ref_outputs[:len(rank_batches)], outputs_on(alone, rank_batches), "cosine")
+            measured.append({"nodes": group, "error": error, "noise_db": round(db, 2)})
+            bar.advance(task)
+    measured.sort(key=lambda r: -r["error"])
+    ctx.log(f"quantize: ranked {len(measured)} node groups; worst: "
+            + ", ".join(f"{'+'.join(r['nodes'])} ({r['error']:.2g})" for r in measured[:3]))
+    return measured + [{"nodes": g, "error": None, "noise_db": round(db, 2)} for g, db in groups[MAX_MEASURED:]]

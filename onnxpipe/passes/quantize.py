@@ -1,0 +1,413 @@
+"""quantize: int8 by ONNX Runtime's quantizers, with formats chosen for the target hardware and an accuracy budget.
+
+``dynamic`` quantizes weights ahead of time and activations at run time (MatMul-heavy models,
+transformers, on CPU). ``static`` calibrates activation ranges on streamed data and writes
+QDQ (default; the form TensorRT takes) or QOperator models. The pass says what this machine
+can accelerate, picks uint8 or int8 activations accordingly, and with ``max_drop`` keeps the
+nodes that lose the most accuracy in float until the drop fits the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from pydantic import Field
+
+from onnxpipe import hardware
+from onnxpipe._deps import require
+from onnxpipe.errors import InputError
+from onnxpipe.graph import subgraphs, toposort
+from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
+from onnxpipe.passes.quant_budget import changed_nodes, judge, search_budget
+from onnxpipe.passes.quant_data import RECIPE_HINT, StreamingReader, calibrate, progress_bar
+from onnxpipe.tensors import Comparison, graph_inputs
+from onnxpipe.userfiles import first_line
+
+CONV_OPS = ("Conv", "ConvTranspose")
+MIN_OPSET = 13
+
+
+@dataclass
+class Plan:
+    """What the pass decided to do, and why: the first lines of its report."""
+
+    mode: str
+    reason: str
+    fmt: str
+    activation: str
+    symmetric: bool
+    reduce_range: bool
+    op_types: list[str]
+    hardware: str
+    warnings: list[str] = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # ORT's quantization tools log advice and progress at WARNING on the root logger
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _registry(mode: str, fmt: str) -> list[str]:
+    require("onnxruntime")
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+
+    table = IntegerOpsRegistry if mode == "dynamic" else QDQRegistry if fmt == "qdq" else QLinearOpsRegistry
+    return sorted(table)
+
+
+def _conv_share(model: onnx.ModelProto) -> float:
+    """Fraction of the multiply-accumulates in convolutions (by node count if MACs cannot be counted)."""
+    from onnxpipe.analysis import summarize
+
+    try:
+        cost = summarize(model).cost_by_op
+    except Exception:  # noqa: BLE001 - counting is advice; node counts decide instead
+        cost = {}
+    total = sum(c.macs for c in cost.values())
+    if total > 0:
+        return sum(c.macs for op, c in cost.items() if op in CONV_OPS) / total
+    heavy = [n for n in model.graph.node if n.op_type in CONV_OPS + ("MatMul", "Gemm")]
+    return sum(n.op_type in CONV_OPS for n in heavy) / len(heavy) if heavy else 0.0
+
+
+def _load_sorted(path: Path) -> onnx.ModelProto:
+    # ORT's quantizers sort nodes without the outer-scope inputs of If/Loop bodies: sort again
+    model = onnx.load(str(path))
+    toposort(model.graph)
+    return model
+
+
+def _prune_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
+    # ORT's optimizer saves a dozen opset imports the graph never uses; tools downstream warn on them
+    used, graphs = {"", "ai.onnx"}, [model.graph]
+    while graphs:  # If/Loop bodies count too
+        g = graphs.pop()
+        for n in g.node:
+            used.add(n.domain)
+            graphs.extend(subgraphs(n))
+    keep = [o for o in model.opset_import if o.domain in used]
+    if len(keep) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    return model
+
+
+class Quantize(Pass):
+    """int8 quantization, dynamic or static, checked by cosine similarity against the float model.
+
+    Example:
+        >>> Quantize({"mode": "static", "calibration": "percentile", "max_drop": 0.01})
+        quantize(mode='static', calibration='percentile', max_drop=0.01)
+    """
+
+    name = "quantize"
+
+    class Config(PassConfig):
+        mode: Literal["auto", "dynamic", "static"] = "auto"
+        """auto: static when convolutions do most of the work (or for cuda/tensorrt), else dynamic."""
+        target: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+        """Where the model will run: decides formats, types and symmetry."""
+        format: Literal["qdq", "qoperator"] = "qdq"
+        """Static models: QDQ (QuantizeLinear/DequantizeLinear around float ops) or QOperator (QLinearConv, ...)."""
+        activation_type: Literal["auto", "uint8", "int8"] = "auto"
+        """Static activations; auto picks what this CPU runs fast (see onnxpipe.hardware)."""
+        activation_symmetric: bool | None = None
+        """Symmetric activation ranges; None: symmetric for cuda/tensorrt, asymmetric on CPU."""
+        per_channel: bool = True
+        """One scale per output channel of each weight (far more accurate than per tensor)."""
+        reduce_range: bool | None = None
+        """7-bit weights. None: on where uint8 x int8 sums saturate (x86 without VNNI) and weights are
+        per channel (each channel then spans the full int8 range); 8 bits elsewhere."""
+        calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
+        """How activation ranges come from the calibration data."""
+        percentile: float = Field(99.999, gt=50.0, le=100.0)
+        """The percentile kept by ``calibration: percentile``."""
+        calibration_batches: int | None = Field(None, ge=1)
+        """Use at most this many calibration batches (None: all of them)."""
+        preprocess: bool = True
+        """Run ORT's quant_pre_process (shape inference, graph optimizations) first."""
+        op_types: list[str] = []
+        """Op types to quantize; empty: every type ORT quantizes in this mode and format."""
+        exclude_op_types: list[str] = []
+        """Op types kept in float."""
+        exclude_nodes: list[str] = []
+        """Node names kept in float."""
+        max_drop: float | None = Field(None, ge=0.0)
+        """Accuracy budget in metric units (or 1 - agreement): more sensitive nodes stay float until it holds."""
+        agreement: Literal["cosine", "top1"] = "cosine"
+        """Without a metric, the budget is measured as mean cosine or top-1 agreement with the float model."""
+        budget_batches: int = Field(8, ge=1)
+        """Batches used to measure agreement and rank nodes when there is no metric."""
+        max_float_nodes: int | None = Field(None, ge=1)
+        """At most this many nodes kept in float by the budget search."""
+        min_cosine: float = Field(0.98, ge=-1.0, le=1.0)
+        """The pipeline's check: each output's mean cosine similarity with the float model."""
+        min_top1: float | None = Field(None, ge=0.0, le=1.0)
+        """The pipeline's check: top-1 agreement of outputs with a class axis (None: not checked; integer
+        outputs then need 90% of their elements equal)."""
+
+    def compare(self, before: Sequence[Mapping[str, np.ndarray]],
+                after: Sequence[Mapping[str, np.ndarray]]) -> list[Comparison]:
+        """int8 changes every value a little: judge agreement, not elementwise tolerance."""
+        return judge(before, after, min_cosine=self.config.min_cosine, min_top1=self.config.min_top1)
+
+    # -- planning -------------------------------------------------------------------------
+
+    def plan(self, model: onnx.ModelProto, has_calibration: bool) -> Plan:
+        """Decide mode, format and types for this model, target and machine; refuse what cannot work."""
+        c = self.config
+        fast, advice = hardware.int8_advice("cpu" if c.target == "cpu" else "cuda")
+        warnings = [] if fast else [f"int8 is likely slower than float32 here: {advice}"]
+        if c.mode != "auto":
+            mode, reason = c.mode, "as configured"
+        elif c.target != "cpu":
+            mode, reason = "static", f"{c.target} runs int8 only from calibrated QDQ models"
+        else:
+            share = _conv_share(model)
+            mode = "static" if share >= 0.5 else "dynamic"
+            reason = f"{share:.0%} of the compute is convolution" + (
+                " (static suits CNNs)" if mode == "static" else " (dynamic suits MatMul-heavy models)")
+        if mode == "dynamic" and c.target != "cpu":
+            raise InputError(f"dynamic int8 does not run on {c.target}: ONNX Runtime has no CUDA kernel for "
+                             "ConvInteger nor for uint8 DynamicQuantizeLinear/MatMulInteger, so those nodes would "
+                             "fall back to the CPU", hint="use mode: static (QDQ) for cuda/tensorrt, or target: cpu")
+        if mode == "static" and not has_calibration:
+            why = "" if c.mode == "static" else f" (mode auto chose static: {reason})"
+            raise InputError(f"static int8 quantization needs calibration data and none was given{why}",
+                             hint=f"set {RECIPE_HINT}, or use mode: dynamic")
+        fmt = c.format if mode == "static" else "integer-ops"
+        if c.target == "tensorrt" and fmt == "qoperator":
+            raise InputError("TensorRT takes int8 only as QDQ, not QOperator", hint="use format: qdq")
+        act, why = hardware.int8_activation_type(c.target, c.format)
+        if mode == "dynamic":
+            act, why = "uint8", "dynamic quantization computes uint8 activations at run time (U8S8)"
+        elif c.activation_type != "auto":
+            if c.target == "tensorrt" and c.activation_type == "uint8":
+                raise InputError("TensorRT takes signed int8 activations only", hint="use activation_type: int8 or auto")
+            if c.activation_type != act:
+                warnings.append(f"activation_type {c.activation_type} where {act} runs faster here: {why}")
+            act, why = c.activation_type, "as configured"
+        symmetric = c.target != "cpu" if c.activation_symmetric is None else c.activation_symmetric
+        if c.target == "tensorrt" and not symmetric:
+            raise InputError("TensorRT takes symmetric int8 only (zero point 0)", hint="drop activation_symmetric: false")
+        if c.target == "cuda" and mode == "static":
+            warnings.append("ONNX Runtime's CUDA provider runs QDQ models through float kernels; "
+                            "int8 speed on NVIDIA GPUs comes through TensorRT (target: tensorrt)")
+        supported = _registry(mode, fmt if mode == "static" else "")
+        unknown = sorted(set(c.op_types) - set(supported))
+        if unknown:
+            raise InputError(f"ONNX Runtime cannot quantize op type(s) {', '.join(unknown)} in {mode} {fmt} form",
+                             hint=f"supported: {', '.join(supported)}")
+        op_types = [t for t in (c.op_types or supported) if t not in c.exclude_op_types]
+        # dynamic mode quantizes a Gemm as the MatMul ORT splits it into
+        present = {n.op_type for n in model.graph.node} | ({"MatMul"} if mode == "dynamic" and any(
+            n.op_type == "Gemm" for n in model.graph.node) and "Gemm" not in c.exclude_op_types else set())
+        if not present.intersection(op_types):
+            raise InputError(f"nothing to quantize: the model has none of the op types {', '.join(op_types)}",
+                             hint="check op_types / exclude_op_types")
+        reduce_range = c.reduce_range
+        if reduce_range is None:
+            reduce_range = act == "uint8" and c.per_channel and c.target == "cpu" and hardware.u8s8_saturates()
+        hw = f"{advice}; activations {act}: {why}" + (
+            "; 7-bit weights: uint8 x int8 pair sums saturate int16 without VNNI" if reduce_range else "")
+        return Plan(mode, reason, fmt, act, symmetric, reduce_range, op_types, hw, warnings)
+
+    # -- preparation ----------------------------------------------------------------------
+
+    def _prepare(self, model: onnx.ModelProto, work: Path, big: bool) -> tuple[Path, str]:
+        """The float model ready to quantize, written under ``work``: opset 13+, pre-processed, every node named."""
+        from onnxpipe.converter.onnx_file import convert_opset, default_opset
+
+        opset = default_opset(model)
+        if opset < MIN_OPSET:  # per-channel Q/DQ needs the axis attribute of opset 13
+            try:
+                model = convert_opset(model, MIN_OPSET)
+            except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; the user gets one line
+                raise InputError(f"int8 quantization needs opset >= {MIN_OPSET} and converting this opset {opset} "
+                                 f"model failed: {first_line(exc)}", hint="export the model at opset 13 or later") from exc
+        source = work / "float.onnx"
+        save_model(model, source, external_data=big)
+        target, status = work / "prepared.onnx", "skipped"
+        if self.config.preprocess:
+            require("onnxruntime")
+            from onnxruntime.quantization import quant_pre_process
+
+            failures = []
+            for label, opts in (("full", {}), ("without symbolic shapes", {"skip_symbolic_shape": True})):
+                try:
+                    with _quiet():
+                        quant_pre_process(str(source), str(target), save_as_external_data=big,
+                                          all_tensors_to_one_file=True, **opts)
+                    status = label
+                    break
+                except Exception as exc:  # noqa: BLE001 - pre-processing helps; quantizing without it still works
+                    failures.append(f"{label}: {first_line(exc)}")
+            else:
+                status = "failed (" + "; ".join(failures) + ")"
+        prepared = onnx.load(str(target if target.exists() else source))
+        seen = {n.name for n in prepared.graph.node if n.name}
+        for i, node in enumerate(prepared.graph.node):  # nodes_to_exclude works by name
+            if not node.name:
+                name = f"{node.op_type}_{i}"
+                while name in seen:
+                    name += "_"
+                node.name = name
+                seen.add(name)
+        save_model(prepared, target, external_data=big)
+        return target, status
+
+    def _check_exclusions(self, model: onnx.ModelProto, prepared: onnx.ModelProto) -> list[str]:
+        import difflib
+
+        ours = {n.name for n in prepared.graph.node}
+        theirs = {n.name for n in model.graph.node}
+        notes = []
+        for name in self.config.exclude_nodes:
+            if name in ours:
+                continue
+            if name in theirs:
+                notes.append(f"node {name!r} was merged away by pre-processing; exclude its successor "
+                             "or set preprocess: false")
+                continue
+            close = difflib.get_close_matches(name, sorted(ours | theirs), n=3)
+            raise InputError(f"exclude_nodes: no node named {name!r}",
+                             hint=f"did you mean {', '.join(close)}?" if close else "see the names with onnxpipe inspect")
+        return notes
+
+    # -- the quantizers -------------------------------------------------------------------
+
+    def _quantizer(self, plan: Plan, prepared: Path, work: Path, ctx: PassContext,
+                   big: bool) -> tuple[Callable[..., onnx.ModelProto], dict[str, Any]]:
+        """``quantize(excluded=(), fmt=None, only=None) -> model``; static models calibrate once, reuse the ranges."""
+        require("onnxruntime")
+        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
+                                              quantize_static)
+        from onnxruntime.quantization.calibrate import save_tensors_data
+
+        c = self.config
+        counter = iter(range(1 << 30))
+        info: dict[str, Any] = {}
+        if plan.mode == "dynamic":
+            # ORT's dynamic quantizer turns Gemm into MatMul "<name>_MatMul" + Add before it
+            # looks at nodes_to_exclude: a Gemm kept in float must be named that way too
+            gemms = {n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
+                     if n.op_type == "Gemm"}
+            always = [*c.exclude_nodes, *(gemms if "Gemm" in c.exclude_op_types else ())]
+
+            def ort_names(names: Sequence[str]) -> list[str]:
+                return [*names, *(f"{n}_MatMul" for n in names if n in gemms)]
+
+            def run_dynamic(excluded: Sequence[str] = (), fmt: str | None = None,
+                            only: Sequence[str] | None = None) -> onnx.ModelProto:
+                out = work / f"dynamic-{next(counter)}.onnx"
+                with _quiet():
+                    quantize_dynamic(str(prepared), str(out), op_types_to_quantize=plan.op_types,
+                                     per_channel=c.per_channel, reduce_range=plan.reduce_range,
+                                     weight_type=QuantType.QInt8, nodes_to_exclude=ort_names([*always, *excluded]),
+                                     nodes_to_quantize=ort_names(only) if only else None,
+                                     use_external_data_format=big)
+                return _load_sorted(out)
+            return run_dynamic, info
+
+        inputs = graph_inputs(onnx.load(str(prepared), load_external_data=False))
+        # a QOperator model is ranked through its QDQ twin: calibrate the ops of both forms
+        twin_ops = [t for t in _registry("static", "qdq") if t not in c.exclude_op_types]
+        calib_ops = sorted(set(plan.op_types) | (set(twin_ops) if plan.fmt == "qoperator" else set()))
+        cache = work / "calibration.json"
+        with progress_bar("quantize: calibrating ({task.fields[samples]} samples)") as bar:
+            task = bar.add_task("calibrate", total=c.calibration_batches, samples=0)
+            reader = StreamingReader(ctx.calibration, inputs, max_batches=c.calibration_batches)
+            reader.on_batch = lambda _: bar.update(task, completed=reader.batches, samples=reader.samples,
+                                                   total=c.calibration_batches or reader.total)
+
+            def progress(batches: int, samples: int) -> None:
+                ctx.log(f"quantize: calibrated on {batches} batches ({samples} samples)")
+
+            with _quiet():
+                ranges = calibrate(prepared, reader, method=c.calibration, op_types=calib_ops,
+                                   symmetric=plan.symmetric, percentile=c.percentile, workdir=work,
+                                   external_data=big, progress=progress)
+        save_tensors_data(ranges, cache)
+        info.update(batches=reader.batches, samples=reader.samples)
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[c.calibration]
+        qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[plan.activation]
+        extra = {"ActivationSymmetric": plan.symmetric, "WeightSymmetric": True}
+
+        def run_static(excluded: Sequence[str] = (), fmt: str | None = None,
+                       only: Sequence[str] | None = None) -> onnx.ModelProto:
+            out = work / f"static-{next(counter)}.onnx"
+            form = QuantFormat.QDQ if (fmt or plan.fmt) == "qdq" else QuantFormat.QOperator
+            op_types = plan.op_types if (fmt or plan.fmt) == plan.fmt else twin_ops
+            with _quiet():
+                quantize_static(str(prepared), str(out), None, quant_format=form, op_types_to_quantize=op_types,
+                                per_channel=c.per_channel, reduce_range=plan.reduce_range, activation_type=qtype,
+                                weight_type=QuantType.QInt8, nodes_to_exclude=[*c.exclude_nodes, *excluded],
+                                nodes_to_quantize=list(only) if only else None, use_external_data_format=big,
+                                calibrate_method=method, extra_options=dict(extra),
+                                calibration_cache_path=str(cache))
+            return _load_sorted(out)
+        return run_static, info
+
+    # -- the pass -------------------------------------------------------------------------
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        c = self.config
+        plan = self.plan(model, ctx.calibration is not None)
+        ctx.log(f"quantize: {plan.mode} ({plan.reason}); {plan.hardware}")
+        for w in plan.warnings:
+            ctx.log(f"quantize: warning: {w}")
+        big = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        with contextlib.ExitStack() as stack:
+            work = ctx.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxpipe-quant-")))
+            prepared_path, pre_status = self._prepare(model, work, big)
+            prepared = onnx.load(str(prepared_path))
+            warnings = plan.warnings + self._check_exclusions(model, prepared)
+            quantize, calib = self._quantizer(plan, prepared_path, work, ctx, big)
+            quantized = quantize()
+            twin = quantized if plan.fmt != "qoperator" else None
+            quantized_nodes = changed_nodes(prepared, quantized)
+            notes: dict[str, Any] = {
+                "mode": plan.mode, "mode_reason": plan.reason, "target": c.target, "format": plan.fmt,
+                "activation_type": plan.activation, "weight_type": "int8", "per_channel": c.per_channel,
+                "activation_symmetric": plan.symmetric, "reduce_range": plan.reduce_range,
+                "hardware": plan.hardware, "preprocess": pre_status, "warnings": warnings,
+                "nodes_quantized": len(quantized_nodes), "op_types": plan.op_types,
+            }
+            if calib:
+                notes["calibration"] = {"method": c.calibration, **calib}
+            if c.max_drop is not None:
+                if twin is None:  # QOperator renames every tensor: rank on the QDQ twin of the same ranges
+                    twin = quantize(fmt="qdq")
+                budget = search_budget(model, prepared, prepared_path, twin, quantized, quantize, ctx, work,
+                                       max_drop=c.max_drop, agreement=c.agreement, n_batches=c.budget_batches,
+                                       max_float_nodes=c.max_float_nodes)
+                best = budget.pop("model")
+                notes.update(budget)
+                if not budget["budget_met"]:
+                    ctx.log(f"quantize: max_drop={c.max_drop:g} cannot be met (best drop {budget['drop']:.4g} with "
+                            f"{len(budget['nodes_kept_float'])} nodes in float); the model stays float32")
+                    return PassResult(model, modified=False, notes=notes)
+                quantized = best
+                notes["nodes_quantized"] = len(changed_nodes(prepared, quantized))
+        quantized = _prune_opsets(quantized)
+        notes["size_bytes"] = {"before": model.ByteSize(), "after": quantized.ByteSize()}
+        kept = notes.get("nodes_kept_float")
+        ctx.log(f"quantize: {notes['nodes_quantized']} nodes in int8 ({plan.mode}, {plan.fmt}, {plan.activation} "
+                "activations)" + (f", {len(kept)} kept in float for max_drop" if kept else ""))
+        return PassResult(quantized, notes=notes)
