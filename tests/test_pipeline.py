@@ -166,5 +166,5 @@ def test_the_digits_pipeline_runs_end_to_end(tmp_path):
     stages = doc["stages"]
     assert stages[0]["metric"] >= 0.95  # the converted CNN keeps its accuracy
     assert all(s["kept"] for s in stages), [(s["name"], s["reason"]) for s in stages]
-    assert stages[-1]["metric"] >= stages[0]["metric"] - 0.01
+    assert stages[-1]["metric"] >= stages[0]["metric"] - 0.02  # prune (<= 2 points) then int8 (<= 1 point)
     assert doc["conversion"]["check"]["ok"] and doc["validation"][0]["ok"]

@@ -6,9 +6,15 @@ from rich.console import Console
 from rich.table import Table
 
 
-def console_for(json_mode: bool) -> Console:
-    # with --json, stdout carries only the JSON document; people read stderr
-    return Console(stderr=json_mode, highlight=False)
+def console_for(json_mode: bool = False) -> Console:
+    """stdout for people, or stderr when ``--json`` keeps stdout for the JSON document.
+
+    Piped into a file or a CI log, rich would fold tables to 80 columns; give them room.
+    """
+    console = Console(stderr=json_mode, highlight=False)
+    if not console.is_terminal:
+        console = Console(stderr=json_mode, highlight=False, width=160)
+    return console
 
 
 def fmt(x: float) -> str:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from onnxpipe.cli._common import console_for
@@ -83,7 +82,7 @@ def register(app: typer.Typer) -> None:
         """Convert, optimize, validate and report, as a recipe says."""
         from onnxpipe.pipeline import run as do_run
 
-        result = do_run(recipe, output, console=Console(highlight=False))
+        result = do_run(recipe, output, console=console_for())
         if not all(row["ok"] for row in result.validation):
             from onnxpipe.errors import CheckFailedError
 
@@ -103,4 +102,4 @@ def register(app: typer.Typer) -> None:
             cls = get_pass(name)
             opts = ", ".join(k for k in cls.Config.model_fields)
             table.add_row(name, opts, (cls.__doc__ or "").strip().splitlines()[0])
-        Console(highlight=False).print(table)
+        console_for().print(table)
