@@ -18,7 +18,8 @@ EXTRAS: dict[str, str] = {
     "onnxsim": "",
     "onnxslim": "",
     "ray": "ray",
-    "tritonclient": "serve",
+    "aiohttp": "serve",
+    "tritonclient": "dev",
 }
 
 

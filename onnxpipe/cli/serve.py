@@ -1,0 +1,101 @@
+"""``onnxpipe serve`` (an Open Inference Protocol server) and ``export-triton`` (a Triton model repository)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from onnxpipe.cli._common import console_for
+
+DEVICES_HELP = ("Devices, comma-separated; every model gets a worker on each: cpu, cpu:0,cpu:1, cuda:0,cuda:1, "
+                "tensorrt:0[fp16,cache_dir=trt].")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        model: Annotated[Path, typer.Argument(help="An .onnx model, or a directory of them (NAME.onnx, NAME/model.onnx "
+                                                   "or a Triton repository NAME/1/model.onnx).")],
+        name: Annotated[str | None, typer.Option("--name", help="Model name in URLs (default: the file's stem).")] = None,
+        devices: Annotated[str, typer.Option("--devices", envvar="ONNXPIPE_DEVICES", help=DEVICES_HELP)] = "cpu",
+        host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option("--port", help="Port (0 picks a free one).")] = 8000,
+        max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Most samples per batch (1: no dynamic batching).")] = 32,
+        max_queue_delay_ms: Annotated[float, typer.Option("--max-queue-delay-ms", help="Longest wait for a batch to fill once a device is free.")] = 2.0,
+        max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, in MiB.")] = 64.0,
+        max_queue: Annotated[int, typer.Option("--max-queue", help="Requests waiting per model before new ones get 503.")] = 2048,
+    ) -> None:
+        """Serve models over HTTP (KServe v2 / Open Inference Protocol, as Triton and KServe speak it)."""
+        import asyncio
+        import logging
+
+        from onnxpipe._deps import require
+        from onnxpipe.errors import InputError
+
+        require("aiohttp")
+        from onnxpipe.runtimes.providers import parse_devices
+        from onnxpipe.serve.repository import discover
+        from onnxpipe.serve.server import (
+            InferenceServer,
+            ServeOptions,
+            serve_until_stopped,
+        )
+
+        if max_batch_size < 1 or max_queue_delay_ms < 0 or max_body_mb <= 0 or max_queue < 1:
+            raise InputError("--max-batch-size and --max-queue must be >= 1, --max-queue-delay-ms >= 0, --max-body-mb > 0",
+                             hint="e.g. --max-batch-size 32 --max-queue-delay-ms 2")
+        if not 0 <= port <= 65535:
+            raise InputError(f"--port must be 0-65535, received {port}", hint="e.g. --port 8000")
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        console = console_for(False)
+        entries = discover(model, name)
+        devs = parse_devices(devices)
+        options = ServeOptions(host=host, port=port, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
+                               max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue)
+        table = Table(title=f"models on {', '.join(d.label for d in devs)}")
+        for col in ("model", "version", "inputs", "outputs", "dynamic batching"):
+            table.add_column(col)
+        for e in entries:
+            table.add_row(e.name, e.version, escape(", ".join(f"{i.name} {i.dtype} {i.shape_str()}" for i in e.inputs)),
+                          escape(", ".join(f"{o.name} {o.dtype} {o.shape_str()}" for o in e.outputs)),
+                          f"up to {max_batch_size}" if e.batchable and max_batch_size > 1 else
+                          f"no ({', '.join(e.cross_sample)} mixes samples)" if e.cross_sample else "no")
+        console.print(table)
+
+        def ready(url: str) -> None:
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                console.print(f"[yellow]note[/]: listening on {escape(host)}: reachable from other machines")
+            # one plain line that scripts (and tests) wait for
+            print(f"serving on {url} (metrics: {url}/metrics; Ctrl-C stops)", flush=True)
+
+        asyncio.run(serve_until_stopped(InferenceServer(entries, devs, options), ready))
+
+    @app.command("export-triton")
+    def export_triton(
+        model: Annotated[Path, typer.Argument(help="An .onnx model.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="The model repository folder.")],
+        name: Annotated[str, typer.Option("--name", help="Model name (folder in the repository).")],
+        devices: Annotated[str, typer.Option("--devices", help="Instance groups: cpu, cuda:0,cuda:1, or "
+                                                               "tensorrt:0,tensorrt:1[fp16,cache_dir=/trt] for the TensorRT accelerator.")] = "cpu",
+        max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Triton's max_batch_size (0: no batching).")] = 32,
+        max_queue_delay_ms: Annotated[float, typer.Option("--max-queue-delay-ms", help="Dynamic batching's queue delay.")] = 2.0,
+        instances: Annotated[int, typer.Option("--instances", help="Model instances per device.")] = 1,
+        version: Annotated[int, typer.Option("--version", help="Version folder to write.")] = 1,
+    ) -> None:
+        """Write a Triton model repository: NAME/VERSION/model.onnx and NAME/config.pbtxt."""
+        from onnxpipe.serve.repository import discover
+        from onnxpipe.serve.triton import export_triton as do_export
+
+        console = console_for(False)
+        path = do_export(model, output, name, devices=devices, max_batch_size=max_batch_size,
+                         max_queue_delay_ms=max_queue_delay_ms, version=version, instances=instances)
+        console.print(escape(path.read_text()), end="")
+        entry = discover(path.parent / str(version) / "model.onnx", name)[0]
+        if entry.cross_sample and max_batch_size > 1:
+            console.print(f"[yellow]note[/]: no dynamic_batching: {', '.join(entry.cross_sample)} quantizes each batch "
+                          "as a whole, so a request's result would depend on its neighbours")
+        console.print(f"wrote {escape(str(path.parent / str(version) / 'model.onnx'))} and {escape(str(path))}")

@@ -1,0 +1,4 @@
+"""Serving: an Open Inference Protocol (KServe v2) server with dynamic batching, and Triton repository export.
+
+The server needs ``aiohttp``; import :mod:`onnxpipe.serve.server` only where it is wanted.
+"""

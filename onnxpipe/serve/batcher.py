@@ -1,0 +1,236 @@
+"""Dynamic batching: requests gathered up to a batch size or a queue delay, run as one batch, split back.
+
+A batch is cut when a device worker has room for it: while every worker is busy, requests
+pile up and the next batch is bigger (Triton's rule). Once a worker is free, the batcher waits
+at most ``max_queue_delay_ms`` after the oldest request for more to arrive, or until
+``max_batch_size`` samples are waiting. Only requests whose inputs agree on every axis but the
+first are stacked; others wait for a batch of their own shape.
+
+A batch that fails is split: each of its requests runs alone (``solo``), so one bad request
+cannot fail its neighbours, and a request that kills a worker twice is answered with an error
+instead of taking more workers down.
+
+Example:
+    >>> batcher = Batcher(entry, pool, max_batch_size=32, max_queue_delay_ms=2)  # doctest: +SKIP
+    >>> outputs = await batcher.infer({"x": x})  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from onnxpipe.serve.metrics import Metrics
+from onnxpipe.serve.protocol import ProtocolError
+from onnxpipe.serve.repository import ModelEntry
+from onnxpipe.serve.workers import DevicePool, WorkerCrashed, WorkerError
+
+log = logging.getLogger("onnxpipe.serve")
+
+MAX_ATTEMPTS = 2  # a request that was running when its worker died this many times is answered with an error
+
+
+@dataclass
+class _Request:
+    feeds: dict[str, np.ndarray]
+    rows: int
+    key: tuple
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.perf_counter)
+    attempts: int = 0
+    solo: bool = False
+
+
+def _answer(r: _Request, outputs: dict[str, np.ndarray]) -> None:
+    if not r.future.done():  # a client that went away cancelled it
+        r.future.set_result(outputs)
+
+
+def _fail(r: _Request, err: Exception) -> None:
+    if not r.future.done():
+        r.future.set_exception(err)
+
+
+class Batcher:
+    """The queue of one model in front of its device workers.
+
+    Args:
+        entry: the model (its batch axis decides whether requests may be stacked).
+        pool: its device workers, attached to the running loop.
+        max_batch_size: most samples in one batch (1 turns batching off).
+        max_queue_delay_ms: longest wait for more requests once a worker is free.
+        max_queue: requests waiting at most; more are refused with 503.
+        metrics: where batch sizes, queue and compute times go.
+    """
+
+    def __init__(self, entry: ModelEntry, pool: DevicePool, *, max_batch_size: int = 32,
+                 max_queue_delay_ms: float = 2.0, max_queue: int = 2048, metrics: Metrics | None = None) -> None:
+        self.entry, self.pool = entry, pool
+        self.max_batch_size = max(1, max_batch_size)
+        self.delay = max(0.0, max_queue_delay_ms) / 1000.0
+        self.max_queue = max_queue
+        self.batching = entry.batchable and self.max_batch_size > 1
+        self.metrics = metrics or Metrics()
+        self._queue: deque[_Request] = deque()
+        self._arrival = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.entry.name}")
+
+    async def stop(self) -> None:
+        for t in [self._task, *self._running]:
+            if t is not None:
+                t.cancel()
+        await asyncio.gather(*(t for t in [self._task, *self._running] if t is not None), return_exceptions=True)
+        for r in self._queue:
+            if not r.future.done():
+                r.future.set_exception(ProtocolError(503, "the server is shutting down"))
+        self._queue.clear()
+
+    async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Queue one request's inputs and wait for its outputs.
+
+        Raises:
+            ProtocolError: queue full or no device left (503), the model failing on these inputs (400),
+                the request killing its worker repeatedly (500).
+        """
+        if len(self._queue) >= self.max_queue:
+            raise ProtocolError(503, f"model {self.entry.name!r}: {len(self._queue)} requests are waiting already; retry later")
+        if not self.pool.alive():
+            raise ProtocolError(503, f"model {self.entry.name!r} has no device worker left")
+        if self.batching:
+            rows = next(iter(feeds.values())).shape[0]
+            key = tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(feeds.items()))
+        else:
+            rows, key = 1, ()
+        req = _Request(feeds, rows, key, asyncio.get_running_loop().create_future())
+        self._queue.append(req)
+        self.metrics.queue_depth.set(len(self._queue), model=self.entry.name)
+        self._arrival.set()
+        return await req.future
+
+    # the loop ------------------------------------------------------------------------------
+    def _waiting_rows(self, first: _Request) -> int:
+        return sum(r.rows for r in self._queue if r.key == first.key and not r.solo)
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                self._arrival.clear()
+                await self._arrival.wait()
+            await self.pool.wait_capacity()
+            if not self.pool.alive():
+                self._fail_all(ProtocolError(503, f"model {self.entry.name!r} has no device worker left"))
+                continue
+            first = self._queue[0]
+            if self.batching and not first.solo:
+                deadline = first.arrived + self.delay
+                while self._waiting_rows(first) < self.max_batch_size:
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._arrival.clear()
+                    try:
+                        await asyncio.wait_for(self._arrival.wait(), left)
+                    except asyncio.TimeoutError:
+                        break
+            batch = self._cut()
+            self.metrics.queue_depth.set(len(self._queue), model=self.entry.name)
+            if not batch:
+                continue
+            start = time.perf_counter()
+            for r in batch:
+                self.metrics.queue.observe(start - r.arrived, model=self.entry.name)
+            feeds = batch[0].feeds if len(batch) == 1 else {
+                k: np.concatenate([r.feeds[k] for r in batch]) for k in batch[0].feeds}
+            # submitted here, not in the task: the next wait_capacity() must see this batch's slot taken
+            task = asyncio.get_running_loop().create_task(self._finish(batch, self.pool.submit(feeds)))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    def _cut(self) -> list[_Request]:
+        """The oldest live request and those that may join it, up to ``max_batch_size`` samples."""
+        while self._queue and self._queue[0].future.done():  # the client went away
+            self._queue.popleft()
+        if not self._queue:
+            return []
+        first = self._queue.popleft()
+        batch, rows = [first], first.rows
+        if not self.batching or first.solo:
+            return batch
+        keep: deque[_Request] = deque()
+        while self._queue:
+            r = self._queue.popleft()
+            if r.future.done():
+                continue
+            if r.key == first.key and not r.solo and rows + r.rows <= self.max_batch_size:
+                batch.append(r)
+                rows += r.rows
+            else:
+                keep.append(r)
+        self._queue = keep
+        return batch
+
+    def _requeue(self, reqs: list[_Request], solo: bool = True) -> None:
+        for r in reversed(reqs):
+            r.solo = r.solo or solo
+            self._queue.appendleft(r)
+        self._arrival.set()
+
+    def _fail_all(self, err: Exception) -> None:
+        while self._queue:
+            r = self._queue.popleft()
+            if not r.future.done():
+                r.future.set_exception(err)
+
+    async def _finish(self, batch: list[_Request], pending: asyncio.Future) -> None:
+        name = self.entry.name
+        try:
+            outputs, seconds, device = await pending
+        except WorkerCrashed as exc:
+            retry = []
+            for r in batch:
+                r.attempts += exc.running
+                if r.attempts >= MAX_ATTEMPTS:
+                    _fail(r, ProtocolError(
+                        500, f"model {name!r}: {exc}; the request was tried {r.attempts} times and is not retried"))
+                else:
+                    retry.append(r)
+            # a batch that was only queued on the dead worker did nothing wrong: it may batch again
+            self._requeue(retry, solo=exc.running)
+            return
+        except WorkerError as exc:
+            if len(batch) > 1:  # find which request the model fails on: each runs alone
+                self._requeue(batch)
+                return
+            r = batch[0]
+            _fail(r, ProtocolError(400, f"model {name!r} failed on this request: {exc}"))
+            return
+        total = sum(r.rows for r in batch)
+        self.metrics.batches.inc(model=name, device=device)
+        self.metrics.batch_size.observe(total, model=name)
+        self.metrics.batch_requests.observe(len(batch), model=name)
+        self.metrics.compute.observe(seconds, model=name, device=device)
+        if len(batch) == 1:
+            r = batch[0]
+            _answer(r, outputs)
+            return
+        bad = [k for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != total]
+        if bad:  # an output without a batch axis after all: stop stacking requests for this model
+            log.warning("model %s: output(s) %s do not follow the batch axis; dynamic batching is off for it",
+                        name, ", ".join(bad))
+            self.batching = False
+            self._requeue(batch)
+            return
+        at = 0
+        for r in batch:
+            piece = {k: v[at:at + r.rows] for k, v in outputs.items()}
+            at += r.rows
+            _answer(r, piece)

@@ -1,0 +1,313 @@
+"""The Open Inference Protocol (KServe v2) over HTTP: JSON tensors, the binary tensor extension, checks.
+
+A request body is JSON, optionally followed by raw tensor bytes (the binary tensor data
+extension of Triton and KServe: the ``Inference-Header-Content-Length`` header gives the JSON
+length, and every input with ``parameters.binary_data_size`` takes its bytes from what follows,
+in input order). Everything a client can get wrong is a :class:`ProtocolError` carrying the HTTP
+status and a one-line message for ``{"error": ...}``.
+
+Example:
+    >>> req = decode_request(b'{"inputs": [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}]}')
+    >>> req.inputs["x"].tolist()
+    [[1.0, 2.0]]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from onnxpipe.tensors import TensorInfo
+
+HEADER = "Inference-Header-Content-Length"
+
+# protocol datatype <-> numpy; BYTES travels as numpy object arrays of bytes
+DATATYPES: dict[str, np.dtype] = {
+    "BOOL": np.dtype(bool), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+    "BYTES": np.dtype(object),
+}
+_BY_DTYPE = {v: k for k, v in DATATYPES.items()}
+
+
+class ProtocolError(Exception):
+    """A request the server refuses: ``status`` is the HTTP code, ``str(err)`` the message.
+
+    Example:
+        >>> ProtocolError(404, "unknown model 'm'").status
+        404
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def datatype_of(dtype: np.dtype) -> str:
+    """The protocol's name for a numpy dtype (object and string arrays are ``BYTES``).
+
+    Example:
+        >>> datatype_of(np.dtype("float32"))
+        'FP32'
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return "BYTES"
+    try:
+        return _BY_DTYPE[dtype]
+    except KeyError:
+        raise ProtocolError(500, f"dtype {dtype} has no Open Inference Protocol datatype") from None
+
+
+def wire_shape(info: TensorInfo) -> list[int]:
+    """A model tensor's shape as metadata shows it: unknown or symbolic dims are ``-1``.
+
+    Example:
+        >>> wire_shape(TensorInfo("x", ["N", 3], np.dtype("float32")))
+        [-1, 3]
+    """
+    return [d if isinstance(d, int) and d > 0 else -1 for d in (info.shape or [])]
+
+
+@dataclass
+class InferRequest:
+    """A decoded infer request: input arrays, the outputs asked for, and how to send them back."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: list[str] | None = None
+    binary: dict[str, bool] = field(default_factory=dict)
+    binary_default: bool = False
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def wants_binary(self, name: str) -> bool:
+        return self.binary.get(name, self.binary_default)
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(400, f"malformed JSON in the request: {exc}") from None
+
+
+def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
+    """BYTES tensors in binary form: each element is a 4-byte little-endian length, then the bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise ProtocolError(400, f"input {name!r}: truncated BYTES element length at byte {pos}")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise ProtocolError(400, f"input {name!r}: BYTES element of {n} bytes runs past the data")
+        out.append(raw[pos:pos + n])
+        pos += n
+    return out
+
+
+def _flatten(data: Any) -> list:
+    # JSON tensors may be flat or nested in row-major order; both are allowed by the protocol
+    if isinstance(data, list) and any(isinstance(d, list) for d in data):
+        return [x for d in data for x in (_flatten(d) if isinstance(d, list) else [d])]
+    return data if isinstance(data, list) else [data]
+
+
+def _tensor(spec: Mapping[str, Any], raw: bytes | None) -> tuple[str, np.ndarray]:
+    name = spec.get("name")
+    if not isinstance(name, str):
+        raise ProtocolError(400, "an input has no 'name'")
+    datatype = spec.get("datatype")
+    if datatype not in DATATYPES:
+        raise ProtocolError(400, f"input {name!r}: unknown datatype {datatype!r}; expected one of {', '.join(DATATYPES)}")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ProtocolError(400, f"input {name!r}: 'shape' must be a list of integers >= 0, received {shape!r}")
+    count = math.prod(shape)
+    dtype = DATATYPES[datatype]
+    if raw is not None:
+        if datatype == "BYTES":
+            values = _bytes_elements(raw, name)
+            if len(values) != count:
+                raise ProtocolError(400, f"input {name!r}: shape {shape} needs {count} BYTES elements, received {len(values)}")
+            arr = np.empty(count, dtype=object)
+            arr[:] = values
+            return name, arr.reshape(shape)
+        if len(raw) != count * dtype.itemsize:
+            raise ProtocolError(400, f"input {name!r}: shape {shape} of {datatype} needs {count * dtype.itemsize} "
+                                     f"bytes, received {len(raw)}")
+        return name, np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
+    if "data" not in spec:
+        raise ProtocolError(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
+    flat = _flatten(spec["data"])
+    if len(flat) != count:
+        raise ProtocolError(400, f"input {name!r}: shape {shape} needs {count} values, received {len(flat)}")
+    try:
+        if datatype == "BYTES":
+            arr = np.empty(count, dtype=object)
+            arr[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in flat]
+        elif datatype == "BOOL":
+            if not all(isinstance(v, bool) for v in flat):
+                raise TypeError("BOOL data must be true or false")
+            arr = np.array(flat, dtype=dtype)
+        else:
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+                raise TypeError(f"{datatype} data must be numbers")
+            arr = np.array(flat, dtype=dtype)
+            if dtype.kind in "iu" and not all(isinstance(v, int) for v in flat):
+                raise TypeError(f"{datatype} data must be integers")
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProtocolError(400, f"input {name!r}: cannot read its data as {datatype}: {exc}") from None
+    return name, arr.reshape(shape)
+
+
+def decode_request(body: bytes, header_length: int | str | None = None) -> InferRequest:
+    """Decode an infer request body (JSON, plus binary tensors when ``header_length`` is given).
+
+    Raises:
+        ProtocolError: malformed JSON, bad tensors, binary sizes that do not add up (status 400).
+    """
+    if header_length is not None:
+        try:
+            n = int(header_length)
+        except ValueError:
+            raise ProtocolError(400, f"{HEADER} must be an integer, received {header_length!r}") from None
+        if not 0 <= n <= len(body):
+            raise ProtocolError(400, f"{HEADER} is {n} but the body has {len(body)} bytes")
+        head, tail = body[:n], memoryview(body)[n:]
+    else:
+        head, tail = body, memoryview(b"")
+    doc = _json(head)
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise ProtocolError(400, "the request needs a non-empty 'inputs' list")
+    inputs: dict[str, np.ndarray] = {}
+    pos = 0
+    for spec in doc["inputs"]:
+        if not isinstance(spec, dict):
+            raise ProtocolError(400, "every entry of 'inputs' must be an object")
+        size = (spec.get("parameters") or {}).get("binary_data_size")
+        raw = None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or pos + size > len(tail):
+                raise ProtocolError(400, f"input {spec.get('name')!r}: binary_data_size {size!r} does not fit the "
+                                         f"{len(tail)} bytes after the JSON header")
+            raw = bytes(tail[pos:pos + size])
+            pos += size
+        name, arr = _tensor(spec, raw)
+        if name in inputs:
+            raise ProtocolError(400, f"input {name!r} is given twice")
+        inputs[name] = arr
+    if pos != len(tail):
+        raise ProtocolError(400, f"{len(tail) - pos} bytes after the JSON header belong to no input")
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ProtocolError(400, "'parameters' must be an object")
+    req = InferRequest(inputs, id=doc.get("id"), parameters=params,
+                       binary_default=bool(params.get("binary_data_output", False)))
+    outs = doc.get("outputs")
+    if outs is not None:
+        if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in outs):
+            raise ProtocolError(400, "'outputs' must be a list of objects with a 'name'")
+        req.outputs = [o["name"] for o in outs]
+        for o in outs:
+            flag = (o.get("parameters") or {}).get("binary_data")
+            if flag is not None:
+                req.binary[o["name"]] = bool(flag)
+    return req
+
+
+def check_inputs(req: InferRequest, inputs: Sequence[TensorInfo], outputs: Sequence[str], model: str) -> None:
+    """Check a request against the model's inputs and outputs, naming what is expected and received.
+
+    Raises:
+        ProtocolError: unknown or missing input, wrong datatype or shape, unknown output (status 400).
+    """
+    known = {i.name: i for i in inputs}
+    for name in req.inputs:
+        if name not in known:
+            raise ProtocolError(400, f"model {model!r} has no input {name!r}: expected {', '.join(known)}")
+    for info in inputs:
+        if info.name not in req.inputs:
+            raise ProtocolError(400, f"model {model!r}: missing input {info.name!r} "
+                                     f"({datatype_of(info.dtype)} {wire_shape(info)})")
+        arr = req.inputs[info.name]
+        want = datatype_of(info.dtype)
+        got = datatype_of(arr.dtype)
+        if want != got:
+            raise ProtocolError(400, f"input {info.name!r}: expected datatype {want}, received {got}")
+        if info.shape is not None:
+            ok = arr.ndim == len(info.shape) and all(
+                not (isinstance(d, int) and d > 0) or d == a for d, a in zip(info.shape, arr.shape))
+            if not ok:
+                raise ProtocolError(400, f"input {info.name!r}: expected shape {wire_shape(info)}, "
+                                         f"received {list(arr.shape)}")
+    for name in req.outputs or []:
+        if name not in outputs:
+            raise ProtocolError(400, f"model {model!r} has no output {name!r}: expected {', '.join(outputs)}")
+
+
+def encode_response(model: str, version: str, outputs: Mapping[str, np.ndarray], req: InferRequest,
+                    ) -> tuple[bytes, int | None]:
+    """The response body and, when some output is sent as binary, the JSON header's length.
+
+    Example:
+        >>> body, n = encode_response("m", "1", {"y": np.ones(2, np.float32)}, InferRequest({}))
+        >>> json.loads(body)["outputs"][0]["data"], n
+        ([1.0, 1.0], None)
+    """
+    entries, blobs = [], []
+    for name, arr in outputs.items():
+        arr = np.asarray(arr)
+        datatype = datatype_of(arr.dtype)
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
+        if req.wants_binary(name):
+            raw = _binary(arr, datatype)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        elif datatype == "BYTES":
+            entry["data"] = [_text(v) for v in arr.reshape(-1)]
+        elif datatype == "FP16":
+            entry["data"] = arr.astype(np.float32).reshape(-1).tolist()
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        entries.append(entry)
+    doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
+    if req.id is not None:
+        doc["id"] = req.id
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
+
+
+def _binary(arr: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        parts = []
+        for v in arr.reshape(-1):
+            b = v if isinstance(v, bytes) else str(v).encode()
+            parts.append(struct.pack("<I", len(b)) + b)
+        return b"".join(parts)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
+def _text(v: Any) -> str:
+    if isinstance(v, bytes):
+        try:
+            return v.decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(400, "a BYTES output is not UTF-8: ask for it with binary_data") from None
+    return str(v)
+
+
+def error_body(message: str) -> bytes:
+    """The protocol's error document: ``{"error": message}``."""
+    return json.dumps({"error": message}).encode()

@@ -1,0 +1,157 @@
+"""The models a server serves: one ``.onnx`` file, or every model in a directory, with what batching they allow.
+
+A directory may hold ``NAME.onnx`` files, ``NAME/model.onnx`` folders, or a Triton repository
+(``NAME/<version>/model.onnx``; the highest version is served), mixed freely.
+
+Example:
+    >>> [m.name for m in discover("models/")]  # doctest: +SKIP
+    ['digits', 'encoder']
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from onnxpipe.errors import InputError
+from onnxpipe.graph import subgraphs
+from onnxpipe.modelio import load_model
+from onnxpipe.tensors import TensorInfo, graph_inputs, value_infos
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+# ops whose result for one sample depends on the others in its batch: dynamic activation
+# quantization takes one scale over the whole tensor, so a request batched with others would get
+# other numbers than alone
+CROSS_SAMPLE_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM", "QAttention"})
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it can be a model name in a URL path, else raise.
+
+    Example:
+        >>> check_name("digits-v2")
+        'digits-v2'
+    """
+    if not _NAME.match(name):
+        raise InputError(f"model name {name!r} is not allowed in a URL path",
+                         hint="use letters, digits, '_', '-' and '.', e.g. --name digits")
+    return name
+
+
+def _dynamic(d: object) -> bool:
+    return not (isinstance(d, int) and d > 0)
+
+
+@dataclass
+class ModelEntry:
+    """One served model: its name, version, file and tensors.
+
+    ``batch_axis`` is True when every input and output has a leading axis the model leaves free:
+    only then can requests be stacked along it and split back. ``cross_sample`` names ops that
+    make one sample's result depend on the rest of its batch (dynamic int8 quantization): such a
+    model still takes batches from a client, but the server does not stack requests for it.
+
+    Example:
+        >>> entry = ModelEntry.load("m.onnx", "m")  # doctest: +SKIP
+        >>> entry.batch_axis  # doctest: +SKIP
+        True
+    """
+
+    name: str
+    version: str
+    path: Path
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    batch_axis: bool
+    cross_sample: tuple[str, ...] = ()
+
+    @property
+    def batchable(self) -> bool:
+        """Whether requests may be stacked: a free batch axis and no op that mixes samples."""
+        return self.batch_axis and not self.cross_sample
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, name: str, version: str = "1") -> ModelEntry:
+        check_name(name)
+        path = Path(path)
+        model = load_model(path, load_external_data=False)
+        return cls.from_proto(model, name, version, path)
+
+    @classmethod
+    def from_proto(cls, model: onnx.ModelProto, name: str, version: str, path: Path) -> ModelEntry:
+        inputs = graph_inputs(model)
+        outputs = value_infos(model.graph.output)
+        if not inputs:
+            raise InputError(f"model {name!r} ({path}) has no inputs", hint="serve a model that takes inputs")
+        for t in inputs + outputs:
+            if t.dtype == object and t.extra.get("kind"):
+                raise InputError(f"model {name!r}: {t.name!r} is a {t.extra['kind']}, not a tensor",
+                                 hint="only tensor inputs and outputs can be served over the protocol")
+        # an output of unknown shape is assumed batch-first; the batcher checks it on every batch
+        batch_axis = all(t.shape is not None and t.shape and _dynamic(t.shape[0]) for t in inputs) and all(
+            t.shape is None or (t.shape and _dynamic(t.shape[0])) for t in outputs)
+        return cls(name, version, path, inputs, outputs, batch_axis, _cross_sample(model.graph))
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.outputs]
+
+
+def _cross_sample(graph: onnx.GraphProto) -> tuple[str, ...]:
+    found: set[str] = set()
+    for node in graph.node:
+        if node.op_type in CROSS_SAMPLE_OPS:
+            found.add(node.op_type)
+        for sub in subgraphs(node):
+            found.update(_cross_sample(sub))
+    return tuple(sorted(found))
+
+
+def _versioned(folder: Path) -> tuple[str, Path] | None:
+    versions = [(int(v.name), v / "model.onnx") for v in folder.iterdir()
+                if v.is_dir() and v.name.isdigit() and (v / "model.onnx").is_file()]
+    if not versions:
+        return None
+    number, path = max(versions)
+    return str(number), path
+
+
+def discover(source: str | os.PathLike, name: str | None = None) -> list[ModelEntry]:
+    """The models under ``source``: one ``.onnx`` file (named ``name`` or its stem) or a directory.
+
+    Raises:
+        InputError: no such path, no models found, two models with one name, ``name`` with a directory.
+    """
+    src = Path(source)
+    if src.is_file():
+        return [ModelEntry.load(src, name or src.stem)]
+    if not src.is_dir():
+        raise InputError(f"no such file or directory: {src}", hint="give an .onnx file or a directory of models")
+    if name is not None:
+        raise InputError("--name applies to a single .onnx file, not a directory",
+                         hint="name the models by their file or folder names")
+    found: dict[str, tuple[str, Path]] = {}
+    for child in sorted(src.iterdir()):
+        if child.name.startswith("."):
+            continue
+        if child.is_file() and child.suffix == ".onnx":
+            key, hit = child.stem, ("1", child)
+        elif child.is_dir():
+            key = child.name
+            hit = _versioned(child) or (("1", child / "model.onnx") if (child / "model.onnx").is_file() else None)
+            if hit is None:
+                continue
+        else:
+            continue
+        if key in found:
+            raise InputError(f"two models are named {key!r} in {src}: {found[key][1]} and {hit[1]}",
+                             hint="rename one of them")
+        found[key] = hit
+    if not found:
+        raise InputError(f"no models in {src}",
+                         hint="put NAME.onnx files, NAME/model.onnx or NAME/1/model.onnx (Triton layout) there")
+    return [ModelEntry.load(path, key, version) for key, (version, path) in found.items()]
