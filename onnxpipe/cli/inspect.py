@@ -20,6 +20,8 @@ def register(app: typer.Typer) -> None:
         input: Annotated[Optional[list[str]], typer.Option(
             "--input", help="NAME:1x3x224x224 to fix one input's shape for the cost count.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+        memory: Annotated[bool, typer.Option("--memory", help="Weight bytes and peak activation memory at the batch "
+                                                             "(liveness analysis), with the node of the peak.")] = False,
     ) -> None:
         """Show a model's inputs, outputs, opsets, op histogram, parameters and compute cost."""
         from onnxpipe.analysis import summarize
@@ -36,6 +38,15 @@ def register(app: typer.Typer) -> None:
                 raise InputError(f"cannot parse --dim {d!r}", hint="write it as NAME=VALUE, e.g. --dim seq=128")
             dims[name.strip()] = int(value)
         shapes = {s.name: s.shape for s in (InputSpec.parse(t) for t in input or [])}
+        if memory:
+            from onnxpipe.partition.memory import memory_report
+
+            report = memory_report(load_model(model), batch=batch_size, dims=dims, input_shapes=shapes or None)
+            if json_out:
+                print(json.dumps(report.as_dict(), indent=2))
+            else:
+                report.render(console_for(False))
+            return
         summary = summarize(load_model(model), batch=batch_size, dims=dims, input_shapes=shapes or None)
         if json_out:
             print(json.dumps(summary.as_dict(), indent=2))

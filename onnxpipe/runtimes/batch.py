@@ -119,13 +119,7 @@ class BatchRunner:
             raise InputError(f"unknown backend {backend!r}", hint="use local or ray")
         self.devices: list[Device] = parse_devices(devices)
         self._tmp: tempfile.TemporaryDirectory | None = None
-        if isinstance(model, onnx.ModelProto):
-            self._tmp = tempfile.TemporaryDirectory(prefix="onnxpipe-infer-")
-            self.model_path = str(save_model(model, Path(self._tmp.name) / "model.onnx"))
-            proto = model
-        else:
-            self.model_path = str(model)
-            proto = load_model(model, load_external_data=False)
+        self.model_path, proto = self._open_model(model)
         self.inputs = graph_inputs(proto)
         self.notes: list[str] = []
         ranked = [i for i in self.inputs if i.shape]  # scalars have no batch axis to fix
@@ -148,6 +142,14 @@ class BatchRunner:
         self.threads = [d.options.threads or share for d in self.devices]
         self._pool: Any = None
         self.stats: list[DeviceStats] = []
+
+    def _open_model(self, model: str | os.PathLike | onnx.ModelProto) -> tuple[str, onnx.ModelProto]:
+        """The path the workers load and a proto whose graph inputs and outputs are the job's
+        interface (weights not loaded); a subclass may run something other than one file."""
+        if isinstance(model, onnx.ModelProto):
+            self._tmp = tempfile.TemporaryDirectory(prefix="onnxpipe-infer-")
+            return str(save_model(model, Path(self._tmp.name) / "model.onnx")), model
+        return str(model), load_model(model, load_external_data=False)
 
     def _default_shard(self, batch_size: int) -> int:
         """About 64 MiB of inputs per shard (so the window in flight stays a few hundred MiB),

@@ -75,20 +75,22 @@ class RayPool:
     """Ray actors behind the :class:`LocalPool` interface (start, submit, poll, restart, close).
 
     Args:
-        model: path of the ``.onnx`` file (sent to the actors through the object store).
+        model: path of the ``.onnx`` file (sent to the actors through the object store), or one per actor.
         devices: one actor per device.
         threads: intra-op threads per actor (also its ``num_cpus`` for CPU devices).
         address: a cluster to join (``auto``, ``ray://head:10001``); None starts a local Ray.
         depth: calls an actor holds at once.
+        spread: ask Ray to place the actors on different nodes where it can (pipeline stages).
 
     Example:
         >>> pool = RayPool("m.onnx", [Device.parse("cpu:0")], [1])  # doctest: +SKIP
     """
 
-    def __init__(self, model: str, devices: list[Device], threads: list[int | None], *,
-                 address: str | None = None, depth: int = 2) -> None:
+    def __init__(self, model: str | list[str], devices: list[Device], threads: list[int | None], *,
+                 address: str | None = None, depth: int = 2, spread: bool = False) -> None:
         self.ray = require("ray")
-        self.model, self.address, self.depth = model, address, depth
+        self.model, self.address, self.depth, self.spread = model, address, depth, spread
+        self.models = [model] * len(devices) if isinstance(model, str) else list(model)
         self.workers = [_RayWorker(d, t, depth) for d, t in zip(devices, threads)]
         self._refs: dict[Any, tuple[int, int, str, int]] = {}  # ref -> (wid, generation, kind, task)
         self._started_ray = False
@@ -107,12 +109,14 @@ class RayPool:
                 raise OnnxpipeError(f"cannot start or join Ray at {self.address or 'a local instance'}: {exc}",
                                     hint="check --address (auto, ray://head:10001) and that the cluster is up") from exc
             self._started_ray = True
-        path = Path(self.model)
-        files = {path.name: path.read_bytes()}
-        data = path.parent / f"{path.name}.data"
-        if data.exists():
-            files[data.name] = data.read_bytes()
-        self._files = ray.put(files)
+        self._files = {}
+        for model in dict.fromkeys(self.models):
+            path = Path(model)
+            files = {path.name: path.read_bytes()}
+            data = path.parent / f"{path.name}.data"
+            if data.exists():
+                files[data.name] = data.read_bytes()
+            self._files[model] = ray.put(files)
         self._cls = ray.remote(_Actor)
         for wid in range(len(self.workers)):
             self._launch(wid)
@@ -124,8 +128,10 @@ class RayPool:
             opts.update(num_gpus=1, num_cpus=1)
         else:
             opts["num_cpus"] = w.threads or 1
+        if self.spread:
+            opts["scheduling_strategy"] = "SPREAD"
         w.generation += 1
-        w.actor = self._cls.options(**opts).remote(self._files, str(w.device), w.threads)
+        w.actor = self._cls.options(**opts).remote(self._files[self.models[wid]], str(w.device), w.threads)
         w.queue, w.ready, w.alive = [], False, True
         self._refs[w.actor.ready.remote()] = (wid, w.generation, "ready", -1)
 

@@ -135,7 +135,7 @@ class LocalPool:
     """One process per device on this machine.
 
     Args:
-        model: path of the ``.onnx`` file every worker loads.
+        model: path of the ``.onnx`` file every worker loads, or one path per worker (pipeline stages).
         devices: one worker per device.
         threads: intra-op threads per worker (None: the device's own or ORT's choice).
         cores: CPU ids to pin each worker to (None: no pinning).
@@ -145,9 +145,10 @@ class LocalPool:
         >>> pool = LocalPool("m.onnx", [Device.parse("cpu:0")], [1], [None])  # doctest: +SKIP
     """
 
-    def __init__(self, model: str, devices: list[Device], threads: list[int | None],
+    def __init__(self, model: str | list[str], devices: list[Device], threads: list[int | None],
                  cores: list[list[int] | None], *, depth: int = 2) -> None:
         self.model = model
+        self.models = [model] * len(devices) if isinstance(model, str) else list(model)
         self.depth = depth
         self.ctx = mp.get_context("spawn")
         self.workers = [_Worker(d, t, c) for d, t, c in zip(devices, threads, cores)]
@@ -166,7 +167,7 @@ class LocalPool:
         w.current = self.ctx.RawArray("q", 1)
         w.current[0] = -1
         w.proc = self.ctx.Process(target=_main, name=f"onnxpipe-{w.device.label}",
-                                  args=(child, self.model, str(w.device), w.threads, w.cores, None, w.current),
+                                  args=(child, self.models[wid], str(w.device), w.threads, w.cores, None, w.current),
                                   daemon=True)
         w.proc.start()
         child.close()

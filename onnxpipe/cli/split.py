@@ -1,0 +1,50 @@
+"""``onnxpipe split``: cut a model into pipeline stages, checked against the whole model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from onnxpipe.cli._common import console_for
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def split(
+        model: Annotated[Path, typer.Argument(help="An .onnx model.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Folder for part<k>.onnx and pipeline.json.")],
+        parts: Annotated[int, typer.Option("--parts", "-n", help="Number of stages.")] = 2,
+        balance: Annotated[str, typer.Option("--balance", help="flops (speed), params (weight bytes) or memory "
+                                                              "(weights + peak activations).")] = "flops",
+        cut: Annotated[list[str] | None, typer.Option("--cut", help="Cut after this tensor (repeatable); "
+                                                                       "replaces the search.")] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch the costs and sizes are counted at.")] = 1,
+        dim: Annotated[list[str] | None, typer.Option("--dim", help="NAME=VALUE for a named symbolic dim, repeatable.")] = None,
+        atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance of the sequence-vs-whole check.")] = 1e-4,
+        rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance of the sequence-vs-whole check.")] = 1e-3,
+        json_out: Annotated[bool, typer.Option("--json", help="Print pipeline.json's content on stdout.")] = False,
+    ) -> None:
+        """Cut a model into stages where few, small tensors cross, balanced by FLOPs or memory; check and write them."""
+        from onnxpipe.cli.runtime import parse_dims
+        from onnxpipe.errors import InputError
+        from onnxpipe.partition.split import split_model
+
+        if batch_size < 1:
+            raise InputError(f"--batch-size must be >= 1, received {batch_size}", hint="use a positive batch size")
+        console = console_for(json_out)
+        result = split_model(model, output, parts=parts, balance=balance, cuts=cut or (), batch=batch_size,
+                             dims=parse_dims(dim), atol=atol, rtol=rtol)
+        console.print(result.table())
+        for c in result.spec.extra.get("cuts", []):
+            names = ", ".join(f"{t['name']} {t['shape'] or ''}" for t in c["tensors"])
+            console.print(f"cut after part {c['after_part']}: {escape(names)}")
+        for note in result.notes:
+            console.print(f"[dim]note: {escape(note)}[/]")
+        if json_out:
+            print(json.dumps(result.as_dict(), indent=2))
+        console.print(f"run it: onnxpipe infer {escape(str(output))} --devices "
+                      + ",".join(f"cpu:{k}" for k in range(len(result.spec.parts))) + " --data ... -o ...")

@@ -1,0 +1,234 @@
+"""Where to cut a graph into pipeline stages: every crossing tensor carried over, parts balanced, little sent.
+
+The nodes are laid out in one topological order and a cut is a position in it: everything
+before goes to one stage, the rest to the next. Any position is a valid cut, whatever the
+branches and skip connections, because every tensor produced before and read after (graph
+inputs needed later and graph outputs produced earlier included) is handed over; its bytes are
+the cut's communication cost. Outputs of input-less ``Constant`` nodes are not handed over: the
+node is copied into the stage that reads it.
+
+The search is two dynamic programs over the positions. The first finds the smallest possible
+bottleneck: the largest part load, where a part's load is its FLOPs (``flops``), its weight
+bytes (``params``) or its weights plus peak activations (``memory``), and for ``flops``
+each byte a part receives or sends costs :data:`FLOPS_PER_BYTE`. The second picks, among the
+splits whose every part stays within ``slack`` of that bottleneck, the one sending the fewest bytes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxpipe.errors import InputError
+from onnxpipe.partition.memory import live_bytes
+from onnxpipe.partition.profile import GraphProfile
+
+BALANCES = ("flops", "params", "memory")
+# moving a byte between stages (written to shared memory, copied by the dispatcher, read back)
+# costs about as much time as this many FLOPs of a single-threaded convolution
+FLOPS_PER_BYTE = 16.0
+
+
+@dataclass
+class CutPlan:
+    """Stages as runs of one node order.
+
+    Attributes:
+        order: node indices of the profile, in the order the stages take them.
+        bounds: the first position of every stage, then ``len(order)``.
+        crossing: per cut, the tensors handed from the stages before it to the ones after.
+        loads: per stage, its load in the balance's unit.
+        balance: ``flops``, ``params``, ``memory`` or ``manual`` (forced cuts).
+
+    Example:
+        >>> plan = find_cuts(profile, 2)  # doctest: +SKIP
+        >>> plan.crossing[0]  # doctest: +SKIP
+        ['layer3.0.relu_out']
+    """
+
+    order: list[int]
+    bounds: list[int]
+    crossing: list[list[str]]
+    loads: list[float]
+    balance: str
+
+    def stage_nodes(self, k: int) -> list[int]:
+        """Node indices of stage ``k``, in order."""
+        return self.order[self.bounds[k]:self.bounds[k + 1]]
+
+
+def free_tensors(profile: GraphProfile) -> set[str]:
+    """Outputs of input-less Constant nodes: copied into each stage that reads them, never sent."""
+    return {o for n, r in zip(profile.nodes, profile.reads)
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and not r and not n.input for o in n.output}
+
+
+def _spans(profile: GraphProfile, order: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """Tensor -> (position of its producer, position of its last reader) in ``order`` (inputs born at -1)."""
+    pos = {node: p for p, node in enumerate(order)}
+    n = len(order)
+    free = free_tensors(profile)
+    born = {t: -1 for t in profile.inputs}
+    last: dict[str, int] = {}
+    for node in order:
+        for o in profile.nodes[node].output:
+            if o:
+                born[o] = pos[node]
+        for t in profile.reads[node]:
+            last[t] = max(last.get(t, -1), pos[node])
+    for t in profile.outputs:
+        last[t] = n
+    return {t: (b, last[t]) for t, b in born.items() if t in last and t not in free and last[t] > b}
+
+
+def crossing_at(profile: GraphProfile, order: Sequence[int], bounds: Sequence[int]) -> list[list[str]]:
+    """Per cut position in ``bounds`` (first and last excluded), the tensors that cross it."""
+    spans = _spans(profile, order)
+    return [[t for t, (b, last) in spans.items() if b < k <= last] for k in bounds[1:-1]]
+
+
+def _cross_bytes(profile: GraphProfile, order: Sequence[int]) -> np.ndarray:
+    """Bytes crossing each position 0..n (position k: between order[k-1] and order[k])."""
+    n = len(order)
+    delta = np.zeros(n + 2)
+    for t, (b, last) in _spans(profile, order).items():
+        size = profile.nbytes.get(t, 0)
+        delta[b + 1] += size
+        delta[min(last, n) + 1] -= size
+    return np.cumsum(delta)[:n + 1]
+
+
+def forced_order(profile: GraphProfile, tensors: Sequence[str]) -> tuple[list[int], list[int]]:
+    """A node order and cut positions placing each named tensor's whole computation before its cut.
+
+    The nodes each tensor depends on come first (in their original order), then the remaining
+    nodes: the result is still topological.
+
+    Raises:
+        InputError: a name that is not a tensor computed by a node, or cuts that leave a stage empty.
+    """
+    produced = profile.producer
+    for t in tensors:
+        if t not in produced:
+            what = "a graph input" if t in profile.inputs else (
+                "an initializer" if t in profile.init_bytes else "not a tensor of the model")
+            close = difflib.get_close_matches(t, list(produced), n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else "name an intermediate tensor (see `onnxpipe inspect`)"
+            raise InputError(f"cannot cut at {t!r}: it is {what}", hint=hint)
+    placed: set[int] = set()
+    order: list[int] = []
+    bounds = [0]
+    for t in sorted(dict.fromkeys(tensors), key=lambda t: produced[t]):
+        stack, ancestors = [produced[t]], set()
+        while stack:
+            i = stack.pop()
+            if i in ancestors or i in placed:
+                continue
+            ancestors.add(i)
+            stack.extend(produced[r] for r in profile.reads[i] if r in produced)
+        if not ancestors:
+            raise InputError(f"cut at {t!r} leaves a stage empty: it is computed before the previous cut",
+                             hint="give each --cut tensor once, or cut at tensors further apart")
+        order += sorted(ancestors)
+        placed |= ancestors
+        bounds.append(len(order))
+    rest = [i for i in range(len(profile.nodes)) if i not in placed]
+    if not rest:
+        raise InputError(f"cut at {tensors[-1]!r} leaves nothing for the last stage",
+                         hint="cut at a tensor before the model's last node")
+    order += rest
+    bounds.append(len(order))
+    return order, bounds
+
+
+def _loads(profile: GraphProfile, order: Sequence[int], balance: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-position load (prefix-summable) and, for ``memory``, live bytes per position."""
+    if balance == "flops":
+        return np.array([profile.flops[i] for i in order], dtype=float), None
+    seen: set[str] = set()
+    weights = []
+    for i in order:  # a weight shared by several nodes counts where it is first read
+        new = [w for w in profile.weights[i] if w not in seen]
+        seen.update(new)
+        weights.append(sum(profile.init_bytes.get(w, 0) for w in new))
+    live = None
+    if balance == "memory":
+        reordered = GraphProfile(**{**vars(profile), "nodes": [profile.nodes[i] for i in order],
+                                    "reads": [profile.reads[i] for i in order]})
+        live = np.array(live_bytes(reordered), dtype=float)
+    return np.array(weights, dtype=float), live
+
+
+def find_cuts(profile: GraphProfile, parts: int, *, balance: str = "flops", cuts: Sequence[str] = (),
+              slack: float = 0.05) -> CutPlan:
+    """Cut ``profile``'s graph into ``parts`` stages, or at the named tensors.
+
+    Args:
+        profile: the graph, from :func:`~onnxpipe.partition.profile.profile_graph`.
+        parts: number of stages (ignored when ``cuts`` are given, which make ``len(cuts) + 1``).
+        balance: ``flops`` (speed), ``params`` (weight bytes) or ``memory`` (weights + peak activations).
+        cuts: tensors to cut after, by hand.
+        slack: how far above the best bottleneck a part may go to send fewer bytes.
+
+    Raises:
+        InputError: an unknown balance, fewer than 2 parts, more parts than nodes, or a bad cut tensor.
+
+    Example:
+        >>> find_cuts(profile_graph(model), 2, balance="params").bounds  # doctest: +SKIP
+        [0, 88, 175]
+    """
+    if balance not in BALANCES:
+        raise InputError(f"unknown balance {balance!r}", hint=f"use one of {', '.join(BALANCES)}")
+    n = len(profile.nodes)
+    if cuts:
+        order, bounds = forced_order(profile, cuts)
+        load, live = _loads(profile, order, balance)
+        prefix = np.concatenate([[0.0], np.cumsum(load)])
+        loads = [float(prefix[b] - prefix[a]) for a, b in itertools.pairwise(bounds)]
+        return CutPlan(order, bounds, crossing_at(profile, order, bounds), loads, "manual")
+    if parts < 2:
+        raise InputError(f"--parts must be >= 2, received {parts}", hint="split into 2 or more parts")
+    if parts > n:
+        raise InputError(f"cannot cut a model of {n} node(s) into {parts} parts", hint=f"use --parts {n} or fewer")
+    order = list(range(n))
+    load, live = _loads(profile, order, balance)
+    cross = _cross_bytes(profile, order)
+    prefix = np.concatenate([[0.0], np.cumsum(load)])
+    comm = FLOPS_PER_BYTE * cross if balance == "flops" else np.zeros(n + 1)
+
+    def seg(j: int) -> np.ndarray:
+        """Loads of the segments [i, j) for every i < j."""
+        i = np.arange(j)
+        value = prefix[j] - prefix[i] + comm[i] + comm[j]
+        if live is not None:
+            value = value + np.maximum.accumulate(live[j - 1::-1])[::-1]
+        return value
+
+    inf = np.inf
+    best = np.full((parts + 1, n + 1), inf)
+    best[0, 0] = 0.0
+    for p in range(1, parts + 1):
+        for j in range(p, n - (parts - p) + 1):
+            best[p, j] = np.min(np.maximum(best[p - 1, :j], seg(j)))
+    cap = best[parts, n] * (1 + slack) + 1e-9
+    # among splits within the cap, the fewest bytes sent
+    sent = np.full((parts + 1, n + 1), inf)
+    back = np.zeros((parts + 1, n + 1), dtype=int)
+    sent[0, 0] = 0.0
+    for p in range(1, parts + 1):
+        for j in range(p, n - (parts - p) + 1):
+            load_j = seg(j)
+            # ties in bytes go to the more even split (sum of squared loads; worth far less than a byte)
+            cand = np.where(load_j <= cap, sent[p - 1, :j], inf) + (cross[j] if j < n else 0.0) + 1e-3 * (load_j / cap) ** 2
+            i = int(np.argmin(cand))
+            sent[p, j], back[p, j] = cand[i], i
+    bounds = [n]
+    for p in range(parts, 0, -1):
+        bounds.append(int(back[p, bounds[-1]]))
+    bounds.reverse()
+    loads = [float(seg(b)[a]) for a, b in itertools.pairwise(bounds)]
+    return CutPlan(order, bounds, crossing_at(profile, order, bounds), loads, balance)
