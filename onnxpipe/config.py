@@ -66,6 +66,8 @@ class Recipe(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     passes: list[Any] = Field(default_factory=list)
     validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate")
+    runtime: str | None = None
+    """A tuned.json from ``onnxpipe tune``: its devices are validated on unless validate.providers is given."""
     output: str | None = None
     base_dir: Path | None = Field(default=None, exclude=True)
 
@@ -173,6 +175,16 @@ def load_recipe(source: str | os.PathLike | dict[str, Any]) -> Recipe:
         raise InputError(f"{where}{f':{line}' if line else ''}: {dotted}: {msg}", hint=hint) from exc
     recipe.base_dir = base
     _check_files(recipe, where, lines)
+    if recipe.runtime:
+        from onnxpipe.runtimes.tuned import load_tuned
+
+        try:
+            tuned = load_tuned(resolve_path(recipe, recipe.runtime))
+        except InputError as exc:
+            line = _line_of(lines, ("runtime",))
+            raise InputError(f"{where}{f':{line}' if line else ''}: runtime: {exc.message}", hint=exc.hint) from None
+        if "providers" not in recipe.validate_.model_fields_set:
+            recipe.validate_.providers = [str(d) for d in tuned.devices()]
     return recipe
 
 

@@ -19,6 +19,7 @@ app = typer.Typer(
     help="From a trained PyTorch or TensorFlow model to a fast, validated ONNX deployment.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts show device specs like cpu[threads=2] literally
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -41,7 +42,7 @@ def _root(
 
 
 # explicit, in the order `onnxpipe --help` lists them
-_COMMANDS = ("convert", "inspect", "optimize", "runtime")
+_COMMANDS = ("convert", "inspect", "optimize", "runtime", "tune", "serve", "split")
 
 for _name in _COMMANDS:
     importlib.import_module(f"onnxpipe.cli.{_name}").register(app)

@@ -13,6 +13,7 @@ from rich.table import Table
 from onnxpipe.cli._common import console_for
 
 DEVICES_HELP = "Devices, comma-separated: cpu, cpu:1, cuda:0, tensorrt:0[fp16,cache_dir=trt] (see `onnxpipe providers`)."
+CONFIG_HELP = "A tuned.json from `onnxpipe tune`: its devices, session settings and batch size are used."
 
 
 def int_list(text: str, what: str) -> list[int]:
@@ -98,26 +99,41 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def infer(
-        model: Annotated[Path, typer.Argument(help="An .onnx model.")],
+        model: Annotated[Path, typer.Argument(help="An .onnx model, or a folder from `onnxpipe split` (one stage per device).")],
         data: Annotated[str, typer.Option("--data", help="Inputs: a .npz (samples along axis 0), a folder of "
                                                          ".npy/.npz, or file.py:function yielding input dicts.")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the shards and manifest.json.")],
         devices: Annotated[str, typer.Option("--devices", help=DEVICES_HELP)] = "cpu",
-        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per micro-batch.")] = 32,
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per micro-batch "
+                                                                                   "(default: the tuned one, else 32).")] = None,
         shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Samples per output shard.")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUTPUT, skipping finished shards.")] = False,
         backend: Annotated[str, typer.Option("--backend", help="local (a process per device) or ray (an actor per device).")] = "local",
         address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster (auto, ray://host:10001); default: a local Ray.")] = None,
         max_attempts: Annotated[int, typer.Option("--max-attempts", help="Tries per sample before it is reported failed.")] = 2,
         json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+        config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
     ) -> None:
         """Run a model over a dataset on several devices; outputs in input order, resumable."""
         from onnxpipe.runtimes.batch import BatchRunner
         from onnxpipe.runtimes.batch_result import SamplesFailedError
 
         console = console_for(json_out)
-        with BatchRunner(model, devices, batch_size=batch_size, shard_size=shard_size, backend=backend,
-                         address=address, max_attempts=max_attempts) as runner:
+        if config is not None:  # the tuned devices and batch replace --devices and the default batch size
+            from onnxpipe.runtimes.tuned import load_tuned
+
+            tuned = load_tuned(config)
+            devices, batch_size = tuned.devices(), batch_size or tuned.batch_size()  # type: ignore[assignment]
+            for d in tuned.devices():
+                if d.session.changed():  # workers rebuild devices from their spec strings
+                    console.print(f"[yellow]note[/]: {d.label}: the batch runner's workers apply {escape(str(d))} "
+                                  f"but not the session settings {escape(d.session.describe())}")
+        batch_size = batch_size or 32
+        runner_cls = BatchRunner
+        if model.is_dir() and (model / "pipeline.json").is_file():  # a split model: one stage per device
+            from onnxpipe.runtimes.pipeline_parallel import PipelineRunner as runner_cls  # type: ignore[assignment]
+        with runner_cls(model, devices, batch_size=batch_size, shard_size=shard_size, backend=backend,
+                        address=address, max_attempts=max_attempts) as runner:
             for note in runner.notes:
                 console.print(f"[dim]note: {escape(note)}[/]")
             result = runner.run(data, output, resume=resume, progress=True)
@@ -202,13 +218,14 @@ def register(app: typer.Typer) -> None:
     def bench(
         model: Annotated[Path, typer.Argument(help="An .onnx model.")],
         providers: Annotated[str, typer.Option("--providers", help=DEVICES_HELP)] = "cpu",
-        batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Batch sizes, e.g. 1,8,32.")] = "1",
+        batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Batch sizes, e.g. 1,8,32 (default: the tuned ones, else 1).")] = None,
         threads: Annotated[Optional[str], typer.Option("--threads", help="CPU thread counts to try, e.g. 1,2,4.")] = None,
         dim: Annotated[Optional[list[str]], typer.Option("--dim", help="NAME=VALUE for a named symbolic dim, repeatable.")] = None,
         warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 5,
         runs: Annotated[int, typer.Option("--runs", help="Timed runs at least.")] = 10,
         budget: Annotated[float, typer.Option("--budget", help="Seconds of timed runs per row.")] = 1.0,
         json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
+        config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
     ) -> None:
         """Latency p50/p90/p99, throughput and FLOP/s (and fraction of peak) per provider, threads and batch."""
         from rich.progress import (
@@ -224,9 +241,16 @@ def register(app: typer.Typer) -> None:
         from onnxpipe.runtimes.providers import parse_devices
 
         console = console_for(json_out)
-        sizes = int_list(batch_sizes, "--batch-sizes")
         counts: list[int | None] = list(int_list(threads, "--threads")) if threads else [None]
         devices = parse_devices(providers)
+        default_sizes = "1"
+        if config is not None:  # the tuned devices (with their session settings) replace --providers
+            from onnxpipe.runtimes.tuned import load_tuned
+
+            tuned = load_tuned(config)
+            devices = tuned.devices()  # type: ignore[assignment]
+            default_sizes = ",".join(str(b) for b in sorted({e.batch_size for e in tuned.entries}))
+        sizes = int_list(batch_sizes or default_sizes, "--batch-sizes")
         proto = load_model(model)
         total = sum(len(sizes) * (1 if (d.is_gpu or d.options.threads) else len(counts)) for d in devices)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
