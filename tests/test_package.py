@@ -65,3 +65,16 @@ def test_inspect_cli_flops_match_hand_count(conv_gemm_path):
     assert doc["cost"]["macs"] == 2 * (conv_macs + gemm_macs)
     bad = run_cli("inspect", str(conv_gemm_path), "--dim", "oops")
     assert bad.returncode == 2 and "NAME=VALUE" in bad.stderr
+
+
+def test_every_command_renders_its_help():
+    from typer.testing import CliRunner
+
+    from onnxpipe.cli import app
+
+    runner = CliRunner()
+    commands = [c.name or c.callback.__name__ for c in app.registered_commands]
+    assert {"convert", "inspect", "optimize", "run", "infer", "validate", "bench", "serve", "split", "tune"} <= set(commands)
+    for name in commands:
+        result = runner.invoke(app, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output, result.exception)
