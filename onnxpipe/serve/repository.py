@@ -1,7 +1,9 @@
 """The models a server serves: one ``.onnx`` file, or every model in a directory, with what batching they allow.
 
 A directory may hold ``NAME.onnx`` files, ``NAME/model.onnx`` folders, or a Triton repository
-(``NAME/<version>/model.onnx``; the highest version is served), mixed freely.
+(``NAME/<version>/model.onnx``; the highest version is served), mixed freely. A folder written by
+``onnxpipe split`` (it holds ``pipeline.json``) is one model, served stage by stage; given as the
+source itself it is the only model, named after the folder.
 
 Example:
     >>> [m.name for m in discover("models/")]  # doctest: +SKIP
@@ -15,11 +17,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 
 from onnxpipe.errors import InputError
 from onnxpipe.graph import subgraphs
 from onnxpipe.modelio import load_model
+from onnxpipe.partition.spec import PipelineSpec
 from onnxpipe.tensors import TensorInfo, graph_inputs, value_infos
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -68,6 +72,7 @@ class ModelEntry:
     outputs: list[TensorInfo]
     batch_axis: bool
     cross_sample: tuple[str, ...] = ()
+    pipeline: PipelineSpec | None = None  # a split model: ``path`` is its folder
 
     @property
     def batchable(self) -> bool:
@@ -82,6 +87,26 @@ class ModelEntry:
         return cls.from_proto(model, name, version, path)
 
     @classmethod
+    def load_pipeline(cls, folder: str | os.PathLike, name: str, version: str = "1") -> ModelEntry:
+        """A split model: the whole model's inputs and outputs from ``pipeline.json``, ops from every part."""
+        check_name(name)
+        spec = PipelineSpec.load(folder)
+
+        def infos(entries: list[dict]) -> list[TensorInfo]:
+            return [TensorInfo(e["name"], e["shape"], np.dtype(e["dtype"])) for e in entries]
+
+        inputs, outputs = infos(spec.inputs), infos(spec.outputs)
+        if not inputs:
+            raise InputError(f"model {name!r} ({folder}) has no inputs", hint="serve a model that takes inputs")
+        for t in inputs + outputs:
+            if t.dtype == object:
+                raise InputError(f"model {name!r}: {t.name!r} is not a tensor",
+                                 hint="only tensor inputs and outputs can be served over the protocol")
+        cross = {op for k in range(len(spec.parts))
+                 for op in _cross_sample(load_model(spec.part_path(k), load_external_data=False).graph)}
+        return cls(name, version, Path(folder), inputs, outputs, _batch_axis(inputs, outputs), tuple(sorted(cross)), spec)
+
+    @classmethod
     def from_proto(cls, model: onnx.ModelProto, name: str, version: str, path: Path) -> ModelEntry:
         inputs = graph_inputs(model)
         outputs = value_infos(model.graph.output)
@@ -91,14 +116,17 @@ class ModelEntry:
             if t.dtype == object and t.extra.get("kind"):
                 raise InputError(f"model {name!r}: {t.name!r} is a {t.extra['kind']}, not a tensor",
                                  hint="only tensor inputs and outputs can be served over the protocol")
-        # an output of unknown shape is assumed batch-first; the batcher checks it on every batch
-        batch_axis = all(t.shape is not None and t.shape and _dynamic(t.shape[0]) for t in inputs) and all(
-            t.shape is None or (t.shape and _dynamic(t.shape[0])) for t in outputs)
-        return cls(name, version, path, inputs, outputs, batch_axis, _cross_sample(model.graph))
+        return cls(name, version, path, inputs, outputs, _batch_axis(inputs, outputs), _cross_sample(model.graph))
 
     @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.outputs]
+
+
+def _batch_axis(inputs: list[TensorInfo], outputs: list[TensorInfo]) -> bool:
+    # an output of unknown shape is assumed batch-first; the batcher checks it on every batch
+    return all(t.shape is not None and t.shape and _dynamic(t.shape[0]) for t in inputs) and all(
+        t.shape is None or (t.shape and _dynamic(t.shape[0])) for t in outputs)
 
 
 def _cross_sample(graph: onnx.GraphProto) -> tuple[str, ...]:
@@ -129,6 +157,8 @@ def discover(source: str | os.PathLike, name: str | None = None) -> list[ModelEn
     src = Path(source)
     if src.is_file():
         return [ModelEntry.load(src, name or src.stem)]
+    if PipelineSpec.is_pipeline(src):
+        return [ModelEntry.load_pipeline(src, name or src.resolve().name)]
     if not src.is_dir():
         raise InputError(f"no such file or directory: {src}", hint="give an .onnx file or a directory of models")
     if name is not None:
@@ -140,6 +170,8 @@ def discover(source: str | os.PathLike, name: str | None = None) -> list[ModelEn
             continue
         if child.is_file() and child.suffix == ".onnx":
             key, hit = child.stem, ("1", child)
+        elif PipelineSpec.is_pipeline(child):
+            key, hit = child.name, ("1", child)
         elif child.is_dir():
             key = child.name
             hit = _versioned(child) or (("1", child / "model.onnx") if (child / "model.onnx").is_file() else None)
@@ -152,6 +184,7 @@ def discover(source: str | os.PathLike, name: str | None = None) -> list[ModelEn
                              hint="rename one of them")
         found[key] = hit
     if not found:
-        raise InputError(f"no models in {src}",
-                         hint="put NAME.onnx files, NAME/model.onnx or NAME/1/model.onnx (Triton layout) there")
-    return [ModelEntry.load(path, key, version) for key, (version, path) in found.items()]
+        raise InputError(f"no models in {src}", hint="put NAME.onnx files, NAME/model.onnx, NAME/1/model.onnx "
+                                                     "(Triton layout) or NAME/pipeline.json (onnxpipe split) there")
+    return [ModelEntry.load_pipeline(path, key, version) if path.is_dir() else ModelEntry.load(path, key, version)
+            for key, (version, path) in found.items()]

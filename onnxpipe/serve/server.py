@@ -40,6 +40,7 @@ from onnxpipe.serve.protocol import (
     wire_shape,
 )
 from onnxpipe.serve.repository import ModelEntry
+from onnxpipe.serve.staged import StagedPool, pool_for
 from onnxpipe.serve.triton import model_config
 from onnxpipe.serve.workers import DevicePool
 
@@ -68,7 +69,7 @@ class ServeOptions:
 
 
 class _Model:
-    def __init__(self, entry: ModelEntry, pool: DevicePool, batcher: Batcher) -> None:
+    def __init__(self, entry: ModelEntry, pool: DevicePool | StagedPool, batcher: Batcher) -> None:
         self.entry, self.pool, self.batcher = entry, pool, batcher
 
 
@@ -121,8 +122,9 @@ class InferenceServer:
         try:
             pools = []
             for entry in self.entries:
-                pool = DevicePool(entry.path, self.devices, depth=o.depth, max_restarts=o.max_restarts,
-                                  on_event=self._worker_event(entry.name))
+                # a split model (pipeline.json) gets one pool per stage, chained
+                pool = pool_for(entry, self.devices, depth=o.depth, max_restarts=o.max_restarts,
+                                on_event=self._worker_event(entry.name))
                 pools.append(pool)
                 pool.launch()  # all models load at once
             for pool in pools:
