@@ -91,7 +91,7 @@ def main() -> None:
             ok = ratio <= 1 + max(0.02, 2 * noise)
             within = took <= args.budget_s * 1.1 + 1.0
             failures += (not ok) + (not within)
-            t.add_row(name, d.default.label, escape(d.chosen.describe()), str(d.batch), str(len(d.trials) - 1),
+            t.add_row(name, d.default.label, escape(str(d.chosen)), str(d.batch), str(len(d.trials) - 1),
                       str(sum(x.status == "rejected" for x in d.trials)), f"{took:.1f}",
                       "[green]yes[/]" if within else "[red]no[/]", f"{dms:.3f}", f"{tms:.3f}",
                       f"{d.speedup:.2f}x" + ("" if d.significant else " (default kept)"),

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -31,6 +31,9 @@ from onnxpipe.passes.simplify import count_nodes
 from onnxpipe.runtimes.compare import compare_runs, outputs_on
 from onnxpipe.tensors import Comparison, graph_inputs, random_like
 from onnxpipe.userfiles import first_line
+
+if TYPE_CHECKING:
+    from onnxpipe.runtimes.providers import Device
 
 PassSpec = str | Pass | Mapping[str, Any] | tuple[str, Mapping[str, Any]]
 
@@ -158,6 +161,7 @@ def optimize(
     metric: str | Callable | None = None,
     outdir: str | os.PathLike | None = None,
     measure_latency: bool = True,
+    latency_device: Device | str | None = None,
     on_event: Callable[[str, Stage | None], None] | None = None,
 ) -> PipelineResult:
     """Run ``passes`` in order; after each, compare the model before and after on the same inputs.
@@ -177,6 +181,8 @@ def optimize(
         metric: ``top1``, ``top5``, ``file.py:function`` or a callable ``(outputs, labels) -> float``.
         outdir: where to write ``stages/NN-<pass>.onnx`` for every stage.
         measure_latency: time every kept stage (median ms on the first check batch).
+        latency_device: the CPU device whose session setup those timings use (a recipe's tuned
+            one, e.g. ``cpu:0[threads=2,spinning=false]``); default: ONNX Runtime's defaults.
         on_event: progress callback ``(message, stage or None)``.
     """
     from onnxpipe.metrics import evaluate, resolve
@@ -199,7 +205,8 @@ def optimize(
         if metric_fn is not None:
             stage.metric = evaluate(m, evaluation[0], evaluation[1], metric_fn)
         if measure_latency:
-            stage.latency_ms = latency_ms(m, inputs[0], budget_s=0.5)["median_ms"]
+            stage.latency_ms = (latency_ms(m, inputs[0], budget_s=0.5)["median_ms"] if latency_device is None
+                                else _device_latency_ms(m, inputs[0], latency_device, budget_s=0.5))
 
     def save(stage: Stage, m: onnx.ModelProto, suffix: str = "") -> None:
         if stage_dir is not None:
@@ -275,6 +282,24 @@ def optimize(
             stages.append(stage)
             notify(f"{p.name}: {'kept' if stage.kept else 'rolled back: ' + str(stage.reason)}", stage)
     return PipelineResult(current, stages, metric if isinstance(metric, str) else getattr(metric, "__name__", None))
+
+
+def _device_latency_ms(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], device: Device | str, *,
+                       budget_s: float) -> float:
+    """Median ms of one run in ``device``'s session setup, timed as :func:`latency_ms` times."""
+    from onnxpipe.runtimes.device_session import DeviceSession
+
+    with DeviceSession(model, device) as s:
+        checked = s.check_feeds(feeds)
+        for _ in range(3):
+            s.session.run(None, checked)
+        times: list[float] = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < 10 or (time.perf_counter() < deadline and len(times) < 10_000):
+            start = time.perf_counter()
+            s.session.run(None, checked)
+            times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
 
 
 def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> bool:
@@ -362,9 +387,15 @@ def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = 
                 console.print(f"{stage.index:02d} {stage.name}: " + ("kept" if stage.kept else f"[red]rolled back[/]: {stage.reason}"))
 
         check_inputs = data_mod.take(calibration, r.data.check_batches) if calibration else None
+        tuned_cpu = None
+        if r.runtime:  # stage latencies in the tuned CPU setup: what the deployment will run
+            from onnxpipe.runtimes.tuned import load_tuned
+
+            tuned_cpu = next((d for d in load_tuned(resolve_path(r, r.runtime)).devices() if d.kind == "cpu"), None)
         result = optimize(conversion.model, r.passes, check_inputs=check_inputs, calibration=calibration,
                           evaluation=evaluation, metric=r.validate_.metric if evaluation else None,
-                          outdir=out, measure_latency=r.validate_.latency, on_event=on_event)
+                          outdir=out, measure_latency=r.validate_.latency, latency_device=tuned_cpu,
+                          on_event=on_event)
         progress.update(task, description="validating on " + ", ".join(r.validate_.providers))
         inputs = check_inputs or generated_inputs(result.model)
         validation = validate_providers(result.model, r.validate_.providers, fit_inputs(result.model, inputs),

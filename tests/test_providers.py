@@ -74,6 +74,11 @@ def test_options_one_form_string_mapping_and_keywords():
     ("trt[min_shapes=x:1;y:2,opt_shapes=x:1,max_shapes=x:1]", "same inputs", "providers"),
     ("trt[min_shapes=x:1xa,opt_shapes=x:1,max_shapes=x:1]", "NAME:1x3x224x224", "providers"),
     ("cuda[pin]", "unknown option 'pin' for a cuda device", "cudnn"),
+    ("cpu[execution_mode=fast]", "option 'execution_mode'", "providers"),
+    ("cpu[spinning=sometimes]", "option 'spinning'", "providers"),
+    ("cpu[inter_threads=2,execution_mode=sequential]", "needs execution_mode=parallel", "providers"),
+    ("cuda[execution_mode=parallel]", "CPU devices only", "providers"),
+    ("cuda[inter_threads=2]", "CPU devices only", "providers"),
 ])
 def test_parse_errors_name_the_problem_and_fix(spec, needle, hint):
     with pytest.raises(InputError) as err:
@@ -115,6 +120,80 @@ def test_tensorrt_options_map_to_provider_options(tmp_path):
     assert trt["trt_profile_min_shapes"] == "x:1x3x8x8,m:1x8" and trt["trt_profile_max_shapes"] == "x:8x3x8x8,m:8x8"
     bare = Device.parse("trt[cuda_fallback=false,cpu_fallback=false]").providers(check=False)
     assert [p[0] for p in bare] == ["TensorrtExecutionProvider"]
+
+
+@pytest.mark.parametrize("spec", [
+    "cpu[threads=2,inter_threads=2]", "cpu:1[execution_mode=parallel,mem_pattern=false,spinning=false]",
+    "cpu[threads=1,inter_threads=3,execution_mode=parallel,spinning=off,arena=false,pin]",
+    "cuda:1[spinning=false,mem_pattern=false,cudnn=heuristic]", "trt:0[fp16,mem_pattern=false]",
+])
+def test_session_settings_round_trip_through_the_spec_string(spec):
+    d = Device.parse(spec)
+    again = Device.parse(str(d))  # what a worker process rebuilds
+    assert again == d and str(again) == str(d)
+    assert again.options.model_dump() == d.options.model_dump()
+
+
+def test_inter_threads_above_one_turn_on_parallel_execution():
+    d = Device.parse("cpu[threads=2,inter_threads=2]")
+    assert d.options.execution_mode == "parallel" and str(d) == "cpu:0[threads=2,inter_threads=2,execution_mode=parallel]"
+    o = d.session_options()
+    assert o.execution_mode.name == "ORT_PARALLEL" and (o.intra_op_num_threads, o.inter_op_num_threads) == (2, 2)
+    assert Device.parse("cpu[inter_threads=1]").options.execution_mode == "sequential"
+    plain = Device.parse("cpu").session_options(threads=2)  # ORT's defaults: sequential, memory pattern, spinning
+    assert plain.execution_mode.name == "ORT_SEQUENTIAL" and plain.enable_mem_pattern
+    assert plain.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    quiet = Device.parse("cpu[mem_pattern=false,spinning=false]").session_options()
+    assert not quiet.enable_mem_pattern
+    assert quiet.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert quiet.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+    gpu = Device.parse("cuda[spinning=false,mem_pattern=false]").session_options()
+    assert gpu.get_session_config_entry("session.intra_op.allow_spinning") == "0" and not gpu.enable_mem_pattern
+
+
+SPY = """
+import json, os
+
+from onnxpipe.runtimes import providers
+
+_real = providers.Device.session_options
+
+
+def _spy(self, **kw):
+    o = _real(self, **kw)
+    with open(os.path.join(os.environ["ONNXPIPE_TEST_SPY"], f"{os.getpid()}.json"), "w") as f:
+        json.dump({"device": str(self), "execution_mode": o.execution_mode.name, "intra": o.intra_op_num_threads,
+                   "inter": o.inter_op_num_threads, "mem_pattern": o.enable_mem_pattern,
+                   "spin": o.get_session_config_entry("session.intra_op.allow_spinning")}, f)
+    return o
+
+
+providers.Device.session_options = _spy
+"""
+
+
+def test_batch_runner_workers_apply_the_session_settings(model, x, tmp_path, monkeypatch):
+    import os
+
+    from onnxpipe.runtimes.batch import BatchRunner
+
+    # a sitecustomize that only the runner's freshly spawned worker interpreters import: it records
+    # the session options each worker builds from the spec string it was sent
+    hook, spy = tmp_path / "hook", tmp_path / "spy"
+    hook.mkdir()
+    spy.mkdir()
+    (hook / "sitecustomize.py").write_text(SPY)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("ONNXPIPE_TEST_SPY", str(spy))
+    spec = "cpu[threads=1,inter_threads=2,mem_pattern=false,spinning=false]"
+    with BatchRunner(model, [spec], batch_size=2) as runner:
+        got = runner.run({"x": x}).outputs["y"]
+    with Session(model) as s:
+        np.testing.assert_allclose(got, s.run({"x": x})["y"], atol=1e-5, rtol=1e-5)
+    seen = [json.loads(p.read_text()) for p in spy.iterdir()]
+    assert len(seen) == 1 and int(next(spy.iterdir()).stem) != os.getpid()  # built in the worker process
+    assert seen[0] == {"device": str(Device.parse(spec)), "execution_mode": "ORT_PARALLEL", "intra": 1, "inter": 2,
+                       "mem_pattern": False, "spin": "0"}
 
 
 def test_session_options_threads_optimization_and_strict_placement():
@@ -196,6 +275,8 @@ def test_option_rows_document_every_option():
     rows = {r[0]: r for r in option_rows()}
     assert {"threads", "cudnn", "fp16", "cache_dir", "min_shapes", "cpu_fallback"} <= set(rows)
     assert rows["fp16"][1] == "tensorrt" and all(r[3] for r in rows.values())
+    assert rows["execution_mode"][1:3] == ("cpu,cuda,tensorrt", "sequential")
+    assert rows["mem_pattern"][2] == rows["spinning"][2] == "true"
 
 
 def test_providers_command_lists_build_devices_and_cpu():
@@ -204,6 +285,9 @@ def test_providers_command_lists_build_devices_and_cpu():
     doc = json.loads(r.stdout)
     assert doc["devices"]["cpu"] is True and "CPUExecutionProvider" in doc["onnxruntime"]["providers"]
     assert doc["cpu"]["simd"] and doc["cpu"]["peak"]["gflops"] > 0 and isinstance(doc["gpus"], list)
+    table = run_cli("providers", timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert all(name in table.stdout for name in ("execution_mode", "mem_pattern", "spinning", "inter_threads"))
 
 
 # GPU ---------------------------------------------------------------------------------------

@@ -11,16 +11,11 @@ import pytest
 from conftest import conv_gemm_model, run_cli
 
 from onnxpipe.errors import InputError
+from onnxpipe.runtimes.providers import Device
 from onnxpipe.runtimes.tune import tune
 from onnxpipe.runtimes.tune_measure import activation_bytes, duel, knee, memory_model
-from onnxpipe.runtimes.tune_space import ModelFacts, space
-from onnxpipe.runtimes.tuned import (
-    TunedDevice,
-    TunedEntry,
-    TunedFile,
-    load_tuned,
-    save_tuned,
-)
+from onnxpipe.runtimes.tune_space import ModelFacts, space, with_options
+from onnxpipe.runtimes.tuned import TunedEntry, TunedFile, load_tuned, save_tuned
 
 BRANCHY = """<ir_version: 8, opset_import: ["" : 17]>
 g (float[N,16] x) => (float[N,16] y) {
@@ -47,27 +42,36 @@ def _values(dims, name):
 def test_cpu_space_skips_what_cannot_apply_and_keeps_user_options():
     plain = ModelFacts.of(conv_gemm_model())
     assert plain.width == 1 and not plain.static_inputs
-    dims, skipped = space(TunedDevice.from_spec("cpu"), plain, cores=4)
+    dims, skipped = space(Device.parse("cpu"), plain, cores=4)
     assert [d.name for d in dims] == ["threads", "spinning", "optimization", "arena", "mem_pattern"]
     assert _values(dims, "threads") == ["threads=auto", "threads=1", "threads=2", "threads=4"]
     assert any(s.label == "parallel" and "no parallel branches" in s.why for s in skipped)
     branchy = ModelFacts.of(onnx.parser.parse_model(BRANCHY))
     assert branchy.width == 3
-    dims, _ = space(TunedDevice.from_spec("cpu"), branchy, cores=4)
+    dims, _ = space(Device.parse("cpu"), branchy, cores=4)
     # inter-op threads appear only together with parallel mode
     assert _values(dims, "execution") == ["sequential", "parallel, inter_threads=2", "parallel, inter_threads=3"]
-    par = next(v for d in dims if d.name == "execution" for v in d.values if v.session.get("execution_mode") == "parallel")
-    assert par.apply(TunedDevice.from_spec("cpu")).options.inter_threads == 2
-    dims, skipped = space(TunedDevice.from_spec("cpu[threads=1]"), plain, cores=4)
+    par = next(v for d in dims if d.name == "execution" for v in d.values if v.options.get("execution_mode") == "parallel")
+    chosen = par.apply(Device.parse("cpu[threads=1]"))
+    assert chosen.options.inter_threads == 2 and chosen.options.execution_mode == "parallel"
+    default_pattern = next(v for d in dims if d.name == "mem_pattern" for v in d.values if v.label == "mem_pattern=on")
+    assert str(default_pattern.apply(chosen)) == "cpu:0[threads=1,inter_threads=2,execution_mode=parallel]"
+    back = next(v for d in dims if d.name == "execution" for v in d.values if v.label == "sequential").apply(chosen)
+    assert str(back) == "cpu:0[threads=1]"  # sequential drops the inter-op threads that only parallel uses
+    # settings the user gave on the device are kept, not searched
+    dims, skipped = space(Device.parse("cpu[spinning=false,inter_threads=2]"), branchy, cores=4)
+    assert not {"spinning", "execution"} & {d.name for d in dims}
+    assert {"spinning", "execution"} <= {s.dimension for s in skipped}
+    dims, skipped = space(Device.parse("cpu[threads=1]"), plain, cores=4)
     assert "threads" not in [d.name for d in dims] and any(s.dimension == "threads" for s in skipped)
 
 
 def test_gpu_option_dictionaries_and_skips_without_a_gpu():
     dynamic = ModelFacts.of(conv_gemm_model())
-    dims, skipped = space(TunedDevice.from_spec("cuda:1"), dynamic, cores=8)
+    dims, skipped = space(Device.parse("cuda:1"), dynamic, cores=8)
     assert [d.name for d in dims] == ["cudnn", "binding", "arena", "optimization"]
     assert any("dynamic input shapes" in s.why for s in skipped if s.label == "io_binding+cuda_graph")
-    base = TunedDevice.from_spec("cuda:1")
+    base = Device.parse("cuda:1")
     algos = [dict(v.apply(base).providers(check=False)[0][1])["cudnn_conv_algo_search"] for v in dims[0].values]
     assert algos == ["EXHAUSTIVE", "HEURISTIC", "DEFAULT"]
     static = ModelFacts.of(_qdq_static())
@@ -77,31 +81,41 @@ def test_gpu_option_dictionaries_and_skips_without_a_gpu():
     dev = graph.apply(base)
     cuda = dev.providers(check=False)[0][1]
     assert dev.options.io_binding and cuda["enable_cuda_graph"] == "1" and cuda["device_id"] == "1"
-    dims, skipped = space(TunedDevice.from_spec("tensorrt:0"), dynamic, cores=8)
+    dims, skipped = space(Device.parse("tensorrt:0"), dynamic, cores=8)
     assert _values(dims, "precision") == ["fp32", "fp16"] and any(s.label == "int8" for s in skipped)
     level = next(v for d in dims if d.name == "builder_level" for v in d.values if v.label == "builder_level=5")
     fp16 = next(v for d in dims if d.name == "precision" for v in d.values if v.label == "fp16")
-    trt = fp16.apply(level.apply(TunedDevice.from_spec("tensorrt:0"))).providers(check=False)
+    trt = fp16.apply(level.apply(Device.parse("tensorrt:0"))).providers(check=False)
     assert trt[0][0] == "TensorrtExecutionProvider"
     assert trt[0][1]["trt_fp16_enable"] == "1" and trt[0][1]["trt_builder_optimization_level"] == "5"
-    dims, _ = space(TunedDevice.from_spec("tensorrt:0"), static, cores=8)
+    dims, _ = space(Device.parse("tensorrt:0"), static, cores=8)
     assert "int8" in _values(dims, "precision")
 
 
-def test_tuned_device_reaches_the_session_options():
+def test_tuned_settings_are_device_options_that_reach_the_session():
     from onnxpipe.runtimes.device_session import DeviceSession
 
-    dev = TunedDevice.from_spec("cpu[threads=1,inter_threads=2]",
-                                {"execution_mode": "parallel", "mem_pattern": False, "spinning": False})
-    with DeviceSession(conv_gemm_model(), dev) as s:
+    dev = with_options(Device.parse("cpu[threads=1]"), {"inter_threads": 2, "execution_mode": "parallel",
+                                                         "mem_pattern": False, "spinning": False})
+    assert Device.parse(str(dev)) == dev  # the spec string carries every setting
+    with DeviceSession(conv_gemm_model(), str(dev)) as s:
         opts = s.session.get_session_options()
         assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 2
         assert str(opts.execution_mode).endswith("PARALLEL") and not opts.enable_mem_pattern
         assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         y = s.run({"x": np.ones((2, 3, 8, 8), np.float32)})["y"]
     assert y.shape == (2, 10)
-    with pytest.raises(InputError, match="session setting 'spinning'"):
-        TunedDevice.from_spec("cpu", {"spinning": "sometimes"})
+
+
+def test_files_with_separate_session_settings_still_load(tmp_path):
+    doc = TunedFile(model="m", entries=[TunedEntry(device="cpu:0[threads=1]", batch_size=2)]).model_dump(mode="json")
+    doc["entries"][0]["session"] = {"execution_mode": "sequential", "spinning": False, "mem_pattern": False}
+    (tmp_path / "old.json").write_text(json.dumps(doc))
+    assert [str(d) for d in load_tuned(tmp_path / "old.json").devices()] == ["cpu:0[threads=1,mem_pattern=false,spinning=false]"]
+    doc["entries"][0]["session"] = {"spinning": "sometimes"}
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="option 'spinning'"):
+        load_tuned(tmp_path / "bad.json")
 
 
 def test_duel_and_knee():
@@ -161,7 +175,7 @@ def test_a_few_seconds_of_budget_still_yield_a_valid_file(tmp_path):
     assert d.speedup == 1.0 or (d.significant and d.confirm.faster(0.02))
     path = save_tuned(report.to_file(), tmp_path / "tuned.json")
     loaded = load_tuned(path)
-    assert loaded.entries[0].batch_size == d.batch and loaded.devices()[0].describe() == d.chosen.describe()
+    assert loaded.entries[0].batch_size == d.batch and loaded.devices()[0] == d.chosen
 
 
 def test_memory_cap_bounds_the_batch():
@@ -187,9 +201,8 @@ def test_tuned_file_errors(tmp_path):
         load_tuned(tmp_path / "y.json")
 
 
-def _write_tuned(path, device="cpu:0[threads=1]", batch=3, session=None):
-    entry = TunedEntry(device=device, session=session or {}, batch_size=batch)
-    save_tuned(TunedFile(model="m.onnx", entries=[entry]), path)
+def _write_tuned(path, device="cpu:0[threads=1]", batch=3):
+    save_tuned(TunedFile(model="m.onnx", entries=[TunedEntry(device=device, batch_size=batch)]), path)
 
 
 def test_recipe_runtime_key_selects_the_tuned_devices(tmp_path):
@@ -206,6 +219,25 @@ def test_recipe_runtime_key_selects_the_tuned_devices(tmp_path):
         load_recipe({"model": str(tmp_path / "m.onnx"), "runtime": str(tmp_path / "missing.json")})
 
 
+def test_recipe_runtime_times_stages_in_the_tuned_cpu_setup(tmp_path, monkeypatch):
+    from onnxpipe import pipeline
+
+    onnx.save(conv_gemm_model(), tmp_path / "m.onnx")
+    _write_tuned(tmp_path / "tuned.json", "cpu:0[threads=1,spinning=false,mem_pattern=false]")
+    real, seen = pipeline._device_latency_ms, []
+
+    def spy(model, feeds, device, *, budget_s):
+        seen.append(str(device))
+        return real(model, feeds, device, budget_s=0.05)
+
+    monkeypatch.setattr(pipeline, "_device_latency_ms", spy)
+    result = pipeline.run({"model": str(tmp_path / "m.onnx"), "runtime": str(tmp_path / "tuned.json"),
+                           "passes": ["simplify"]}, tmp_path / "out")
+    assert seen and set(seen) == {"cpu:0[threads=1,mem_pattern=false,spinning=false]"}
+    assert all(st.latency_ms > 0 for st in result.pipeline.stages if st.kept)
+    assert [row["provider"] for row in result.validation] == ["cpu:0[threads=1,mem_pattern=false,spinning=false]"]
+
+
 def test_cli_tune_writes_config_chart_and_bench_infer_honour_it(tmp_path):
     model = tmp_path / "m.onnx"
     onnx.save(conv_gemm_model(), model)
@@ -215,7 +247,7 @@ def test_cli_tune_writes_config_chart_and_bench_infer_honour_it(tmp_path):
     assert doc["format"] == "onnxpipe.tuned/1" and doc["entries"][0]["default"]["latency_ms"] > 0
     assert (tmp_path / "tune.png").stat().st_size > 0 and load_tuned(tmp_path / "tuned.json").entries
     # a distinctive config: bench and infer must run exactly it
-    _write_tuned(tmp_path / "mine.json", "cpu:0[threads=1]", batch=3, session={"spinning": False})
+    _write_tuned(tmp_path / "mine.json", "cpu:0[threads=1,spinning=false]", batch=3)
     b = run_cli("bench", str(model), "--config", str(tmp_path / "mine.json"), "--runs", "3", "--budget", "0.02",
                 "--json", timeout=120)
     assert b.returncode == 0, b.stderr
@@ -226,10 +258,56 @@ def test_cli_tune_writes_config_chart_and_bench_infer_honour_it(tmp_path):
                 "--config", str(tmp_path / "mine.json"), "--json", timeout=180)
     assert i.returncode == 0, i.stderr
     res = json.loads(i.stdout)
-    assert res["samples"] == 7 and res["devices"][0]["spec"] == "cpu:0[threads=1]"
+    # the workers rebuild the device from this spec: every tuned setting travels with it
+    assert res["samples"] == 7 and res["devices"][0]["spec"] == "cpu:0[threads=1,spinning=false]"
     assert res["devices"][0]["batches"] == 3  # 3 + 3 + 1: the tuned batch size
-    assert "spinning=off" in i.stderr + i.stdout  # the note on what the workers cannot apply
+    assert "session settings" not in i.stderr  # no more "the workers cannot apply" note
     bad = run_cli("tune", str(model), "--objective", "fast", timeout=60)
     assert bad.returncode == 2 and "--objective" in bad.stderr and "Traceback" not in bad.stderr
     bad = run_cli("bench", str(model), "--config", str(tmp_path / "none.json"), timeout=60)
     assert bad.returncode == 2 and "no such tuned config" in bad.stderr
+
+
+def _serve_banner(args: list[str]) -> str:
+    """Start ``onnxpipe serve ARGS``, return what it printed up to its 'serving on' line, stop it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "onnxpipe", "serve", *args, "--port", "0"], cwd=ROOT,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("serving on "):
+                break
+        assert lines and lines[-1].startswith("serving on "), proc.stderr.read() if proc.poll() is not None else lines
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    return "".join(lines)
+
+
+def test_serve_takes_the_tuned_devices_and_batch_size(tmp_path):
+    pytest.importorskip("aiohttp")
+    onnx.save(conv_gemm_model(), tmp_path / "m.onnx")
+    _write_tuned(tmp_path / "tuned.json", "cpu:1[threads=1,spinning=false]", batch=3)
+    # the tuned devices replace --devices; the tuned batch is the largest batch unless given
+    out = _serve_banner([str(tmp_path / "m.onnx"), "--devices", "cpu:0,cpu:2", "--config", str(tmp_path / "tuned.json")])
+    assert "models on cpu:1" in out and "up to 3" in out
+    out = _serve_banner([str(tmp_path / "m.onnx"), "--config", str(tmp_path / "tuned.json"), "--max-batch-size", "5"])
+    assert "models on cpu:1" in out and "up to 5" in out
+    bad = run_cli("serve", str(tmp_path / "m.onnx"), "--config", str(tmp_path / "none.json"), timeout=60)
+    assert bad.returncode == 2 and "no such tuned config" in bad.stderr and "Traceback" not in bad.stderr

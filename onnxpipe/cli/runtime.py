@@ -13,7 +13,7 @@ from rich.table import Table
 from onnxpipe.cli._common import console_for
 
 DEVICES_HELP = "Devices, comma-separated: cpu, cpu:1, cuda:0, tensorrt:0[fp16,cache_dir=trt] (see `onnxpipe providers`)."
-CONFIG_HELP = "A tuned.json from `onnxpipe tune`: its devices, session settings and batch size are used."
+CONFIG_HELP = "A tuned.json from `onnxpipe tune`: its devices (with every tuned option) and batch size are used."
 
 
 def int_list(text: str, what: str) -> list[int]:
@@ -124,10 +124,6 @@ def register(app: typer.Typer) -> None:
 
             tuned = load_tuned(config)
             devices, batch_size = tuned.devices(), batch_size or tuned.batch_size()  # type: ignore[assignment]
-            for d in tuned.devices():
-                if d.session.changed():  # workers rebuild devices from their spec strings
-                    console.print(f"[yellow]note[/]: {d.label}: the batch runner's workers apply {escape(str(d))} "
-                                  f"but not the session settings {escape(d.session.describe())}")
         batch_size = batch_size or 32
         runner_cls = BatchRunner
         if model.is_dir() and (model / "pipeline.json").is_file():  # a split model: one stage per device
@@ -244,7 +240,7 @@ def register(app: typer.Typer) -> None:
         counts: list[int | None] = list(int_list(threads, "--threads")) if threads else [None]
         devices = parse_devices(providers)
         default_sizes = "1"
-        if config is not None:  # the tuned devices (with their session settings) replace --providers
+        if config is not None:  # the tuned devices (every tuned setting is a device option) replace --providers
             from onnxpipe.runtimes.tuned import load_tuned
 
             tuned = load_tuned(config)

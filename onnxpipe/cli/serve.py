@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxpipe.cli._common import console_for
+from onnxpipe.cli.runtime import CONFIG_HELP
 
 DEVICES_HELP = ("Devices, comma-separated; every model gets a worker on each: cpu, cpu:0,cpu:1, cuda:0,cuda:1, "
                 "tensorrt:0[fp16,cache_dir=trt].")
@@ -24,10 +25,12 @@ def register(app: typer.Typer) -> None:
         devices: Annotated[str, typer.Option("--devices", envvar="ONNXPIPE_DEVICES", help=DEVICES_HELP)] = "cpu",
         host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
         port: Annotated[int, typer.Option("--port", help="Port (0 picks a free one).")] = 8000,
-        max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Most samples per batch (1: no dynamic batching).")] = 32,
+        max_batch_size: Annotated[int | None, typer.Option("--max-batch-size", help="Most samples per batch (1: no dynamic batching; "
+                                                                                   "default: the tuned batch size with --config, else 32).")] = None,
         max_queue_delay_ms: Annotated[float, typer.Option("--max-queue-delay-ms", help="Longest wait for a batch to fill once a device is free.")] = 2.0,
         max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, in MiB.")] = 64.0,
         max_queue: Annotated[int, typer.Option("--max-queue", help="Requests waiting per model before new ones get 503.")] = 2048,
+        config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP + " They replace --devices.")] = None,
     ) -> None:
         """Serve models over HTTP (KServe v2 / Open Inference Protocol, as Triton and KServe speak it)."""
         import asyncio
@@ -45,6 +48,15 @@ def register(app: typer.Typer) -> None:
             serve_until_stopped,
         )
 
+        if config is not None:  # the tuned devices replace --devices; the tuned batch is the default largest batch
+            from onnxpipe.runtimes.tuned import load_tuned
+
+            tuned = load_tuned(config)
+            devs = tuned.devices()
+            max_batch_size = tuned.batch_size() if max_batch_size is None else max_batch_size
+        else:
+            devs = parse_devices(devices)
+        max_batch_size = 32 if max_batch_size is None else max_batch_size
         if max_batch_size < 1 or max_queue_delay_ms < 0 or max_body_mb <= 0 or max_queue < 1:
             raise InputError("--max-batch-size and --max-queue must be >= 1, --max-queue-delay-ms >= 0, --max-body-mb > 0",
                              hint="e.g. --max-batch-size 32 --max-queue-delay-ms 2")
@@ -53,7 +65,6 @@ def register(app: typer.Typer) -> None:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         console = console_for(False)
         entries = discover(model, name)
-        devs = parse_devices(devices)
         options = ServeOptions(host=host, port=port, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                                max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue)
         table = Table(title=f"models on {', '.join(d.label for d in devs)}")

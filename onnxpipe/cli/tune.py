@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
                                                                                "(default: half the free RAM, 90% of a GPU's free memory).")] = None,
         max_batch: Annotated[int, typer.Option("--max-batch", help="Never consider batches above this.")] = 4096,
         dim: Annotated[list[str] | None, typer.Option("--dim", help="NAME=VALUE for a named symbolic dim, repeatable.")] = None,
-        try_: Annotated[list[str] | None, typer.Option("--try", help="Also try this setup, e.g. 'cpu[threads=1,optimization=basic]', repeatable.")] = None,
+        try_: Annotated[list[str] | None, typer.Option("--try", help="Also try this setup, e.g. 'cpu[threads=1,spinning=false]', repeatable.")] = None,
         atol: Annotated[float | None, typer.Option("--atol", help="How close a candidate's outputs must be to the default's.")] = None,
         rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance of that check.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print the tuned config as JSON on stdout.")] = False,
@@ -52,11 +52,11 @@ def register(app: typer.Typer) -> None:
 
         from onnxpipe.errors import InputError
         from onnxpipe.modelio import load_model
-        from onnxpipe.runtimes.providers import split_devices
+        from onnxpipe.runtimes.providers import Device, split_devices
         from onnxpipe.runtimes.tune import tune as do_tune
         from onnxpipe.runtimes.tune_report import candidates_table, summary_table
         from onnxpipe.runtimes.tune_report import chart as draw
-        from onnxpipe.runtimes.tuned import TunedDevice, save_tuned
+        from onnxpipe.runtimes.tuned import save_tuned
 
         console = console_for(json_out)
         if objective not in ("latency", "throughput"):
@@ -65,8 +65,8 @@ def register(app: typer.Typer) -> None:
             raise InputError(f"--max-batch must be >= 1, received {max_batch}", hint="e.g. --max-batch 256")
         sizes = int_list(batch_sizes, "--batch-sizes") if batch_sizes else None
         cap = parse_bytes(memory_cap) if memory_cap else None
-        parsed = [TunedDevice.from_spec(d) for d in split_devices(devices)]
-        extra = [TunedDevice.from_spec(t) for t in try_ or []]
+        parsed = [Device.parse(d) for d in split_devices(devices)]
+        extra = [Device.parse(t) for t in try_ or []]
         proto = load_model(model)
         start = time.perf_counter()
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
@@ -90,6 +90,6 @@ def register(app: typer.Typer) -> None:
             for note in d.notes:
                 console.print(f"[dim]{d.default.label}: {escape(note)}[/]")
         console.print(f"tuned config: {output} · chart: {chart_path} · use it with "
-                      f"`onnxpipe bench {model} --config {output}` (also infer, recipes' runtime:)")
+                      f"`onnxpipe bench {model} --config {output}` (also infer, serve, recipes' runtime:)")
         if json_out:
             print(json.dumps(tuned.model_dump(mode="json"), indent=2))

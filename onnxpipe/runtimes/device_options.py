@@ -7,7 +7,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,17 +23,45 @@ class DeviceOptions(BaseModel):
     """Options every device takes.
 
     ``threads`` defaults to this worker's share of the cores in the batch runner (cores //
-    workers) and to ONNX Runtime's choice elsewhere.
+    workers) and to ONNX Runtime's choice elsewhere. ``inter_threads`` above 1 on a CPU device
+    turns on parallel execution unless ``execution_mode`` says otherwise (it does nothing in
+    sequential mode, so asking for both is an error).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    parallel_ok: ClassVar[bool] = True  # ORT runs sessions with the CUDA provider sequentially whatever it is told
 
     threads: int | None = Field(None, ge=1)
     """Intra-op threads (for GPU devices: the threads of nodes that run on CPU)."""
     inter_threads: int | None = Field(None, ge=1)
-    """Inter-op threads (only used with parallel execution; 1 by default when threads is set)."""
+    """Inter-op threads of parallel execution (above 1 on a CPU turns it on; 1 when threads is set)."""
     optimization: Literal["disable", "basic", "extended", "all"] = "all"
     """ORT graph optimization level."""
+    execution_mode: Literal["sequential", "parallel"] = "sequential"
+    """Parallel runs independent branches at once on the inter-op threads (CPU devices only)."""
+    mem_pattern: bool = True
+    """Plan memory from the first run's allocations (pays off when input shapes repeat)."""
+    spinning: bool = True
+    """Idle pool threads spin instead of sleeping: faster wake-up, but they burn cores others need."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parallel_from_inter_threads(cls, data: Any) -> Any:
+        inter = data.get("inter_threads") if isinstance(data, dict) else None
+        if cls.parallel_ok and isinstance(inter, int) and inter > 1 and data.get("execution_mode") is None:
+            data = {**data, "execution_mode": "parallel"}
+        return data
+
+    @model_validator(mode="after")
+    def _parallel_applies(self) -> DeviceOptions:
+        if self.execution_mode == "parallel" and not self.parallel_ok:
+            raise ValueError("parallel execution applies to CPU devices only (ONNX Runtime runs CUDA sessions "
+                             "sequentially): drop execution_mode and inter_threads")
+        if (self.inter_threads or 1) > 1 and self.execution_mode == "sequential":
+            raise ValueError(f"inter_threads={self.inter_threads} needs execution_mode=parallel "
+                             "(sequential execution runs one node at a time)"
+                             + ("" if self.parallel_ok else ", which applies to CPU devices only"))
+        return self
 
 
 class CpuOptions(DeviceOptions):
@@ -57,6 +85,8 @@ class CudaOptions(DeviceOptions):
         >>> CudaOptions(mem_limit="1GiB").mem_limit
         1073741824
     """
+
+    parallel_ok: ClassVar[bool] = False
 
     arena: Literal["next_power_of_two", "same_as_requested"] = "next_power_of_two"
     """How the GPU arena grows."""

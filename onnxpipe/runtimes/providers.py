@@ -233,20 +233,34 @@ class Device:
     def session_options(self, *, threads: int | None = None) -> ort.SessionOptions:
         """ORT session options for this device; ``threads`` is the default when the device sets none.
 
-        Node placement is recorded (see :mod:`onnxpipe.runtimes.device_session`), and a GPU
-        device without ``cpu_fallback`` makes ORT refuse models with nodes it cannot place.
+        Everything comes from the device's options (threads, execution mode, optimization level,
+        memory pattern, spinning, arena), so a worker process that rebuilds the device from its
+        spec string gets the same session. Node placement is recorded (see
+        :mod:`onnxpipe.runtimes.device_session`), and a GPU device without ``cpu_fallback``
+        makes ORT refuse models with nodes it cannot place.
+
+        Example:
+            >>> o = Device.parse("cpu[threads=1,inter_threads=2,spinning=false]").session_options()
+            >>> o.execution_mode.name, o.inter_op_num_threads, o.get_session_config_entry("session.intra_op.allow_spinning")
+            ('ORT_PARALLEL', 2, '0')
         """
         ort_mod = require("onnxruntime")
         o = self.options
         opts = ort_mod.SessionOptions()
         opts.log_severity_level = 3
         opts.graph_optimization_level = getattr(ort_mod.GraphOptimizationLevel, OPT_LEVELS[o.optimization])
+        opts.execution_mode = (ort_mod.ExecutionMode.ORT_PARALLEL if o.execution_mode == "parallel"
+                               else ort_mod.ExecutionMode.ORT_SEQUENTIAL)
         n = o.threads or threads
         if n:
             opts.intra_op_num_threads = n
-            opts.inter_op_num_threads = o.inter_threads or 1
+            opts.inter_op_num_threads = o.inter_threads or 1  # a worker's core share is not doubled by a 2nd pool
         elif o.inter_threads:
             opts.inter_op_num_threads = o.inter_threads
+        opts.enable_mem_pattern = o.mem_pattern
+        spin = _flag(o.spinning)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
         if isinstance(o, CpuOptions):
             opts.enable_cpu_mem_arena = o.arena
         opts.add_session_config_entry("session.record_ep_graph_assignment_info", "1")

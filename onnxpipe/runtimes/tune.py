@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from onnxpipe.errors import InputError, OnnxpipeError
+from onnxpipe.runtimes.providers import Device
 from onnxpipe.runtimes.tune_measure import (
     Duel,
     batch_curve,
@@ -44,14 +45,8 @@ from onnxpipe.runtimes.tune_measure import (
     output_mismatch,
     tolerance_for,
 )
-from onnxpipe.runtimes.tune_space import ModelFacts, Skipped, space
-from onnxpipe.runtimes.tuned import (
-    CurvePoint,
-    Measured,
-    TunedDevice,
-    TunedEntry,
-    TunedFile,
-)
+from onnxpipe.runtimes.tune_space import ModelFacts, Skipped, space, with_options
+from onnxpipe.runtimes.tuned import CurvePoint, Measured, TunedEntry, TunedFile
 
 ROUND_S = 0.025  # one round of one setup: long enough to time, short enough to interleave often
 MIN_GAIN = 0.02  # below 2% a change is not worth a different setup
@@ -61,7 +56,7 @@ MIN_GAIN = 0.02  # below 2% a change is not worth a different setup
 class Trial:
     """One candidate setup: what changed from the incumbent, and what became of it."""
 
-    device: TunedDevice
+    device: Device
     change: str
     status: Literal["default", "kept", "no gain", "slower", "rejected", "error"]
     latency_ms: float | None = None
@@ -79,8 +74,8 @@ class Trial:
 class DeviceTuning:
     """Everything tuning one device found."""
 
-    default: TunedDevice
-    chosen: TunedDevice
+    default: Device
+    chosen: Device
     batch: int
     trials: list[Trial] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
@@ -101,8 +96,7 @@ class DeviceTuning:
     def entry(self) -> TunedEntry:
         tput = (lambda ms: self.batch / (ms / 1e3) if ms else 0.0)
         return TunedEntry(
-            device=str(self.chosen), session=self.chosen.session, batch_size=self.batch,
-            default_device=self.default.describe(),
+            device=str(self.chosen), batch_size=self.batch, default_device=str(self.default),
             tuned=Measured(latency_ms=self.tuned_ms, samples_per_s=tput(self.tuned_ms), batch=self.batch),
             default=Measured(latency_ms=self.default_ms, samples_per_s=tput(self.default_ms), batch=self.batch),
             speedup=round(self.speedup, 4), significant=self.significant,
@@ -137,7 +131,7 @@ class TuneReport:
 class _Live:
     """An open session on fixed feeds; ``run()`` is what gets timed."""
 
-    def __init__(self, model: onnx.ModelProto, device: TunedDevice, feeds: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, model: onnx.ModelProto, device: Device, feeds: Mapping[str, np.ndarray]) -> None:
         self.device = device
         self.session = _open(model, device)
         self.feeds = dict(feeds)
@@ -149,7 +143,7 @@ class _Live:
         self.session.close()
 
 
-def _open(model: onnx.ModelProto, device: TunedDevice) -> Any:
+def _open(model: onnx.ModelProto, device: Device) -> Any:
     from onnxpipe.runtimes.device_session import DeviceSession
 
     return DeviceSession(model, device)
@@ -181,13 +175,13 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         dims: sizes of named symbolic dims other than the batch.
         atol, rtol: how close a candidate's outputs must be to the default's (float32 setups).
         cache_dir: TensorRT engine and timing caches (default: none).
-        extra: more setups to try, before the search (specs or :class:`TunedDevice`).
+        extra: more setups to try, before the search (specs or :class:`Device`).
         seed: of the generated inputs.
         on_event: called with a line of progress.
 
     Example:
         >>> tune(conv_gemm_model(), ["cpu"], budget_s=3).devices[0].chosen  # doctest: +SKIP
-        TunedDevice('cpu:0[threads=1] spinning=off')
+        Device('cpu:0[threads=1,spinning=false]')
     """
     from onnxpipe.hardware import cpu
     from onnxpipe.modelio import load_model
@@ -200,7 +194,7 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         raise InputError(f"batch sizes must be >= 1, received {list(batch_sizes)}", hint="e.g. --batch-sizes 1,8,32")
     start = time.perf_counter()
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
-    parsed = [d if isinstance(d, TunedDevice) else TunedDevice.from_spec(d) for d in devices]
+    parsed = [Device.parse(d) for d in devices]
     if not parsed:
         raise InputError("no devices to tune", hint="give at least one, e.g. --devices cpu")
     for d in parsed:
@@ -210,7 +204,7 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
     results = []
     for k, device in enumerate(parsed):
         share = (budget_s - (time.perf_counter() - start)) / (len(parsed) - k)
-        extras = [e if isinstance(e, TunedDevice) else TunedDevice.from_spec(e) for e in extra]
+        extras = [Device.parse(e) for e in extra]
         results.append(_tune_one(proto, device, facts, objective=objective, batch_sizes=batch_sizes,
                                  budget_s=max(share, 0.0), memory_cap=memory_cap, max_batch=max_batch, dims=dims or {},
                                  atol=atol, rtol=rtol, cache_dir=cache_dir, cores=cpu().cores,
@@ -226,7 +220,7 @@ def _feeds(model: onnx.ModelProto, batch: int, dims: Mapping[str, int], seed: in
     return {i.name: random_input(i, concrete_shape(i, batch, dims), rng) for i in graph_inputs(model)}
 
 
-def _with_cache(device: TunedDevice, cache_dir: str | os.PathLike | None, fixed: set[str]) -> TunedDevice:
+def _with_cache(device: Device, cache_dir: str | os.PathLike | None, fixed: set[str]) -> Device:
     if device.kind != "tensorrt" or cache_dir is None or "cache_dir" in fixed:
         return device
     o = device.options
@@ -234,13 +228,13 @@ def _with_cache(device: TunedDevice, cache_dir: str | os.PathLike | None, fixed:
     tag = f"{'int8' if o.int8 else 'fp16' if o.fp16 else 'fp32'}-L{o.builder_level if o.builder_level is not None else 'd'}"  # type: ignore[attr-defined]
     path = Path(cache_dir) / tag
     path.mkdir(parents=True, exist_ok=True)
-    return device.with_changes({"cache_dir": str(path)})
+    return with_options(device, {"cache_dir": str(path)})
 
 
-def _tune_one(model: onnx.ModelProto, device: TunedDevice, facts: ModelFacts, *, objective: str,
+def _tune_one(model: onnx.ModelProto, device: Device, facts: ModelFacts, *, objective: str,
               batch_sizes: Sequence[int] | None, budget_s: float, memory_cap: int | None, max_batch: int,
               dims: Mapping[str, int], atol: float | None, rtol: float | None, cache_dir: Any, cores: int,
-              extra: Sequence[TunedDevice], seed: int, notify: Callable[[str], None]) -> DeviceTuning:
+              extra: Sequence[Device], seed: int, notify: Callable[[str], None]) -> DeviceTuning:
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     fixed = set(device.options.model_fields_set)
@@ -315,15 +309,15 @@ def _tune_one(model: onnx.ModelProto, device: TunedDevice, facts: ModelFacts, *,
 def _search(model: onnx.ModelProto, result: DeviceTuning, live_default: _Live, check: list[dict[str, np.ndarray]],
             reference: list[dict[str, np.ndarray]], facts: ModelFacts, *, cores: int, runs: int, round_s: float,
             deadline: float,
-            fixed: set[str], cache_dir: Any, atol: float | None, rtol: float | None, extra: Sequence[TunedDevice],
+            fixed: set[str], cache_dir: Any, atol: float | None, rtol: float | None, extra: Sequence[Device],
             notify: Callable[[str], None]) -> _Live:
     """Coordinate descent from the default; returns the live session of the best setup found."""
     dims, skipped = space(result.default, facts, cores=cores)
     result.skipped = skipped
     incumbent = live_default
-    seen = {result.default.describe()}
+    seen = {str(result.default)}
     # setups the user asked for go first: the budget must not run out before them
-    steps: list[tuple[str, str, Any, Any]] = [("extra", e.describe(), None, e) for e in extra]
+    steps: list[tuple[str, str, Any, Any]] = [("extra", str(e), None, e) for e in extra]
     steps += [(d.name, v.label, v, d) for d in dims for v in d.values]
     for k, (dim_name, label, value, owner) in enumerate(steps):
         if time.perf_counter() >= deadline:
@@ -335,9 +329,9 @@ def _search(model: onnx.ModelProto, result: DeviceTuning, live_default: _Live, c
         except OnnxpipeError as exc:
             result.skipped.append(Skipped(dim_name, label, exc.message))
             continue
-        if cand.describe() in seen:
+        if str(cand) in seen:
             continue
-        seen.add(cand.describe())
+        seen.add(str(cand))
         if value is not None and (why := owner.check(cand, value)):
             result.skipped.append(Skipped(dim_name, label, why))
             continue
@@ -366,7 +360,7 @@ def _search(model: onnx.ModelProto, result: DeviceTuning, live_default: _Live, c
                  deadline=min(deadline, time.perf_counter() + share))
         trial.latency_ms, trial.ratio = d.b_median, d.ratio
         if d.faster(MIN_GAIN):
-            trial.status, trial.reason = "kept", f"{1 / d.ratio:.2f}x faster than {incumbent.device.describe()}"
+            trial.status, trial.reason = "kept", f"{1 / d.ratio:.2f}x faster than {incumbent.device}"
             if incumbent is not live_default:
                 incumbent.close()
             incumbent = live
@@ -386,7 +380,7 @@ def _confirm(model: onnx.ModelProto, result: DeviceTuning, default: _Live, best:
         result.default_ms = result.tuned_ms = median_ms(default.run, max(runs, 5))
         result.notes.append("no setup beat the default beyond noise: the default is kept")
         return
-    notify(f"{result.default.label}: confirming {best.device.describe()} against the default")
+    notify(f"{result.default.label}: confirming {best.device} against the default")
     # fresh sessions for both, the winner's first: a session that merely happened to be fast in the
     # search (memory placement, allocation luck) must not carry its luck into the claim
     fresh = [_Live(model, best.device, best.feeds), _Live(model, default.device, default.feeds)]
@@ -406,5 +400,5 @@ def _confirm(model: onnx.ModelProto, result: DeviceTuning, default: _Live, best:
         result.chosen, result.tuned_ms, result.significant = best.device, d.b_median, True
     else:
         result.tuned_ms = d.a_median
-        result.notes.append(f"best candidate {best.device.describe()} was not faster than the default beyond noise "
+        result.notes.append(f"best candidate {best.device} was not faster than the default beyond noise "
                             f"in the final side-by-side (ratio {d.ratio:.3f} ± {d.noise:.3f}): the default is kept")

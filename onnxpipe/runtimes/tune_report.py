@@ -31,7 +31,7 @@ def summary_table(report: TuneReport) -> Table:
 
         speed = (f"[green]{d.speedup:.2f}x[/] (± {d.confirm.noise:.1%})" if d.significant and d.confirm
                  else "[dim]1.00x (default kept)[/]")
-        t.add_row(d.default.label, escape(d.chosen.describe()), str(d.batch), f"{d.default_ms:.3f} ms",
+        t.add_row(d.default.label, escape(str(d.chosen)), str(d.batch), f"{d.default_ms:.3f} ms",
                   f"{d.tuned_ms:.3f} ms", f"{tput(d.default_ms)} -> {tput(d.tuned_ms)}", speed,
                   "-" if d.max_batch is None else str(d.max_batch), "-" if d.knee_batch is None else str(d.knee_batch))
     return t

@@ -1,28 +1,28 @@
 """What ``onnxpipe tune`` may try on each kind of device, and which combinations cannot apply.
 
-The space is a list of :class:`Dimension` s (threads, spinning, execution mode, optimization
-level, arena, memory pattern on CPU; cuDNN search, IO binding / CUDA graphs, arena on CUDA;
-precision and builder level on TensorRT). The search walks them one at a time from the best
+The space is a list of :class:`Dimension` s of device options (threads, spinning, execution
+mode, optimization level, arena, memory pattern on CPU; cuDNN search, IO binding / CUDA graphs,
+arena on CUDA; precision and builder level on TensorRT). The search walks them one at a time from the best
 setup so far (coordinate descent), so a dimension costs its few values, not a product. A value
 that cannot apply to this model or device is :class:`Skipped` with the reason, never tried.
 Options the user set on the device (``cpu[threads=1]``) are kept, not searched.
 
 Example:
     >>> facts = ModelFacts(static_inputs=False, control_flow=False, qdq=False, width=1)
-    >>> [d.name for d in space(TunedDevice.from_spec("cpu"), facts, cores=2)[0]]
+    >>> [d.name for d in space(Device.parse("cpu"), facts, cores=2)[0]]
     ['threads', 'spinning', 'optimization', 'arena', 'mem_pattern']
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import onnx
 
 from onnxpipe.runtimes.device_options import CudaOptions, TensorrtOptions
-from onnxpipe.runtimes.tuned import TunedDevice
+from onnxpipe.runtimes.providers import Device
 from onnxpipe.tensors import graph_inputs
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
@@ -69,16 +69,26 @@ def _width(graph: onnx.GraphProto) -> int:
     return max(counts.values(), default=1)
 
 
+def with_options(device: Device, changes: Mapping[str, Any]) -> Device:
+    """``device`` with some options replaced (validated again); None puts an option back to its default.
+
+    Example:
+        >>> str(with_options(Device.parse("cpu[threads=2,inter_threads=2]"), {"threads": None, "spinning": False}))
+        'cpu:0[inter_threads=2,execution_mode=parallel,spinning=false]'
+    """
+    opts = {**device.options.model_dump(exclude_defaults=True), **changes}
+    return Device.parse(device.label, **{k: v for k, v in opts.items() if v is not None})
+
+
 @dataclass(frozen=True)
 class Value:
-    """One setting of a dimension: provider option and session setting changes, with a label."""
+    """One setting of a dimension: the device options it changes, with a label."""
 
     label: str
     options: dict[str, Any] = field(default_factory=dict)
-    session: dict[str, Any] = field(default_factory=dict)
 
-    def apply(self, device: TunedDevice) -> TunedDevice:
-        return device.with_changes(self.options, self.session)
+    def apply(self, device: Device) -> Device:
+        return with_options(device, self.options)
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,7 @@ class Dimension:
 
     name: str
     values: list[Value]
-    check: Callable[[TunedDevice, Value], str | None] = lambda d, v: None
+    check: Callable[[Device, Value], str | None] = lambda d, v: None
 
 
 def thread_counts(cores: int) -> list[int]:
@@ -114,11 +124,11 @@ def thread_counts(cores: int) -> list[int]:
     return sorted(out)
 
 
-def space(device: TunedDevice, facts: ModelFacts, *, cores: int) -> tuple[list[Dimension], list[Skipped]]:
+def space(device: Device, facts: ModelFacts, *, cores: int) -> tuple[list[Dimension], list[Skipped]]:
     """The dimensions to search on ``device`` for a model with ``facts``, and what cannot apply.
 
     Example:
-        >>> dims, skipped = space(TunedDevice.from_spec("cuda:0"), ModelFacts(False, False, False, 1), cores=8)
+        >>> dims, skipped = space(Device.parse("cuda:0"), ModelFacts(False, False, False, 1), cores=8)
         >>> [s.label for s in skipped]
         ['io_binding+cuda_graph']
     """
@@ -133,8 +143,8 @@ def space(device: TunedDevice, facts: ModelFacts, *, cores: int) -> tuple[list[D
                                            for lvl in ("all", "extended", "basic")]))
     if device.kind == "cpu":
         dims.append(Dimension("arena", [Value("arena=on", {"arena": True}), Value("arena=off", {"arena": False})]))
-        dims.append(Dimension("mem_pattern", [Value("mem_pattern=on", session={"mem_pattern": True}),
-                                              Value("mem_pattern=off", session={"mem_pattern": False})]))
+        dims.append(Dimension("mem_pattern", [Value("mem_pattern=on", {"mem_pattern": True}),
+                                              Value("mem_pattern=off", {"mem_pattern": False})]))
     kept = []
     for d in dims:
         keys = {k for v in d.values for k in v.options}
@@ -148,9 +158,9 @@ def space(device: TunedDevice, facts: ModelFacts, *, cores: int) -> tuple[list[D
 def _cpu(facts: ModelFacts, cores: int, skipped: list[Skipped]) -> list[Dimension]:
     dims = [Dimension("threads", [Value("threads=auto", {"threads": None})]
                       + [Value(f"threads={n}", {"threads": n}) for n in thread_counts(cores)]),
-            Dimension("spinning", [Value("spinning=on", session={"spinning": True}),
-                                   Value("spinning=off", session={"spinning": False})])]
-    modes = [Value("sequential", {"inter_threads": None}, {"execution_mode": "sequential"})]
+            Dimension("spinning", [Value("spinning=on", {"spinning": True}),
+                                   Value("spinning=off", {"spinning": False})])]
+    modes = [Value("sequential", {"inter_threads": None, "execution_mode": "sequential"})]
     if facts.width < 2:
         skipped.append(Skipped("execution", "parallel", "the graph has no parallel branches to overlap"))
     elif cores < 2:
@@ -158,13 +168,13 @@ def _cpu(facts: ModelFacts, cores: int, skipped: list[Skipped]) -> list[Dimensio
     else:
         # inter-op threads only mean something in parallel mode, so they are tried only there
         for n in sorted({2, min(cores, facts.width)}):
-            modes.append(Value(f"parallel, inter_threads={n}", {"inter_threads": n}, {"execution_mode": "parallel"}))
+            modes.append(Value(f"parallel, inter_threads={n}", {"inter_threads": n, "execution_mode": "parallel"}))
     if len(modes) > 1:
         dims.append(Dimension("execution", modes))
     return dims
 
 
-def _gpu(device: TunedDevice, facts: ModelFacts, skipped: list[Skipped]) -> list[Dimension]:
+def _gpu(device: Device, facts: ModelFacts, skipped: list[Skipped]) -> list[Dimension]:
     dims: list[Dimension] = []
     if isinstance(device.options, TensorrtOptions):
         precisions = [Value("fp32", {"fp16": False, "int8": False}), Value("fp16", {"fp16": True, "int8": False})]

@@ -1,124 +1,31 @@
-"""``tuned.json``: the session setup ``onnxpipe tune`` chose per device, and the devices it turns into.
+"""``tuned.json``: the session setup ``onnxpipe tune`` chose per device, as device specs every command takes.
 
-A tuned device is a :class:`Device` (its validated provider options: threads, optimization,
-arena, cuDNN search, IO binding, CUDA graphs, TensorRT precision...) plus the session settings
-ONNX Runtime takes outside the provider options (:class:`SessionTweaks`: execution mode, memory
-pattern, thread spinning). Every command that opens a :class:`DeviceSession` on it gets both,
-because :meth:`TunedDevice.session_options` is what the session asks for.
+Every setting tuning chooses (threads, execution mode, optimization level, arena, memory
+pattern, spinning; cuDNN search, IO binding, CUDA graphs; TensorRT precision and builder level)
+is a device option, so an entry's ``device`` string carries the whole setup: ``bench`` and
+``serve`` sessions, ``infer``'s worker processes and a recipe's validation all rebuild the same
+session from it.
 
 Example:
-    >>> d = TunedDevice.from_spec("cpu[threads=2]", {"spinning": False})
-    >>> d.describe()
-    'cpu:0[threads=2] spinning=off'
+    >>> TunedEntry(device="cpu:0[threads=2,spinning=false]", batch_size=8).tuned_device().options.spinning
+    False
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from onnxpipe.errors import InputError
 from onnxpipe.runtimes.providers import Device
 
-if TYPE_CHECKING:
-    import onnxruntime as ort
-
 FORMAT = "onnxpipe.tuned/1"
+LEGACY_SESSION = ("execution_mode", "mem_pattern", "spinning")  # the first files kept these apart from the device
 
-
-class SessionTweaks(BaseModel):
-    """Session settings beside the provider options; the defaults are ONNX Runtime's.
-
-    Example:
-        >>> SessionTweaks(spinning=False).changed()
-        {'spinning': False}
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    execution_mode: Literal["sequential", "parallel"] = "sequential"
-    """Parallel runs independent branches on the inter-op pool (``inter_threads``)."""
-    mem_pattern: bool = True
-    """Plan memory from the first run's allocations (pays off when shapes repeat)."""
-    spinning: bool = True
-    """Idle pool threads spin instead of sleeping (fast wake-up, but burns the cores others need)."""
-
-    def changed(self) -> dict[str, Any]:
-        """The settings that differ from ONNX Runtime's defaults."""
-        return self.model_dump(exclude_defaults=True)
-
-    def describe(self) -> str:
-        return " ".join(f"{k}={'on' if v is True else 'off' if v is False else v}" for k, v in self.changed().items())
-
-
-@dataclass(frozen=True, repr=False)
-class TunedDevice(Device):
-    """A :class:`Device` whose sessions also get :class:`SessionTweaks`.
-
-    ``str()`` stays the device spec every command understands; :meth:`describe` adds the tweaks.
-
-    Example:
-        >>> TunedDevice.from_spec("cpu", {"execution_mode": "parallel"}).session.execution_mode
-        'parallel'
-    """
-
-    session: SessionTweaks = field(default_factory=SessionTweaks, hash=False)
-
-    @classmethod
-    def from_spec(cls, spec: str | Device, session: SessionTweaks | dict[str, Any] | None = None,
-                  **options: Any) -> TunedDevice:
-        """A tuned device from a device spec (plus option overrides) and session settings."""
-        base = Device.parse(spec, **options)
-        tweaks = session if isinstance(session, SessionTweaks) else _tweaks(session or {}, str(spec))
-        return cls(base.kind, base.index, base.options, tweaks)
-
-    def with_changes(self, options: dict[str, Any] | None = None, session: dict[str, Any] | None = None) -> TunedDevice:
-        """This device with some options and session settings replaced (validated again)."""
-        opts = {**self.options.model_dump(exclude_defaults=True), **(options or {})}
-        opts = {k: v for k, v in opts.items() if v is not None}
-        base = Device._build(self.kind, self.index, opts, str(self))
-        tweaks = _tweaks({**self.session.changed(), **(session or {})}, str(self))
-        return TunedDevice(base.kind, base.index, base.options, tweaks)
-
-    def describe(self) -> str:
-        extra = self.session.describe()
-        return f"{self}{' ' + extra if extra else ''}"
-
-    def __repr__(self) -> str:
-        return f"TunedDevice({self.describe()!r})"
-
-    def session_options(self, *, threads: int | None = None) -> ort.SessionOptions:
-        """The device's session options with the tweaks applied."""
-        from onnxpipe._deps import require
-
-        ort_mod = require("onnxruntime")
-        opts = super().session_options(threads=threads)
-        t = self.session
-        opts.execution_mode = (ort_mod.ExecutionMode.ORT_PARALLEL if t.execution_mode == "parallel"
-                               else ort_mod.ExecutionMode.ORT_SEQUENTIAL)
-        opts.enable_mem_pattern = t.mem_pattern
-        spin = "1" if t.spinning else "0"
-        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
-        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
-        return opts
-
-
-def _tweaks(values: dict[str, Any], where: str) -> SessionTweaks:
-    try:
-        return SessionTweaks.model_validate(values)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise InputError(f"{where}: session setting {key!r}: {err['msg']}",
-                         hint=f"session settings: {', '.join(SessionTweaks.model_fields)}") from None
-
-
-# the file ---------------------------------------------------------------------------------------
 
 class Measured(BaseModel):
     """Median latency of one run at ``batch`` and the samples per second it gives."""
@@ -149,8 +56,7 @@ class TunedEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device: str
-    """The chosen device spec, as ``--devices`` takes it."""
-    session: SessionTweaks = Field(default_factory=SessionTweaks)
+    """The chosen device spec, as ``--devices`` takes it (every tuned setting is one of its options)."""
     batch_size: int = Field(1, ge=1)
     default_device: str | None = None
     tuned: Measured | None = None
@@ -169,8 +75,23 @@ class TunedEntry(BaseModel):
     rejected: list[str] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
 
-    def tuned_device(self) -> TunedDevice:
-        return TunedDevice.from_spec(self.device, self.session)
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_session(cls, data: Any) -> Any:
+        """Files written before these settings were device options kept them under ``session``."""
+        if not isinstance(data, dict) or "session" not in data:
+            return data
+        rest = dict(data)
+        session = rest.pop("session") or {}
+        if not isinstance(session, dict) or set(session) - set(LEGACY_SESSION):
+            raise ValueError(f"session settings must be a mapping of {', '.join(LEGACY_SESSION)}")
+        if session and isinstance(rest.get("device"), str):
+            rest["device"] = str(Device.parse(rest["device"], **session))
+        return rest
+
+    def tuned_device(self) -> Device:
+        """The device this entry describes, its tuned options validated."""
+        return Device.parse(self.device)
 
 
 class TunedFile(BaseModel):
@@ -192,7 +113,7 @@ class TunedFile(BaseModel):
     machine: dict[str, Any] = Field(default_factory=dict)
     entries: list[TunedEntry] = Field(default_factory=list)
 
-    def devices(self) -> list[TunedDevice]:
+    def devices(self) -> list[Device]:
         """The tuned devices, in the order they were tuned."""
         return [e.tuned_device() for e in self.entries]
 
@@ -227,7 +148,7 @@ def load_tuned(path: str | os.PathLike) -> TunedFile:
 
     Example:
         >>> load_tuned("tuned.json").devices()  # doctest: +SKIP
-        [TunedDevice('cpu:0[threads=2] spinning=off')]
+        [Device('cpu:0[threads=2,spinning=false]')]
     """
     p = Path(path)
     if not p.is_file():
