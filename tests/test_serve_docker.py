@@ -17,7 +17,9 @@ def test_variants_are_pyproject_extras_and_entry_point_is_serve():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     variants = set(re.findall(r"^FROM \S+ AS base-(\w+)$", DOCKERFILE, re.MULTILINE))
     assert variants == {"gpu", "cpu"} and variants <= set(extras)
-    assert "onnxruntime-gpu" in " ".join(extras["gpu"]) and re.search(r'"\.\[\$\{VARIANT\}\]"', DOCKERFILE)
+    assert "onnxruntime-gpu" in " ".join(extras["gpu"])
+    installed = re.search(r'"\.\[\$\{VARIANT\},(\w+)\]"', DOCKERFILE)
+    assert installed and installed.group(1) in extras and "aiohttp" in " ".join(extras[installed.group(1)])
     assert re.search(r"^ARG VARIANT=gpu$", DOCKERFILE, re.MULTILINE) and "nvidia/cuda" in DOCKERFILE
     assert re.search(r'^ENTRYPOINT \["onnxpipe", "serve"\]$', DOCKERFILE, re.MULTILINE)
     assert re.search(r"^HEALTHCHECK .*", DOCKERFILE, re.MULTILINE) and "/v2/health/ready" in DOCKERFILE
