@@ -110,10 +110,14 @@ def duel(a: Callable[[], object], b: Callable[[], object], *, runs: int, min_rou
         if k >= min_rounds and deadline is not None and time.perf_counter() >= deadline:
             d.stopped = "budget"
             break
-        if k % 2 == 0:  # alternate who goes first so warming and drift favour neither
-            am, bm = median_ms(a, runs), median_ms(b, runs)
-        else:
-            bm, am = median_ms(b, runs), median_ms(a, runs)
+        # alternate who goes first so warming and drift favour neither; one untimed call after each
+        # switch, so the other session's still-spinning ORT threads and cold caches are not billed
+        first, second = (a, b) if k % 2 == 0 else (b, a)
+        first()
+        t_first = median_ms(first, runs)
+        second()
+        t_second = median_ms(second, runs)
+        am, bm = (t_first, t_second) if k % 2 == 0 else (t_second, t_first)
         d.a_ms.append(am)
         d.b_ms.append(bm)
         if len(d.a_ms) >= 2 and d.ratio > worse:
