@@ -33,3 +33,14 @@ def check_table(check, title: str = "check against the framework") -> Table:
     return table
 
 
+def parse_dims(items: list[str] | None) -> dict[str, int]:
+    """``--dim seq=128`` options -> ``{"seq": 128}``; a malformed one is a one-line error."""
+    from onnxpipe.errors import InputError
+
+    dims = {}
+    for d in items or []:
+        name, sep, value = d.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise InputError(f"cannot parse --dim {d!r}", hint="write it as NAME=VALUE, e.g. --dim seq=128")
+        dims[name.strip()] = int(value)
+    return dims

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from onnxpipe.cli._common import console_for
+from onnxpipe.cli._common import console_for, parse_dims
 
 
 def register(app: typer.Typer) -> None:
@@ -31,12 +31,7 @@ def register(app: typer.Typer) -> None:
 
         if batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, received {batch_size}", hint="use a positive batch size")
-        dims = {}
-        for d in dim or []:
-            name, sep, value = d.partition("=")
-            if not sep or not value.strip().isdigit():
-                raise InputError(f"cannot parse --dim {d!r}", hint="write it as NAME=VALUE, e.g. --dim seq=128")
-            dims[name.strip()] = int(value)
+        dims = parse_dims(dim)
         shapes = {s.name: s.shape for s in (InputSpec.parse(t) for t in input or [])}
         if memory:
             from onnxpipe.partition.memory import memory_report

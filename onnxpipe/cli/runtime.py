@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.cli._common import console_for
+from onnxpipe.cli._common import console_for, parse_dims
 
 DEVICES_HELP = "Devices, comma-separated: cpu, cpu:1, cuda:0, tensorrt:0[fp16,cache_dir=trt] (see `onnxpipe providers`)."
 CONFIG_HELP = "A tuned.json from `onnxpipe tune`: its devices (with every tuned option) and batch size are used."
@@ -27,18 +27,6 @@ def int_list(text: str, what: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise InputError(f"{what} must be integers >= 1, received {text!r}", hint="e.g. 1,8,32")
     return values
-
-
-def parse_dims(items: list[str] | None) -> dict[str, int]:
-    from onnxpipe.errors import InputError
-
-    dims = {}
-    for d in items or []:
-        name, sep, value = d.partition("=")
-        if not sep or not value.strip().isdigit():
-            raise InputError(f"cannot parse --dim {d!r}", hint="write it as NAME=VALUE, e.g. --dim seq=128")
-        dims[name.strip()] = int(value)
-    return dims
 
 
 def check_inputs(model: Any, *, data: str | None, load: Path | None, batches: int, batch_size: int, seed: int,

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print pipeline.json's content on stdout.")] = False,
     ) -> None:
         """Cut a model into stages where few, small tensors cross, balanced by FLOPs or memory; check and write them."""
-        from onnxpipe.cli.runtime import parse_dims
+        from onnxpipe.cli._common import parse_dims
         from onnxpipe.errors import InputError
         from onnxpipe.partition.split import split_model
 

@@ -11,7 +11,8 @@ import typer
 from rich.markup import escape
 
 from onnxpipe.cli._common import console_for
-from onnxpipe.cli.runtime import DEVICES_HELP, int_list, parse_dims
+from onnxpipe.cli._common import parse_dims
+from onnxpipe.cli.runtime import DEVICES_HELP, int_list
 
 
 def parse_bytes(text: str) -> int:
