@@ -101,43 +101,20 @@ def train(seed: int = 0, cfg: dict | None = None):
     """Train a fresh model on the TRAIN split (deterministic for a given seed); returns it in eval mode."""
     global TRAIN_CALLS
     import torch
-    from torch import nn
+
+    from models import _torch
 
     cfg = dict(cfg or CONFIG, seed=seed)
     start = time.perf_counter()
-    was_deterministic, was_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    # One thread: tiny batches gain nothing from more (on a 2-vCPU VM two threads were 1.5-10x
-    # slower), and the float sums then run in the same order everywhere: the same weights.
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(seed)
-        np.random.seed(seed)
+    with _torch.deterministic(seed):
         model = _net(cfg)
         inputs, labels = _data.train_set()
-        x = torch.from_numpy(inputs["tokens"])
-        y = torch.from_numpy(labels)
         decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n != "pos"]
         rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n != "pos")]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
                                  {"params": rest, "weight_decay": 0.0}], lr=cfg["lr"])
-        steps = cfg["epochs"] * -(-len(x) // cfg["batch"])
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], total_steps=steps, pct_start=0.2)
-        loss_fn = nn.CrossEntropyLoss()
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        for _ in range(cfg["epochs"]):
-            order = torch.randperm(len(x), generator=gen)
-            for i in range(0, len(x), cfg["batch"]):
-                idx = order[i:i + cfg["batch"]]
-                opt.zero_grad()
-                loss_fn(model(x[idx]), y[idx]).backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                sched.step()
-    finally:
-        torch.use_deterministic_algorithms(was_deterministic)
-        torch.set_num_threads(was_threads)
+        _torch.fit(model, torch.from_numpy(inputs["tokens"]), torch.from_numpy(labels), opt,
+                   epochs=cfg["epochs"], batch=cfg["batch"], seed=seed, pct_start=0.2, clip=1.0)
     TRAIN_CALLS += 1
     log.info("trained %s in %.1f s", NAME, time.perf_counter() - start)
     return model.eval()
@@ -150,20 +127,9 @@ def cache_file() -> Path:
 
 def load_trained():
     """The trained model (eval mode): from the cache, else trained now and cached atomically."""
-    import torch
+    from models import _torch
 
-    path = cache_file()
-    if path.is_file():
-        model = _net()
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-            return model.eval()
-        except Exception as exc:  # a corrupt or stale file: retrain and overwrite it
-            log.warning("ignoring unreadable cache %s (%s)", path, exc)
-    model = train(CONFIG["seed"])
-    with _common.atomic_target(path) as tmp:
-        torch.save(model.state_dict(), tmp)
-    return model
+    return _torch.load_or_train(cache_file(), _net, lambda: train(CONFIG["seed"]))
 
 
 def build():
