@@ -205,7 +205,8 @@ def compare(name: str, actual: np.ndarray, expected: np.ndarray, *, atol: float,
 def batched_inputs(inputs: Mapping[str, np.ndarray]) -> tuple[set[str], int | None]:
     """The inputs that share the leading (batch) axis, and that batch size.
 
-    The batch size is the most common leading dim among inputs of rank >= 1.
+    The batch size is the most common leading dim among inputs of rank >= 1; on a tie, the
+    largest (a table or option beside the data is usually the short one).
 
     Example:
         >>> batched_inputs({"x": np.zeros((4, 3)), "y": np.zeros((4,)), "t": np.zeros((7, 2))})
@@ -214,5 +215,5 @@ def batched_inputs(inputs: Mapping[str, np.ndarray]) -> tuple[set[str], int | No
     sizes = [a.shape[0] for a in inputs.values() if np.ndim(a) >= 1]
     if not sizes:
         return set(), None
-    batch = max(sorted(set(sizes)), key=sizes.count)
+    batch = max(set(sizes), key=lambda d: (sizes.count(d), d))
     return {n for n, a in inputs.items() if np.ndim(a) >= 1 and a.shape[0] == batch}, batch

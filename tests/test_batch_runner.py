@@ -222,3 +222,12 @@ def test_outputs_bigger_than_the_shared_block_still_arrive():
         slots = r._pool.workers[0].slots
         assert any(s.out.capacity >= 8 * 70_000 * 4 for s in slots)  # grown after the first batch came pickled
     np.testing.assert_array_equal(result.outputs["y"], x * 2)
+
+
+def test_a_tie_in_leading_dims_batches_the_longest_axis():
+    from onnxpipe.runtimes.sources import split
+    from onnxpipe.tensors import batched_inputs
+
+    chunk = split({"x": np.zeros((240, 3)), "table": np.zeros((1, 3))})
+    assert sorted(chunk.batched) == ["x"] and sorted(chunk.constant) == ["table"]
+    assert batched_inputs({"x": np.zeros((240, 3)), "table": np.zeros((1, 3))}) == ({"x"}, 240)

@@ -45,7 +45,7 @@ class Source:
 
 
 def split(arrays: Mapping[str, np.ndarray], leading: Mapping[str, int | None] | None = None) -> Chunk:
-    """Batched arrays share the most common leading dim; the others are constant.
+    """Batched arrays share the most common leading dim (the longest on a tie); the others are constant.
 
     Example:
         >>> c = split({"x": np.zeros((4, 3)), "scale": np.ones(())})
@@ -56,7 +56,7 @@ def split(arrays: Mapping[str, np.ndarray], leading: Mapping[str, int | None] | 
     counts = Counter(d for d in dims.values() if d is not None)
     if not counts:
         raise InputError("no input has a sample axis (every array is a scalar)", hint="put samples along axis 0")
-    batch = max(sorted(counts), key=lambda d: counts[d])
+    batch = max(counts, key=lambda d: (counts[d], d))  # on a tie the longest axis holds the samples
     batched = {k: a for k, a in arrays.items() if dims[k] == batch}
     return Chunk(batched, {k: a for k, a in arrays.items() if k not in batched})
 
