@@ -22,26 +22,15 @@ def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
         raise InputError(f"cannot read {path} as .npz/.npy ({type(exc).__name__})", hint="check the file") from exc
 
 
-def _files(directory: Path) -> list[Path]:
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".npz", ".npy"))
-    if not files:
-        raise InputError(f"{directory} holds no .npy or .npz files", hint="put one file per batch or per input there")
-    return files
-
-
-def _batches_from_arrays(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[Batch]:
-    n = min(len(a) for a in arrays.values())
-    for start in range(0, n, batch_size):
-        yield {k: np.ascontiguousarray(v[start:start + batch_size]) for k, v in arrays.items()}
-
-
 def calibration_source(spec: str | Path | Callable[[], Iterable[Batch]], *,
                        batch_size: int = 32) -> Callable[[], Iterable[Batch]]:
     """A callable returning a fresh, lazily streamed iterable of input batches.
 
-    Forms: ``file.py:function`` (returns an iterable of input dicts), a ``.npz`` of arrays by
-    input name (samples along axis 0), or a directory of ``.npz`` files (each a batch) and
-    ``.npy`` files (``<input>.npy``, or ``<input>_<k>.npy`` for batch k).
+    Forms: ``file.py:function`` (returns an iterable of input dicts, used as its batches), a
+    ``.npz`` of arrays by input name (samples along axis 0), or a directory of ``.npz`` files and
+    ``.npy`` files (``<input>.npy``, or ``<input>_<k>.npy`` for group k). Files are read by the
+    batch runner's streaming reader (:func:`onnxpipe.runtimes.sources.open_source`) and cut into
+    batches of ``batch_size``, so memory stays bounded however large the set is.
     """
     if callable(spec):
         return spec
@@ -52,24 +41,17 @@ def calibration_source(spec: str | Path | Callable[[], Iterable[Batch]], *,
     path = Path(text)
     if not path.exists():
         raise InputError(f"calibration data: no such file or directory {path}", hint="check the path")
-    if path.is_file():
-        return lambda: _batches_from_arrays(_npz_arrays(path), batch_size)
-    files = _files(path)
+    from onnxpipe.runtimes.sources import open_source
 
-    def from_dir() -> Iterator[Batch]:
-        npz = [f for f in files if f.suffix == ".npz"]
-        for f in npz:  # one batch per file, read when needed: memory stays bounded
-            yield _npz_arrays(f)
-        npy = [f for f in files if f.suffix == ".npy"]
-        groups: dict[str, dict[str, Path]] = {}
-        for f in npy:
-            name, _, idx = f.stem.rpartition("_")
-            key, input_name = (idx, name) if idx.isdigit() and name else ("0", f.stem)
-            groups.setdefault(key, {})[input_name] = f
-        for key in sorted(groups, key=int):
-            yield from _batches_from_arrays({n: np.load(p) for n, p in groups[key].items()}, batch_size)
+    source = open_source(path, [])
 
-    return from_dir
+    def batches() -> Iterator[Batch]:
+        for chunk in source.chunks():
+            for start in range(0, chunk.rows, batch_size):
+                yield {**chunk.constant,
+                       **{k: np.ascontiguousarray(v[start:start + batch_size]) for k, v in chunk.batched.items()}}
+
+    return batches
 
 
 def evaluation_source(spec: str | Path | tuple) -> tuple[Batch, np.ndarray]:
