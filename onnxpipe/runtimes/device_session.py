@@ -29,8 +29,7 @@ import numpy as np
 import onnx
 
 from onnxpipe._deps import require
-from onnxpipe.errors import InputError, OnnxpipeError
-from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.errors import OnnxpipeError
 from onnxpipe.runtimes.providers import (
     GPU_HINT,
     PROVIDERS,
@@ -38,8 +37,7 @@ from onnxpipe.runtimes.providers import (
     CudaOptions,
     Device,
 )
-from onnxpipe.runtimes.session import Session, _ort_dtype
-from onnxpipe.tensors import TensorInfo
+from onnxpipe.runtimes.session import Session, session_source
 
 SHORT = {v: k for k, v in PROVIDERS.items()}
 
@@ -142,16 +140,7 @@ class DeviceSession(Session):
         providers = self.device.providers(device_id=device_id)
         opts = self.device.session_options(threads=threads)
         self._tmpdir: tempfile.TemporaryDirectory | None = tempfile.TemporaryDirectory(prefix="onnxpipe-")
-        source: str | bytes
-        if isinstance(model, onnx.ModelProto):
-            if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-                source = str(save_model(model, Path(self._tmpdir.name) / "model.onnx"))
-            else:
-                source = model.SerializeToString()
-        else:
-            if not Path(model).is_file():
-                raise InputError(f"no such file: {model}", hint="check the path")
-            source = str(model)
+        source = session_source(model, lambda: Path(self._tmpdir.name))
         probe = self.device.is_gpu and not hasattr(ort_mod.InferenceSession, "get_provider_graph_assignment_info")
         if probe:
             opts.enable_profiling = True
@@ -169,9 +158,7 @@ class DeviceSession(Session):
         self._probe = probe and self.placement is None
         self.io_binding = isinstance(self.device.options, CudaOptions) and self.device.options.io_binding
         self._device_id = self.device.index if device_id is None else device_id
-        self.inputs = [TensorInfo(i.name, list(i.shape) if i.shape is not None else None, _ort_dtype(i.type))
-                       for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._describe_io()
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
         """Run once on the device; returns ``{output name: array}`` (on the host)."""

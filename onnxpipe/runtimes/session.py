@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,23 +55,21 @@ class Session:
             raise InputError(f"unknown optimization level {optimization!r}", hint=f"use one of {', '.join(OPT_LEVELS)}")
         opts.graph_optimization_level = getattr(ort_mod.GraphOptimizationLevel, OPT_LEVELS[optimization])
         self._tmpdir: tempfile.TemporaryDirectory | None = None
-        source: str | bytes
-        if isinstance(model, onnx.ModelProto):
-            if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-                self._tmpdir = tempfile.TemporaryDirectory(prefix="onnxpipe-")
-                source = str(save_model(model, Path(self._tmpdir.name) / "model.onnx"))
-            else:
-                source = model.SerializeToString()
-        else:
-            if not Path(model).exists():
-                raise InputError(f"no such file: {model}", hint="check the path")
-            source = str(model)
+
+        def scratch() -> Path:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="onnxpipe-")
+            return Path(self._tmpdir.name)
+
+        source = session_source(model, scratch)
         try:
             self.session: ort.InferenceSession = ort_mod.InferenceSession(source, opts, providers=list(providers))
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OnnxpipeError(f"ONNX Runtime cannot load the model: {msg}",
                                 hint="check the model with `onnxpipe inspect`") from exc
+        self._describe_io()
+
+    def _describe_io(self) -> None:
         self.inputs: list[TensorInfo] = [
             TensorInfo(i.name, list(i.shape) if i.shape is not None else None, _ort_dtype(i.type))
             for i in self.session.get_inputs()
@@ -122,6 +120,18 @@ class Session:
         names = list(outputs) if outputs is not None else self.output_names
         values = self.session.run(names, self.check_feeds(feeds))
         return dict(zip(names, values))
+
+
+def session_source(model: str | os.PathLike | onnx.ModelProto, scratch: Callable[[], Path]) -> str | bytes:
+    """What ORT loads: the file's path, the serialized model, or, for a model over protobuf's
+    limit, a path in ``scratch()`` where it is first written with external data."""
+    if isinstance(model, onnx.ModelProto):
+        if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            return str(save_model(model, scratch() / "model.onnx"))
+        return model.SerializeToString()
+    if not Path(model).exists():
+        raise InputError(f"no such file: {model}", hint="check the path")
+    return str(model)
 
 
 def _ort_dtype(type_str: str) -> np.dtype:
