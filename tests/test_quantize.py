@@ -295,6 +295,45 @@ def test_tensorrt_gets_symmetric_signed_per_channel_qdq():
         if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
             zp = inits[node.input[2]]
             assert zp.dtype in (np.int8, np.int32) and not zp.any(), node.name
+    # TensorRT's parser refuses DequantizeLinear on int32: biases stay float
+    assert not any(i.data_type == onnx.TensorProto.INT32 for i in q.graph.initializer)
+
+
+def ort_fused_ops(model: onnx.ModelProto, tmp_path) -> Counter:
+    """Op types of the graph ONNX Runtime's CPU provider runs after its QDQ fusions."""
+    import onnxruntime as ort
+
+    src, opt = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
+    onnx.save(model, src)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(opt)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return ops(onnx.load(str(opt)))
+
+
+def test_float_biases_keep_the_fused_int8_kernels_and_their_numbers(tmp_path):
+    cal = conv_calibration()
+    model = conv_gemm_model()
+    results = {qb: Quantize({"mode": "static", "quantize_bias": qb}).apply(model, PassContext(calibration=cal))
+               for qb in (None, True)}
+    floats, int32s = results[None], results[True]
+    assert floats.notes["bias"] == "float32" and int32s.notes["bias"] == "int32"
+    int32_of = lambda m: [i.name for i in m.graph.initializer if i.data_type == onnx.TensorProto.INT32]  # noqa: E731
+    assert not int32_of(floats.model) and len(int32_of(int32s.model)) >= 2
+    assert floats.model.ByteSize() < int32s.model.ByteSize()
+    for r in (floats, int32s):  # ORT quantizes a float bias itself when it fuses the group
+        fused = ort_fused_ops(r.model, tmp_path)
+        assert fused["QLinearConv"] == 1 and fused["QGemm"] == 1 and fused["Conv"] == fused["Gemm"] == 0, fused
+    x = next(iter(cal()))
+    np.testing.assert_allclose(run_model(floats.model, x)["y"], run_model(int32s.model, x)["y"], atol=1e-5, rtol=1e-5)
+
+
+def test_bias_options_that_cannot_apply():
+    with pytest.raises(InputError, match="TensorRT rejects DequantizeLinear on int32 biases"):
+        Quantize({"target": "tensorrt", "quantize_bias": True}).plan(conv_gemm_model(), True)
+    plan = Quantize({"mode": "static", "format": "qoperator", "quantize_bias": False}).plan(conv_gemm_model(), True)
+    assert plan.quantize_bias and any("no effect on QOperator" in w for w in plan.warnings)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -46,6 +46,7 @@ class Plan:
     activation: str
     symmetric: bool
     reduce_range: bool
+    quantize_bias: bool
     op_types: list[str]
     hardware: str
     warnings: list[str] = field(default_factory=list)
@@ -133,6 +134,11 @@ class Quantize(Pass):
         reduce_range: bool | None = None
         """7-bit weights. None: on where uint8 x int8 sums saturate (x86 without VNNI) and weights are
         per channel (each channel then spans the full int8 range); 8 bits elsewhere."""
+        quantize_bias: bool | None = None
+        """Static QDQ: store biases as int32 behind a DequantizeLinear (ORT's default) rather than in float.
+        None: float. TensorRT rejects DequantizeLinear on int32, and ONNX Runtime's CPU kernels quantize a
+        float bias themselves when they fuse a QDQ group (same results, a smaller file). QOperator
+        kernels (QLinearConv, QGemm) always take int32 biases."""
         calibration: Literal["minmax", "entropy", "percentile"] = "minmax"
         """How activation ranges come from the calibration data."""
         percentile: float = Field(99.999, gt=50.0, le=100.0)
@@ -205,6 +211,15 @@ class Quantize(Pass):
         symmetric = c.target != "cpu" if c.activation_symmetric is None else c.activation_symmetric
         if c.target == "tensorrt" and not symmetric:
             raise InputError("TensorRT takes symmetric int8 only (zero point 0)", hint="drop activation_symmetric: false")
+        quantize_bias = fmt == "qoperator"  # QOperator kernels take int32 biases; dynamic mode keeps them float
+        if fmt == "qdq":
+            quantize_bias = bool(c.quantize_bias)
+            if quantize_bias and c.target == "tensorrt":
+                raise InputError("TensorRT rejects DequantizeLinear on int32 biases",
+                                 hint="drop quantize_bias: true; TensorRT folds float biases into its int8 kernels")
+        elif mode == "static" and c.quantize_bias is False:
+            warnings.append("quantize_bias: false has no effect on QOperator models: QLinearConv and QGemm "
+                            "take int32 biases")
         if c.target == "cuda" and mode == "static":
             warnings.append("ONNX Runtime's CUDA provider runs QDQ models through float kernels; "
                             "int8 speed on NVIDIA GPUs comes through TensorRT (target: tensorrt)")
@@ -225,7 +240,7 @@ class Quantize(Pass):
             reduce_range = act == "uint8" and c.per_channel and c.target == "cpu" and hardware.u8s8_saturates()
         hw = f"{advice}; activations {act}: {why}" + (
             "; 7-bit weights: uint8 x int8 pair sums saturate int16 without VNNI" if reduce_range else "")
-        return Plan(mode, reason, fmt, act, symmetric, reduce_range, op_types, hw, warnings)
+        return Plan(mode, reason, fmt, act, symmetric, reduce_range, quantize_bias, op_types, hw, warnings)
 
     # -- preparation ----------------------------------------------------------------------
 
@@ -347,7 +362,7 @@ class Quantize(Pass):
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                   "percentile": CalibrationMethod.Percentile}[c.calibration]
         qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[plan.activation]
-        extra = {"ActivationSymmetric": plan.symmetric, "WeightSymmetric": True}
+        extra = {"ActivationSymmetric": plan.symmetric, "WeightSymmetric": True, "QuantizeBias": plan.quantize_bias}
 
         def run_static(excluded: Sequence[str] = (), fmt: str | None = None,
                        only: Sequence[str] | None = None) -> onnx.ModelProto:
@@ -386,6 +401,7 @@ class Quantize(Pass):
                 "mode": plan.mode, "mode_reason": plan.reason, "target": c.target, "format": plan.fmt,
                 "activation_type": plan.activation, "weight_type": "int8", "per_channel": c.per_channel,
                 "activation_symmetric": plan.symmetric, "reduce_range": plan.reduce_range,
+                "bias": "int32" if plan.quantize_bias else "float32",
                 "hardware": plan.hardware, "preprocess": pre_status, "warnings": warnings,
                 "nodes_quantized": len(quantized_nodes), "op_types": plan.op_types,
             }
