@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import onnx
 
@@ -68,6 +68,29 @@ def toposort(graph: onnx.GraphProto) -> None:
         graph.node.extend(nodes[i] for i in order)
 
 
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in its nodes, outermost first."""
+    yield graph
+    for node in graph.node:
+        for g in subgraphs(node):
+            yield from all_graphs(g)
+
+
+def _value_names(graph: onnx.GraphProto) -> Iterator[str]:
+    """Every tensor name stored in one graph (not its subgraphs), in file order, repeats included."""
+    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
+        yield v.name
+    for init in graph.initializer:
+        yield init.name
+    for sparse in graph.sparse_initializer:
+        yield sparse.values.name
+    for node in graph.node:
+        yield from node.input
+        yield from node.output
+    for ann in graph.quantization_annotation:
+        yield ann.tensor_name
+
+
 def rename_values(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
     """Rename tensors everywhere in ``graph`` (subgraphs included), e.g. to give outputs clean names.
 
@@ -76,12 +99,71 @@ def rename_values(graph: onnx.GraphProto, mapping: dict[str, str]) -> None:
     """
     if not mapping:
         return
-    for v in list(graph.input) + list(graph.output) + list(graph.value_info):
-        v.name = mapping.get(v.name, v.name)
-    for init in graph.initializer:
-        init.name = mapping.get(init.name, init.name)
-    for node in graph.node:
-        node.input[:] = [mapping.get(i, i) for i in node.input]
-        node.output[:] = [mapping.get(o, o) for o in node.output]
-        for g in subgraphs(node):
-            rename_values(g, mapping)
+    for g in all_graphs(graph):
+        for v in list(g.input) + list(g.output) + list(g.value_info):
+            v.name = mapping.get(v.name, v.name)
+        for init in g.initializer:
+            init.name = mapping.get(init.name, init.name)
+        for sparse in g.sparse_initializer:
+            sparse.values.name = mapping.get(sparse.values.name, sparse.values.name)
+        for node in g.node:
+            node.input[:] = [mapping.get(i, i) for i in node.input]
+            node.output[:] = [mapping.get(o, o) for o in node.output]
+        for ann in g.quantization_annotation:
+            ann.tensor_name = mapping.get(ann.tensor_name, ann.tensor_name)
+
+
+def name_bytes(model: onnx.ModelProto) -> int:
+    """Bytes the model's tensor and node names take in its file (each stored occurrence counts)."""
+    total = 0
+    for g in all_graphs(model.graph):
+        total += sum(len(n.encode()) for n in _value_names(g))
+        total += sum(len(n.name.encode()) for n in g.node)
+    return total
+
+
+def _fresh(prefix: str, taken: set[str]) -> Iterator[str]:
+    i = 0
+    while True:
+        name = f"{prefix}{i}"
+        i += 1
+        if name not in taken:
+            yield name
+
+
+def strip_names(model: onnx.ModelProto, keep: Iterable[str] = (),
+                shapes: bool = False, debug: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+    """Give internal tensors and nodes short names (``t0``, ``n0``, ...), in place, like ``strip`` on a binary.
+
+    Graph inputs and outputs and the names in ``keep`` (tensors or nodes) stay as they are; so do
+    model-level metadata and local functions, whose names are their own. Unless ``shapes``, the
+    stored shapes of intermediate tensors (``value_info``, which runtimes infer again) go too;
+    unless ``debug``, node doc strings and node metadata (exporters' stack traces) go.
+
+    Returns:
+        ``(tensors, nodes)``: new name -> old name for everything renamed.
+    """
+    if len(model.training_info):
+        raise ValueError("models with training info keep their names (its algorithm refers to them)")
+    g = model.graph
+    kept = set(keep) | {v.name for v in g.input} | {v.name for v in g.output}
+    graphs = list(all_graphs(g))
+    old_values = dict.fromkeys(n for graph in graphs for n in _value_names(graph) if n and n not in kept)
+    value_map = dict(zip(old_values, _fresh("t", kept)))
+    rename_values(g, value_map)
+    kept_nodes = {n.name for graph in graphs for n in graph.node if n.name in kept}
+    fresh_nodes, node_map = _fresh("n", kept_nodes), {}
+    for graph in graphs:
+        if not shapes:
+            del graph.value_info[:]
+        if not debug:
+            graph.doc_string = ""
+        for node in graph.node:
+            if not debug:
+                node.doc_string = ""
+                del node.metadata_props[:]
+            if node.name not in kept_nodes:
+                new = next(fresh_nodes)
+                node_map[new] = node.name
+                node.name = new
+    return {new: old for old, new in value_map.items()}, node_map

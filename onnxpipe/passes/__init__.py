@@ -18,6 +18,7 @@ PASSES: dict[str, str] = {
     "fix-shapes": "onnxpipe.passes.fix_shapes:FixShapes",
     "prune": "onnxpipe.passes.prune:Prune",
     "quantize": "onnxpipe.passes.quantize:Quantize",
+    "strip": "onnxpipe.passes.strip:Strip",
 }
 
 
