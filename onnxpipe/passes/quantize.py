@@ -24,7 +24,7 @@ from pydantic import Field
 from onnxpipe import hardware
 from onnxpipe._deps import require
 from onnxpipe.errors import InputError
-from onnxpipe.graph import subgraphs, toposort
+from onnxpipe.graph import name_bytes, subgraphs, toposort
 from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.passes.quant_budget import changed_nodes, judge, search_budget
@@ -34,6 +34,7 @@ from onnxpipe.userfiles import first_line
 
 CONV_OPS = ("Conv", "ConvTranspose")
 MIN_OPSET = 13
+NAMES_WORTH_STRIPPING = 0.1  # share of the file above which the pass points to strip
 
 
 @dataclass
@@ -422,7 +423,12 @@ class Quantize(Pass):
                 quantized = best
                 notes["nodes_quantized"] = len(changed_nodes(prepared, quantized))
         quantized = _prune_opsets(quantized)
-        notes["size_bytes"] = {"before": model.ByteSize(), "after": quantized.ByteSize()}
+        size = quantized.ByteSize()
+        notes["size_bytes"] = {"before": model.ByteSize(), "after": size}
+        notes["name_bytes"] = name_bytes(quantized)
+        if notes["name_bytes"] > NAMES_WORTH_STRIPPING * size:  # small models: names are a real share of the file
+            ctx.log(f"quantize: tensor and node names are {notes['name_bytes'] / size:.0%} of this {size:,}-byte "
+                    "model; the strip pass shortens them")
         kept = notes.get("nodes_kept_float")
         ctx.log(f"quantize: {notes['nodes_quantized']} nodes in int8 ({plan.mode}, {plan.fmt}, {plan.activation} "
                 "activations)" + (f", {len(kept)} kept in float for max_drop" if kept else ""))
