@@ -68,6 +68,9 @@ def toposort(graph: onnx.GraphProto) -> None:
         graph.node.extend(nodes[i] for i in order)
 
 
+_INFERENCE_LIMIT = 1 << 30  # bytes: in-memory shape inference serializes the model (2 GiB protobuf limit)
+
+
 def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """``graph`` and every graph nested in its nodes, outermost first."""
     yield graph
@@ -132,13 +135,13 @@ def _fresh(prefix: str, taken: set[str]) -> Iterator[str]:
 
 
 def strip_names(model: onnx.ModelProto, keep: Iterable[str] = (),
-                shapes: bool = False, debug: bool = False) -> tuple[dict[str, str], dict[str, str]]:
+                debug: bool = False) -> tuple[dict[str, str], dict[str, str]]:
     """Give internal tensors and nodes short names (``t0``, ``n0``, ...), in place, like ``strip`` on a binary.
 
     Graph inputs and outputs and the names in ``keep`` (tensors or nodes) stay as they are; so do
-    model-level metadata and local functions, whose names are their own. Unless ``shapes``, the
-    stored shapes of intermediate tensors (``value_info``, which runtimes infer again) go too;
-    unless ``debug``, node doc strings and node metadata (exporters' stack traces) go.
+    model-level metadata and local functions, whose names are their own. Stored intermediate shapes
+    (``value_info``) are renamed; see :func:`drop_derivable_shapes` for the ones worth keeping.
+    Unless ``debug``, node doc strings and node metadata (exporters' stack traces) go.
 
     Returns:
         ``(tensors, nodes)``: new name -> old name for everything renamed.
@@ -154,8 +157,6 @@ def strip_names(model: onnx.ModelProto, keep: Iterable[str] = (),
     kept_nodes = {n.name for graph in graphs for n in graph.node if n.name in kept}
     fresh_nodes, node_map = _fresh("n", kept_nodes), {}
     for graph in graphs:
-        if not shapes:
-            del graph.value_info[:]
         if not debug:
             graph.doc_string = ""
         for node in graph.node:
@@ -167,3 +168,30 @@ def strip_names(model: onnx.ModelProto, keep: Iterable[str] = (),
                 node_map[new] = node.name
                 node.name = new
     return {new: old for old, new in value_map.items()}, node_map
+
+
+def drop_derivable_shapes(model: onnx.ModelProto) -> int:
+    """Remove the main graph's stored intermediate shapes that ONNX shape inference derives identically.
+
+    ONNX Runtime picks some fusions from stored shapes (without them a transformer's outputs moved
+    by float rounding), so only entries that inference reproduces exactly, from the model alone,
+    go; symbolic dims that came from elsewhere stay. Models too big for in-memory inference keep
+    all of theirs. Returns the number of entries removed.
+    """
+    g = model.graph
+    if not len(g.value_info) or model.ByteSize() > _INFERENCE_LIMIT:
+        return 0
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    del trial.graph.value_info[:]
+    try:  # no data propagation: count on what every runtime's inference derives
+        inferred = onnx.shape_inference.infer_shapes(trial, strict_mode=False, data_prop=False)
+    except Exception:  # noqa: BLE001 - inference failing means nothing is derivable: keep everything
+        return 0
+    derived = {v.name: v.type for v in inferred.graph.value_info}
+    keep = [v for v in g.value_info if derived.get(v.name) != v.type]
+    removed = len(g.value_info) - len(keep)
+    if removed:
+        del g.value_info[:]
+        g.value_info.extend(keep)
+    return removed

@@ -76,7 +76,7 @@ def test_strip_renames_everything_internal_and_computes_the_same():
     assert internal and all(t.startswith("t") and t[1:].isdigit() for t in internal) and "t0" not in result.notes[
         "names"]["tensors"]  # the input called t0 is not handed out again
     assert all(n.startswith("n") and n[1:].isdigit() for n in nodes) and len(nodes) == 8  # 5 + 1 + 2 in the branches
-    assert not any(g.value_info for g in all_graphs(out.graph))
+    assert not out.graph.value_info  # every stored shape here is one inference derives again
     assert not any(n.doc_string or n.metadata_props for g in all_graphs(out.graph) for n in g.node)
     assert result.notes["bytes_saved"] == model.ByteSize() - out.ByteSize() > 0
     assert result.notes["name_bytes"]["after"] < result.notes["name_bytes"]["before"] / 3
@@ -88,7 +88,7 @@ def test_strip_renames_everything_internal_and_computes_the_same():
 
 def test_the_map_in_the_notes_gives_every_old_name_back():
     model = branchy()
-    result = get_pass("strip")({"keep_shapes": True, "keep_debug": True}).apply(model, PassContext())
+    result = get_pass("strip")({"keep_debug": True}).apply(model, PassContext())
     restored = onnx.ModelProto()
     restored.CopyFrom(result.model)
     rename_values(restored.graph, result.notes["names"]["tensors"])
@@ -99,7 +99,27 @@ def test_the_map_in_the_notes_gives_every_old_name_back():
             node.name = old
             if not old:  # a node that had no name gets none back
                 node.ClearField("name")
+    del model.graph.value_info[:]  # derivable: dropped (next test)
     assert restored.SerializeToString() == model.SerializeToString()
+
+
+def test_only_shapes_that_inference_derives_again_are_dropped():
+    # the Reshape's target shape is computed at run time: ONNX cannot know "r" is [N, 8],
+    # only the exporter (or symbolic inference) did; the Relu's output it derives itself
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 2, 4] x) => (float[N, 8] y) {
+        relu_output = Relu(x)
+        dims = Constant<value = int64[2] {0, -1}>()
+        shape = Identity(dims)
+        r = Reshape(relu_output, shape)
+        y = Neg(r)
+    }""")
+    model.graph.value_info.extend([onnx.helper.make_tensor_value_info("relu_output", onnx.TensorProto.FLOAT, ["N", 2, 4]),
+                                   onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, ["N", 8])])
+    result = get_pass("strip")({}).apply(model, PassContext())
+    kept = {result.notes["names"]["tensors"][v.name] for v in result.model.graph.value_info}
+    assert kept == {"r"} and result.notes["derivable_shapes_dropped"] == 1
 
 
 def test_keep_leaves_named_tensors_and_nodes_alone():

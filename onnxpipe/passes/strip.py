@@ -1,4 +1,4 @@
-"""strip: short names for internal tensors and nodes, no stored intermediate shapes or debug info.
+"""strip: short names for internal tensors and nodes, no debug info, no shapes inference derives anyway.
 
 Names are bytes in the file: on a small model they are a large share of it (ONNX Runtime's
 quantizer alone adds names like ``block.conv1.weight_DequantizeLinear_Output``). Like ``strip``
@@ -13,7 +13,7 @@ import difflib
 import onnx
 
 from onnxpipe.errors import InputError
-from onnxpipe.graph import all_graphs, name_bytes, strip_names
+from onnxpipe.graph import all_graphs, drop_derivable_shapes, name_bytes, strip_names
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
 
@@ -32,8 +32,6 @@ class Strip(Pass):
     class Config(PassConfig):
         keep: list[str] = []
         """Tensor or node names to leave as they are (graph inputs and outputs always are)."""
-        keep_shapes: bool = False
-        """Keep the stored shapes of intermediate tensors (value_info); runtimes infer them again anyway."""
         keep_debug: bool = False
         """Keep node doc strings and node metadata (exporters put stack traces there)."""
 
@@ -53,11 +51,13 @@ class Strip(Pass):
         out = onnx.ModelProto()
         out.CopyFrom(model)
         before_names = name_bytes(model)
-        tensors, nodes = strip_names(out, c.keep, shapes=c.keep_shapes, debug=c.keep_debug)
+        tensors, nodes = strip_names(out, c.keep, debug=c.keep_debug)
+        shapes = drop_derivable_shapes(out)
         saved = model.ByteSize() - out.ByteSize()
         ctx.log(f"strip: {len(tensors)} tensors and {len(nodes)} nodes renamed, {saved:,} bytes saved "
                 f"({saved / max(model.ByteSize(), 1):.1%} of the file)")
-        notes = {"tensors_renamed": len(tensors), "nodes_renamed": len(nodes), "bytes_saved": saved,
+        notes = {"tensors_renamed": len(tensors), "nodes_renamed": len(nodes), "derivable_shapes_dropped": shapes,
+                 "bytes_saved": saved,
                  "name_bytes": {"before": before_names, "after": name_bytes(out)},
                  "names": {"tensors": tensors, "nodes": nodes}}
         return PassResult(out, modified=saved != 0 or bool(tensors or nodes), notes=notes)
