@@ -129,7 +129,7 @@ def test_keep_leaves_named_tensors_and_nodes_alone():
     tensors, nodes = names(out)
     assert "shifted_features" in tensors and "projected_features" not in tensors
     assert node in nodes and len(nodes) == 8
-    with pytest.raises(InputError, match=r"keep names 'shifted_feature'.*did you mean shifted_features"):
+    with pytest.raises(InputError, match=r"keep: no tensor or node named 'shifted_feature'.*did you mean shifted_features"):
         get_pass("strip")({"keep": ["shifted_feature"]}).apply(model, PassContext())
 
 

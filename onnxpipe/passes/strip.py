@@ -43,7 +43,7 @@ class Strip(Pass):
         for name in c.keep:
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=3)
-                raise InputError(f"strip: keep names {name!r}, which is no tensor or node of the model",
+                raise InputError(f"strip: keep: no tensor or node named {name!r}",
                                  hint=f"did you mean {', '.join(close)}?" if close else "see the names with onnxpipe inspect")
         if len(model.training_info):
             raise InputError("strip: the model carries training info, whose algorithm refers to tensors by name",
