@@ -297,7 +297,7 @@ def main() -> None:
                 size = base_size if i == 0 else file_size(model, tmp, f"{name}-{i}")
                 kb = size / 1024
                 table.add_row(name if i == 0 else "", label, f"{kb / 1024:.1f} MB" if kb > 2048 else f"{kb:.1f} KB",
-                              f"{size / base_size:.2f}", f"{lat[label][1]:.3f}", f"{lat['float32'][1] / lat[label][1]:.2f}x",
+                              f"{size / base_size:.3f}", f"{lat[label][1]:.3f}", f"{lat['float32'][1] / lat[label][1]:.2f}x",
                               f"{lat[label][2]:.3f}", f"{lat['float32'][2] / lat[label][2]:.2f}x", metric(model))
             table.add_section()
             console.log(f"{name}: {time.perf_counter() - t0:.0f} s")
