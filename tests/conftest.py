@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,19 @@ def conv_gemm_model(batch: str | int = "N") -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def ort_fused_ops(model: onnx.ModelProto, workdir: Path) -> Counter:
+    """Op types of the graph ONNX Runtime's CPU provider runs, after its fusions (QDQ groups -> QLinearConv, ...)."""
+    import onnxruntime as ort
+
+    src, opt = workdir / "fused-in.onnx", workdir / "fused-out.onnx"
+    onnx.save(model, src)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(opt)
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
 
 
 @pytest.fixture

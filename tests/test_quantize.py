@@ -25,7 +25,7 @@ from onnxpipe.runtimes import run_model
 from onnxpipe.runtimes.compare import outputs_on
 from onnxpipe.tensors import TensorInfo, graph_inputs
 
-from conftest import ROOT, conv_gemm_model, run_cli, write_factory
+from conftest import ROOT, conv_gemm_model, ort_fused_ops, run_cli, write_factory
 
 DIGITS = ROOT / "models" / "digits_cnn"
 
@@ -297,19 +297,6 @@ def test_tensorrt_gets_symmetric_signed_per_channel_qdq():
             assert zp.dtype in (np.int8, np.int32) and not zp.any(), node.name
     # TensorRT's parser refuses DequantizeLinear on int32: biases stay float
     assert not any(i.data_type == onnx.TensorProto.INT32 for i in q.graph.initializer)
-
-
-def ort_fused_ops(model: onnx.ModelProto, tmp_path) -> Counter:
-    """Op types of the graph ONNX Runtime's CPU provider runs after its QDQ fusions."""
-    import onnxruntime as ort
-
-    src, opt = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
-    onnx.save(model, src)
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(opt)
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    return ops(onnx.load(str(opt)))
 
 
 def test_float_biases_keep_the_fused_int8_kernels_and_their_numbers(tmp_path):

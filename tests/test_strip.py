@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import numpy as np
 import onnx
 import pytest
@@ -15,7 +13,7 @@ from onnxpipe.passes.base import PassContext
 from onnxpipe.pipeline import optimize
 from onnxpipe.runtimes import run_model
 
-from conftest import conv_gemm_model
+from conftest import conv_gemm_model, ort_fused_ops
 
 # two inputs, three outputs, an If whose branches read outer-scope tensors, an initializer,
 # a node without a name, intermediate shapes, and a graph input that is already called "t0"
@@ -134,8 +132,6 @@ def test_keep_leaves_named_tensors_and_nodes_alone():
 
 
 def test_strip_in_the_pipeline_is_checked_exactly_and_keeps_int8_kernels(tmp_path):
-    import onnxruntime as ort
-
     rng = np.random.default_rng(0)
     data = [{"x": rng.standard_normal((8, 3, 8, 8)).astype(np.float32)} for _ in range(3)]
     result = optimize(conv_gemm_model(), [{"quantize": {"mode": "static"}}, "strip"], calibration=lambda: iter(data),
@@ -145,15 +141,7 @@ def test_strip_in_the_pipeline_is_checked_exactly_and_keeps_int8_kernels(tmp_pat
     assert stripped.atol == 0 and stripped.rtol == 0
     assert stripped.size_bytes < quantized.size_bytes
 
-    def fused(model: onnx.ModelProto) -> Counter:
-        src, opt = tmp_path / "m.onnx", tmp_path / "m.opt.onnx"
-        onnx.save(model, src)
-        so = ort.SessionOptions()
-        so.optimized_model_filepath = str(opt)
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-        return Counter(n.op_type for n in onnx.load(str(opt)).graph.node)
-
     before = optimize(conv_gemm_model(), [{"quantize": {"mode": "static"}}], calibration=lambda: iter(data),
                       check_inputs=data[:1], measure_latency=False).model
-    assert fused(result.model) == fused(before) and fused(before)["QLinearConv"] == 1
+    assert ort_fused_ops(result.model, tmp_path) == ort_fused_ops(before, tmp_path)
+    assert ort_fused_ops(before, tmp_path)["QLinearConv"] == 1
