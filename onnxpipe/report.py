@@ -84,10 +84,19 @@ def chart(stages: list[Any], path: str | os.PathLike, metric_name: str | None = 
         ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | os.PathLike) -> Path:
+    """Write a matplotlib figure to ``path`` atomically (PNG by the suffix) and close it."""
+    import matplotlib.pyplot as plt
+
     dest = Path(path)
-    with atomic_output(dest) as tmp:
-        fig.savefig(tmp / dest.name, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_output(dest) as tmp:
+            fig.savefig(tmp / dest.name, dpi=110)
+    finally:
+        plt.close(fig)
     return dest
 
 

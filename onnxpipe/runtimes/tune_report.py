@@ -70,7 +70,7 @@ def chart(report: TuneReport, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from onnxpipe.modelio import atomic_output
+    from onnxpipe.report import save_figure
 
     n = max(1, len(report.devices))
     fig, axes = plt.subplots(1, n, figsize=(6.0 * n, 4.6), squeeze=False)
@@ -99,8 +99,4 @@ def chart(report: TuneReport, path: str | os.PathLike) -> Path:
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"tune {Path(report.model).name} ({report.objective})", fontsize=11)
     fig.tight_layout()
-    dest = Path(path)
-    with atomic_output(dest) as tmp:
-        fig.savefig(tmp / dest.name, dpi=110)
-    plt.close(fig)
-    return dest
+    return save_figure(fig, path)
