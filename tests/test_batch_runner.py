@@ -16,6 +16,8 @@ from onnxpipe.runtimes import BatchRunner
 from onnxpipe.runtimes.manifest import load_outputs, read_manifest
 from onnxpipe.runtimes.session import Session
 
+from conftest import gather_model
+
 DEVICES = ["cpu:0[threads=1]", "cpu:1[threads=1]"]
 
 
@@ -62,17 +64,6 @@ def _no_hook(request):
     yield
     if "runner" in request.fixturenames:
         request.getfixturevalue("runner").on_batch = None
-
-
-def gather_model() -> onnx.ModelProto:
-    """y[N,4] = table[idx[N]]: an index out of range makes ORT fail that batch."""
-    table = onnx.numpy_helper.from_array(np.arange(40, dtype=np.float32).reshape(10, 4), "table")
-    graph = helper.make_graph([helper.make_node("Gather", ["table", "idx"], ["y"], axis=0)], "gather",
-                              [helper.make_tensor_value_info("idx", onnx.TensorProto.INT64, ["N"])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], [table])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 def test_outputs_in_input_order_match_a_bare_session(runner, x, clean):

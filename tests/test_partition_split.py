@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from conftest import run_cli
+from conftest import residual_concat_model, run_cli, with_random_weights
 
 from onnxpipe.errors import CheckFailedError, InputError
 from onnxpipe.partition.cut import find_cuts
@@ -16,38 +16,6 @@ from onnxpipe.partition.profile import profile_graph
 from onnxpipe.partition.spec import PipelineSpec, run_sequence
 from onnxpipe.partition.split import split_model
 from onnxpipe.runtimes.session import Session
-
-
-def _weights(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> onnx.ModelProto:
-    rng = np.random.default_rng(seed)
-    model.graph.initializer.extend(onnx.numpy_helper.from_array((rng.standard_normal(s) * 0.3).astype(np.float32), n)
-                                   for n, s in shapes.items())
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def branchy_model() -> onnx.ModelProto:
-    """A residual block, then two branches joined by Concat, then a head; ``scale`` is read only at
-    the end (a graph input carried past the first stage) and ``feat`` is an output computed early.
-    ``w1`` is shared by the first conv and the second branch (a weight both sides need)."""
-    model = onnx.parser.parse_model("""
-    <ir_version: 8, opset_import: ["" : 17]>
-    net (float[N, 8, 8, 8] x, float scale) => (float[N, 3] y, float[N, 8, 8, 8] feat) {
-        a = Conv <pads = [1, 1, 1, 1]> (x, w1)
-        r1 = Relu (a)
-        b = Conv <pads = [1, 1, 1, 1]> (r1, w2)
-        s = Add (r1, b)
-        feat = Relu (s)
-        c1 = Conv <pads = [1, 1, 1, 1]> (feat, w3)
-        c2 = Conv <pads = [1, 1, 1, 1]> (feat, w1)
-        cat = Concat <axis = 1> (c1, c2)
-        g = GlobalAveragePool (cat)
-        f = Flatten (g)
-        h = Gemm <transB = 1> (f, fw)
-        y = Mul (h, scale)
-    }
-    """)
-    return _weights(model, {"w1": (8, 8, 3, 3), "w2": (8, 8, 3, 3), "w3": (8, 8, 3, 3), "fw": (3, 16)})
 
 
 def if_model() -> onnx.ModelProto:
@@ -63,7 +31,7 @@ def if_model() -> onnx.ModelProto:
         >
     }
     """)
-    return _weights(model, {"w": (4, 4)})
+    return with_random_weights(model, {"w": (4, 4)})
 
 
 def feeds(batch: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
@@ -89,7 +57,7 @@ def assert_close(expected: dict, got: dict) -> None:
 
 
 def test_cut_inside_residual_block_carries_the_skip(tmp_path):
-    model = branchy_model()
+    model = residual_concat_model()
     result = split_model(model, tmp_path / "s", cuts=["b"])
     first, second = result.spec.parts
     assert {t["name"] for t in result.spec.extra["cuts"][0]["tensors"]} == {"r1", "b", "scale"}
@@ -100,7 +68,7 @@ def test_cut_inside_residual_block_carries_the_skip(tmp_path):
 
 
 def test_cut_between_concat_branches_sends_both_sides(tmp_path):
-    model = branchy_model()
+    model = residual_concat_model()
     result = split_model(model, tmp_path / "s", cuts=["c1"])
     first, second = result.spec.parts
     assert "feat" in first.outputs and "c1" in first.outputs  # c2 is computed after the cut, from feat
@@ -110,7 +78,7 @@ def test_cut_between_concat_branches_sends_both_sides(tmp_path):
 
 
 def test_three_way_split_balances_flops_and_equals_the_whole(tmp_path):
-    model = branchy_model()
+    model = residual_concat_model()
     result = split_model(model, tmp_path / "s", parts=3, balance="flops", batch=2)
     parts = result.spec.parts
     assert len(parts) == 3 and result.ok
@@ -140,7 +108,7 @@ def test_params_balance_puts_the_heavy_weight_alone():
         y = MatMul (d, w3)
     }
     """)
-    model = _weights(model, {"w1": (16, 16), "w2": (16, 16), "w3": (16, 256)})
+    model = with_random_weights(model, {"w1": (16, 16), "w2": (16, 16), "w3": (16, 256)})
     plan = find_cuts(profile_graph(model), 2, balance="params")
     assert plan.bounds[1] in (3, 4)  # w2 with w3 would exceed the best bottleneck (w3 alone) by 6%
     assert plan.loads[1] == 16 * 256 * 4
@@ -159,14 +127,14 @@ def test_if_branches_outer_scope_names_cross_the_cut(tmp_path):
 
 def test_a_cut_tensor_that_does_not_exist_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match=r"cannot cut at .c3.: it is not a tensor of the model \(did you mean c2, c1\?\)"):
-        split_model(branchy_model(), tmp_path / "s", cuts=["c3"])
+        split_model(residual_concat_model(), tmp_path / "s", cuts=["c3"])
     with pytest.raises(InputError, match="it is a graph input"):
-        split_model(branchy_model(), tmp_path / "s", cuts=["x"])
+        split_model(residual_concat_model(), tmp_path / "s", cuts=["x"])
     with pytest.raises(InputError, match="leaves nothing for the last stage"):
-        split_model(branchy_model(), tmp_path / "s", cuts=["y"])
+        split_model(residual_concat_model(), tmp_path / "s", cuts=["y"])
     assert not (tmp_path / "s").exists()
     path = tmp_path / "m.onnx"
-    onnx.save(branchy_model(), path)
+    onnx.save(residual_concat_model(), path)
     proc = run_cli("split", str(path), "-o", str(tmp_path / "cli"), "--cut", "nope")
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot cut at 'nope'")
     assert "Traceback" not in proc.stderr
@@ -179,13 +147,13 @@ def test_failed_check_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(split_mod, "check_sequence",
                         lambda *a, **k: [Comparison("y", 0.5, 0.5, False, 1.0)])
     with pytest.raises(CheckFailedError, match="disagree with the whole model on 'y'"):
-        split_model(branchy_model(), tmp_path / "s", parts=2)
+        split_model(residual_concat_model(), tmp_path / "s", parts=2)
     assert not (tmp_path / "s").exists() or not any((tmp_path / "s").iterdir())
 
 
-def test_cli_split_writes_parts_with_external_weights(tmp_path):
+def test_cli_split_writes_parts_with_externalwith_random_weights(tmp_path):
     path = tmp_path / "m.onnx"
-    onnx.save(branchy_model(), path)
+    onnx.save(residual_concat_model(), path)
     out = tmp_path / "split"
     proc = run_cli("split", str(path), "-o", str(out), "--parts", "2", "--balance", "memory", "--json")
     assert proc.returncode == 0, proc.stderr

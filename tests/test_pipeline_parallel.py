@@ -8,8 +8,7 @@ import signal
 import numpy as np
 import onnx
 import pytest
-from conftest import run_cli
-from test_partition_split import branchy_model
+from conftest import residual_concat_model, run_cli
 
 from onnxpipe.errors import InputError
 from onnxpipe.partition.split import split_model
@@ -23,7 +22,7 @@ DEVICES = ["cpu:0[threads=1]", "cpu:1[threads=1]", "cpu:2[threads=1]"]
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("pp") / "split"
-    split_model(branchy_model(), out, parts=3)
+    split_model(residual_concat_model(), out, parts=3)
     return out
 
 
@@ -35,7 +34,7 @@ def data() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def expected(data):
-    with Session(branchy_model(), threads=1) as s:
+    with Session(residual_concat_model(), threads=1) as s:
         return s.run(data)
 
 
@@ -115,7 +114,7 @@ def test_device_count_must_match_the_stages(folder):
 
 def test_cli_infer_runs_a_split_folder(tmp_path, data, expected):
     model = tmp_path / "m.onnx"
-    onnx.save(branchy_model(), model)
+    onnx.save(residual_concat_model(), model)
     assert run_cli("split", str(model), "-o", str(tmp_path / "split"), "--parts", "2").returncode == 0
     np.savez(tmp_path / "in.npz", x=data["x"][:40], scale=data["scale"])
     proc = run_cli("infer", str(tmp_path / "split"), "--devices", "cpu:0,cpu:1", "--data", str(tmp_path / "in.npz"),

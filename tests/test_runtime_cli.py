@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import onnx
-from conftest import conv_gemm_model, run_cli
-from test_batch_runner import gather_model
+from conftest import conv_gemm_model, gather_model, run_cli
 
 from onnxpipe.runtimes.manifest import load_outputs, read_manifest
 from onnxpipe.runtimes.session import Session

@@ -12,16 +12,13 @@ import urllib.request
 import numpy as np
 import onnx
 import pytest
-from conftest import conv_gemm_model, run_cli
+from conftest import conv_gemm_model, run_cli, serving, triton_client
 from onnx import TensorProto, helper, numpy_helper
 
 pytest.importorskip("aiohttp")
 httpclient = pytest.importorskip("tritonclient.http")
 ort = pytest.importorskip("onnxruntime")
 
-from onnxpipe.runtimes.providers import parse_devices
-from onnxpipe.serve.repository import discover
-from onnxpipe.serve.server import BackgroundServer, InferenceServer, ServeOptions
 
 ATOL = 1e-5
 
@@ -75,19 +72,15 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo):
-    opts = ServeOptions(port=0, max_batch_size=16, max_queue_delay_ms=20, max_body_bytes=1 << 20)
-    srv = InferenceServer(discover(repo), parse_devices("cpu:0[threads=1],cpu:1[threads=1]"), opts)
-    bg = BackgroundServer(srv)
-    url = bg.start()
-    yield url, srv
-    bg.stop()
+    with serving(repo, "cpu:0[threads=1],cpu:1[threads=1]", max_batch_size=16, max_queue_delay_ms=20,
+                 max_body_bytes=1 << 20) as running:
+        yield running
 
 
 @pytest.fixture
 def client(server):
-    c = httpclient.InferenceServerClient(server[0].removeprefix("http://"), concurrency=16, network_timeout=60)
-    yield c
-    c.close()
+    with triton_client(server[0]) as c:
+        yield c
 
 
 def ort_run(path, feeds):

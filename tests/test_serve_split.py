@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
+from conftest import residual_concat_model, serving, triton_client
 
 pytest.importorskip("aiohttp")
 httpclient = pytest.importorskip("tritonclient.http")
@@ -18,46 +19,17 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnxpipe.errors import InputError
 from onnxpipe.partition.split import split_model
-from onnxpipe.runtimes.providers import Device, parse_devices
+from onnxpipe.runtimes.providers import Device
 from onnxpipe.serve.repository import discover
-from onnxpipe.serve.server import BackgroundServer, InferenceServer, ServeOptions
 from onnxpipe.serve.staged import StagedPool, stage_devices
 
 ATOL = 1e-5
 
 
-def residual_concat_model() -> onnx.ModelProto:
-    """A residual block, two branches joined by Concat, a head; ``z`` is read only at the end and
-    ``feat`` is an output computed mid-graph. Cut after ``b``, both ``r1`` (the skip) and ``b`` cross."""
-    model = onnx.parser.parse_model("""
-    <ir_version: 8, opset_import: ["" : 17]>
-    net (float[N, 8, 8, 8] x, float[N, 3] z) => (float[N, 3] y, float[N, 8, 8, 8] feat) {
-        a = Conv <pads = [1, 1, 1, 1]> (x, w1)
-        r1 = Relu (a)
-        b = Conv <pads = [1, 1, 1, 1]> (r1, w2)
-        s = Add (r1, b)
-        feat = Relu (s)
-        c1 = Conv <pads = [1, 1, 1, 1]> (feat, w3)
-        c2 = Conv <pads = [1, 1, 1, 1]> (feat, w1)
-        cat = Concat <axis = 1> (c1, c2)
-        g = GlobalAveragePool (cat)
-        f = Flatten (g)
-        h = Gemm <transB = 1> (f, fw)
-        y = Add (h, z)
-    }
-    """)
-    rng = np.random.default_rng(0)
-    for name, shape in {"w1": (8, 8, 3, 3), "w2": (8, 8, 3, 3), "w3": (8, 8, 3, 3), "fw": (3, 16)}.items():
-        model.graph.initializer.append(
-            onnx.numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name))
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
 @pytest.fixture(scope="module")
 def split(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve_split")
-    model = residual_concat_model()
+    model = residual_concat_model(batched_side=True)  # cut after b: r1 (the skip) and b cross
     onnx.save(model, root / "whole.onnx")
     result = split_model(model, root / "net", cuts=["b"])
     assert result.ok and [set(p.inputs) for p in result.spec.parts] == [{"x"}, {"r1", "b", "z"}]
@@ -73,19 +45,14 @@ def whole(split):
 
 @pytest.fixture(scope="module")
 def server(split):
-    opts = ServeOptions(port=0, max_batch_size=8, max_queue_delay_ms=20)
-    srv = InferenceServer(discover(split / "net"), parse_devices("cpu:0,cpu:1"), opts)
-    bg = BackgroundServer(srv)
-    url = bg.start()
-    yield url, srv
-    bg.stop()
+    with serving(split / "net", "cpu:0,cpu:1", max_batch_size=8, max_queue_delay_ms=20) as running:
+        yield running
 
 
 @pytest.fixture
 def client(server):
-    c = httpclient.InferenceServerClient(server[0].removeprefix("http://"), concurrency=16, network_timeout=60)
-    yield c
-    c.close()
+    with triton_client(server[0]) as c:
+        yield c
 
 
 def feeds_of(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
