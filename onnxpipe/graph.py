@@ -79,7 +79,7 @@ def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
             yield from all_graphs(g)
 
 
-def _value_names(graph: onnx.GraphProto) -> Iterator[str]:
+def value_names(graph: onnx.GraphProto) -> Iterator[str]:
     """Every tensor name stored in one graph (not its subgraphs), in file order, repeats included."""
     for v in list(graph.input) + list(graph.output) + list(graph.value_info):
         yield v.name
@@ -120,7 +120,7 @@ def name_bytes(model: onnx.ModelProto) -> int:
     """Bytes the model's tensor and node names take in its file (each stored occurrence counts)."""
     total = 0
     for g in all_graphs(model.graph):
-        total += sum(len(n.encode()) for n in _value_names(g))
+        total += sum(len(n.encode()) for n in value_names(g))
         total += sum(len(n.name.encode()) for n in g.node)
     return total
 
@@ -151,7 +151,7 @@ def strip_names(model: onnx.ModelProto, keep: Iterable[str] = (),
     g = model.graph
     kept = set(keep) | {v.name for v in g.input} | {v.name for v in g.output}
     graphs = list(all_graphs(g))
-    old_values = dict.fromkeys(n for graph in graphs for n in _value_names(graph) if n and n not in kept)
+    old_values = dict.fromkeys(n for graph in graphs for n in value_names(graph) if n and n not in kept)
     value_map = dict(zip(old_values, _fresh("t", kept)))
     rename_values(g, value_map)
     kept_nodes = {n.name for graph in graphs for n in graph.node if n.name in kept}

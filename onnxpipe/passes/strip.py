@@ -13,7 +13,7 @@ import difflib
 import onnx
 
 from onnxpipe.errors import InputError
-from onnxpipe.graph import all_graphs, drop_derivable_shapes, name_bytes, strip_names
+from onnxpipe.graph import all_graphs, drop_derivable_shapes, name_bytes, strip_names, value_names
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
 
@@ -37,9 +37,9 @@ class Strip(Pass):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         c = self.config
-        known = {n for g in all_graphs(model.graph) for n in
-                 [*(v.name for v in g.initializer), *(o for node in g.node for o in node.output),
-                  *(node.name for node in g.node), *(v.name for v in g.input)] if n}
+        graphs = list(all_graphs(model.graph))
+        known = {n for g in graphs for n in value_names(g)} | {node.name for g in graphs for node in g.node}
+        known.discard("")
         for name in c.keep:
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=3)
