@@ -40,6 +40,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY onnxpipe ./onnxpipe
+COPY models ./models
 RUN pip install --no-cache-dir -c constraints.txt ".[${VARIANT},serve]" \
     && python -c "import onnxpipe, onnxruntime, aiohttp"
 

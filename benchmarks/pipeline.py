@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 THREAD1 = "cpu:{}[threads=1]"
 
@@ -75,7 +74,8 @@ def measure(name: str, path: Path, samples: int, rounds: int, work: Path) -> dic
     from onnxpipe.partition.split import split_model
     from onnxpipe.runtimes.batch import BatchRunner
     from onnxpipe.runtimes.pipeline_parallel import PipelineRunner
-    from onnxpipe.tensors import compare, graph_inputs, random_input
+    from onnxpipe.core.compare import compare
+    from onnxpipe.core.tensors import graph_inputs, random_input
 
     model = onnx.load(str(path))
     info = graph_inputs(model)[0]

@@ -25,7 +25,6 @@ import importlib.util
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,13 +36,12 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from onnxpipe.analysis import summarize  # noqa: E402
+from onnxpipe.core.analysis import summarize  # noqa: E402
 from onnxpipe.passes.base import PassContext  # noqa: E402
 from onnxpipe.passes.prune import Prune  # noqa: E402
 from onnxpipe.passes.pruning.report import table as group_table  # noqa: E402
-from onnxpipe.runtimes.session import Session  # noqa: E402
+from onnxpipe.core.session import Session  # noqa: E402
 
 LIGHT = ("resnet50", "densenet121", "squeezenet", "shufflenet", "vgg19")
 console = Console(width=160)
@@ -88,8 +86,8 @@ def side_by_side(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray
 
 
 def top1(model: onnx.ModelProto, inputs: dict[str, np.ndarray], labels: np.ndarray) -> float:
-    from onnxpipe.metrics import evaluate
-    from onnxpipe.metrics import top1 as metric
+    from onnxpipe.core.metrics import evaluate
+    from onnxpipe.core.metrics import top1 as metric
 
     return evaluate(model, inputs, labels, metric)
 

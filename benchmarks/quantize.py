@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,7 +28,6 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from onnxpipe.passes.base import PassContext  # noqa: E402
 
@@ -139,7 +137,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def file_size(model: onnx.ModelProto, tmp: Path, label: str) -> int:
-    from onnxpipe.modelio import model_size_bytes, save_model
+    from onnxpipe.core.modelio import model_size_bytes, save_model
 
     return model_size_bytes(save_model(model, tmp / f"{label}.onnx"))
 
@@ -147,7 +145,7 @@ def file_size(model: onnx.ModelProto, tmp: Path, label: str) -> int:
 def latencies(variants: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray], rounds: int,
               budget_s: float) -> dict[str, dict[int, float]]:
     """Median latency (ms) per variant and thread count, rounds interleaved across variants."""
-    from onnxpipe.runtimes.bench import latency_ms
+    from onnxpipe.core.timing import latency_ms
 
     samples: dict[str, dict[int, list[float]]] = {k: {1: [], 2: []} for k in variants}
     for _ in range(rounds):
@@ -169,9 +167,9 @@ def quantize(model: onnx.ModelProto, cfg: dict, calibration: Callable | None = N
 
 def zoo(name: str, tmp: Path) -> tuple[onnx.ModelProto, Callable, tuple[dict, np.ndarray]]:
     from onnxpipe.converter import convert
-    from onnxpipe.data import calibration_source, evaluation_source
+    from onnxpipe.core.data import calibration_source, evaluation_source
     from onnxpipe.passes.simplify import Simplify
-    from onnxpipe.pipeline import generated_inputs
+    from onnxpipe.pipeline.stages import generated_inputs
 
     model = convert(f"{ROOT}/models/{name}/model.py:build", tmp / f"{name}.onnx").model
     # float32 baseline without the exporter's per-node metadata, so sizes compare graphs, not debug info
@@ -181,7 +179,7 @@ def zoo(name: str, tmp: Path) -> tuple[onnx.ModelProto, Callable, tuple[dict, np
 
 
 def bench_digits(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto], str]]:
-    from onnxpipe.metrics import evaluate, top1
+    from onnxpipe.core.metrics import evaluate, top1
 
     from onnxpipe.passes.strip import Strip
 
@@ -203,8 +201,8 @@ def bench_digits(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto], str
 
 
 def bench_transformer(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto], str]]:
-    from onnxpipe.metrics import evaluate, top1
-    from onnxpipe.runtimes import run_model
+    from onnxpipe.core.metrics import evaluate, top1
+    from onnxpipe.core.session import run_model
 
     model, _, (inputs, labels) = zoo("tiny_transformer", tmp)
     out_name = model.graph.output[0].name
@@ -221,7 +219,7 @@ def bench_transformer(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto]
 
 def bench_minilm(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto], str]]:
     from onnxpipe.converter import convert
-    from onnxpipe.runtimes import run_model
+    from onnxpipe.core.session import run_model
 
     model = convert(f"{Path(__file__).resolve()}:minilm_factory", tmp / "minilm.onnx", atol=1e-4, rtol=1e-3).model
     feeds = minilm_tokens(SENTENCES, _LENGTH)
@@ -239,8 +237,8 @@ def bench_minilm(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto], str
 
 def bench_resnet50(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto], str]]:
     from onnxpipe.passes.simplify import Simplify
-    from onnxpipe.pipeline import generated_inputs
-    from onnxpipe.runtimes import run_model
+    from onnxpipe.pipeline.stages import generated_inputs
+    from onnxpipe.core.session import run_model
 
     path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
     model = onnx.load(str(path))
@@ -274,7 +272,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from onnxpipe import hardware
+    from onnxpipe.core import hardware
 
     names = args.only.split(",") if args.only else list(BENCHES)
     console = Console(width=200)

@@ -21,7 +21,6 @@ import argparse
 import json
 import multiprocessing as mp
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def cnn(channels: int = 32, size: int = 32) -> onnx.ModelProto:
@@ -61,7 +59,7 @@ def cnn(channels: int = 32, size: int = 32) -> onnx.ModelProto:
 
 def bare_loop(model_path: str, x: np.ndarray, batch: int) -> tuple[float, int]:
     """Seconds for one 1-thread session over ``x`` in micro-batches (outputs kept, as the runner does)."""
-    from onnxpipe.runtimes.session import Session
+    from onnxpipe.core.session import Session
 
     with Session(model_path, threads=1) as s:
         s.session.run(None, {"x": x[:batch]})
@@ -73,7 +71,7 @@ def bare_loop(model_path: str, x: np.ndarray, batch: int) -> tuple[float, int]:
 
 
 def _bare_child(model_path: str, x: np.ndarray, batch: int, barrier: mp.Barrier, queue: mp.Queue) -> None:
-    from onnxpipe.runtimes.session import Session
+    from onnxpipe.core.session import Session
 
     with Session(model_path, threads=1) as s:
         s.session.run(None, {"x": x[:batch]})
@@ -112,9 +110,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from onnxpipe.modelio import load_model
+    from onnxpipe.core.modelio import load_model
     from onnxpipe.runtimes.batch import BatchRunner
-    from onnxpipe.tensors import concrete_shape, graph_inputs
+    from onnxpipe.core.tensors import concrete_shape, graph_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or str(Path(tmp) / "cnn.onnx")

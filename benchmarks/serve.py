@@ -28,8 +28,6 @@ import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def mlp(width: int = 1024, layers: int = 4, features: int = 256, classes: int = 10) -> onnx.ModelProto:

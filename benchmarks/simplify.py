@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,12 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from onnxpipe.passes.base import PassContext  # noqa: E402
 from onnxpipe.passes.simplify import Simplify, count_nodes  # noqa: E402
-from onnxpipe.pipeline import generated_inputs  # noqa: E402
-from onnxpipe.runtimes.compare import compare_runs, outputs_on  # noqa: E402
+from onnxpipe.pipeline.stages import generated_inputs  # noqa: E402
+from onnxpipe.core.compare import compare_runs, outputs_on  # noqa: E402
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ZOO = ("digits_cnn", "keras_digits", "tiny_transformer")

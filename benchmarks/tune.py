@@ -23,12 +23,11 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
 from onnxpipe.runtimes.device_session import DeviceSession
 from onnxpipe.runtimes.tune import _feeds, tune
 from onnxpipe.runtimes.tune_measure import duel, median_ms
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ZOO = ("digits_cnn", "keras_digits", "tiny_transformer")
@@ -45,7 +44,7 @@ def models(only: set[str] | None):
     if not only or "resnet50" in only:
         from onnxpipe.passes.base import PassContext
         from onnxpipe.passes.simplify import Simplify
-        from onnxpipe.pipeline import generated_inputs
+        from onnxpipe.pipeline.stages import generated_inputs
 
         raw = onnx.load(str(LIGHT / "light_resnet50.onnx"))
         ctx = PassContext(check_inputs=generated_inputs(raw, batches=1, batch=1), workdir=tmp)

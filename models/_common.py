@@ -4,9 +4,9 @@ numpy / scikit-learn / platformdirs only: the zoo's ``data.py`` modules import t
 stay usable without torch or tensorflow.
 
 Zoo files are loaded by file path, and every zoo directory has a ``data.py``: a plain
-``import data`` would hand the second model the first one's module. So each file puts the folder
-holding ``models/`` on ``sys.path`` and imports its siblings as ``models.<name>.data``, names
-that cannot clash.
+``import data`` would hand the second model the first one's module. So the folder is installed as
+the package ``onnxpipe_zoo`` (pyproject's package-dir) and each file imports its siblings as
+``onnxpipe_zoo.<name>.data``, names that cannot clash.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models import _common
+from onnxpipe_zoo import _common
 
 log = logging.getLogger("onnxpipe.zoo")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.core.errors import OnnxpipeError
 
 __version__ = "0.1.0"
 __all__ = ["OnnxpipeError", "__version__", "convert", "optimize", "run"]

@@ -1,4 +1,4 @@
-"""Tests for onnxpipe.analysis: parameters, op histogram and hand-checked MAC/FLOP counts."""
+"""Tests for onnxpipe.core.analysis: parameters, op histogram and hand-checked MAC/FLOP counts."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from onnxpipe.analysis import summarize
-from onnxpipe.errors import InputError
+from onnxpipe.core.analysis import summarize
+from onnxpipe.core.errors import InputError
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17, **kw) -> onnx.ModelProto:

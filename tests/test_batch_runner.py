@@ -11,10 +11,10 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnxpipe.errors import InputError, OnnxpipeError
+from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.runtimes import BatchRunner
 from onnxpipe.runtimes.manifest import load_outputs, read_manifest
-from onnxpipe.runtimes.session import Session
+from onnxpipe.core.session import Session
 
 from conftest import gather_model
 
@@ -134,7 +134,7 @@ def test_shards_manifest_and_resume_skip_finished_shards(runner, x, clean, tmp_p
 
 
 def test_inputs_from_files_and_iterables_stream_in_chunks(runner, x, clean, tmp_path, monkeypatch):
-    from onnxpipe.runtimes import sources
+    from onnxpipe.core import sources
 
     monkeypatch.setattr(sources, "READ_BYTES", 7 * x[0].nbytes)  # force many small reads
     np.savez(tmp_path / "data.npz", x=x, labels=np.zeros(len(x)))  # extra arrays are left out
@@ -216,8 +216,8 @@ def test_outputs_bigger_than_the_shared_block_still_arrive():
 
 
 def test_a_tie_in_leading_dims_batches_the_longest_axis():
-    from onnxpipe.runtimes.sources import split
-    from onnxpipe.tensors import batched_inputs
+    from onnxpipe.core.sources import split
+    from onnxpipe.core.tensors import batched_inputs
 
     chunk = split({"x": np.zeros((240, 3)), "table": np.zeros((1, 3))})
     assert sorted(chunk.batched) == ["x"] and sorted(chunk.constant) == ["table"]

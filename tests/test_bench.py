@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from conftest import conv_gemm_model, run_cli
 
-from onnxpipe.analysis import summarize
-from onnxpipe.runtimes.bench import bench, latency_ms
+from onnxpipe.core.analysis import summarize
+from onnxpipe.core.timing import latency_ms
+from onnxpipe.runtimes.bench import bench
 from onnxpipe.runtimes.peak import cpu_peak
 from onnxpipe.runtimes.providers import available
 

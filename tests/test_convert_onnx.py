@@ -9,10 +9,10 @@ import onnx
 import pytest
 
 from onnxpipe.converter import convert
-from onnxpipe.converter.onnx_file import default_opset
-from onnxpipe.errors import InputError
-from onnxpipe.modelio import load_model, save_model
-from onnxpipe.runtimes import run_model
+from onnxpipe.core.graph import default_opset
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.modelio import load_model, save_model
+from onnxpipe.core.session import run_model
 
 from conftest import conv_gemm_model, run_cli
 

@@ -13,8 +13,8 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from onnxpipe.converter import convert  # noqa: E402
-from onnxpipe.errors import InputError  # noqa: E402
-from onnxpipe.runtimes import run_model  # noqa: E402
+from onnxpipe.core.errors import InputError  # noqa: E402
+from onnxpipe.core.session import run_model  # noqa: E402
 
 from conftest import run_cli, write_factory  # noqa: E402
 

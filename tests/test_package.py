@@ -78,3 +78,24 @@ def test_every_command_renders_its_help():
     for name in commands:
         result = runner.invoke(app, [name, "--help"])
         assert result.exit_code == 0, (name, result.output, result.exception)
+
+
+def test_pyproject_lists_every_package_and_the_zoo_under_its_own_name():
+    """packages are listed by hand (the zoo folder installs as onnxpipe_zoo): a new folder must be added."""
+    import tomllib
+
+    conf = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    dirs = conf["package-dir"]
+    assert dirs == {"onnxpipe_zoo": "models"}
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in ROOT.glob("onnxpipe/**/__init__.py")}
+    on_disk |= {".".join(("onnxpipe_zoo",) + p.parent.relative_to(ROOT / "models").parts)
+                for p in ROOT.glob("models/**/__init__.py")}
+    assert set(conf["packages"]) == on_disk
+
+
+def test_nothing_edits_sys_path_at_import_time():
+    """The zoo imports as onnxpipe_zoo and the benchmarks run against the installed package."""
+    offenders = [str(p.relative_to(ROOT)) for folder in ("onnxpipe", "models", "benchmarks")
+                 for p in (ROOT / folder).rglob("*.py")
+                 if "sys.path.insert" in p.read_text() and p.name != "userfiles.py"]
+    assert offenders == []

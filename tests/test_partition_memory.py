@@ -10,7 +10,7 @@ import onnx.parser
 import pytest
 from conftest import run_cli
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.partition.memory import live_bytes, memory_report
 from onnxpipe.partition.profile import profile_graph
 

@@ -10,12 +10,12 @@ import onnx.parser
 import pytest
 from conftest import residual_concat_model, run_cli, with_random_weights
 
-from onnxpipe.errors import CheckFailedError, InputError
+from onnxpipe.core.errors import CheckFailedError, InputError
 from onnxpipe.partition.cut import find_cuts
 from onnxpipe.partition.profile import profile_graph
 from onnxpipe.partition.spec import PipelineSpec, run_sequence
 from onnxpipe.partition.split import split_model
-from onnxpipe.runtimes.session import Session
+from onnxpipe.core.session import Session
 
 
 def if_model() -> onnx.ModelProto:
@@ -142,7 +142,7 @@ def test_a_cut_tensor_that_does_not_exist_is_a_clear_error(tmp_path):
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
     from onnxpipe.partition import split as split_mod
-    from onnxpipe.tensors import Comparison
+    from onnxpipe.core.compare import Comparison
 
     monkeypatch.setattr(split_mod, "check_sequence",
                         lambda *a, **k: [Comparison("y", 0.5, 0.5, False, 1.0)])

@@ -7,12 +7,12 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.passes import available, get_pass
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.simplify import Simplify, count_nodes, repair
-from onnxpipe.pipeline import generated_inputs
-from onnxpipe.runtimes import run_model
+from onnxpipe.pipeline.stages import generated_inputs
+from onnxpipe.core.session import run_model
 
 from conftest import conv_gemm_model
 

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import helper
 
-from onnxpipe.config import load_recipe
-from onnxpipe.errors import InputError
+from onnxpipe.pipeline.recipe import load_recipe
+from onnxpipe.core.errors import InputError
 from onnxpipe.passes.base import Pass, PassResult
 from onnxpipe.pipeline import optimize
 
@@ -65,7 +65,7 @@ def test_a_pass_that_breaks_numerics_is_rolled_back_and_reported(tmp_path):
     assert (tmp_path / "stages" / "02-scale-output.rejected.onnx").exists()
     # the pipeline went on from the last good model: the final model is the input's numbers
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    from onnxpipe.runtimes import run_model
+    from onnxpipe.core.session import run_model
 
     np.testing.assert_allclose(run_model(result.model, {"x": x})["y"], run_model(model, {"x": x})["y"],
                                rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from conftest import conv_gemm_model, run_cli
 
-from onnxpipe.errors import InputError, OnnxpipeError
+from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.runtimes.device_session import (
     DeviceSession,
     Placement,
@@ -24,7 +24,7 @@ from onnxpipe.runtimes.providers import (
     resolve,
     split_devices,
 )
-from onnxpipe.runtimes.session import Session
+from onnxpipe.core.session import Session
 
 HAS_CUDA = "CUDAExecutionProvider" in available()
 

@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 
 from onnxpipe.passes.base import PassContext, PassResult
 from onnxpipe.passes.prune import Prune
-from onnxpipe.runtimes.compare import outputs_on
+from onnxpipe.core.compare import outputs_on
 
 F = onnx.TensorProto.FLOAT
 

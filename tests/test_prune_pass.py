@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.prune import Prune

@@ -12,18 +12,18 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from onnxpipe import hardware
-from onnxpipe.data import calibration_source, evaluation_source
-from onnxpipe.errors import InputError
+from onnxpipe.core import hardware
+from onnxpipe.core.data import calibration_source, evaluation_source
+from onnxpipe.core.errors import InputError
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quant_budget import agreement, cosine_per_sample, fit_budget, judge
 from onnxpipe.passes.quant_data import StreamingReader, check_batch
 from onnxpipe.passes.quantize import Quantize
 from onnxpipe.pipeline import optimize
-from onnxpipe.runtimes import run_model
-from onnxpipe.runtimes.compare import outputs_on
-from onnxpipe.tensors import TensorInfo, graph_inputs
+from onnxpipe.core.session import run_model
+from onnxpipe.core.compare import outputs_on
+from onnxpipe.core.tensors import TensorInfo, graph_inputs
 
 from conftest import ROOT, conv_gemm_model, ort_fused_ops, run_cli, write_factory
 

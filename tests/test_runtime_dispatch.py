@@ -12,11 +12,11 @@ import pytest
 from conftest import conv_gemm_model, write_factory
 from onnx import helper
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.runtimes.batch import BatchRunner, _Job
-from onnxpipe.runtimes.session import Session
+from onnxpipe.core.session import Session
 from onnxpipe.runtimes.shm import Attached, Block, layout_of, read
-from onnxpipe.runtimes.sources import open_source, split
+from onnxpipe.core.sources import open_source, split
 from onnxpipe.runtimes.worker import Event
 
 

@@ -11,7 +11,7 @@ from conftest import conv_gemm_model
 
 from onnxpipe.runtimes import BatchRunner
 from onnxpipe.runtimes.manifest import load_outputs
-from onnxpipe.runtimes.session import Session
+from onnxpipe.core.session import Session
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a local Ray takes 6-15 s to start
@@ -52,7 +52,7 @@ def test_ray_actors_keep_input_order_and_survive_a_killed_actor(local_ray, x, tm
 def test_an_actor_that_cannot_start_is_named(local_ray, tmp_path):
     import onnx
 
-    from onnxpipe.errors import OnnxpipeError
+    from onnxpipe.core.errors import OnnxpipeError
 
     path = tmp_path / "m.onnx"
     onnx.save(conv_gemm_model(), path)

@@ -11,7 +11,7 @@ import pytest
 from conftest import conv_gemm_model
 from onnx import helper
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.serve.metrics import Metrics
 from onnxpipe.serve.protocol import (
     HEADER,
@@ -22,7 +22,7 @@ from onnxpipe.serve.protocol import (
     encode_response,
 )
 from onnxpipe.serve.repository import discover
-from onnxpipe.tensors import TensorInfo
+from onnxpipe.core.tensors import TensorInfo
 
 X = TensorInfo("x", ["N", 3], np.dtype("float32"))
 IDS = TensorInfo("ids", ["N", "S"], np.dtype("int64"))

@@ -17,7 +17,7 @@ pytest.importorskip("aiohttp")
 httpclient = pytest.importorskip("tritonclient.http")
 ort = pytest.importorskip("onnxruntime")
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.partition.split import split_model
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.serve.repository import discover

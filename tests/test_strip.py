@@ -6,12 +6,12 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxpipe.errors import InputError
-from onnxpipe.graph import all_graphs, rename_values
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.graph import all_graphs, rename_values
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
 from onnxpipe.pipeline import optimize
-from onnxpipe.runtimes import run_model
+from onnxpipe.core.session import run_model
 
 from conftest import conv_gemm_model, ort_fused_ops
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import conv_gemm_model, run_cli
 from onnx import TensorProto, helper
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.serve.triton import export_triton
 
 text_format = pytest.importorskip("google.protobuf.text_format")

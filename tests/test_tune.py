@@ -10,7 +10,7 @@ import onnx
 import pytest
 from conftest import conv_gemm_model, run_cli
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.runtimes.tune import tune
 from onnxpipe.runtimes.tune_measure import activation_bytes, duel, knee, memory_model
@@ -206,7 +206,7 @@ def _write_tuned(path, device="cpu:0[threads=1]", batch=3):
 
 
 def test_recipe_runtime_key_selects_the_tuned_devices(tmp_path):
-    from onnxpipe.config import load_recipe
+    from onnxpipe.pipeline.recipe import load_recipe
 
     onnx.save(conv_gemm_model(), tmp_path / "m.onnx")
     _write_tuned(tmp_path / "tuned.json", "cpu:0[threads=1,optimization=extended]")

@@ -10,7 +10,7 @@ import pytest
 from conftest import run_cli
 from onnx import helper, numpy_helper
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.runtimes import localize as localize_mod
 from onnxpipe.runtimes.providers import available
 from onnxpipe.runtimes.validate import Tolerance, check_output, parse_targets, validate
@@ -95,7 +95,7 @@ def test_a_divergent_model_fails_and_localize_finds_the_first_node(inputs, tmp_p
 
 
 def test_saved_outputs_as_reference(inputs, tmp_path):
-    from onnxpipe.runtimes.session import Session
+    from onnxpipe.core.session import Session
 
     with Session(chain()) as s:
         outs = [s.run(b) for b in inputs]

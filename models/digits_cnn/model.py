@@ -10,17 +10,14 @@ Nothing is printed on stdout.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 
-if (_root := str(Path(__file__).resolve().parents[2])) not in sys.path:
-    sys.path.insert(0, _root)  # the folder holding models/: the zoo imports as a package
-from models import _common  # noqa: E402
-from models.digits_cnn import data as _data  # noqa: E402
+from onnxpipe_zoo import _common
+from onnxpipe_zoo.digits_cnn import data as _data
 
 log = logging.getLogger("onnxpipe.zoo.digits_cnn")
 
@@ -68,7 +65,7 @@ def train(seed: int = 0):
     global TRAIN_CALLS
     import torch
 
-    from models import _torch
+    from onnxpipe_zoo import _torch
 
     cfg = dict(CONFIG, seed=seed)
     start = time.perf_counter()
@@ -90,7 +87,7 @@ def cache_file() -> Path:
 
 def load_trained():
     """The trained model (eval mode): from the cache, else trained now and cached atomically."""
-    from models import _torch
+    from onnxpipe_zoo import _torch
 
     return _torch.load_or_train(cache_file(), lambda: _net(CONFIG["width"], CONFIG["width2"]),
                                 lambda: train(CONFIG["seed"]))

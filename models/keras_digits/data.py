@@ -4,14 +4,10 @@ numpy / scikit-learn only (no tensorflow): ONNX-only steps use it.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 
-if (_root := str(Path(__file__).resolve().parents[2])) not in sys.path:
-    sys.path.insert(0, _root)  # the folder holding models/: the zoo imports as a package
-from models.digits_cnn import data as _nchw  # noqa: E402  (same split, same scaling)
+from onnxpipe_zoo.digits_cnn import data as _nchw  # same split, same scaling
 
 INPUT_NAME = _nchw.INPUT_NAME
 

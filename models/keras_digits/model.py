@@ -14,17 +14,14 @@ numpy's global generators) and caches the weights (``.weights.h5``) in
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 
-if (_root := str(Path(__file__).resolve().parents[2])) not in sys.path:
-    sys.path.insert(0, _root)  # the folder holding models/: the zoo imports as a package
-from models import _common  # noqa: E402
-from models.keras_digits import data as _data  # noqa: E402
+from onnxpipe_zoo import _common
+from onnxpipe_zoo.keras_digits import data as _data
 
 log = logging.getLogger("onnxpipe.zoo.keras_digits")
 

@@ -6,15 +6,11 @@ numpy / scikit-learn only (no torch): ONNX-only steps use it.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import numpy as np
 
 
-if (_root := str(Path(__file__).resolve().parents[2])) not in sys.path:
-    sys.path.insert(0, _root)  # the folder holding models/: the zoo imports as a package
-from models import _common  # noqa: E402
+from onnxpipe_zoo import _common
 
 
 INPUT_NAME = "tokens"

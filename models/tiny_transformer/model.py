@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 
-if (_root := str(Path(__file__).resolve().parents[2])) not in sys.path:
-    sys.path.insert(0, _root)  # the folder holding models/: the zoo imports as a package
-from models import _common  # noqa: E402
-from models.tiny_transformer import data as _data  # noqa: E402
+from onnxpipe_zoo import _common
+from onnxpipe_zoo.tiny_transformer import data as _data
 
 log = logging.getLogger("onnxpipe.zoo.tiny_transformer")
 
@@ -102,7 +99,7 @@ def train(seed: int = 0, cfg: dict | None = None):
     global TRAIN_CALLS
     import torch
 
-    from models import _torch
+    from onnxpipe_zoo import _torch
 
     cfg = dict(cfg or CONFIG, seed=seed)
     start = time.perf_counter()
@@ -127,7 +124,7 @@ def cache_file() -> Path:
 
 def load_trained():
     """The trained model (eval mode): from the cache, else trained now and cached atomically."""
-    from models import _torch
+    from onnxpipe_zoo import _torch
 
     return _torch.load_or_train(cache_file(), _net, lambda: train(CONFIG["seed"]))
 

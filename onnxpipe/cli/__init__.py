@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from onnxpipe import __version__
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.core.errors import OnnxpipeError
 
 app = typer.Typer(
     help="From a trained PyTorch or TensorFlow model to a fast, validated ONNX deployment.",

@@ -35,7 +35,7 @@ def check_table(check, title: str = "check against the framework") -> Table:
 
 def parse_dims(items: list[str] | None) -> dict[str, int]:
     """``--dim seq=128`` options -> ``{"seq": 128}``; a malformed one is a one-line error."""
-    from onnxpipe.errors import InputError
+    from onnxpipe.core.errors import InputError
 
     dims = {}
     for d in items or []:

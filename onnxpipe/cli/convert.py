@@ -31,7 +31,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Convert a framework model to ONNX and prove its outputs match the framework's."""
         from onnxpipe.converter import convert as do_convert
-        from onnxpipe.errors import CheckFailedError
+        from onnxpipe.core.errors import CheckFailedError
 
         console = console_for(json_out)
         try:

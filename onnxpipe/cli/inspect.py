@@ -24,10 +24,10 @@ def register(app: typer.Typer) -> None:
                                                              "(liveness analysis), with the node of the peak.")] = False,
     ) -> None:
         """Show a model's inputs, outputs, opsets, op histogram, parameters and compute cost."""
-        from onnxpipe.analysis import summarize
-        from onnxpipe.errors import InputError
-        from onnxpipe.modelio import load_model
-        from onnxpipe.tensors import InputSpec
+        from onnxpipe.core.analysis import summarize
+        from onnxpipe.core.errors import InputError
+        from onnxpipe.core.modelio import load_model
+        from onnxpipe.core.tensors import InputSpec
 
         if batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, received {batch_size}", hint="use a positive batch size")

@@ -16,7 +16,7 @@ def parse_pass(text: str) -> str | dict:
     """``simplify``, ``opset:version=17`` or ``fp16:{keep_fp32_ops: [Softmax]}`` -> a pass spec."""
     import yaml
 
-    from onnxpipe.errors import InputError
+    from onnxpipe.core.errors import InputError
 
     name, sep, opts = text.partition(":")
     if not sep:
@@ -50,10 +50,12 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print the stages as JSON on stdout.")] = False,
     ) -> None:
         """Run passes over an ONNX model, checking the outputs after each one."""
-        from onnxpipe import report
-        from onnxpipe.data import calibration_source
-        from onnxpipe.modelio import load_model, save_model
-        from onnxpipe.pipeline import make_pass, optimize as do_optimize
+        from onnxpipe.core.files import write_json, write_text
+        from onnxpipe.pipeline import report
+        from onnxpipe.core.data import calibration_source
+        from onnxpipe.core.modelio import load_model, save_model
+        from onnxpipe.pipeline import optimize as do_optimize
+        from onnxpipe.pipeline.stages import make_pass
 
         console = console_for(json_out)
         specs = [make_pass(parse_pass(p)) for p in passes]  # bad names fail before any work
@@ -67,8 +69,8 @@ def register(app: typer.Typer) -> None:
         save_model(result.model, output)
         console.print(report.table(result.stages, title=f"onnxpipe optimize -> {output}"))
         if report_dir is not None:
-            report.write_json(result.as_dict(), report_dir / "report.json")
-            report.write_text(report.markdown(result.stages), report_dir / "report.md")
+            write_json(result.as_dict(), report_dir / "report.json")
+            write_text(report.markdown(result.stages), report_dir / "report.md")
             report.chart(result.stages, report_dir / "report.png")
         if json_out:
             print(json.dumps(result.as_dict(), indent=2))
@@ -84,7 +86,7 @@ def register(app: typer.Typer) -> None:
 
         result = do_run(recipe, output, console=console_for())
         if not all(row["ok"] for row in result.validation):
-            from onnxpipe.errors import CheckFailedError
+            from onnxpipe.core.errors import CheckFailedError
 
             raise CheckFailedError("validation across providers failed; see report.json", hint=str(result.outdir))
 

@@ -18,7 +18,7 @@ CONFIG_HELP = "A tuned.json from `onnxpipe tune`: its devices (with every tuned 
 
 def int_list(text: str, what: str) -> list[int]:
     """``"1,8,32"`` -> [1, 8, 32], or a one-line error."""
-    from onnxpipe.errors import InputError
+    from onnxpipe.core.errors import InputError
 
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -34,11 +34,11 @@ def check_inputs(model: Any, *, data: str | None, load: Path | None, batches: in
     """Validation inputs: saved ones, the first batches of ``data``, or generated ones."""
     import numpy as np
 
-    from onnxpipe.converter.onnx_file import example_inputs
-    from onnxpipe.data import calibration_source, take
-    from onnxpipe.errors import InputError
+    from onnxpipe.core.tensors import example_inputs
+    from onnxpipe.core.data import calibration_source, take
+    from onnxpipe.core.errors import InputError
     from onnxpipe.runtimes.validate import split_batches
-    from onnxpipe.tensors import InputSpec
+    from onnxpipe.core.tensors import InputSpec
 
     if load is not None:
         if not load.is_file():
@@ -57,7 +57,7 @@ def check_inputs(model: Any, *, data: str | None, load: Path | None, batches: in
 def save_inputs(batches: list[dict], path: Path) -> None:
     import numpy as np
 
-    from onnxpipe.modelio import atomic_output
+    from onnxpipe.core.files import atomic_output
 
     arrays = batches[0] if len(batches) == 1 else {f"b{k}/{n}": v for k, b in enumerate(batches) for n, v in b.items()}
     with atomic_output(path) as tmp:
@@ -158,8 +158,8 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print the matrix as JSON on stdout.")] = False,
     ) -> None:
         """Run a model on several providers and precisions and compare every output with a reference."""
-        from onnxpipe.errors import CheckFailedError, InputError
-        from onnxpipe.modelio import load_model
+        from onnxpipe.core.errors import CheckFailedError, InputError
+        from onnxpipe.core.modelio import load_model
         from onnxpipe.runtimes.validate import DEFAULTS, Tolerance, parse_targets
         from onnxpipe.runtimes.validate import validate as do_validate
 
@@ -220,7 +220,7 @@ def register(app: typer.Typer) -> None:
             TimeElapsedColumn,
         )
 
-        from onnxpipe.modelio import load_model
+        from onnxpipe.core.modelio import load_model
         from onnxpipe.runtimes.bench import bench as do_bench
         from onnxpipe.runtimes.providers import parse_devices
 

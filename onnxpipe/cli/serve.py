@@ -36,8 +36,8 @@ def register(app: typer.Typer) -> None:
         import asyncio
         import logging
 
-        from onnxpipe._deps import require
-        from onnxpipe.errors import InputError
+        from onnxpipe.core.deps import require
+        from onnxpipe.core.errors import InputError
 
         require("aiohttp")
         from onnxpipe.runtimes.providers import parse_devices

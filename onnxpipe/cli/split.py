@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Cut a model into stages where few, small tensors cross, balanced by FLOPs or memory; check and write them."""
         from onnxpipe.cli._common import parse_dims
-        from onnxpipe.errors import InputError
+        from onnxpipe.core.errors import InputError
         from onnxpipe.partition.split import split_model
 
         if batch_size < 1:

@@ -19,7 +19,7 @@ def parse_bytes(text: str) -> int:
     """``"4GiB"`` -> 4294967296, or a one-line error."""
     from pydantic import ByteSize, TypeAdapter, ValidationError
 
-    from onnxpipe.errors import InputError
+    from onnxpipe.core.errors import InputError
 
     try:
         return int(TypeAdapter(ByteSize).validate_python(text))
@@ -51,8 +51,8 @@ def register(app: typer.Typer) -> None:
         cuDNN, IO binding, CUDA graphs; TensorRT precision and builder level) and batch size per device."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-        from onnxpipe.errors import InputError
-        from onnxpipe.modelio import load_model
+        from onnxpipe.core.errors import InputError
+        from onnxpipe.core.modelio import load_model
         from onnxpipe.runtimes.providers import Device, split_devices
         from onnxpipe.runtimes.tune import tune as do_tune
         from onnxpipe.runtimes.tune_report import candidates_table, summary_table

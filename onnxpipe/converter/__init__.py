@@ -20,9 +20,9 @@ import onnx
 
 from onnxpipe.converter.base import DEFAULT_OPSET, Attempt, FrameworkModel
 from onnxpipe.converter.check import CheckReport, verify
-from onnxpipe.errors import CheckFailedError
-from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, check_model, save_model
-from onnxpipe.tensors import InputSpec
+from onnxpipe.core.errors import CheckFailedError
+from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, check_model, save_model
+from onnxpipe.core.tensors import InputSpec
 
 __all__ = ["DEFAULT_OPSET", "ConversionResult", "convert", "load_source"]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.userfiles import first_line  # noqa: F401  (re-exported for the backends)
+from onnxpipe.core.userfiles import first_line  # noqa: F401  (re-exported for the backends)
 
 DEFAULT_OPSET = 18
 """Opset 18: exported by torch's dynamo exporter, run by ONNX Runtime and parsed by TensorRT 10."""

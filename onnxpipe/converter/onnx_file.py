@@ -10,37 +10,10 @@ import numpy as np
 import onnx
 
 from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel, first_line
-from onnxpipe.converter.source import examples_from_specs
-from onnxpipe.errors import ConversionError, InputError
-from onnxpipe.modelio import check_model, load_model
-from onnxpipe.tensors import InputSpec, concrete_shape, graph_inputs, random_input
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    """The model's opset of the default (``ai.onnx``) domain."""
-    for imp in model.opset_import:
-        if imp.domain in ("", "ai.onnx"):
-            return imp.version
-    return 0
-
-
-def example_inputs(model: onnx.ModelProto, specs: Sequence[InputSpec] = (), *, batch: int = 1,
-                   seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for every graph input: from ``--input`` specs where given, generated elsewhere."""
-    rng = np.random.default_rng(seed)
-    given = examples_from_specs(specs, rng)
-    infos = graph_inputs(model)
-    unknown = sorted(set(given) - {i.name for i in infos})
-    if unknown:
-        raise InputError(f"--input names {', '.join(unknown)} are not inputs of the model",
-                         hint=f"its inputs are {', '.join(i.name for i in infos)}")
-    out = {}
-    for info in infos:
-        if info.name in given:
-            out[info.name] = given[info.name]
-        else:
-            out[info.name] = random_input(info, concrete_shape(info, batch), rng)
-    return out
+from onnxpipe.core.errors import ConversionError
+from onnxpipe.core.modelio import check_model, load_model
+from onnxpipe.core.graph import convert_opset, default_opset
+from onnxpipe.core.tensors import InputSpec, example_inputs, graph_inputs
 
 
 def load(path: Path, specs: Sequence[InputSpec]) -> FrameworkModel:
@@ -48,7 +21,7 @@ def load(path: Path, specs: Sequence[InputSpec]) -> FrameworkModel:
     check_model(model, what=str(path))
     inputs = example_inputs(model, specs)
 
-    from onnxpipe.runtimes.session import Session
+    from onnxpipe.core.session import Session
 
     session = Session(model)
 
@@ -79,17 +52,10 @@ def export(fm: FrameworkModel, *, opset: int | None, dynamic_batch: bool) -> Exp
                          [Attempt("version_converter", time.perf_counter() - start)])
 
 
-def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """Convert the default domain to ``opset`` with onnx's version converter."""
-    from onnx import version_converter
-
-    return version_converter.convert_version(model, opset)
-
-
 def _static_batch(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str]]:
     from onnxpipe.passes.fix_shapes import FixShapes
     from onnxpipe.passes.base import PassContext
-    from onnxpipe.tensors import batched_inputs
+    from onnxpipe.core.tensors import batched_inputs
 
     batched, batch = batched_inputs(inputs)
     shapes = {}

@@ -16,13 +16,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpipe._deps import require
+from onnxpipe.core.deps import require
 from onnxpipe.converter.base import (
     Attempt, ExportOutcome, FrameworkModel, default_output_names, first_line, flatten_outputs,
 )
-from onnxpipe.converter.source import examples_from_specs, normalize_examples
-from onnxpipe.errors import ConversionError, InputError
-from onnxpipe.tensors import InputSpec, batched_inputs
+from onnxpipe.converter.source import normalize_examples
+from onnxpipe.core.tensors import examples_from_specs
+from onnxpipe.core.errors import ConversionError, InputError
+from onnxpipe.core.tensors import InputSpec, batched_inputs
 
 
 def _names_from_signature(model: Any) -> list[str]:

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.converter.base import FrameworkModel
-from onnxpipe.errors import InputError
-from onnxpipe.tensors import InputSpec
-from onnxpipe.userfiles import first_line, load_callable, split_spec
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.tensors import InputSpec
+from onnxpipe.core.userfiles import first_line, load_callable, split_spec
 
 FRAMEWORKS = ("torch", "tensorflow", "onnx")
 FORMS = ("file.py:factory, .onnx, .pt/.pth (TorchScript), .pt2 (torch.export), "
@@ -118,13 +118,6 @@ def normalize_examples(example: Any, names: Sequence[str] | None) -> tuple[dict[
     if len(names) < len(items):
         names += [f"input_{i}" for i in range(len(names), len(items))]
     return {names[i]: to_numpy(v, names[i]) for i, v in enumerate(items)}, False
-
-
-def examples_from_specs(specs: Sequence[InputSpec], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Example inputs generated from ``--input`` specs."""
-    from onnxpipe.tensors import TensorInfo, random_input
-
-    return {s.name: random_input(TensorInfo(s.name, list(s.shape), np.dtype(s.dtype)), s.shape, rng) for s in specs}
 
 
 def load(source: str, *, framework: str | None = None, specs: Sequence[InputSpec] = ()) -> FrameworkModel:

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe._deps import require
+from onnxpipe.core.deps import require
 from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel, default_output_names, first_line
-from onnxpipe.converter.source import examples_from_specs, normalize_examples
-from onnxpipe.errors import ConversionError, InputError
-from onnxpipe.tensors import InputSpec, batched_inputs
+from onnxpipe.converter.source import normalize_examples
+from onnxpipe.core.tensors import examples_from_specs
+from onnxpipe.core.errors import ConversionError, InputError
+from onnxpipe.core.tensors import InputSpec, batched_inputs
 
 
 def _tf():
@@ -205,7 +206,7 @@ def _from_function(tf: Any, tf2onnx: Any, function: Any, signature: list[Any], o
 
 def _clean_output_names(model: Any, names: list[str] | None) -> None:
     """tf2onnx names outputs after TF tensors (``Identity:0``); use the model's keys, or output_i."""
-    from onnxpipe.graph import rename_values
+    from onnxpipe.core.graph import rename_values
 
     outputs = [o.name for o in model.graph.output]
     wanted = names if names and len(names) == len(outputs) else default_output_names(len(outputs))

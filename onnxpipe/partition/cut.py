@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.partition.memory import live_bytes
 from onnxpipe.partition.profile import GraphProfile
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.core.errors import OnnxpipeError
 from onnxpipe.partition.cut import CutPlan, free_tensors
 from onnxpipe.partition.profile import GraphProfile
 
@@ -53,8 +53,8 @@ def _declared_types(profile: GraphProfile) -> dict[str, onnx.ValueInfoProto]:
 
 def _runtime_types(profile: GraphProfile, names: Sequence[str]) -> dict[str, onnx.ValueInfoProto]:
     """Element types and ranks of ``names`` from one ORT run on random inputs (dims left unnamed)."""
-    from onnxpipe.runtimes.session import Session
-    from onnxpipe.tensors import concrete_shape, graph_inputs, random_input
+    from onnxpipe.core.session import Session
+    from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
 
     model = onnx.ModelProto()
     model.CopyFrom(profile.model)

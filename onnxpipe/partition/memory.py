@@ -17,8 +17,8 @@ import onnx
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.analysis import _human
-from onnxpipe.graph import subgraphs
+from onnxpipe.core.analysis import _human
+from onnxpipe.core.graph import subgraphs
 from onnxpipe.partition.profile import GraphProfile, profile_graph
 
 if TYPE_CHECKING:
@@ -122,8 +122,8 @@ def report_from_profile(profile: GraphProfile, weight_bytes: int | None = None) 
     Example:
         >>> report_from_profile(profile_graph(model)).peak_bytes  # doctest: +SKIP
     """
-    from onnxpipe.analysis import _parameters
-    from onnxpipe.modelio import tensor_bytes
+    from onnxpipe.core.analysis import _parameters
+    from onnxpipe.core.modelio import tensor_bytes
 
     live = live_bytes(profile)
     step = max(range(len(live)), key=live.__getitem__)

@@ -16,17 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxpipe.analysis import (
-    _collect_shapes,
-    _concrete_copy,
-    _graph_cost,
-    _node_cost,
-    _NoShape,
-    _runtime_shapes,
-)
-from onnxpipe.errors import InputError
-from onnxpipe.graph import _subgraph_inputs, subgraphs, toposort
-from onnxpipe.tensors import concrete_shape, graph_inputs
+from onnxpipe.core.analysis import _collect_shapes, _concrete_copy, _graph_cost, _node_cost, _NoShape, _runtime_shapes
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.graph import _subgraph_inputs, subgraphs, toposort
+from onnxpipe.core.tensors import concrete_shape, graph_inputs
 
 Shape = tuple[int, ...]
 
@@ -103,7 +96,7 @@ def _itemsize(elem_type: int) -> int:
 
 
 def node_flops(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
-    """FLOPs of one node by :mod:`onnxpipe.analysis`'s rules (its subgraphs included); None if unknown.
+    """FLOPs of one node by :mod:`onnxpipe.core.analysis`'s rules (its subgraphs included); None if unknown.
 
     Example:
         >>> node_flops(onnx.helper.make_node("Relu", ["x"], ["y"]), {"y": (2, 3)})

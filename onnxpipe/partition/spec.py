@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 
 FORMAT = "onnxpipe-pipeline/1"
 FILE = "pipeline.json"

@@ -18,21 +18,17 @@ import onnx
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.analysis import _human
-from onnxpipe.errors import CheckFailedError, InputError, OnnxpipeError
-from onnxpipe.modelio import (
-    atomic_output,
-    check_model,
-    load_model,
-    save_model,
-    tensor_bytes,
-)
+from onnxpipe.core.analysis import _human
+from onnxpipe.core.errors import CheckFailedError, InputError, OnnxpipeError
+from onnxpipe.core.files import atomic_output
+from onnxpipe.core.modelio import check_model, load_model, save_model, tensor_bytes
 from onnxpipe.partition.cut import find_cuts
 from onnxpipe.partition.extract import Stage, build_stages
 from onnxpipe.partition.memory import report_from_profile
 from onnxpipe.partition.profile import GraphProfile, profile_graph
 from onnxpipe.partition.spec import FILE, PartSpec, PipelineSpec, carried, run_sequence
-from onnxpipe.tensors import Comparison, graph_inputs, value_infos
+from onnxpipe.core.compare import Comparison
+from onnxpipe.core.tensors import graph_inputs, value_infos
 
 # the tolerance every pass is checked with (onnxpipe.passes.base.Pass)
 ATOL, RTOL = 1e-4, 1e-3
@@ -95,9 +91,9 @@ def check_sequence(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto], pa
         >>> all(c.ok for c in check_sequence(model, [s.model for s in stages], parts, ["y"], batch=2))  # doctest: +SKIP
         True
     """
-    from onnxpipe.converter.onnx_file import example_inputs
-    from onnxpipe.runtimes.compare import compare_runs, outputs_on
-    from onnxpipe.runtimes.session import Session
+    from onnxpipe.core.tensors import example_inputs
+    from onnxpipe.core.compare import compare_runs, outputs_on
+    from onnxpipe.core.session import Session
 
     inputs = [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
     expected = outputs_on(model, inputs)
@@ -187,7 +183,7 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
 
 def _write(spec: PipelineSpec, stages: list[Stage]) -> None:
     """Every part, then pipeline.json, moved into the folder together; older parts there removed."""
-    from onnxpipe.runtimes.manifest import file_digest
+    from onnxpipe.core.files import file_digest
 
     folder = spec.folder
     old: set[str] = set()

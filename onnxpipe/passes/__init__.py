@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 
 PASSES: dict[str, str] = {
     "simplify": "onnxpipe.passes.simplify:Simplify",

@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from onnxpipe.errors import InputError
-from onnxpipe.runtimes.compare import compare_runs
-from onnxpipe.tensors import Comparison
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.compare import compare_runs
+from onnxpipe.core.compare import Comparison
 
 
 class PassConfig(BaseModel):

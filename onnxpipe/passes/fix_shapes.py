@@ -5,9 +5,9 @@ from __future__ import annotations
 import onnx
 from pydantic import Field
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
-from onnxpipe.tensors import graph_inputs
+from onnxpipe.core.tensors import graph_inputs
 
 
 def _set_dims(values, dims: dict[str, int], shapes: dict[str, list[int]]) -> int:

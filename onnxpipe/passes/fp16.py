@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import onnx
 
-from onnxpipe._deps import require
-from onnxpipe.graph import toposort
+from onnxpipe.core.deps import require
+from onnxpipe.core.graph import toposort
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
 # exponentials, reductions over many elements and normalizations lose too much in float16

@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 from pydantic import Field
 
-from onnxpipe.converter.onnx_file import convert_opset, default_opset
+from onnxpipe.core.graph import convert_opset, default_opset
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
 

@@ -22,11 +22,11 @@ import numpy as np
 import onnx
 from pydantic import Field, field_validator
 
-from onnxpipe.errors import InputError
-from onnxpipe.graph import toposort
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.graph import toposort
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.passes.pruning.agreement import judge
-from onnxpipe.tensors import Comparison
+from onnxpipe.core.compare import Comparison
 
 
 class Prune(Pass):
@@ -92,7 +92,7 @@ class Prune(Pass):
         return judge(before, after, floor=self.config.min_agreement, mode=self.config.agreement)
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        from onnxpipe.analysis import summarize
+        from onnxpipe.core.analysis import summarize
         from onnxpipe.passes.pruning import importance, report, select
         from onnxpipe.passes.pruning.apply import prune_model
         from onnxpipe.passes.pruning.groups import analyze

@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpipe._deps import require
-from onnxpipe.errors import InputError
-from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quant_data import RECIPE_HINT, progress_bar, take_batches
-from onnxpipe.runtimes.compare import outputs_on
-from onnxpipe.tensors import Comparison, graph_inputs
+from onnxpipe.core.compare import outputs_on
+from onnxpipe.core.compare import Comparison
+from onnxpipe.core.tensors import graph_inputs
 
 # float32 carries about 140 dB of signal; an input no quantizer touched counts as this clean
 EXACT_DB = 140.0

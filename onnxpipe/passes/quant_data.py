@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from onnxpipe._deps import require
-from onnxpipe.errors import InputError
-from onnxpipe.tensors import TensorInfo
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.tensors import TensorInfo
 
 if TYPE_CHECKING:
     from onnxruntime.quantization import TensorsData
@@ -38,7 +38,7 @@ def check_batch(batch: Any, infos: Sequence[TensorInfo], index: int) -> list[Bat
     expected and received.
 
     Example:
-        >>> from onnxpipe.tensors import TensorInfo
+        >>> from onnxpipe.core.tensors import TensorInfo
         >>> info = TensorInfo("x", [1, 3], np.dtype("float32"))
         >>> len(check_batch({"x": np.zeros((4, 3), np.float32)}, [info], 0))
         4

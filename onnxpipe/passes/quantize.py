@@ -21,16 +21,17 @@ import numpy as np
 import onnx
 from pydantic import Field
 
-from onnxpipe import hardware
-from onnxpipe._deps import require
-from onnxpipe.errors import InputError
-from onnxpipe.graph import name_bytes, subgraphs, toposort
-from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.core import hardware
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.graph import name_bytes, subgraphs, toposort
+from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.passes.quant_budget import changed_nodes, judge, search_budget
 from onnxpipe.passes.quant_data import RECIPE_HINT, StreamingReader, calibrate, progress_bar
-from onnxpipe.tensors import Comparison, graph_inputs
-from onnxpipe.userfiles import first_line
+from onnxpipe.core.compare import Comparison
+from onnxpipe.core.tensors import graph_inputs
+from onnxpipe.core.userfiles import first_line
 
 CONV_OPS = ("Conv", "ConvTranspose")
 MIN_OPSET = 13
@@ -74,7 +75,7 @@ def _registry(mode: str, fmt: str) -> list[str]:
 
 def _conv_share(model: onnx.ModelProto) -> float:
     """Fraction of the multiply-accumulates in convolutions (by node count if MACs cannot be counted)."""
-    from onnxpipe.analysis import summarize
+    from onnxpipe.core.analysis import summarize
 
     try:
         cost = summarize(model).cost_by_op
@@ -127,7 +128,7 @@ class Quantize(Pass):
         format: Literal["qdq", "qoperator"] = "qdq"
         """Static models: QDQ (QuantizeLinear/DequantizeLinear around float ops) or QOperator (QLinearConv, ...)."""
         activation_type: Literal["auto", "uint8", "int8"] = "auto"
-        """Static activations; auto picks what this CPU runs fast (see onnxpipe.hardware)."""
+        """Static activations; auto picks what this CPU runs fast (see onnxpipe.core.hardware)."""
         activation_symmetric: bool | None = None
         """Symmetric activation ranges; None: symmetric for cuda/tensorrt, asymmetric on CPU."""
         per_channel: bool = True
@@ -247,7 +248,7 @@ class Quantize(Pass):
 
     def _prepare(self, model: onnx.ModelProto, work: Path, big: bool) -> tuple[Path, str]:
         """The float model ready to quantize, written under ``work``: opset 13+, pre-processed, every node named."""
-        from onnxpipe.converter.onnx_file import convert_opset, default_opset
+        from onnxpipe.core.graph import convert_opset, default_opset
 
         opset = default_opset(model)
         if opset < MIN_OPSET:  # per-channel Q/DQ needs the axis attribute of opset 13

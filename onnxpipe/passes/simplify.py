@@ -17,11 +17,11 @@ from typing import Literal
 
 import onnx
 
-from onnxpipe._deps import require
+from onnxpipe.core.deps import require
 from onnxpipe.converter.base import first_line
-from onnxpipe.graph import subgraphs
+from onnxpipe.core.graph import subgraphs
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
-from onnxpipe.runtimes.compare import compare_runs, outputs_on
+from onnxpipe.core.compare import compare_runs, outputs_on
 
 Backend = Literal["onnxsim", "onnxslim", "ort"]
 

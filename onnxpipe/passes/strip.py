@@ -12,8 +12,8 @@ import difflib
 
 import onnx
 
-from onnxpipe.errors import InputError
-from onnxpipe.graph import all_graphs, drop_derivable_shapes, name_bytes, strip_names, value_names
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.graph import all_graphs, drop_derivable_shapes, name_bytes, strip_names, value_names
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
 

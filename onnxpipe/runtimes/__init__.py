@@ -1,12 +1,12 @@
-"""Run ONNX models: sessions on ONNX Runtime's execution providers."""
+"""Run ONNX models on ONNX Runtime's execution providers: devices, the batch runner, validation,
+benchmarks, tuning and pipeline-parallel stages. Stands on ``core`` and ``partition`` only (the
+CPU ``Session`` itself is :mod:`onnxpipe.core.session`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from onnxpipe.runtimes.session import Session, run_model
-
-__all__ = ["BatchRunner", "Device", "Session", "run_model"]
+__all__ = ["BatchRunner", "Device"]
 
 # loaded on first use: the batch runner brings multiprocessing and shared memory with it
 _LAZY = {"BatchRunner": "onnxpipe.runtimes.batch", "Device": "onnxpipe.runtimes.providers"}

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpipe.errors import InputError, OnnxpipeError
-from onnxpipe.hardware import cpu
-from onnxpipe.modelio import load_model, save_model
+from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.hardware import cpu
+from onnxpipe.core.modelio import load_model, save_model
 from onnxpipe.runtimes.batch_result import (
     BatchEvent,
     DeviceStats,
@@ -42,10 +42,11 @@ from onnxpipe.runtimes.batch_result import (
     InferResult,
     SamplesFailedError,
 )
-from onnxpipe.runtimes.manifest import Shard, ShardWriter, file_digest
+from onnxpipe.core.files import file_digest
+from onnxpipe.runtimes.manifest import Shard, ShardWriter
 from onnxpipe.runtimes.providers import Device, parse_devices
-from onnxpipe.runtimes.sources import Chunk, Source, check_chunk, open_source
-from onnxpipe.tensors import graph_inputs, value_infos
+from onnxpipe.core.sources import Chunk, Source, check_chunk, open_source
+from onnxpipe.core.tensors import graph_inputs, value_infos
 
 __all__ = ["BatchRunner", "SamplesFailedError"]
 

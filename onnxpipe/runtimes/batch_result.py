@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.core.errors import OnnxpipeError
 
 
 class SamplesFailedError(OnnxpipeError):

@@ -13,34 +13,8 @@ import numpy as np
 import onnx
 from rich.table import Table
 
-from onnxpipe.errors import InputError, OnnxpipeError
+from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.runtimes.peak import Peak, cpu_peak
-from onnxpipe.runtimes.session import Session
-
-
-def latency_ms(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray], *,
-               warmup: int = 3, min_repeat: int = 10, budget_s: float = 1.0, threads: int | None = None) -> dict:
-    """Median, p90 and min latency in milliseconds of one ``run`` on ``feeds``.
-
-    Example:
-        >>> latency_ms("model.onnx", {"x": x})["median_ms"]  # doctest: +SKIP
-        0.41
-    """
-    with Session(model, threads=threads) as s:
-        checked = s.check_feeds(feeds)
-        for _ in range(warmup):
-            s.session.run(None, checked)
-        times: list[float] = []
-        deadline = time.perf_counter() + budget_s
-        while len(times) < min_repeat or time.perf_counter() < deadline:
-            start = time.perf_counter()
-            s.session.run(None, checked)
-            times.append((time.perf_counter() - start) * 1e3)
-            if len(times) >= 10_000:
-                break
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
-            "min_ms": times[0], "runs": len(times)}
 
 
 # the suite behind `onnxpipe bench` ---------------------------------------------------------------
@@ -121,7 +95,7 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
 
     Load time (session creation) and the first run are reported apart from the steady state;
     for TensorRT their sum minus a steady run is the engine build. FLOPs per run come from
-    :func:`onnxpipe.analysis.summarize` at each batch size; the peak is :func:`cpu_peak` for
+    :func:`onnxpipe.core.analysis.summarize` at each batch size; the peak is :func:`cpu_peak` for
     the threads used (GPU rows get no peak fraction).
 
     Args:
@@ -141,9 +115,9 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         >>> [(r.threads, r.batch, round(r.p50_ms, 2)) for r in report.rows]  # doctest: +SKIP
         [(1, 1, 0.41), (1, 32, 6.2), (4, 1, 0.2), (4, 32, 1.9)]
     """
-    from onnxpipe.analysis import summarize
-    from onnxpipe.converter.onnx_file import example_inputs
-    from onnxpipe.modelio import load_model
+    from onnxpipe.core.analysis import summarize
+    from onnxpipe.core.tensors import example_inputs
+    from onnxpipe.core.modelio import load_model
     from onnxpipe.runtimes.device_session import DeviceSession
     from onnxpipe.runtimes.providers import Device
 

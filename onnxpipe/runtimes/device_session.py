@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpipe._deps import require
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import OnnxpipeError
 from onnxpipe.runtimes.providers import (
     GPU_HINT,
     PROVIDERS,
@@ -37,7 +37,7 @@ from onnxpipe.runtimes.providers import (
     CudaOptions,
     Device,
 )
-from onnxpipe.runtimes.session import Session, session_source
+from onnxpipe.core.session import Session, session_source
 
 SHORT = {v: k for k, v in PROVIDERS.items()}
 

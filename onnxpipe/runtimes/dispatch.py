@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.core.errors import OnnxpipeError
 from onnxpipe.runtimes.batch_result import BatchEvent
 from onnxpipe.runtimes.manifest import Shard
-from onnxpipe.runtimes.sources import Chunk, Source
+from onnxpipe.core.sources import Chunk, Source
 
 if TYPE_CHECKING:
     from onnxpipe.runtimes.batch import BatchRunner, Task, _Job

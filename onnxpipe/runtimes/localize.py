@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxpipe.graph import toposort
+from onnxpipe.core.graph import toposort
 from onnxpipe.runtimes.providers import Device
 
 if TYPE_CHECKING:

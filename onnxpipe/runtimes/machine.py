@@ -11,8 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe._deps import require
-from onnxpipe.hardware import CpuInfo, GpuInfo, cpu, gpus
+from onnxpipe.core.deps import require
+from onnxpipe.core.hardware import CpuInfo, GpuInfo, cpu, gpus
 from onnxpipe.runtimes.providers import GPU_HINT, PROVIDERS, TRT_HINT
 
 

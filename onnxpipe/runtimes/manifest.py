@@ -10,7 +10,6 @@ record, and ``resume`` skips every shard it lists.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 
 FORMAT = "onnxpipe-infer/1"
 INDEX = "_index"
@@ -38,23 +37,6 @@ class Shard:
     outputs: dict[str, np.ndarray]
     per_batch: dict[str, np.ndarray] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a file (external data files beside it included), read in 8 MiB blocks.
-
-    Example:
-        >>> len(file_digest("model.onnx"))  # doctest: +SKIP
-        64
-    """
-    h = hashlib.sha256()
-    p = Path(path)
-    for f in [p, p.parent / f"{p.name}.data"]:
-        if f.exists():
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(8 << 20), b""):
-                    h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_bytes(path: Path, write: Any) -> None:

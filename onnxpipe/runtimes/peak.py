@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxpipe.hardware import cpu
+from onnxpipe.core.hardware import cpu
 
 # simd level -> (fp32 lanes per vector, FMA units per core)
 SIMD = {"avx512": (16, 2), "avx2": (8, 2), "avx": (8, 1), "sse4": (4, 1), "neon": (4, 2), "sve": (4, 2),
@@ -122,7 +122,7 @@ def measured_matmul_gflops(n: int = 384, seconds: float = 0.3) -> float:
     import onnx
     from onnx import TensorProto, helper
 
-    from onnxpipe.runtimes.session import Session
+    from onnxpipe.core.session import Session
 
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
                               [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),

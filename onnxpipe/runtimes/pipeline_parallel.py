@@ -28,14 +28,14 @@ import numpy as np
 import onnx
 from rich.table import Table
 
-from onnxpipe.errors import InputError, OnnxpipeError
+from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.partition.spec import PartSpec, PipelineSpec, carried
 from onnxpipe.runtimes.batch import BatchRunner, Task
 from onnxpipe.runtimes.batch_result import BatchEvent, InferResult
 from onnxpipe.runtimes.dispatch import Dispatcher
 from onnxpipe.runtimes.manifest import Shard
 from onnxpipe.runtimes.providers import parse_devices
-from onnxpipe.runtimes.sources import Source
+from onnxpipe.core.sources import Source
 
 __all__ = ["PipelineResult", "PipelineRunner"]
 

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from onnxpipe._deps import require
-from onnxpipe.errors import InputError
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import InputError
 from onnxpipe.runtimes.device_options import (
     OPTIONS,
     CpuOptions,

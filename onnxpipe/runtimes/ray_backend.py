@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe._deps import require
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import OnnxpipeError
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.runtimes.worker import Event
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from onnxpipe.errors import InputError, OnnxpipeError
+from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.runtimes.tune_measure import (
     Duel,
@@ -119,7 +119,7 @@ class TuneReport:
     devices: list[DeviceTuning]
 
     def to_file(self) -> TunedFile:
-        from onnxpipe.hardware import cpu
+        from onnxpipe.core.hardware import cpu
 
         info = cpu()
         return TunedFile(model=self.model, objective=self.objective, budget_s=self.budget_s,  # type: ignore[arg-type]
@@ -150,7 +150,7 @@ def _open(model: onnx.ModelProto, device: Device) -> Any:
 
 
 def _dynamic_batch(model: onnx.ModelProto) -> bool:
-    from onnxpipe.tensors import graph_inputs
+    from onnxpipe.core.tensors import graph_inputs
 
     return any(i.shape and not (isinstance(i.shape[0], int) and i.shape[0] > 0) for i in graph_inputs(model))
 
@@ -183,8 +183,8 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         >>> tune(conv_gemm_model(), ["cpu"], budget_s=3).devices[0].chosen  # doctest: +SKIP
         Device('cpu:0[threads=1,spinning=false]')
     """
-    from onnxpipe.hardware import cpu
-    from onnxpipe.modelio import load_model
+    from onnxpipe.core.hardware import cpu
+    from onnxpipe.core.modelio import load_model
 
     if objective not in ("latency", "throughput"):
         raise InputError(f"unknown objective {objective!r}", hint="use latency or throughput")
@@ -214,7 +214,7 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
 
 
 def _feeds(model: onnx.ModelProto, batch: int, dims: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
-    from onnxpipe.tensors import concrete_shape, graph_inputs, random_input
+    from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
 
     rng = np.random.default_rng(seed)
     return {i.name: random_input(i, concrete_shape(i, batch, dims), rng) for i in graph_inputs(model)}

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpipe.modelio import tensor_bytes
+from onnxpipe.core.modelio import tensor_bytes
 from onnxpipe.runtimes.providers import Device
-from onnxpipe.tensors import onnx_elem_to_numpy
+from onnxpipe.core.tensors import onnx_elem_to_numpy
 
 
 def median_ms(fn: Callable[[], object], runs: int) -> float:

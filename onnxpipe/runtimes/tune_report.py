@@ -70,7 +70,7 @@ def chart(report: TuneReport, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from onnxpipe.report import save_figure
+    from onnxpipe.core.files import save_figure
 
     n = max(1, len(report.devices))
     fig, axes = plt.subplots(1, n, figsize=(6.0 * n, 4.6), squeeze=False)

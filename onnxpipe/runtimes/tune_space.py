@@ -23,7 +23,7 @@ import onnx
 
 from onnxpipe.runtimes.device_options import CudaOptions, TensorrtOptions
 from onnxpipe.runtimes.providers import Device
-from onnxpipe.tensors import graph_inputs
+from onnxpipe.core.tensors import graph_inputs
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.runtimes.providers import Device
 
 FORMAT = "onnxpipe.tuned/1"
@@ -138,7 +138,7 @@ def save_tuned(tuned: TunedFile, path: str | os.PathLike) -> Path:
     Example:
         >>> save_tuned(TunedFile(model="m.onnx"), "tuned.json")  # doctest: +SKIP
     """
-    from onnxpipe.report import write_json
+    from onnxpipe.core.files import write_json
 
     return write_json(tuned.model_dump(mode="json"), path)
 

@@ -44,9 +44,9 @@ class Event:
 def _main(conn: Connection, model: str, device: str, threads: int | None, cores: list[int] | None,
           device_id: int | None, current: Any) -> None:
     """Worker process: open the session, then serve ``run`` messages until ``stop`` or EOF."""
-    from onnxpipe.errors import OnnxpipeError
+    from onnxpipe.core.errors import OnnxpipeError
     from onnxpipe.runtimes.device_session import DeviceSession
-    from onnxpipe.userfiles import first_line
+    from onnxpipe.core.userfiles import first_line
 
     # Ctrl-C reaches the whole process group: the dispatcher handles it and stops the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -84,8 +84,8 @@ def _main(conn: Connection, model: str, device: str, threads: int | None, cores:
 def _run_one(session: Any, blocks: shm.Attached, msg: tuple) -> tuple:
     """One ``run`` message -> its ``done`` or ``error`` reply. Every view of a shared block dies
     with this frame, so a block the dispatcher replaces can be let go."""
-    from onnxpipe.errors import OnnxpipeError
-    from onnxpipe.userfiles import first_line
+    from onnxpipe.core.errors import OnnxpipeError
+    from onnxpipe.core.userfiles import first_line
 
     _, task, slot, in_name, in_layout, feeds, out_name = msg
     t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.tensors import TensorInfo
+from onnxpipe.core.tensors import TensorInfo
 
 HEADER = "Inference-Header-Content-Length"
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from onnxpipe import __version__
-from onnxpipe.errors import OnnxpipeError
+from onnxpipe.core.errors import OnnxpipeError
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.serve.batcher import Batcher
 from onnxpipe.serve.metrics import Metrics

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import OnnxpipeError
-from onnxpipe.hardware import cpu
+from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.hardware import cpu
 from onnxpipe.partition.spec import PipelineSpec, carried
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.serve.repository import ModelEntry

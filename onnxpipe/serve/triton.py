@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpipe.errors import InputError
-from onnxpipe.modelio import atomic_output, load_model, save_model
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.files import atomic_output
+from onnxpipe.core.modelio import load_model, save_model
 from onnxpipe.runtimes.device_options import CudaOptions, TensorrtOptions
 from onnxpipe.runtimes.providers import Device, parse_devices
 from onnxpipe.serve.protocol import datatype_of
 from onnxpipe.serve.repository import ModelEntry, check_name
-from onnxpipe.tensors import TensorInfo
+from onnxpipe.core.tensors import TensorInfo
 
 
 class Enum(str):

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import OnnxpipeError
-from onnxpipe.hardware import cpu
+from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.hardware import cpu
 from onnxpipe.runtimes.providers import Device
 
 log = logging.getLogger("onnxpipe.serve")

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from onnxpipe.tensors import Comparison
+from onnxpipe.core.compare import Comparison
 
 
 def top1_agreement(ref: np.ndarray, got: np.ndarray) -> tuple[float, int]:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxpipe.graph import _subgraph_inputs
+from onnxpipe.core.graph import _subgraph_inputs
 
 Dim = int | str | None
 

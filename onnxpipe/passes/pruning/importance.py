@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnx
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.passes.pruning.groups import Analysis, WeightUse
 
 
@@ -71,7 +71,7 @@ def activation_scores(analysis: Analysis, model: onnx.ModelProto,
     Example:
         >>> scores = activation_scores(analysis, model, lambda: batches)  # doctest: +SKIP
     """
-    from onnxpipe.runtimes.session import Session
+    from onnxpipe.core.session import Session
 
     if calibration is None:
         raise InputError("prune: importance 'activation' needs calibration data",

@@ -20,7 +20,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxpipe.passes.pruning.graphview import GraphView
-from onnxpipe.runtimes.session import Session
+from onnxpipe.core.session import Session
 
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from onnxpipe.modelio import atomic_output
+from onnxpipe.core.files import save_figure
 
 COLUMNS = ("stage", "nodes", "params", "size", "max diff", "metric", "latency", "kept")
 
@@ -87,28 +86,3 @@ def chart(stages: list[Any], path: str | os.PathLike, metric_name: str | None = 
     return save_figure(fig, path)
 
 
-def save_figure(fig: Any, path: str | os.PathLike) -> Path:
-    """Write a matplotlib figure to ``path`` atomically (PNG by the suffix) and close it."""
-    import matplotlib.pyplot as plt
-
-    dest = Path(path)
-    try:
-        with atomic_output(dest) as tmp:
-            fig.savefig(tmp / dest.name, dpi=110)
-    finally:
-        plt.close(fig)
-    return dest
-
-
-def write_json(doc: dict[str, Any], path: str | os.PathLike) -> Path:
-    dest = Path(path)
-    with atomic_output(dest) as tmp:
-        (tmp / dest.name).write_text(json.dumps(doc, indent=2))
-    return dest
-
-
-def write_text(text: str, path: str | os.PathLike) -> Path:
-    dest = Path(path)
-    with atomic_output(dest) as tmp:
-        (tmp / dest.name).write_text(text)
-    return dest

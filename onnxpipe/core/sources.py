@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.errors import InputError
-from onnxpipe.tensors import TensorInfo
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.tensors import TensorInfo
 
 READ_BYTES = 16 << 20  # rows read from an .npz member at a time: about this many bytes
 
@@ -197,7 +197,7 @@ def open_source(data: Any, inputs: list[TensorInfo]) -> Source:
     if isinstance(data, (str, Path)):
         text = str(data)
         if ".py:" in text:
-            from onnxpipe.userfiles import load_callable
+            from onnxpipe.core.userfiles import load_callable
 
             fn = load_callable(text, what="inference data")
             return _iterable(lambda: fn(), None, text, keep)

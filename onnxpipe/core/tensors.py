@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 
 DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name)
@@ -152,56 +152,6 @@ def random_input(info: TensorInfo, shape: Sequence[int], rng: np.random.Generato
     return rng.standard_normal(size=shape).astype(dtype)
 
 
-@dataclass
-class Comparison:
-    """How one output compares with its reference."""
-
-    name: str
-    max_abs: float
-    max_rel: float
-    ok: bool
-    mismatched: float = 0.0  # fraction of elements out of tolerance
-    detail: str = ""
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "max_abs_diff": self.max_abs, "max_rel_diff": self.max_rel,
-                "mismatched_fraction": self.mismatched, "ok": self.ok, "detail": self.detail}
-
-
-def compare(name: str, actual: np.ndarray, expected: np.ndarray, *, atol: float, rtol: float) -> Comparison:
-    """Elementwise ``|a - e| <= atol + rtol * |e|``; NaNs must match NaNs.
-
-    Example:
-        >>> compare("y", np.ones(3), np.ones(3), atol=1e-6, rtol=0).ok
-        True
-    """
-    a = np.asarray(actual)
-    e = np.asarray(expected)
-    if a.shape != e.shape:
-        if a.size == e.size and a.size > 0 and a.squeeze().shape == e.squeeze().shape:
-            a = a.reshape(e.shape)
-        else:
-            return Comparison(name, float("inf"), float("inf"), False, 1.0,
-                              f"shape {tuple(a.shape)} vs expected {tuple(e.shape)}")
-    if a.size == 0:
-        return Comparison(name, 0.0, 0.0, True)
-    if not (np.issubdtype(e.dtype, np.number) or e.dtype == np.bool_):
-        ok = bool(np.array_equal(a, e))
-        return Comparison(name, 0.0 if ok else float("inf"), 0.0 if ok else float("inf"), ok, 0.0 if ok else 1.0)
-    a64 = a.astype(np.float64)
-    e64 = e.astype(np.float64)
-    nan_a, nan_e = np.isnan(a64), np.isnan(e64)
-    both_nan = nan_a & nan_e
-    diff = np.where(both_nan, 0.0, np.abs(a64 - e64))
-    diff = np.where(nan_a ^ nan_e, np.inf, diff)
-    # non-finite equal values (inf == inf) are a match
-    diff = np.where(np.isinf(a64) & np.isinf(e64) & (a64 == e64), 0.0, diff)
-    bad = diff > (atol + rtol * np.abs(np.nan_to_num(e64)))
-    rel = diff / np.maximum(np.abs(e64), np.finfo(np.float64).tiny)
-    rel = np.where(diff == 0, 0.0, rel)
-    return Comparison(name, float(np.max(diff)), float(np.max(rel)), not bool(bad.any()), float(bad.mean()))
-
-
 def batched_inputs(inputs: Mapping[str, np.ndarray]) -> tuple[set[str], int | None]:
     """The inputs that share the leading (batch) axis, and that batch size.
 
@@ -217,3 +167,27 @@ def batched_inputs(inputs: Mapping[str, np.ndarray]) -> tuple[set[str], int | No
         return set(), None
     batch = max(set(sizes), key=lambda d: (sizes.count(d), d))
     return {n for n, a in inputs.items() if np.ndim(a) >= 1 and a.shape[0] == batch}, batch
+
+
+def examples_from_specs(specs: Sequence[InputSpec], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Example inputs generated from ``--input`` specs."""
+    return {s.name: random_input(TensorInfo(s.name, list(s.shape), np.dtype(s.dtype)), s.shape, rng) for s in specs}
+
+
+def example_inputs(model: onnx.ModelProto, specs: Sequence[InputSpec] = (), *, batch: int = 1,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for every graph input: from ``--input`` specs where given, generated elsewhere."""
+    rng = np.random.default_rng(seed)
+    given = examples_from_specs(specs, rng)
+    infos = graph_inputs(model)
+    unknown = sorted(set(given) - {i.name for i in infos})
+    if unknown:
+        raise InputError(f"--input names {', '.join(unknown)} are not inputs of the model",
+                         hint=f"its inputs are {', '.join(i.name for i in infos)}")
+    out = {}
+    for info in infos:
+        if info.name in given:
+            out[info.name] = given[info.name]
+        else:
+            out[info.name] = random_input(info, concrete_shape(info, batch), rng)
+    return out

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxpipe._deps import require
-from onnxpipe.errors import InputError, OnnxpipeError
-from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
-from onnxpipe.tensors import TensorInfo, value_infos
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.core.tensors import TensorInfo, value_infos
 
 if TYPE_CHECKING:
     import onnxruntime as ort

@@ -45,9 +45,9 @@ import onnx
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.errors import InputError
-from onnxpipe.modelio import tensor_bytes
-from onnxpipe.tensors import TensorInfo, concrete_shape, graph_inputs, random_input, value_infos
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.modelio import tensor_bytes
+from onnxpipe.core.tensors import TensorInfo, concrete_shape, graph_inputs, random_input, value_infos
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -331,7 +331,7 @@ def _collect_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
 def _runtime_shapes(model: onnx.ModelProto, concrete: Mapping[str, Shape], names: list[str],
                     notes: list[str]) -> dict[str, Shape]:
     """Shapes of ``names`` read from one ONNX Runtime run on random inputs (empty on failure)."""
-    from onnxpipe.runtimes.session import Session  # imports onnxruntime: only when needed
+    from onnxpipe.core.session import Session  # imports onnxruntime: only when needed
 
     full = _concrete_copy(model, concrete, weights=True)
     outputs = {o.name for o in full.graph.output}

@@ -16,139 +16,33 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from onnxpipe.errors import OnnxpipeError
-from onnxpipe.modelio import EXTERNAL_DATA_THRESHOLD, load_model, save_model, tensor_bytes
-from onnxpipe.passes import get_pass
-from onnxpipe.passes.base import Pass, PassContext
-from onnxpipe.passes.simplify import count_nodes
-from onnxpipe.runtimes.compare import compare_runs, outputs_on
-from onnxpipe.tensors import Comparison, graph_inputs, random_like
-from onnxpipe.userfiles import first_line
+from onnxpipe.core.compare import compare_runs, outputs_on
+from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, load_model, save_model
+from onnxpipe.core.userfiles import first_line
+from onnxpipe.passes.base import PassContext
+from onnxpipe.pipeline.stages import (
+    PassSpec,
+    PipelineResult,
+    Stage,
+    fill_stats,
+    fit_inputs,
+    generated_inputs,
+    make_pass,
+    same_inputs,
+)
 
 if TYPE_CHECKING:
     from onnxpipe.runtimes.providers import Device
 
-PassSpec = str | Pass | Mapping[str, Any] | tuple[str, Mapping[str, Any]]
-
-
-@dataclass
-class Stage:
-    """One row of the report: a pass (or the input model) and what it did."""
-
-    index: int
-    name: str
-    description: str
-    kept: bool
-    reason: str | None = None
-    seconds: float = 0.0
-    nodes: int = 0
-    params: int = 0
-    size_bytes: int = 0
-    op_delta: dict[str, int] = field(default_factory=dict)
-    max_abs: float | None = None
-    max_rel: float | None = None
-    atol: float | None = None
-    rtol: float | None = None
-    comparisons: list[Comparison] = field(default_factory=list)
-    metric: float | None = None
-    latency_ms: float | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
-    path: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "comparisons"}
-        d["comparisons"] = [c.as_dict() for c in self.comparisons]
-        return _jsonable(d)
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    return obj
-
-
-@dataclass
-class PipelineResult:
-    """The final model and a stage per pass (stage 0 is the input model)."""
-
-    model: onnx.ModelProto
-    stages: list[Stage]
-    metric_name: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric_name, "stages": [s.as_dict() for s in self.stages]}
-
-
-def make_pass(spec: PassSpec) -> Pass:
-    """``"simplify"``, ``{"fp16": {...}}``, ``("opset", {"version": 17})`` or a Pass -> a Pass."""
-    if isinstance(spec, Pass):
-        return spec
-    if isinstance(spec, str):
-        return get_pass(spec)({})
-    if isinstance(spec, tuple):
-        name, cfg = spec
-        return get_pass(name)(cfg or {})
-    if isinstance(spec, Mapping) and len(spec) == 1:
-        (name, cfg), = spec.items()
-        return get_pass(name)(cfg or {})
-    raise OnnxpipeError(f"cannot read pass {spec!r}", hint="write a pass as a name, or {name: {options}}")
-
-
-def param_count(model: onnx.ModelProto) -> int:
-    return int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in model.graph.initializer))
-
-
-def generated_inputs(model: onnx.ModelProto, batches: int = 2, batch: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Random inputs of the right shapes and dtypes, for models with no data to check on."""
-    from onnxpipe.converter.onnx_file import example_inputs
-
-    return [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
-
-
-def fit_inputs(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Adapt check inputs to a model whose input shapes were fixed by a pass.
-
-    Inputs that fit stay as they are; a batch axis that became smaller is sliced; anything else
-    is redrawn at the new shape from the old values' range, so both models can run it.
-    """
-    infos = {i.name: i for i in graph_inputs(model)}
-    rng = np.random.default_rng(0)
-    out = []
-    for b in batches:
-        fitted = {}
-        for name, arr in b.items():
-            info = infos.get(name)
-            if info is None or info.shape is None or len(info.shape) != arr.ndim:
-                fitted[name] = arr
-                continue
-            want = [d if isinstance(d, int) and d > 0 else a for d, a in zip(info.shape, arr.shape)]
-            if list(arr.shape) == want:
-                fitted[name] = arr
-            elif list(arr.shape[1:]) == want[1:] and want[0] <= arr.shape[0]:
-                fitted[name] = arr[: want[0]]
-            else:
-                fitted[name] = random_like(arr, want, rng)
-        out.append(fitted)
-    return out
-
-
-def _stats(stage: Stage, model: onnx.ModelProto) -> None:
-    stage.nodes = count_nodes(model)
-    stage.params = param_count(model)
-    stage.size_bytes = model.ByteSize() if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD else tensor_bytes(model)
+__all__ = ["PipelineResult", "RunResult", "Stage", "optimize", "run", "validate_providers"]
 
 
 def optimize(
@@ -185,14 +79,14 @@ def optimize(
             one, e.g. ``cpu:0[threads=2,spinning=false]``); default: ONNX Runtime's defaults.
         on_event: progress callback ``(message, stage or None)``.
     """
-    from onnxpipe.metrics import evaluate, resolve
-    from onnxpipe.runtimes.bench import latency_ms
+    from onnxpipe.core.metrics import evaluate, resolve
+    from onnxpipe.core.timing import latency_ms
 
     current = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     pass_objs = [make_pass(p) for p in passes]
     notify = on_event or (lambda msg, stage: None)
     if check_inputs is None:
-        from onnxpipe.data import take
+        from onnxpipe.core.data import take
 
         check_inputs = take(calibration, 2) if calibration is not None else []
         if not check_inputs:
@@ -215,7 +109,7 @@ def optimize(
             stage.path = str(path)
 
     first = Stage(0, "input", "input model", kept=True)
-    _stats(first, current)
+    fill_stats(first, current)
     score(first, current)
     save(first, current)
     stages = [first]
@@ -243,7 +137,7 @@ def optimize(
                 if candidate.ByteSize() < EXTERNAL_DATA_THRESHOLD:  # protobuf cannot check bigger ones
                     onnx.checker.check_model(candidate)
                 new_inputs = fit_inputs(candidate, inputs)
-                before = reference if _same(new_inputs, inputs) else outputs_on(current, new_inputs)
+                before = reference if same_inputs(new_inputs, inputs) else outputs_on(current, new_inputs)
                 after = outputs_on(candidate, new_inputs)
                 stage.comparisons = p.compare(before, after)
             except OnnxpipeError as exc:
@@ -272,11 +166,11 @@ def optimize(
                 stage.op_delta = {op: new_hist[op] - histogram[op] for op in set(new_hist) | set(histogram)
                                   if new_hist[op] != histogram[op]}
                 histogram = new_hist
-                _stats(stage, current)
+                fill_stats(stage, current)
                 score(stage, current)
                 save(stage, current)
             else:
-                _stats(stage, current)
+                fill_stats(stage, current)
                 if candidate is not None:
                     save(stage, candidate, ".rejected")
             stages.append(stage)
@@ -300,11 +194,6 @@ def _device_latency_ms(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], 
             s.session.run(None, checked)
             times.append((time.perf_counter() - start) * 1e3)
     return float(np.median(times))
-
-
-def _same(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> bool:
-    return len(a) == len(b) and all(
-        x.keys() == y.keys() and all(x[k] is y[k] or np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
 
 
 @dataclass
@@ -358,9 +247,10 @@ def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = 
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from onnxpipe import data as data_mod
-    from onnxpipe import report
-    from onnxpipe.config import Recipe, load_recipe, resolve_path
+    from onnxpipe.core import data as data_mod
+    from onnxpipe.core.files import write_json, write_text
+    from onnxpipe.pipeline import report
+    from onnxpipe.pipeline.recipe import Recipe, load_recipe, resolve_path
     from onnxpipe.converter import convert
 
     r: Recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -404,8 +294,8 @@ def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = 
     save_model(result.model, out / "model.onnx")
     doc = {"recipe": r.model_dump(mode="json", by_alias=True), "conversion": conversion.as_dict(),
            **result.as_dict(), "validation": validation}
-    report.write_json(doc, out / "report.json")
-    report.write_text(report.markdown(result.stages, result.metric_name), out / "report.md")
+    write_json(doc, out / "report.json")
+    write_text(report.markdown(result.stages, result.metric_name), out / "report.md")
     report.chart(result.stages, out / "report.png", result.metric_name)
     console.print(report.table(result.stages, result.metric_name, title=f"onnxpipe run -> {out}"))
     for row in validation:

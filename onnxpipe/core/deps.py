@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from onnxpipe.errors import MissingDependencyError
+from onnxpipe.core.errors import MissingDependencyError
 
 # module name -> the pip extra of onnxpipe that installs it
 EXTRAS: dict[str, str] = {

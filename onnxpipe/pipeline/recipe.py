@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 
 
 class _Strict(BaseModel):
@@ -162,7 +162,7 @@ def load_recipe(source: str | os.PathLike | dict[str, Any]) -> Recipe:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
         cause = (err.get("ctx") or {}).get("error")
-        hint = "see the recipe keys in onnxpipe/config.py"
+        hint = "see the recipe keys in onnxpipe/pipeline/recipe.py"
         if isinstance(cause, _PassError):
             loc = ("passes", cause.index) + ((cause.name,) if cause.name else ())
             msg, hint = str(cause), None

@@ -195,3 +195,18 @@ def drop_derivable_shapes(model: onnx.ModelProto) -> int:
         del g.value_info[:]
         g.value_info.extend(keep)
     return removed
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's opset of the default (``ai.onnx``) domain."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Convert the default domain to ``opset`` with onnx's version converter."""
+    from onnx import version_converter
+
+    return version_converter.convert_version(model, opset)

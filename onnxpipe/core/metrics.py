@@ -7,8 +7,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import onnx
 
-from onnxpipe.errors import InputError
-from onnxpipe.runtimes.session import Session
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.session import Session
 
 MetricFn = Callable[[list[np.ndarray], np.ndarray], float]
 
@@ -42,7 +42,7 @@ def resolve(metric: str | MetricFn) -> MetricFn:
     if metric in BUILTIN:
         return BUILTIN[metric]
     if ":" in metric:
-        from onnxpipe.userfiles import load_callable
+        from onnxpipe.core.userfiles import load_callable
 
         return load_callable(metric, what="metric")
     raise InputError(f"unknown metric {metric!r}", hint=f"use {', '.join(BUILTIN)} or path/to/file.py:function")

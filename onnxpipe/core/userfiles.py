@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

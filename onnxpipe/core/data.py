@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxpipe.errors import InputError
-from onnxpipe.userfiles import load_callable
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.userfiles import load_callable
 
 Batch = dict[str, np.ndarray]
 
@@ -29,7 +29,7 @@ def calibration_source(spec: str | Path | Callable[[], Iterable[Batch]], *,
     Forms: ``file.py:function`` (returns an iterable of input dicts, used as its batches), a
     ``.npz`` of arrays by input name (samples along axis 0), or a directory of ``.npz`` files and
     ``.npy`` files (``<input>.npy``, or ``<input>_<k>.npy`` for group k). Files are read by the
-    batch runner's streaming reader (:func:`onnxpipe.runtimes.sources.open_source`) and cut into
+    batch runner's streaming reader (:func:`onnxpipe.core.sources.open_source`) and cut into
     batches of ``batch_size``, so memory stays bounded however large the set is.
     """
     if callable(spec):
@@ -41,7 +41,7 @@ def calibration_source(spec: str | Path | Callable[[], Iterable[Batch]], *,
     path = Path(text)
     if not path.exists():
         raise InputError(f"calibration data: no such file or directory {path}", hint="check the path")
-    from onnxpipe.runtimes.sources import open_source
+    from onnxpipe.core.sources import open_source
 
     source = open_source(path, [])
 

@@ -13,7 +13,7 @@ class OnnxpipeError(Exception):
     Example:
         >>> raise OnnxpipeError("no such file: m.onnx", hint="check the path")
         Traceback (most recent call last):
-        onnxpipe.errors.OnnxpipeError: no such file: m.onnx (check the path)
+        onnxpipe.core.errors.OnnxpipeError: no such file: m.onnx (check the path)
     """
 
     exit_code = 2

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.files import atomic_output
 
 # protobuf cannot serialize a message of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -36,7 +34,7 @@ def _itemsize(data_type: int) -> int:
 
 
 def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    from onnxpipe.graph import subgraphs
+    from onnxpipe.core.graph import subgraphs
 
     yield from graph.initializer
     for node in graph.node:
@@ -75,27 +73,6 @@ def check_model(model: onnx.ModelProto, *, what: str = "model") -> None:
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InputError(f"{what} is not a valid ONNX model: {first}", hint="re-export it or fix the graph") from exc
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory; on success, move every file in it next to ``path``.
-
-    Files written into the directory under ``path``'s own name (and any sidecar files such as
-    external data) appear at the destination only once everything was written: an error or an
-    interrupt leaves no half-written output behind.
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
-    try:
-        yield tmp
-        # sidecars first, the model file last: a reader never sees a model without its data
-        files = sorted(tmp.iterdir(), key=lambda f: f.name == dest.name)
-        for f in files:
-            os.replace(f, dest.parent / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_model(

@@ -1,0 +1,139 @@
+"""One stage of a pipeline run: what a pass did, the model's figures after it, and the helpers that
+build and feed the passes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxpipe.core.compare import Comparison
+from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from onnxpipe.core.tensors import example_inputs, graph_inputs, random_like
+from onnxpipe.passes import get_pass
+from onnxpipe.passes.base import Pass
+from onnxpipe.passes.simplify import count_nodes
+
+PassSpec = str | Pass | Mapping[str, Any] | tuple[str, Mapping[str, Any]]
+
+
+@dataclass
+class Stage:
+    """One row of the report: a pass (or the input model) and what it did."""
+
+    index: int
+    name: str
+    description: str
+    kept: bool
+    reason: str | None = None
+    seconds: float = 0.0
+    nodes: int = 0
+    params: int = 0
+    size_bytes: int = 0
+    op_delta: dict[str, int] = field(default_factory=dict)
+    max_abs: float | None = None
+    max_rel: float | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    comparisons: list[Comparison] = field(default_factory=list)
+    metric: float | None = None
+    latency_ms: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "comparisons"}
+        d["comparisons"] = [c.as_dict() for c in self.comparisons]
+        return _jsonable(d)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    return obj
+
+
+@dataclass
+class PipelineResult:
+    """The final model and a stage per pass (stage 0 is the input model)."""
+
+    model: onnx.ModelProto
+    stages: list[Stage]
+    metric_name: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric_name, "stages": [s.as_dict() for s in self.stages]}
+
+
+def make_pass(spec: PassSpec) -> Pass:
+    """``"simplify"``, ``{"fp16": {...}}``, ``("opset", {"version": 17})`` or a Pass -> a Pass."""
+    if isinstance(spec, Pass):
+        return spec
+    if isinstance(spec, str):
+        return get_pass(spec)({})
+    if isinstance(spec, tuple):
+        name, cfg = spec
+        return get_pass(name)(cfg or {})
+    if isinstance(spec, Mapping) and len(spec) == 1:
+        (name, cfg), = spec.items()
+        return get_pass(name)(cfg or {})
+    raise OnnxpipeError(f"cannot read pass {spec!r}", hint="write a pass as a name, or {name: {options}}")
+
+
+def param_count(model: onnx.ModelProto) -> int:
+    return int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in model.graph.initializer))
+
+
+def generated_inputs(model: onnx.ModelProto, batches: int = 2, batch: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Random inputs of the right shapes and dtypes, for models with no data to check on."""
+    return [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
+
+
+def fit_inputs(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Adapt check inputs to a model whose input shapes were fixed by a pass.
+
+    Inputs that fit stay as they are; a batch axis that became smaller is sliced; anything else
+    is redrawn at the new shape from the old values' range, so both models can run it.
+    """
+    infos = {i.name: i for i in graph_inputs(model)}
+    rng = np.random.default_rng(0)
+    out = []
+    for b in batches:
+        fitted = {}
+        for name, arr in b.items():
+            info = infos.get(name)
+            if info is None or info.shape is None or len(info.shape) != arr.ndim:
+                fitted[name] = arr
+                continue
+            want = [d if isinstance(d, int) and d > 0 else a for d, a in zip(info.shape, arr.shape)]
+            if list(arr.shape) == want:
+                fitted[name] = arr
+            elif list(arr.shape[1:]) == want[1:] and want[0] <= arr.shape[0]:
+                fitted[name] = arr[: want[0]]
+            else:
+                fitted[name] = random_like(arr, want, rng)
+        out.append(fitted)
+    return out
+
+
+def fill_stats(stage: Stage, model: onnx.ModelProto) -> None:
+    """Nodes, parameters and bytes of ``model`` into ``stage``."""
+    stage.nodes = count_nodes(model)
+    stage.params = param_count(model)
+    stage.size_bytes = model.ByteSize() if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD else tensor_bytes(model)
+
+
+def same_inputs(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> bool:
+    """Whether two lists of input batches hold the same arrays (the reference outputs still apply)."""
+    return len(a) == len(b) and all(
+        x.keys() == y.keys() and all(x[k] is y[k] or np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
