@@ -66,7 +66,7 @@ def one_run(runner_factory, data: dict) -> tuple[float, list[int], dict]:
     """(samples per second, peak RSS per worker, outputs) of one fresh runner over ``data``."""
     with runner_factory() as runner:
         result = runner.run(data)
-        peaks = [vm_hwm(w.pid) for w in runner._pool.workers]
+        peaks = [vm_hwm(w.pid) for w in runner.pool.workers]
     return result.throughput, peaks, result.outputs
 
 

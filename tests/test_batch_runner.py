@@ -81,12 +81,12 @@ def test_worker_killed_mid_run_loses_nothing(runner, x):
     data = {"x": np.concatenate([x, x[::-1], x])}
     clean = runner.run(data).outputs["y"]
     killed = []
-    before = sum(w.restarts for w in runner._pool.workers)
+    before = sum(w.restarts for w in runner.pool.workers)
 
     def kill(ev):
         if killed:
             return
-        for w in runner._pool.workers:
+        for w in runner.pool.workers:
             if w.alive and w.current[0] >= 0:  # it is running a batch right now
                 killed.append((w.pid, int(w.current[0])))
                 os.kill(w.pid, signal.SIGKILL)
@@ -95,7 +95,7 @@ def test_worker_killed_mid_run_loses_nothing(runner, x):
     runner.on_batch = kill
     result = runner.run(data)
     assert killed, "the hook should have killed a busy worker"
-    assert sum(w.restarts for w in runner._pool.workers) == before + 1
+    assert sum(w.restarts for w in runner.pool.workers) == before + 1
     assert not result.failed and np.array_equal(result.indices, np.arange(len(data["x"])))
     assert np.array_equal(result.outputs["y"], clean)  # every output, in order, equal to a clean run
 
@@ -210,7 +210,7 @@ def test_outputs_bigger_than_the_shared_block_still_arrive():
     x = np.random.default_rng(0).standard_normal((40, 70_000)).astype(np.float32)  # 2.2 MB per batch of 8
     with BatchRunner(model, ["cpu:0[threads=1]"], batch_size=8) as r:
         result = r.run({"x": x})
-        slots = r._pool.workers[0].slots
+        slots = r.pool.workers[0].slots
         assert any(s.out.capacity >= 8 * 70_000 * 4 for s in slots)  # grown after the first batch came pickled
     np.testing.assert_array_equal(result.outputs["y"], x * 2)
 

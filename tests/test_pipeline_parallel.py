@@ -63,7 +63,7 @@ def test_outputs_in_input_order_equal_the_whole_model(runner, data, expected):
 
 def test_a_worker_killed_in_the_middle_stage_loses_no_output(runner, data, expected):
     killed = []
-    middle = runner._pool.workers[1]
+    middle = runner.pool.workers[1]
     before = middle.restarts
 
     def kill(ev):
@@ -75,7 +75,7 @@ def test_a_worker_killed_in_the_middle_stage_loses_no_output(runner, data, expec
     runner.on_batch = kill
     result = runner.run(data)
     assert killed, "the hook should have found the middle stage holding a batch"
-    assert middle.restarts == before + 1 and [w.restarts for w in runner._pool.workers][::2] == [0, 0]
+    assert middle.restarts == before + 1 and [w.restarts for w in runner.pool.workers][::2] == [0, 0]
     assert not result.failed and np.array_equal(result.indices, np.arange(240))
     np.testing.assert_allclose(result.outputs["y"], expected["y"], atol=1e-5, rtol=1e-5)
 
@@ -131,7 +131,7 @@ def test_ray_backend_runs_each_stage_as_an_actor(folder, data, expected):
     try:
         with PipelineRunner(folder, DEVICES, batch_size=16, backend="ray") as r:
             result = r.run({"x": data["x"][:64], "scale": data["scale"]})
-            pids = {w.pid for w in r._pool.workers}
+            pids = {w.pid for w in r.pool.workers}
     finally:
         ray.shutdown()
     assert len(pids) == 3 and [d.batches for d in result.devices] == [4, 4, 4]

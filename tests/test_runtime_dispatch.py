@@ -13,7 +13,8 @@ from conftest import conv_gemm_model, write_factory
 from onnx import helper
 
 from onnxpipe.core.errors import InputError
-from onnxpipe.runtimes.batch import BatchRunner, _Job
+from onnxpipe.runtimes.batch import BatchRunner
+from onnxpipe.runtimes.dispatch import Job, cut_tasks
 from onnxpipe.core.session import Session
 from onnxpipe.runtimes.shm import Attached, Block, layout_of, read
 from onnxpipe.core.sources import open_source, split
@@ -175,12 +176,12 @@ def test_micro_batches_never_cross_shards_or_a_change_of_shared_inputs():
     chunks = [{"x": np.zeros((5, 3), np.float32), "s": np.float32(1)},
               {"x": np.ones((5, 3), np.float32), "s": np.float32(1)},
               {"x": np.full((3, 3), 2, np.float32), "s": np.float32(3)}]
-    tasks = list(runner._tasks(open_source(chunks, runner.inputs), _Job(skip=set())))
+    tasks = list(cut_tasks(open_source(chunks, runner.inputs), runner.plan(), Job(skip=set())))
     spans = [(t.start, t.count, float(t.constant["s"])) for t in tasks]
     # 4 samples, then 2 up to the shard boundary at 6, ...; no batch mixes s=1 and s=3 samples
     assert spans == [(0, 4, 1.0), (4, 2, 1.0), (6, 4, 1.0), (10, 2, 3.0), (12, 1, 3.0)]
     assert all(t.batched["x"].shape == (t.count, 3) for t in tasks)
-    skipped = list(runner._tasks(open_source(chunks, runner.inputs), _Job(skip={0})))
+    skipped = list(cut_tasks(open_source(chunks, runner.inputs), runner.plan(), Job(skip={0})))
     assert [t.start for t in skipped] == [6, 10, 12]
 
 

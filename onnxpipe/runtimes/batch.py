@@ -18,14 +18,11 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import tempfile
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,51 +40,15 @@ from onnxpipe.runtimes.batch_result import (
     SamplesFailedError,
 )
 from onnxpipe.core.files import file_digest
-from onnxpipe.runtimes.manifest import Shard, ShardWriter
+from onnxpipe.runtimes.dispatch import Dispatcher, Plan
+from onnxpipe.runtimes.manifest import ShardWriter
 from onnxpipe.runtimes.providers import Device, parse_devices
-from onnxpipe.core.sources import Chunk, Source, check_chunk, open_source
+from onnxpipe.core.sources import Source, open_source
 from onnxpipe.core.tensors import graph_inputs, value_infos
 
 __all__ = ["BatchRunner", "SamplesFailedError"]
 
 SHARD_BYTES = 64 << 20  # inputs per shard by default
-
-
-@dataclass
-class Task:
-    """A micro-batch: samples ``[start, start + count)``; ``rows`` >= count when padded to a fixed batch."""
-
-    id: int
-    start: int
-    count: int
-    batched: dict[str, np.ndarray]
-    constant: dict[str, np.ndarray]
-    rows: int
-    attempts: int = 0
-    avoid: int | None = None
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        return {**self.constant, **self.batched}
-
-
-@dataclass
-class _Job:
-    """The dispatcher's bookkeeping for one run."""
-
-    skip: set[int]
-    dispatched: Counter = field(default_factory=Counter)  # samples cut per shard
-    resolved: Counter = field(default_factory=Counter)    # samples done or failed per shard
-    results: dict[int, list[tuple[int, int, int, dict[str, np.ndarray]]]] = field(default_factory=dict)
-    failed: dict[int, dict[int, str]] = field(default_factory=dict)
-    pending: deque = field(default_factory=deque)
-    inflight: dict[int, tuple[Task, int]] = field(default_factory=dict)
-    stream_shard: int = 0
-    exhausted: bool = False
-    next_shard: int = 0
-    cut: int = 0          # samples read from the input
-    emitted: int = 0      # samples up to which shards were emitted (or skipped)
-    succeeded: int = 0
-    skipped: int = 0
 
 
 class BatchRunner:
@@ -134,7 +95,7 @@ class BatchRunner:
         if self.shard_size < 1:
             raise InputError(f"shard size must be >= 1, received {shard_size}", hint="use e.g. --shard-size 4096")
         # an output whose declared first dim is a fixed number other than the batch has no sample axis
-        self._no_axis = {o.name for o in value_infos(proto.graph.output)
+        self.no_axis = {o.name for o in value_infos(proto.graph.output)
                          if o.shape is not None and (not o.shape or (isinstance(o.shape[0], int) and o.shape[0] > 0
                                                                      and o.shape[0] != self.fixed_batch))}
         self.backend, self.address, self.depth = backend, address, depth
@@ -208,6 +169,21 @@ class BatchRunner:
             raise
         return self
 
+    @property
+    def pool(self) -> Any:
+        """The started pool of workers (None before :meth:`start` and after :meth:`close`)."""
+        return self._pool
+
+    def plan(self) -> Plan:
+        """The dispatcher's view of this runner, read when a run starts (``on_batch`` may change between runs)."""
+        return Plan(self.devices, self.inputs, self.batch_size, self.shard_size, self.fixed_batch,
+                    frozenset(self.no_axis), self.depth, self.max_attempts, self.max_restarts, self.on_batch)
+
+    def dispatcher(self, source: Source, bar: Any, *, skip: set[int] | frozenset[int] = frozenset()) -> Dispatcher:
+        """The event loop for one run over ``source`` on the started pool (a subclass may route differently)."""
+        return Dispatcher(self._pool, source, self.plan(), self.stats, bar, skip=skip,
+                          on_ready=self._ready, on_stuck=self.close)
+
     def _ready(self, ev: Any) -> None:
         s = self.stats[ev.wid]
         s.load_s = ev.info.get("load_s", s.load_s)
@@ -271,7 +247,6 @@ class BatchRunner:
         for s in self.stats:
             s.samples = s.batches = 0
             s.busy_s = 0.0
-        job = _Job(skip=writer.done if writer else set())
         parts: dict[str, list[np.ndarray]] = {}
         per_batch: dict[str, np.ndarray] = {}
         indices: list[np.ndarray] = []
@@ -280,7 +255,9 @@ class BatchRunner:
         try:
             done = sum(s["count"] for s in writer.shards.values()) if writer else 0
             with job_progress(progress, source.total, done=done) as bar:
-                for shard in self._execute(source, job, bar):
+                dispatcher = self.dispatcher(source, bar, skip=writer.done if writer else set())
+                job = dispatcher.job
+                for shard in dispatcher.shards():
                     failed.update(shard.failed)
                     if writer is not None:
                         writer.write(shard)
@@ -317,77 +294,5 @@ class BatchRunner:
                 result.notes.append(f"outputs {', '.join(ragged)} change shape between shards: see per_batch")
         return result
 
-    def _tasks(self, source: Source, job: _Job) -> Iterator[Task]:
-        """Micro-batches cut from the source, never across a shard; finished shards are read past."""
-        ids = itertools.count(job.cut)
-        pos, checked = 0, False
-        buf: list[Chunk] = []
-        have = 0
-
-        def cut(n: int) -> Chunk:
-            nonlocal have
-            pieces, need = [], n
-            while need:
-                c = buf[0]
-                take = min(need, c.rows)
-                pieces.append({k: v[:take] for k, v in c.batched.items()})
-                if take == c.rows:
-                    buf.pop(0)
-                else:
-                    buf[0] = Chunk({k: v[take:] for k, v in c.batched.items()}, c.constant)
-                need -= take
-            have -= n
-            batched = pieces[0] if len(pieces) == 1 else {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-            return Chunk(batched, constant)
-
-        constant: dict[str, np.ndarray] = {}
-        chunks = source.chunks()
-        while True:
-            chunk = next(chunks, None)
-            if chunk is not None and not checked:
-                check_chunk(chunk, self.inputs)
-                checked = True
-            if chunk is not None and buf and not _same(chunk.constant, constant):
-                flush = have  # inputs shared by a batch changed: no batch may mix the two
-            else:
-                flush = 0
-            while have and (have >= self._room(pos) or flush or chunk is None):
-                n = min(have, self._room(pos))
-                piece = cut(n)
-                flush = max(0, flush - n)
-                shard = pos // self.shard_size
-                job.stream_shard = shard
-                if shard in job.skip:
-                    job.skipped += n
-                else:
-                    job.dispatched[shard] += n
-                    yield self._task(next(ids), pos, piece)
-                pos += n
-                job.cut = pos
-            if chunk is None:
-                return
-            if chunk.rows:
-                constant = chunk.constant
-                buf.append(chunk)
-                have += chunk.rows
-
-    def _room(self, pos: int) -> int:
-        return min(self.batch_size, self.shard_size - pos % self.shard_size)
-
-    def _task(self, tid: int, start: int, piece: Chunk, attempts: int = 0) -> Task:
-        count = piece.rows
-        batched = piece.batched
-        if self.fixed_batch is not None and count < self.fixed_batch:  # pad with the last sample
-            pad = self.fixed_batch - count
-            batched = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batched.items()}
-        return Task(tid, start, count, batched, piece.constant, count if self.fixed_batch is None else self.fixed_batch,
-                    attempts)
-
-    def _execute(self, source: Source, job: _Job, bar: Any) -> Iterator[Shard]:
-        from onnxpipe.runtimes.dispatch import Dispatcher
-
-        yield from Dispatcher(self, source, job, bar).shards()
 
 
-def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
-    return a.keys() == b.keys() and all(a[k] is b[k] or np.array_equal(a[k], b[k]) for k in a)

@@ -1,33 +1,194 @@
-"""The batch runner's event loop: hand out micro-batches, collect results, retry, emit shards in order."""
+"""The batch runner's event loop: cut micro-batches, hand them out, collect results, retry, emit
+shards in order.
+
+The dispatcher owns every piece of a run's state (:class:`Task`, :class:`Job`); the runner talks
+to it only through a :class:`Plan` (how to cut and retry), the pool, the per-device stats it
+fills in, and two callbacks. It imports nothing of the runner.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+import itertools
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from onnxpipe.core.errors import OnnxpipeError
-from onnxpipe.runtimes.batch_result import BatchEvent
+from onnxpipe.core.sources import Chunk, Source, check_chunk
+from onnxpipe.core.tensors import TensorInfo
+from onnxpipe.runtimes.batch_result import BatchEvent, DeviceStats
 from onnxpipe.runtimes.manifest import Shard
-from onnxpipe.core.sources import Chunk, Source
-
-if TYPE_CHECKING:
-    from onnxpipe.runtimes.batch import BatchRunner, Task, _Job
 
 # when this many samples failed and none succeeded, the model or data is broken as a whole
 SYSTEMIC = 8
 
 
-class Dispatcher:
-    """One run of a :class:`BatchRunner` over one source; :meth:`shards` drives it."""
+@dataclass(frozen=True)
+class Plan:
+    """What the dispatcher needs to know of a runner: its devices, how to cut and how to retry.
 
-    def __init__(self, runner: BatchRunner, source: Source, job: _Job, bar: Any) -> None:
-        self.r, self.job, self.bar = runner, job, bar
-        self.pool = runner._pool
-        self.tasks = runner._tasks(source, job)
-        n = len(runner.devices)
-        self.window = max(2 * runner.shard_size, runner.batch_size * runner.depth * n * 2)
+    Args:
+        devices: one per worker, in pool order (their ``label`` names them in events and errors).
+        inputs: the model's graph inputs (the first chunk is checked against them).
+        batch_size: samples per micro-batch.
+        shard_size: samples per output shard; a micro-batch never crosses a shard.
+        fixed_batch: the model's fixed batch dim, if any (short micro-batches are padded to it).
+        no_axis: outputs without a sample axis (kept per micro-batch, never sliced).
+        depth: micro-batches a worker holds at once.
+        max_attempts: tries per sample before it is reported failed.
+        max_restarts: restarts per worker before its device is given up.
+        on_batch: called after every finished micro-batch.
+    """
+
+    devices: Sequence[Any]
+    inputs: Sequence[TensorInfo]
+    batch_size: int
+    shard_size: int
+    fixed_batch: int | None = None
+    no_axis: frozenset[str] = frozenset()
+    depth: int = 2
+    max_attempts: int = 2
+    max_restarts: int = 3
+    on_batch: Callable[[BatchEvent], None] | None = None
+
+
+@dataclass
+class Task:
+    """A micro-batch: samples ``[start, start + count)``; ``rows`` >= count when padded to a fixed batch."""
+
+    id: int
+    start: int
+    count: int
+    batched: dict[str, np.ndarray]
+    constant: dict[str, np.ndarray]
+    rows: int
+    attempts: int = 0
+    avoid: int | None = None
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {**self.constant, **self.batched}
+
+
+@dataclass
+class Job:
+    """The dispatcher's bookkeeping for one run (owned by its :class:`Dispatcher`)."""
+
+    skip: set[int]
+    dispatched: Counter = field(default_factory=Counter)  # samples cut per shard
+    resolved: Counter = field(default_factory=Counter)    # samples done or failed per shard
+    results: dict[int, list[tuple[int, int, int, dict[str, np.ndarray]]]] = field(default_factory=dict)
+    failed: dict[int, dict[int, str]] = field(default_factory=dict)
+    pending: deque = field(default_factory=deque)
+    inflight: dict[int, tuple[Task, int]] = field(default_factory=dict)
+    stream_shard: int = 0
+    exhausted: bool = False
+    next_shard: int = 0
+    cut: int = 0          # samples read from the input
+    emitted: int = 0      # samples up to which shards were emitted (or skipped)
+    succeeded: int = 0
+    skipped: int = 0
+
+
+def cut_tasks(source: Source, plan: Plan, job: Job) -> Iterator[Task]:
+    """Micro-batches cut from the source, never across a shard; finished shards are read past."""
+    ids = itertools.count(job.cut)
+    pos, checked = 0, False
+    buf: list[Chunk] = []
+    have = 0
+
+    def cut(n: int) -> Chunk:
+        nonlocal have
+        pieces, need = [], n
+        while need:
+            c = buf[0]
+            take = min(need, c.rows)
+            pieces.append({k: v[:take] for k, v in c.batched.items()})
+            if take == c.rows:
+                buf.pop(0)
+            else:
+                buf[0] = Chunk({k: v[take:] for k, v in c.batched.items()}, c.constant)
+            need -= take
+        have -= n
+        batched = pieces[0] if len(pieces) == 1 else {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+        return Chunk(batched, constant)
+
+    constant: dict[str, np.ndarray] = {}
+    chunks = source.chunks()
+    while True:
+        chunk = next(chunks, None)
+        if chunk is not None and not checked:
+            check_chunk(chunk, list(plan.inputs))
+            checked = True
+        if chunk is not None and buf and not _same(chunk.constant, constant):
+            flush = have  # inputs shared by a batch changed: no batch may mix the two
+        else:
+            flush = 0
+        while have and (have >= _room(plan, pos) or flush or chunk is None):
+            n = min(have, _room(plan, pos))
+            piece = cut(n)
+            flush = max(0, flush - n)
+            shard = pos // plan.shard_size
+            job.stream_shard = shard
+            if shard in job.skip:
+                job.skipped += n
+            else:
+                job.dispatched[shard] += n
+                yield make_task(plan, next(ids), pos, piece)
+            pos += n
+            job.cut = pos
+        if chunk is None:
+            return
+        if chunk.rows:
+            constant = chunk.constant
+            buf.append(chunk)
+            have += chunk.rows
+
+
+def _room(plan: Plan, pos: int) -> int:
+    return min(plan.batch_size, plan.shard_size - pos % plan.shard_size)
+
+
+def make_task(plan: Plan, tid: int, start: int, piece: Chunk, attempts: int = 0) -> Task:
+    """A micro-batch of ``piece`` starting at sample ``start``, padded to a fixed batch with its last sample."""
+    count = piece.rows
+    batched = piece.batched
+    if plan.fixed_batch is not None and count < plan.fixed_batch:  # pad with the last sample
+        pad = plan.fixed_batch - count
+        batched = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in batched.items()}
+    return Task(tid, start, count, batched, piece.constant, count if plan.fixed_batch is None else plan.fixed_batch,
+                attempts)
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(a[k] is b[k] or np.array_equal(a[k], b[k]) for k in a)
+
+
+class Dispatcher:
+    """One run over one source; :meth:`shards` drives it.
+
+    Args:
+        pool: the workers (:class:`~onnxpipe.runtimes.worker.LocalPool`'s interface).
+        source: the input.
+        plan: how to cut, balance and retry.
+        stats: one :class:`DeviceStats` per worker, updated as batches finish.
+        bar: progress (``advance(n)``).
+        skip: shards already written (a resumed job): read past, never run.
+        on_ready: called with a worker's ``ready``/``placement`` event (a restarted worker).
+        on_stuck: called when workers do not settle after an early stop (close the pool).
+    """
+
+    def __init__(self, pool: Any, source: Source, plan: Plan, stats: Sequence[DeviceStats], bar: Any, *,
+                 skip: set[int] | frozenset[int] = frozenset(), on_ready: Callable[[Any], None] | None = None,
+                 on_stuck: Callable[[], None] | None = None) -> None:
+        self.pool, self.plan, self.stats, self.bar = pool, plan, stats, bar
+        self.on_ready, self.on_stuck = on_ready, on_stuck
+        self.job = Job(skip=set(skip))
+        self.tasks = cut_tasks(source, plan, self.job)
+        n = len(plan.devices)
+        self.window = max(2 * plan.shard_size, plan.batch_size * plan.depth * n * 2)
         self.gone: set[int] = set()  # workers given up on
         self._ids = 1 << 40  # ids of split-off samples, apart from the stream's
 
@@ -35,7 +196,7 @@ class Dispatcher:
     def _ranked(self) -> list[int]:
         """Workers with a free slot, untried ones first, then by measured speed."""
         free = [wid for wid, w in enumerate(self.pool.workers) if wid not in self.gone and w.free() > 0]
-        speed = self.r.stats
+        speed = self.stats
         return sorted(free, key=lambda wid: (speed[wid].speed is not None, -(speed[wid].speed or 0.0),
                                              -self.pool.workers[wid].free()))
 
@@ -69,37 +230,37 @@ class Dispatcher:
 
     # results -------------------------------------------------------------------------------
     def _done(self, wid: int, task: Task, outputs: dict[str, np.ndarray], seconds: float) -> None:
-        job, r = self.job, self.r
+        job, plan = self.job, self.plan
         kept = {}
         for name, arr in outputs.items():
             arr = np.asarray(arr)
-            axis = name not in r._no_axis and arr.ndim >= 1 and arr.shape[0] == task.rows
+            axis = name not in plan.no_axis and arr.ndim >= 1 and arr.shape[0] == task.rows
             kept[name] = (arr[:task.count] if axis and task.rows != task.count else arr, axis)
-        shard = task.start // r.shard_size
+        shard = task.start // plan.shard_size
         job.results.setdefault(shard, []).append((task.start, task.count, task.id, kept))
         job.resolved[shard] += task.count
         job.succeeded += task.count
-        r.stats[wid].record(task.count, seconds)
+        self.stats[wid].record(task.count, seconds)
         self.bar.advance(task.count)
-        if r.on_batch is not None:
+        if plan.on_batch is not None:
             w = self.pool.workers[wid]
-            r.on_batch(BatchEvent(task.id, task.start, task.count, r.devices[wid].label, wid, w.pid, seconds))
+            plan.on_batch(BatchEvent(task.id, task.start, task.count, plan.devices[wid].label, wid, w.pid, seconds))
 
     def _failed(self, wid: int, task: Task, message: str, *, died: bool) -> None:
-        job, r = self.job, self.r
+        job, plan = self.job, self.plan
         task.attempts += 1
         task.avoid = wid
-        if task.count > 1 and (not died or task.attempts >= r.max_attempts):
+        if task.count > 1 and (not died or task.attempts >= plan.max_attempts):
             # find the culprit: every sample alone, each with a fresh count of attempts
-            singles = [r._task(self._new_id(), task.start + k,
+            singles = [make_task(plan, self._new_id(), task.start + k,
                                Chunk({n: v[k:k + 1] for n, v in task.batched.items()}, task.constant))
                        for k in range(task.count)]
             job.pending.extendleft(reversed(singles))
             return
-        if task.attempts < r.max_attempts:
+        if task.attempts < plan.max_attempts:
             job.pending.appendleft(task)
             return
-        shard = task.start // r.shard_size
+        shard = task.start // plan.shard_size
         for k in range(task.count):
             job.failed.setdefault(shard, {})[task.start + k] = message
         job.resolved[shard] += task.count
@@ -114,31 +275,32 @@ class Dispatcher:
         return self._ids
 
     def _died(self, ev: Any) -> None:
-        job, r = self.job, self.r
+        job, plan = self.job, self.plan
         lost = [job.inflight.pop(t) for t in ev.info.get("lost", []) if t in job.inflight]
         for task, _ in sorted(lost, key=lambda tw: -tw[0].start):
             if task.id == ev.task:
-                self._failed(ev.wid, task, f"worker on {r.devices[ev.wid].label} died ({ev.message})", died=True)
+                self._failed(ev.wid, task, f"worker on {plan.devices[ev.wid].label} died ({ev.message})", died=True)
             else:
                 job.pending.appendleft(task)  # only queued there: not its fault
         w = self.pool.workers[ev.wid]
-        if w.restarts < r.max_restarts:
+        if w.restarts < plan.max_restarts:
             self.pool.restart(ev.wid)
-            r.stats[ev.wid].restarts = w.restarts
+            self.stats[ev.wid].restarts = w.restarts
         else:
             self.gone.add(ev.wid)
             if len(self.gone) == len(self.pool.workers):
-                raise OnnxpipeError(f"every worker died (last: {r.devices[ev.wid].label}, {ev.message})",
+                raise OnnxpipeError(f"every worker died (last: {plan.devices[ev.wid].label}, {ev.message})",
                                     hint="run one device with --batch-size 1 to find the cause")
 
     def _handle(self, ev: Any) -> None:
         job = self.job
         if ev.kind in ("ready", "placement"):
-            self.r._ready(ev)
+            if self.on_ready is not None:
+                self.on_ready(ev)
         elif ev.kind == "start_failed":
             self.gone.add(ev.wid)
             if len(self.gone) == len(self.pool.workers):
-                raise OnnxpipeError(f"no worker left: {self.r.devices[ev.wid].label} failed to restart ({ev.message})",
+                raise OnnxpipeError(f"no worker left: {self.plan.devices[ev.wid].label} failed to restart ({ev.message})",
                                     hint="check the devices with `onnxpipe providers`")
         elif ev.kind == "died":
             self._died(ev)
@@ -156,7 +318,7 @@ class Dispatcher:
         return closed and job.resolved[k] == job.dispatched[k]
 
     def _shard(self, k: int) -> Shard:
-        job, size = self.job, self.r.shard_size
+        job, size = self.job, self.plan.shard_size
         entries = sorted(job.results.pop(k, []))
         failed = job.failed.pop(k, {})
         count = job.dispatched.pop(k, 0)
@@ -182,12 +344,12 @@ class Dispatcher:
                     k = job.next_shard
                     if k in job.skip and (job.exhausted or k < job.stream_shard):
                         job.next_shard += 1
-                        job.emitted = job.next_shard * self.r.shard_size
+                        job.emitted = job.next_shard * self.plan.shard_size
                         continue
                     if job.dispatched[k] and self._complete(k):
                         shard = self._shard(k)
                         job.next_shard += 1
-                        job.emitted = min(job.cut, job.next_shard * self.r.shard_size)
+                        job.emitted = min(job.cut, job.next_shard * self.plan.shard_size)
                         yield shard
                         continue
                     break
@@ -210,5 +372,6 @@ class Dispatcher:
                 break
             self.pool.poll(0.5)
         else:
-            self.r.close()
+            if self.on_stuck is not None:
+                self.on_stuck()
         self.job.inflight.clear()

@@ -20,7 +20,6 @@ Example:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,10 +29,9 @@ from rich.table import Table
 
 from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.partition.spec import PartSpec, PipelineSpec, carried
-from onnxpipe.runtimes.batch import BatchRunner, Task
+from onnxpipe.runtimes.batch import BatchRunner
 from onnxpipe.runtimes.batch_result import BatchEvent, InferResult
-from onnxpipe.runtimes.dispatch import Dispatcher
-from onnxpipe.runtimes.manifest import Shard
+from onnxpipe.runtimes.dispatch import Dispatcher, Task
 from onnxpipe.runtimes.providers import parse_devices
 from onnxpipe.core.sources import Source
 
@@ -98,13 +96,13 @@ class _Flow:
 class PipelineDispatcher(Dispatcher):
     """The runner's dispatcher, moving each micro-batch through the stages in order."""
 
-    def __init__(self, runner: PipelineRunner, source: Source, job: Any, bar: Any) -> None:
-        super().__init__(runner, source, job, bar)
-        self.parts = runner.spec.parts
-        self.outputs = runner.spec.output_names
-        names = [i["name"] for i in runner.spec.inputs]
+    def __init__(self, spec: PipelineSpec, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.parts = spec.parts
+        self.outputs = spec.output_names
+        names = [i["name"] for i in spec.inputs]
         self.keep = [set(carried(self.parts, self.outputs, k, names)) for k in range(len(self.parts))]
-        self.capacity = len(self.parts) * runner.depth + 1
+        self.capacity = len(self.parts) * self.plan.depth + 1
         self.flow: dict[int, _Flow] = {}
 
     def _flow(self, task: Task) -> _Flow:
@@ -143,12 +141,12 @@ class PipelineDispatcher(Dispatcher):
             return
         flow.values = {t: v for t, v in flow.values.items() if t in self.keep[flow.stage]}
         flow.stage += 1
-        r = self.r
-        r.stats[wid].record(task.count, seconds)
+        plan = self.plan
+        self.stats[wid].record(task.count, seconds)
         self.job.pending.append(task)
-        if r.on_batch is not None:
+        if plan.on_batch is not None:
             w = self.pool.workers[wid]
-            r.on_batch(BatchEvent(task.id, task.start, task.count, r.devices[wid].label, wid, w.pid, seconds))
+            plan.on_batch(BatchEvent(task.id, task.start, task.count, plan.devices[wid].label, wid, w.pid, seconds))
 
     def _failed(self, wid: int, task: Task, message: str, *, died: bool) -> None:
         if not message.startswith("stage "):
@@ -161,7 +159,7 @@ class PipelineDispatcher(Dispatcher):
         super()._handle(ev)
         if ev.wid in self.gone:  # a pipeline without one of its stages cannot go on
             w = self.pool.workers[ev.wid]
-            raise OnnxpipeError(f"stage {ev.wid} on {self.r.devices[ev.wid].label} is gone after {w.restarts} "
+            raise OnnxpipeError(f"stage {ev.wid} on {self.plan.devices[ev.wid].label} is gone after {w.restarts} "
                                 f"restart(s) ({ev.message})", hint="run the part alone with `onnxpipe validate` "
                                 f"{self.parts[ev.wid].file} to see why")
 
@@ -227,5 +225,7 @@ class PipelineRunner(BatchRunner):
         result = super().run(inputs, outdir, resume=resume, progress=progress)
         return PipelineResult(**vars(result), parts=list(self.spec.parts))
 
-    def _execute(self, source: Source, job: Any, bar: Any) -> Iterator[Shard]:
-        yield from PipelineDispatcher(self, source, job, bar).shards()
+    def dispatcher(self, source: Source, bar: Any, *, skip: set[int] | frozenset[int] = frozenset()) -> Dispatcher:
+        """The pipeline's event loop: each micro-batch moves through the stages in order."""
+        return PipelineDispatcher(self.spec, self._pool, source, self.plan(), self.stats, bar, skip=skip,
+                                  on_ready=self._ready, on_stuck=self.close)
