@@ -131,9 +131,9 @@ _LENGTH = 32  # every sentence above fits (the longest is 20 tokens); the export
 # ----------------------------------------------------------------------------- helpers
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from onnxpipe.passes.quant_budget import cosine_per_sample
+    from onnxpipe.core.compare import sample_cosines
 
-    return cosine_per_sample(a, b)
+    return sample_cosines(a, b)
 
 
 def file_size(model: onnx.ModelProto, tmp: Path, label: str) -> int:

@@ -17,7 +17,9 @@ from onnxpipe.core.data import calibration_source, evaluation_source
 from onnxpipe.core.errors import InputError
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
-from onnxpipe.passes.quant_budget import agreement, cosine_per_sample, fit_budget, judge
+from onnxpipe.core.agreement import agreement, judge_cosine
+from onnxpipe.core.compare import sample_cosines
+from onnxpipe.passes.quant_budget import fit_budget
 from onnxpipe.passes.quant_data import StreamingReader, check_batch
 from onnxpipe.passes.quantize import Quantize
 from onnxpipe.pipeline import optimize
@@ -91,7 +93,7 @@ def test_qoperator_and_dynamic_on_digits(digits):
     x = {"x": next(iter(cal()))["x"]}
     ref = run_model(model, x)
     for m in (qop.model, dyn.model):
-        assert cosine_per_sample(list(ref.values())[0], list(run_model(m, x).values())[0]).mean() > 0.99
+        assert sample_cosines(list(ref.values())[0], list(run_model(m, x).values())[0]).mean() > 0.99
 
 
 def test_auto_mode_picks_static_for_cnns_and_dynamic_for_transformers(digits):
@@ -122,7 +124,7 @@ def test_dynamic_on_tiny_transformer_agrees_with_float():
     assert stage.metric >= result.stages[0].metric - 0.01
     ref = run_model(model, inputs)
     got = run_model(result.model, inputs)
-    assert cosine_per_sample(*[list(r.values())[0] for r in (ref, got)]).mean() >= 0.99
+    assert sample_cosines(*[list(r.values())[0] for r in (ref, got)]).mean() >= 0.99
 
 
 # ----------------------------------------------------------------------------- the accuracy budget
@@ -371,7 +373,7 @@ def test_reduce_range_follows_int16_saturation(monkeypatch, digits):
 
     def cos(cfg):
         q = Quantize({"mode": "static", **cfg}).apply(net, PassContext(calibration=cal)).model
-        return cosine_per_sample(ref, list(run_model(q, inputs).values())[0]).mean()
+        return sample_cosines(ref, list(run_model(q, inputs).values())[0]).mean()
     auto, eight = cos({}), cos({"reduce_range": False})
     assert auto >= eight - 1e-4
     if hardware.u8s8_saturates() and hardware.int8_activation_type()[0] == "uint8":
@@ -423,7 +425,7 @@ def test_several_inputs_outputs_and_branches(mode):
     for batch in data:
         ref, got = run_model(model, batch), run_model(result.model, batch)
         assert set(got) == {"y", "z", "k"}
-        assert cosine_per_sample(ref["z"], got["z"]).mean() > 0.99 and cosine_per_sample(ref["y"], got["y"]).mean() > 0.99
+        assert sample_cosines(ref["z"], got["z"]).mean() > 0.99 and sample_cosines(ref["y"], got["y"]).mean() > 0.99
 
 
 def test_old_opsets_are_raised_to_13_for_per_channel_qdq():
@@ -433,7 +435,7 @@ def test_old_opsets_are_raised_to_13_for_per_channel_qdq():
     result = Quantize({"mode": "static"}).apply(old, PassContext(calibration=cal))
     assert next(o.version for o in result.model.opset_import if o.domain == "") >= 13
     x = next(iter(cal()))
-    assert cosine_per_sample(run_model(old, x)["y"], run_model(result.model, x)["y"]).mean() > 0.99
+    assert sample_cosines(run_model(old, x)["y"], run_model(result.model, x)["y"]).mean() > 0.99
 
 
 # ----------------------------------------------------------------------------- the pipeline's check
@@ -443,11 +445,11 @@ def test_check_judges_agreement_not_elementwise_tolerance():
     ref = [{"y": rng.standard_normal((16, 10)).astype(np.float32)}]
     close = [{"y": ref[0]["y"] + 0.01 * rng.standard_normal((16, 10)).astype(np.float32)}]
     wrecked = [{"y": rng.standard_normal((16, 10)).astype(np.float32)}]
-    assert all(c.ok for c in judge(ref, close, min_cosine=0.99, min_top1=0.9))
-    bad = judge(ref, wrecked, min_cosine=0.99, min_top1=None)[0]
+    assert all(c.ok for c in judge_cosine(ref, close, min_cosine=0.99, min_top1=0.9))
+    bad = judge_cosine(ref, wrecked, min_cosine=0.99, min_top1=None)[0]
     assert not bad.ok and "needs cosine >= 0.99" in bad.detail
     ints = [{"k": np.arange(8)}]
-    assert judge(ints, [{"k": np.arange(8)[::-1]}], min_cosine=0.99, min_top1=None)[0].ok is False
+    assert judge_cosine(ints, [{"k": np.arange(8)[::-1]}], min_cosine=0.99, min_top1=None)[0].ok is False
 
 
 def test_pipeline_rolls_back_a_quantization_below_min_cosine(tmp_path):

@@ -13,7 +13,8 @@ from onnx import helper, numpy_helper
 from onnxpipe.core.errors import InputError
 from onnxpipe.runtimes import localize as localize_mod
 from onnxpipe.runtimes.providers import available
-from onnxpipe.runtimes.validate import Tolerance, check_output, parse_targets, validate
+from onnxpipe.core.compare import Tolerance, check_output
+from onnxpipe.runtimes.validate import parse_targets, validate
 
 
 def chain(perturb: float = 0.0) -> onnx.ModelProto:
@@ -60,7 +61,8 @@ def test_check_output_statistics():
     c = check_output("y", [a], [e], Tolerance(0.1, 0.0))
     assert not c.ok and c.max_abs == pytest.approx(2.5) and c.mismatched == pytest.approx(1 / 6)
     assert c.mean_abs == pytest.approx(2.5 / 6) and c.top1 == 0.5 and c.topk == 1.0
-    assert c.cosine == pytest.approx(float(a.ravel() @ e.ravel() / np.linalg.norm(a) / np.linalg.norm(e)))
+    # cosine is core.compare's: the mean over samples (rows) of each sample's cosine similarity
+    assert c.cosine == pytest.approx(np.mean([float(r @ s / np.linalg.norm(r) / np.linalg.norm(s)) for r, s in zip(a, e)]))
     assert check_output("y", [a], [e], Tolerance(0.1, 0.0, max_mismatch=0.2)).ok  # per-output allowance
     assert not check_output("y", [a[:1]], [e], Tolerance()).ok  # shapes must agree
 

@@ -160,7 +160,8 @@ def register(app: typer.Typer) -> None:
         """Run a model on several providers and precisions and compare every output with a reference."""
         from onnxpipe.core.errors import CheckFailedError, InputError
         from onnxpipe.core.modelio import load_model
-        from onnxpipe.runtimes.validate import DEFAULTS, Tolerance, parse_targets
+        from onnxpipe.core.compare import Tolerance
+        from onnxpipe.runtimes.validate import DEFAULTS, parse_targets
         from onnxpipe.runtimes.validate import validate as do_validate
 
         console = console_for(json_out)

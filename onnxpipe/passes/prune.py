@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import toposort
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
-from onnxpipe.passes.pruning.agreement import judge
+from onnxpipe.core.agreement import judge_floor
 from onnxpipe.core.compare import Comparison
 
 
@@ -89,7 +89,7 @@ class Prune(Pass):
             >>> Prune({}).compare([{"y": np.eye(3)}], [{"y": np.eye(3)}])[0].ok
             True
         """
-        return judge(before, after, floor=self.config.min_agreement, mode=self.config.agreement)
+        return judge_floor(before, after, floor=self.config.min_agreement, mode=self.config.agreement)
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from onnxpipe.core.analysis import summarize

@@ -16,8 +16,8 @@ from onnxpipe.core.errors import InputError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quant_data import RECIPE_HINT, progress_bar, take_batches
+from onnxpipe.core.agreement import agreement_score
 from onnxpipe.core.compare import outputs_on
-from onnxpipe.core.compare import Comparison
 from onnxpipe.core.tensors import graph_inputs
 
 # float32 carries about 140 dB of signal; an input no quantizer touched counts as this clean
@@ -25,152 +25,6 @@ EXACT_DB = 140.0
 # the budget search measures at most this many node groups alone (each is one quantization)
 MAX_MEASURED = 64
 RANK_BATCHES = 4
-
-
-@dataclass
-class Agreement:
-    """How one output of a quantized model agrees with the float model, over every sample.
-
-    ``cosine_*`` is the cosine similarity per sample (the leading axis); ``top1`` the fraction
-    of samples whose arg-max over the last axis is unchanged (outputs with a class axis only);
-    ``exact`` the fraction of equal elements (integer and boolean outputs).
-    """
-
-    name: str
-    cosine_mean: float = 1.0
-    cosine_min: float = 1.0
-    top1: float | None = None
-    exact: float | None = None
-    max_abs: float = 0.0
-    max_rel: float = 0.0
-    samples: int = 0
-    cosines: np.ndarray | None = field(default=None, repr=False)
-
-    def describe(self) -> str:
-        parts = [f"cosine mean {self.cosine_mean:.4f} (min {self.cosine_min:.4f})"] if self.exact is None else []
-        if self.top1 is not None:
-            parts.append(f"top-1 agreement {self.top1:.1%}")
-        if self.exact is not None:
-            parts.append(f"{self.exact:.1%} of elements equal")
-        return ", ".join(parts)
-
-
-def _per_sample(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, dtype=np.float64)
-    return a.reshape(a.shape[0], -1) if a.ndim >= 2 else a.reshape(1, -1)
-
-
-def cosine_per_sample(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each sample (row of the leading axis); two zero samples count as 1.
-
-    Example:
-        >>> cosine_per_sample(np.array([[1.0, 0.0]]), np.array([[1.0, 1.0]])).round(4)
-        array([0.7071])
-    """
-    r, a = _per_sample(reference), _per_sample(actual)
-    nr, na = np.linalg.norm(r, axis=1), np.linalg.norm(a, axis=1)
-    dot = (r * a).sum(axis=1)
-    tiny = np.finfo(np.float32).tiny
-    cos = np.where((nr > tiny) & (na > tiny), dot / np.maximum(nr * na, tiny), 0.0)
-    return np.where((nr <= tiny) & (na <= tiny), 1.0, cos)
-
-
-def agreement(reference: Sequence[Mapping[str, np.ndarray]],
-              actual: Sequence[Mapping[str, np.ndarray]]) -> dict[str, Agreement]:
-    """Per-output agreement of ``actual`` with ``reference`` over all batches.
-
-    Example:
-        >>> ref = [{"y": np.array([[2.0, 1.0], [0.0, 3.0]])}]
-        >>> agreement(ref, ref)["y"].top1
-        1.0
-    """
-    cos: dict[str, list[np.ndarray]] = {}
-    top: dict[str, list[np.ndarray]] = {}
-    exact: dict[str, list[np.ndarray]] = {}
-    out: dict[str, Agreement] = {}
-    for ref_batch, got_batch in zip(reference, actual):
-        for name in [n for n in got_batch if n not in ref_batch]:  # an output the float model lacks
-            out[name] = Agreement(name, 0.0, 0.0, max_abs=math.inf, max_rel=math.inf)
-        for name, ref in ref_batch.items():
-            got = np.asarray(got_batch.get(name)) if name in got_batch else None
-            ag = out.setdefault(name, Agreement(name))
-            ref = np.asarray(ref)
-            if got is None or got.shape != ref.shape:
-                ag.cosine_mean = ag.cosine_min = 0.0
-                ag.max_abs = ag.max_rel = math.inf
-                continue
-            ag.samples += ref.shape[0] if ref.ndim else 1
-            if not np.issubdtype(ref.dtype, np.floating):
-                exact.setdefault(name, []).append((ref == got).reshape(-1))
-                continue
-            diff = np.abs(got.astype(np.float64) - ref)
-            ag.max_abs = max(ag.max_abs, float(diff.max(initial=0.0)))
-            ag.max_rel = max(ag.max_rel, float((diff / np.maximum(np.abs(ref), 1e-12)).max(initial=0.0)))
-            cos.setdefault(name, []).append(cosine_per_sample(ref, got))
-            if ref.ndim >= 2 and ref.shape[-1] >= 2:
-                top.setdefault(name, []).append((ref.argmax(-1) == got.argmax(-1)).reshape(-1))
-    for name, ag in out.items():
-        if name in cos and math.isfinite(ag.max_abs):
-            c = np.concatenate(cos[name])
-            ag.cosine_mean, ag.cosine_min, ag.cosines = float(c.mean()), float(c.min()), c
-        if name in top and math.isfinite(ag.max_abs):
-            ag.top1 = float(np.concatenate(top[name]).mean())
-        if name in exact and math.isfinite(ag.max_abs):
-            ag.exact = float(np.concatenate(exact[name]).mean())
-    return out
-
-
-def judge(reference: Sequence[Mapping[str, np.ndarray]], actual: Sequence[Mapping[str, np.ndarray]], *,
-          min_cosine: float, min_top1: float | None) -> list[Comparison]:
-    """Comparisons for the pipeline: each float output must keep a mean cosine of ``min_cosine``.
-
-    With ``min_top1``, outputs with a class axis must also keep that share of their arg-maxes;
-    integer and boolean outputs (arg-max indices, masks) must keep ``min_top1`` (default 0.9) of
-    their elements equal: int8 flips near-ties, a wrecked model flips most.
-    ``mismatched`` is the share of samples below ``min_cosine``.
-
-    Example:
-        >>> y = [{"y": np.array([[1.0, 2.0], [3.0, 1.0]])}]
-        >>> [c.ok for c in judge(y, [{"y": -y[0]["y"]}], min_cosine=0.99, min_top1=None)]
-        [False]
-    """
-    comps = []
-    for name, ag in agreement(reference, actual).items():
-        if ag.exact is not None:
-            need = min_top1 if min_top1 is not None else 0.9
-            ok, mismatched, limits = ag.exact >= need, 1.0 - ag.exact, f"needs {need:.0%} equal"
-        else:
-            ok = ag.cosine_mean >= min_cosine and (min_top1 is None or ag.top1 is None or ag.top1 >= min_top1)
-            mismatched = float((ag.cosines < min_cosine).mean()) if ag.cosines is not None else 1.0
-            limits = f"needs cosine >= {min_cosine:g}" + (f", top-1 >= {min_top1:.0%}" if min_top1 is not None else "")
-        if not math.isfinite(ag.max_abs):
-            ok, mismatched = False, 1.0
-        detail = ag.describe() if math.isfinite(ag.max_abs) else "output missing or reshaped"
-        comps.append(Comparison(name, ag.max_abs, ag.max_rel, bool(ok), mismatched,
-                                detail + ("" if ok else f" ({limits})")))
-    return comps
-
-
-def score(reference: Sequence[Mapping[str, np.ndarray]], actual: Sequence[Mapping[str, np.ndarray]],
-          kind: str = "cosine") -> float:
-    """One number for agreement with the float model: mean cosine, or mean top-1 agreement.
-
-    Outputs without a class axis count with their cosine under ``top1``; 1.0 means identical.
-
-    Example:
-        >>> y = [{"y": np.array([[1.0, 2.0], [3.0, 1.0]])}]
-        >>> score(y, [{"y": np.array([[1.0, 2.0], [1.0, 3.0]])}], "top1")
-        0.5
-    """
-    values = []
-    for ag in agreement(reference, actual).values():
-        if ag.exact is not None:
-            values.append(ag.exact)
-        elif kind == "top1" and ag.top1 is not None:
-            values.append(ag.top1)
-        else:
-            values.append(ag.cosine_mean)
-    return float(np.mean(values)) if values else 1.0
 
 
 def _sqnr(signal_sq: float, noise_sq: float) -> float:
@@ -377,7 +231,7 @@ def search_budget(model: onnx.ModelProto, prepared: onnx.ModelProto, prepared_pa
         metric_name = f"{agreement} agreement with float32"
 
         def measure(m: onnx.ModelProto) -> float:
-            return score(ref_outputs, outputs_on(m, batches), agreement)
+            return agreement_score(ref_outputs, outputs_on(m, batches), agreement)
         reference = 1.0
     first = float(measure(quantized))
     out: dict[str, Any] = {"metric": metric_name, "metric_before": reference, "metric_int8": first,
@@ -427,7 +281,7 @@ def _rank(prepared: onnx.ModelProto, prepared_path: Path, twin: onnx.ModelProto,
         task = bar.add_task("rank", total=min(len(groups), MAX_MEASURED))
         for group, db in groups[:MAX_MEASURED]:
             alone = quantize(only=list(group))
-            error = 1.0 - score(ref_outputs[:len(rank_batches)], outputs_on(alone, rank_batches), "cosine")
+            error = 1.0 - agreement_score(ref_outputs[:len(rank_batches)], outputs_on(alone, rank_batches), "cosine")
             measured.append({"nodes": group, "error": error, "noise_db": round(db, 2)})
             bar.advance(task)
     measured.sort(key=lambda r: -r["error"])

@@ -27,7 +27,8 @@ from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import name_bytes, subgraphs, toposort
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
-from onnxpipe.passes.quant_budget import changed_nodes, judge, search_budget
+from onnxpipe.core.agreement import judge_cosine
+from onnxpipe.passes.quant_budget import changed_nodes, search_budget
 from onnxpipe.passes.quant_data import RECIPE_HINT, StreamingReader, calibrate, progress_bar
 from onnxpipe.core.compare import Comparison
 from onnxpipe.core.tensors import graph_inputs
@@ -172,7 +173,7 @@ class Quantize(Pass):
     def compare(self, before: Sequence[Mapping[str, np.ndarray]],
                 after: Sequence[Mapping[str, np.ndarray]]) -> list[Comparison]:
         """int8 changes every value a little: judge agreement, not elementwise tolerance."""
-        return judge(before, after, min_cosine=self.config.min_cosine, min_top1=self.config.min_top1)
+        return judge_cosine(before, after, min_cosine=self.config.min_cosine, min_top1=self.config.min_top1)
 
     # -- planning -------------------------------------------------------------------------
 

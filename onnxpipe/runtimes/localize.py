@@ -16,16 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
 
+from onnxpipe.core.compare import OutputCheck, Tolerance, check_output
 from onnxpipe.core.graph import toposort
 from onnxpipe.runtimes.providers import Device
-
-if TYPE_CHECKING:
-    from onnxpipe.runtimes.validate import OutputCheck, Tolerance
 
 
 @dataclass
@@ -104,8 +102,6 @@ def localize(model: onnx.ModelProto, device: Device | str, reference: onnx.Model
         >>> d.summary()  # doctest: +SKIP
         'first divergence at node /blocks.3/attn/Softmax (Softmax), output ...'
     """
-    from onnxpipe.runtimes.validate import check_output
-
     names, producer = _candidates(model, reference)
     work, ref_work = _Marked(model, Device.parse(device)), _Marked(reference, Device.parse(reference_device))
     compared = 0

@@ -300,7 +300,8 @@ def doubling(start: int, limit: int) -> list[int]:
 
 def tolerance_for(device: Device, atol: float | None, rtol: float | None) -> Any:
     """Float32 setups: ``atol``/``rtol`` (default 1e-4/1e-3); fp16 and int8 TensorRT: validate's defaults."""
-    from onnxpipe.runtimes.validate import DEFAULTS, Tolerance
+    from onnxpipe.core.compare import Tolerance
+    from onnxpipe.runtimes.validate import DEFAULTS
 
     o = device.options
     precision = "int8" if getattr(o, "int8", False) else "fp16" if getattr(o, "fp16", False) else "fp32"
@@ -313,7 +314,7 @@ def tolerance_for(device: Device, atol: float | None, rtol: float | None) -> Any
 def output_mismatch(session: Any, batches: Sequence[Mapping[str, np.ndarray]], reference: list[dict[str, np.ndarray]],
               tol: Any) -> str | None:
     """Why ``session``'s outputs on ``batches`` differ from ``reference``, or None when they agree."""
-    from onnxpipe.runtimes.validate import check_output
+    from onnxpipe.core.compare import check_output
 
     got = [session.run(b) for b in batches]
     for name in reference[0]:

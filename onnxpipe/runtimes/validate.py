@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,38 +29,10 @@ from rich.table import Table
 from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.core.modelio import load_model
 from onnxpipe.runtimes.providers import Device, split_devices
-from onnxpipe.core.compare import compare
+from onnxpipe.core.compare import OutputCheck, Tolerance, check_output
 from onnxpipe.core.userfiles import first_line
 
 PRECISIONS = ("fp32", "fp16", "int8")
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    """When an output passes: at most ``max_mismatch`` of its elements outside ``atol + rtol*|ref|``,
-    and a cosine similarity of at least ``min_cosine`` where given.
-
-    Example:
-        >>> Tolerance.parse("1e-3,1e-2")
-        Tolerance(atol=0.001, rtol=0.01, max_mismatch=0.0, min_cosine=None)
-    """
-
-    atol: float = 1e-4
-    rtol: float = 1e-3
-    max_mismatch: float = 0.0
-    min_cosine: float | None = None
-
-    @classmethod
-    def parse(cls, text: str, base: Tolerance | None = None) -> Tolerance:
-        parts = [p.strip() for p in text.split(",")]
-        try:
-            values = [float(p) for p in parts]
-        except ValueError:
-            raise InputError(f"cannot read tolerance {text!r}", hint="write ATOL or ATOL,RTOL, e.g. 1e-3,1e-2") from None
-        if not 1 <= len(values) <= 2 or any(v < 0 for v in values):
-            raise InputError(f"cannot read tolerance {text!r}", hint="write ATOL or ATOL,RTOL (non-negative)")
-        base = base or cls()
-        return replace(base, atol=values[0], rtol=values[1] if len(values) > 1 else base.rtol)
 
 
 # float16 rounds at ~1e-3 relative; int8 is judged by agreement, not elementwise closeness
@@ -98,68 +70,6 @@ def parse_targets(spec: str | Sequence[str], precisions: Sequence[str] = ()) -> 
     if not out:
         raise InputError("no providers given", hint="e.g. --providers cpu,cuda")
     return out
-
-
-@dataclass
-class OutputCheck:
-    """One output of one target against the reference."""
-
-    name: str
-    ok: bool
-    max_abs: float
-    max_rel: float
-    mean_abs: float
-    cosine: float
-    mismatched: float
-    top1: float | None = None
-    topk: float | None = None
-    detail: str = ""
-    tolerance: Tolerance = field(default_factory=Tolerance)
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["tolerance"] = asdict(self.tolerance)
-        return {k: (str(v) if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
-
-
-def check_output(name: str, actual: Sequence[np.ndarray], expected: Sequence[np.ndarray], tol: Tolerance) -> OutputCheck:
-    """Statistics over every batch of one output; shapes must match batch by batch.
-
-    Example:
-        >>> check_output("y", [np.ones(3)], [np.ones(3)], Tolerance()).ok
-        True
-    """
-    worst = None
-    for a, e in zip(actual, expected):
-        c = compare(name, a, e, atol=tol.atol, rtol=tol.rtol)
-        if c.detail:
-            return OutputCheck(name, False, c.max_abs, c.max_rel, float("inf"), 0.0, 1.0, detail=c.detail, tolerance=tol)
-        worst = c if worst is None else replace(worst, max_abs=max(worst.max_abs, c.max_abs),
-                                                max_rel=max(worst.max_rel, c.max_rel))
-    a64 = np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in actual]) if actual else np.zeros(0)
-    e64 = np.concatenate([np.asarray(e, np.float64).reshape(-1) for e in expected]) if expected else np.zeros(0)
-    if a64.size != e64.size:
-        return OutputCheck(name, False, float("inf"), float("inf"), float("inf"), 0.0, 1.0,
-                           detail=f"{a64.size} elements vs {e64.size} expected", tolerance=tol)
-    finite = np.isfinite(a64) & np.isfinite(e64)
-    diff = np.abs(a64 - e64)
-    mismatched = float(np.mean(diff[finite] > tol.atol + tol.rtol * np.abs(e64[finite]))) if finite.any() else 0.0
-    mismatched += float(np.mean(~finite & ~((a64 == e64) | (np.isnan(a64) & np.isnan(e64))))) if a64.size else 0.0
-    af, ef = a64[finite], e64[finite]
-    na, ne = np.linalg.norm(af), np.linalg.norm(ef)
-    cosine = 1.0 if na == 0 and ne == 0 else float(af @ ef / (na * ne)) if na and ne else 0.0
-    top1 = topk = None
-    last = [np.asarray(e).shape[-1] for e in expected if np.ndim(e) >= 2]  # scores per row: not 1-D outputs
-    if last and min(last) >= 2 and all(np.issubdtype(np.asarray(e).dtype, np.floating) for e in expected):
-        ra = np.concatenate([np.asarray(a).reshape(-1, np.asarray(a).shape[-1]) for a in actual])
-        re_ = np.concatenate([np.asarray(e).reshape(-1, np.asarray(e).shape[-1]) for e in expected])
-        top1 = float(np.mean(ra.argmax(-1) == re_.argmax(-1)))
-        k = min(5, ra.shape[-1])
-        ta, te = np.argsort(-ra, -1)[:, :k], np.argsort(-re_, -1)[:, :k]
-        topk = float(np.mean([len(set(x) & set(y)) / k for x, y in zip(ta, te)]))
-    ok = mismatched <= tol.max_mismatch and (tol.min_cosine is None or cosine >= tol.min_cosine)
-    return OutputCheck(name, ok, worst.max_abs if worst else 0.0, worst.max_rel if worst else 0.0,
-                       float(diff[finite].mean()) if finite.any() else 0.0, cosine, mismatched, top1, topk, tolerance=tol)
 
 
 @dataclass
