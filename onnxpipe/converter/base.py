@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from onnxpipe.core.userfiles import first_line  # noqa: F401  (re-exported for the backends)
+from onnxpipe.core.errors import InputError
 
 DEFAULT_OPSET = 18
 """Opset 18: exported by torch's dynamo exporter, run by ONNX Runtime and parsed by TensorRT 10."""
@@ -88,3 +88,28 @@ def flatten_outputs(out: Any) -> tuple[list[Any], list[str] | None]:
 
 def default_output_names(n: int) -> list[str]:
     return ["output"] if n == 1 else [f"output_{i}" for i in range(n)]
+
+
+def to_numpy(value: Any, what: str) -> np.ndarray:
+    """Tensor-like (numpy, torch, tf, scalars) to a numpy array."""
+    if isinstance(value, np.ndarray):
+        return value
+    if hasattr(value, "detach"):  # torch.Tensor
+        return value.detach().cpu().numpy()
+    if hasattr(value, "numpy"):  # tf.Tensor
+        return np.asarray(value.numpy())
+    if isinstance(value, (int, float, bool, list)):
+        return np.asarray(value)
+    raise InputError(f"example input {what} is a {type(value).__name__}, not an array or tensor",
+                     hint="return arrays or tensors (a tuple, or a dict by input name)")
+
+
+def normalize_examples(example: Any, names: Sequence[str] | None) -> tuple[dict[str, np.ndarray], bool]:
+    """Example inputs (tensor, tuple/list or dict) -> ordered ``{name: array}`` and whether by keyword."""
+    if isinstance(example, dict):
+        return {str(k): to_numpy(v, repr(k)) for k, v in example.items()}, True
+    items = list(example) if isinstance(example, (tuple, list)) else [example]
+    names = list(names or [])
+    if len(names) < len(items):
+        names += [f"input_{i}" for i in range(len(names), len(items))]
+    return {names[i]: to_numpy(v, names[i]) for i, v in enumerate(items)}, False

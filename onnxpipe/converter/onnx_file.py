@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel, first_line
+from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel
+from onnxpipe.core.userfiles import first_line
 from onnxpipe.core.errors import ConversionError
 from onnxpipe.core.modelio import check_model, load_model
 from onnxpipe.core.graph import convert_opset, default_opset

@@ -18,10 +18,11 @@ import onnx
 
 from onnxpipe.core.deps import require
 from onnxpipe.converter.base import (
-    Attempt, ExportOutcome, FrameworkModel, default_output_names, first_line, flatten_outputs,
+    normalize_examples,
+    Attempt, ExportOutcome, FrameworkModel, default_output_names, flatten_outputs,
 )
-from onnxpipe.converter.source import normalize_examples
 from onnxpipe.core.tensors import examples_from_specs
+from onnxpipe.core.userfiles import first_line
 from onnxpipe.core.errors import ConversionError, InputError
 from onnxpipe.core.tensors import InputSpec, batched_inputs
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from onnxpipe.converter.base import FrameworkModel
 from onnxpipe.core.errors import InputError
@@ -93,31 +92,6 @@ def framework_of(obj: Any) -> str | None:
         if root in ("keras", "tensorflow", "tf_keras"):
             return "tensorflow"
     return None
-
-
-def to_numpy(value: Any, what: str) -> np.ndarray:
-    """Tensor-like (numpy, torch, tf, scalars) to a numpy array."""
-    if isinstance(value, np.ndarray):
-        return value
-    if hasattr(value, "detach"):  # torch.Tensor
-        return value.detach().cpu().numpy()
-    if hasattr(value, "numpy"):  # tf.Tensor
-        return np.asarray(value.numpy())
-    if isinstance(value, (int, float, bool, list)):
-        return np.asarray(value)
-    raise InputError(f"example input {what} is a {type(value).__name__}, not an array or tensor",
-                     hint="return arrays or tensors (a tuple, or a dict by input name)")
-
-
-def normalize_examples(example: Any, names: Sequence[str] | None) -> tuple[dict[str, np.ndarray], bool]:
-    """Example inputs (tensor, tuple/list or dict) -> ordered ``{name: array}`` and whether by keyword."""
-    if isinstance(example, dict):
-        return {str(k): to_numpy(v, repr(k)) for k, v in example.items()}, True
-    items = list(example) if isinstance(example, (tuple, list)) else [example]
-    names = list(names or [])
-    if len(names) < len(items):
-        names += [f"input_{i}" for i in range(len(names), len(items))]
-    return {names[i]: to_numpy(v, names[i]) for i, v in enumerate(items)}, False
 
 
 def load(source: str, *, framework: str | None = None, specs: Sequence[InputSpec] = ()) -> FrameworkModel:

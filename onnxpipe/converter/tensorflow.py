@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.core.deps import require
-from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel, default_output_names, first_line
-from onnxpipe.converter.source import normalize_examples
+from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel, default_output_names, normalize_examples
 from onnxpipe.core.tensors import examples_from_specs
+from onnxpipe.core.userfiles import first_line
 from onnxpipe.core.errors import ConversionError, InputError
 from onnxpipe.core.tensors import InputSpec, batched_inputs
 

@@ -18,7 +18,7 @@ from typing import Literal
 import onnx
 
 from onnxpipe.core.deps import require
-from onnxpipe.converter.base import first_line
+from onnxpipe.core.userfiles import first_line
 from onnxpipe.core.graph import subgraphs
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.core.compare import compare_runs, outputs_on

@@ -17,7 +17,8 @@ import numpy as np
 import onnx
 
 from onnxpipe.core.errors import InputError
-from onnxpipe.passes.pruning.groups import Analysis, WeightUse
+from onnxpipe.passes.pruning.groups import Analysis
+from onnxpipe.passes.pruning.tracer import WeightUse
 
 
 def _position_values(w: np.ndarray, use: WeightUse, positions: int, squared: bool) -> np.ndarray:

@@ -16,7 +16,7 @@ import onnx
 
 from onnxpipe.passes.pruning.edits import GroupedSlice, SetAttr, Slice
 from onnxpipe.passes.pruning.graphview import node_label
-from onnxpipe.passes.pruning.groups import Tracer, WeightUse
+from onnxpipe.passes.pruning.tracer import Tracer, WeightUse
 
 
 def _used(t: Tracer, name: str) -> bool:

@@ -17,7 +17,7 @@ import onnx
 
 from onnxpipe.passes.pruning.edits import ShapeEntry
 from onnxpipe.passes.pruning.graphview import Dim, node_label
-from onnxpipe.passes.pruning.groups import Tracer
+from onnxpipe.passes.pruning.tracer import Tracer
 
 Block = tuple[list[int], list[int]]
 

@@ -15,7 +15,7 @@ import onnx
 from onnxpipe.passes.pruning import layers
 from onnxpipe.passes.pruning.edits import Slice, SplitSizes
 from onnxpipe.passes.pruning.graphview import node_label
-from onnxpipe.passes.pruning.groups import Tracer
+from onnxpipe.passes.pruning.tracer import Tracer
 from onnxpipe.passes.pruning.reshape import flatten, reshape
 from onnxpipe.passes.pruning.rules_common import (
     all_labels,

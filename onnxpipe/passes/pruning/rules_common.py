@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from onnxpipe.passes.pruning.graphview import node_label
-from onnxpipe.passes.pruning.groups import Tracer
+from onnxpipe.passes.pruning.tracer import Tracer
 
 
 def all_labels(t: Tracer, node: onnx.NodeProto) -> list:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx
 
 from onnxpipe.passes.pruning.edits import ShapeEntry
-from onnxpipe.passes.pruning.groups import Tracer
+from onnxpipe.passes.pruning.tracer import Tracer
 from onnxpipe.passes.pruning.rules_common import axes_of, norm_axis, unsafe_all
 
 
