@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from onnxpipe._version import __version__
 from onnxpipe.core.errors import OnnxpipeError
 
-__version__ = "0.1.0"
 __all__ = ["OnnxpipeError", "__version__", "convert", "optimize", "run"]
 
 

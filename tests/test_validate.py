@@ -14,7 +14,7 @@ from onnxpipe.core.errors import InputError
 from onnxpipe.runtimes import localize as localize_mod
 from onnxpipe.runtimes.providers import available
 from onnxpipe.core.compare import Tolerance, check_output
-from onnxpipe.runtimes.validate import parse_targets, validate
+from onnxpipe.pipeline.validation import parse_targets, validate
 
 
 def chain(perturb: float = 0.0) -> onnx.ModelProto:

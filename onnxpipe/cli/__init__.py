@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from onnxpipe import __version__
+from onnxpipe._version import __version__
 from onnxpipe.core.errors import OnnxpipeError
 
 app = typer.Typer(

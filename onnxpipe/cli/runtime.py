@@ -161,8 +161,8 @@ def register(app: typer.Typer) -> None:
         from onnxpipe.core.errors import CheckFailedError, InputError
         from onnxpipe.core.modelio import load_model
         from onnxpipe.core.compare import Tolerance
+        from onnxpipe.pipeline.validation import validate as do_validate
         from onnxpipe.runtimes.validate import DEFAULTS, parse_targets
-        from onnxpipe.runtimes.validate import validate as do_validate
 
         console = console_for(json_out)
         targets = parse_targets(providers, precisions.split(",") if precisions else ())

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from onnxpipe.core.compare import compare_runs, outputs_on
+from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.errors import OnnxpipeError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, load_model, save_model
 from onnxpipe.core.userfiles import first_line
@@ -38,6 +38,8 @@ from onnxpipe.pipeline.stages import (
     make_pass,
     same_inputs,
 )
+
+from onnxpipe.pipeline.validation import validate_providers
 
 if TYPE_CHECKING:
     from onnxpipe.runtimes.providers import Device
@@ -208,31 +210,6 @@ class RunResult:
     @property
     def model_path(self) -> Path:
         return self.outdir / "model.onnx"
-
-
-def validate_providers(model: onnx.ModelProto, providers: Sequence[str], inputs: list[dict[str, np.ndarray]],
-                       *, atol: float, rtol: float) -> list[dict[str, Any]]:
-    """The final model on every listed provider against the same model on CPU.
-
-    Providers are device specs with options (``cuda:0``, ``tensorrt:0[fp16]``); each row also says
-    how many nodes ran on which provider.
-    """
-    from onnxpipe.runtimes.device_session import DeviceSession
-    from onnxpipe.runtimes.providers import Device
-
-    devices = {p: Device.parse(p) for p in providers}
-    for d in devices.values():
-        d.check_available()  # fail before running anything
-    reference = outputs_on(model, inputs)
-    rows = []
-    for name, device in devices.items():
-        with DeviceSession(model, device) as s:
-            got = [s.run(b) for b in inputs]
-            placement = s.placement.as_dict() if s.placement else None
-        comps = compare_runs(reference, got, atol=atol, rtol=rtol)
-        rows.append({"provider": name, "ok": all(c.ok for c in comps), "outputs": [c.as_dict() for c in comps],
-                     "placement": placement})
-    return rows
 
 
 def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = None) -> RunResult:

@@ -1,9 +1,9 @@
 """Cross-provider validation: one model on several providers and precisions, every output against a reference.
 
-Targets are devices with an optional precision, ``cpu``, ``cuda:0/fp16``, ``tensorrt/int8``:
-fp16 on CPU/CUDA runs the model through the ``fp16`` pass, int8 through ONNX Runtime's dynamic
-quantization (a model with Q/DQ nodes already is run as is); TensorRT gets its own ``fp16`` /
-``int8`` builder flags instead. The reference is the first target, another model (run on CPU
+Targets are devices with an optional precision, ``cpu``, ``cuda:0/fp16``, ``tensorrt/int8``.
+TensorRT gets its own ``fp16`` / ``int8`` builder flags; fp16 and int8 on CPU/CUDA run a converted
+model that the caller's ``variant`` builds (:mod:`onnxpipe.pipeline.validation` builds it with
+onnxpipe's own ``fp16`` and ``quantize`` passes; a model with Q/DQ nodes already is run as is). The reference is the first target, another model (run on CPU
 in fp32), or saved outputs (``.npz``).
 
 Example:
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +80,7 @@ class Row:
     outputs: list[OutputCheck] = field(default_factory=list)
     error: str | None = None
     placement: str | None = None
+    placement_counts: dict[str, Any] | None = None  # per provider, as Placement.as_dict() says
     localized: dict[str, Any] | None = None
 
     @property
@@ -132,11 +133,20 @@ class ValidationReport:
         return t
 
 
-def precision_model(model: onnx.ModelProto, target: Target, workdir: Path) -> tuple[onnx.ModelProto | str, Device]:
-    """The model and device that run ``target``'s precision.
+Variant = Callable[[onnx.ModelProto, Target, Path], tuple["onnx.ModelProto | str", Device]]
+"""Builds the model and device that run a target: ``(model, target, workdir) -> (model or path, device)``."""
+
+QUANTIZED_OPS = ("QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger")
+
+
+def device_variant(model: onnx.ModelProto, target: Target, workdir: Path) -> tuple[onnx.ModelProto | str, Device]:
+    """What runs ``target`` without changing the graph: fp32 as is, TensorRT with its ``fp16`` / ``int8``
+    builder flags, a model that is int8 already as is. Other precisions need a converted model,
+    built by the caller's ``variant`` (``onnxpipe.pipeline.validation.precision_model`` builds them
+    with onnxpipe's own fp16 and quantize passes): runtimes never change a model themselves.
 
     Example:
-        >>> m, dev = precision_model(model, Target(Device.parse("tensorrt"), "fp16"), tmp)  # doctest: +SKIP
+        >>> m, dev = device_variant(model, Target(Device.parse("tensorrt"), "fp16"), tmp)  # doctest: +SKIP
         >>> dev.options.fp16  # doctest: +SKIP
         True
     """
@@ -145,44 +155,26 @@ def precision_model(model: onnx.ModelProto, target: Target, workdir: Path) -> tu
         return model, dev
     if dev.kind == "tensorrt":
         return model, Device.parse(dev, **{p: True})
-    if p == "fp16":
-        from onnxpipe.passes.base import PassContext
-        from onnxpipe.passes.fp16 import Fp16
-
-        return Fp16({}).apply(model, PassContext()).model, dev
-    quantized = ("QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul", "MatMulInteger")
-    if any(n.op_type in quantized for n in model.graph.node):
+    if p == "int8" and any(n.op_type in QUANTIZED_OPS for n in model.graph.node):
         return model, dev  # already int8
-    import logging
-
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    src, dst = workdir / "fp32.onnx", workdir / "int8.onnx"
-    onnx.save(model, src)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer's advice to pre-process goes to the root logger
-    try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    finally:
-        root.setLevel(level)
-    return str(dst), dev
+    raise InputError(f"{target.label}: no {p} build of the model to run",
+                     hint="validate with `onnxpipe validate`, which builds it with the fp16 / quantize pass")
 
 
 def run_target(model: onnx.ModelProto | str, device: Device, batches: Sequence[Mapping[str, np.ndarray]]
-               ) -> tuple[list[dict[str, np.ndarray]], str | None]:
-    """Outputs on every batch, and the node placement line.
+               ) -> tuple[list[dict[str, np.ndarray]], Any]:
+    """Outputs on every batch, and where the nodes ran (``Placement`` or None).
 
     Example:
         >>> outs, placed = run_target("m.onnx", Device.parse("cpu"), [{"x": x}])  # doctest: +SKIP
-        >>> placed  # doctest: +SKIP
+        >>> placed.summary()  # doctest: +SKIP
         'cpu 52'
     """
     from onnxpipe.runtimes.device_session import DeviceSession
 
     with DeviceSession(model, device) as s:
         outs = [s.run(b) for b in batches]
-        return outs, s.placement.summary() if s.placement else None
+        return outs, s.placement
 
 
 def load_outputs_npz(path: str | os.PathLike, batches: int) -> list[dict[str, np.ndarray]]:
@@ -218,7 +210,7 @@ def split_batches(arrays: Mapping[str, np.ndarray], batches: int | None, *, what
 def validate(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[Target], *,
              inputs: Sequence[Mapping[str, np.ndarray]], reference: str | os.PathLike | None = None,
              tolerances: Mapping[str, Tolerance] | None = None, default: Tolerance | None = None,
-             localize: bool = False, chunk: int = 32) -> ValidationReport:
+             localize: bool = False, chunk: int = 32, variant: Variant = device_variant) -> ValidationReport:
     """Run every target on ``inputs`` and compare each output with the reference.
 
     Args:
@@ -230,6 +222,8 @@ def validate(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[Targe
         default: tolerance for outputs not in ``tolerances`` (None: by precision).
         localize: for a failing row, find the first node whose output diverges.
         chunk: intermediate tensors compared at a time when localizing.
+        variant: builds each target's model and device (default :func:`device_variant`: fp32 and
+            TensorRT's own precisions; the pipeline floor passes one that builds fp16 / int8 models).
 
     Raises:
         InputError: a provider this build lacks (before anything runs), unreadable references.
@@ -250,10 +244,11 @@ def validate(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[Targe
         if reference is None:
             first = rest.pop(0)
             ref_label = first.label
-            m, ref_device = precision_model(proto, first, Path(tmp))
+            m, ref_device = variant(proto, first, Path(tmp))
             ref_model = m if isinstance(m, onnx.ModelProto) else load_model(m)
             expected, placed = run_target(m, ref_device, inputs)
-            rows = [Row(f"{first.label} (reference)", placement=placed)]
+            rows = [Row(f"{first.label} (reference)", placement=placed.summary() if placed else None,
+                        placement_counts=placed.as_dict() if placed else None)]
         elif str(reference).endswith(".npz"):
             ref_label = str(reference)
             expected, rows = load_outputs_npz(reference, len(inputs)), []
@@ -266,8 +261,10 @@ def validate(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[Targe
             row = Row(target.label)
             rows.append(row)
             try:
-                m, dev = precision_model(proto, target, Path(tmp))
-                got, row.placement = run_target(m, dev, inputs)
+                m, dev = variant(proto, target, Path(tmp))
+                got, placed = run_target(m, dev, inputs)
+                if placed is not None:
+                    row.placement, row.placement_counts = placed.summary(), placed.as_dict()
             except OnnxpipeError as exc:
                 row.error = exc.message
                 continue

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from onnxpipe import __version__
+from onnxpipe._version import __version__
 from onnxpipe.core.errors import OnnxpipeError
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.serve.batcher import Batcher
