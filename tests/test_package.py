@@ -99,3 +99,48 @@ def test_nothing_edits_sys_path_at_import_time():
                  for p in (ROOT / folder).rglob("*.py")
                  if "sys.path.insert" in p.read_text() and p.name != "userfiles.py"]
     assert offenders == []
+
+
+def test_no_import_cycle_between_files():
+    """The floors hold file by file too: no module reaches itself through its imports (lazy ones count)."""
+    grimp = pytest.importorskip("grimp")  # import-linter's graph library (the dev extra)
+
+    graph = grimp.build_graph("onnxpipe", cache_dir=None)
+    edges = {m: graph.find_modules_directly_imported_by(m) for m in graph.modules}
+    order, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(start):  # Tarjan's strongly connected components, iteratively
+        work = [(start, iter(sorted(edges[start])))]
+        order[start] = low[start] = len(order)
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in order:
+                    order[child] = low[child] = len(order)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(edges[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], order[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == order[node]:
+                group = []
+                while True:
+                    m = stack.pop()
+                    on_stack.discard(m)
+                    group.append(m)
+                    if m == node:
+                        break
+                if len(group) > 1:
+                    cycles.append(sorted(group))
+
+    for module in sorted(graph.modules):
+        if module not in order:
+            visit(module)
+    assert cycles == [], cycles
