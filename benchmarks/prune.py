@@ -35,13 +35,14 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
+from onnxpipe.core.analysis import summarize
+from onnxpipe.passes.base import PassContext
+from onnxpipe.passes.prune import Prune
+from onnxpipe.passes.pruning.report import table as group_table
+from onnxpipe.core.session import Session
+from onnxpipe.core.timing import time_session
 
-from onnxpipe.core.analysis import summarize  # noqa: E402
-from onnxpipe.passes.base import PassContext  # noqa: E402
-from onnxpipe.passes.prune import Prune  # noqa: E402
-from onnxpipe.passes.pruning.report import table as group_table  # noqa: E402
-from onnxpipe.core.session import Session  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LIGHT = ("resnet50", "densenet121", "squeezenet", "shufflenet", "vgg19")
 console = Console(width=160)
@@ -63,21 +64,12 @@ def side_by_side(models: dict[str, onnx.ModelProto], feeds: dict[str, np.ndarray
     the same machine load, so a busy neighbour shifts both and the ratio stays put.
     """
     sessions = {k: Session(m, threads=1) for k, m in models.items()}
-    checked = {k: s.check_feeds(feeds) for k, s in sessions.items()}
     names = list(models)
-    for k in names:  # warm-up
-        for _ in range(5):
-            sessions[k].session.run(None, checked[k])
     per_round: dict[str, list[float]] = {k: [] for k in names}
     for r in range(rounds):
-        for k in names[r % len(names):] + names[:r % len(names)]:
-            times: list[float] = []
-            deadline = time.perf_counter() + budget_s
-            while time.perf_counter() < deadline or len(times) < 3:
-                start = time.perf_counter()
-                sessions[k].session.run(None, checked[k])
-                times.append((time.perf_counter() - start) * 1e3)
-            per_round[k].append(statistics.median(times))
+        for k in names[r % len(names):] + names[:r % len(names)]:  # warm-up in the first round only
+            per_round[k].append(time_session(sessions[k], feeds, warmup=5 if r == 0 else 0, min_runs=3,
+                                             budget_s=budget_s).median_ms)
     for s in sessions.values():
         s.close()
     base = per_round[names[0]]

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
+from onnxpipe.passes.base import PassContext
 
-from onnxpipe.passes.base import PassContext  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SENTENCES = [
     "The cat slept on the warm windowsill all afternoon.",

@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
 
+
+ROOT = Path(__file__).resolve().parent.parent
 
 def mlp(width: int = 1024, layers: int = 4, features: int = 256, classes: int = 10) -> onnx.ModelProto:
     """x[N,256] -> layers x (MatMul + Add + Relu) -> MatMul(10): ~4M weights, so one sample is a GEMV

@@ -19,12 +19,12 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
+from onnxpipe.passes.base import PassContext
+from onnxpipe.passes.simplify import Simplify, count_nodes
+from onnxpipe.pipeline.stages import generated_inputs
+from onnxpipe.core.compare import compare_runs, outputs_on
 
-from onnxpipe.passes.base import PassContext  # noqa: E402
-from onnxpipe.passes.simplify import Simplify, count_nodes  # noqa: E402
-from onnxpipe.pipeline.stages import generated_inputs  # noqa: E402
-from onnxpipe.core.compare import compare_runs, outputs_on  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ZOO = ("digits_cnn", "keras_digits", "tiny_transformer")

@@ -224,13 +224,13 @@ def test_recipe_runtime_times_stages_in_the_tuned_cpu_setup(tmp_path, monkeypatc
 
     onnx.save(conv_gemm_model(), tmp_path / "m.onnx")
     _write_tuned(tmp_path / "tuned.json", "cpu:0[threads=1,spinning=false,mem_pattern=false]")
-    real, seen = pipeline._device_latency_ms, []
+    real, seen = pipeline.stage_latency_ms, []
 
     def spy(model, feeds, device, *, budget_s):
         seen.append(str(device))
         return real(model, feeds, device, budget_s=0.05)
 
-    monkeypatch.setattr(pipeline, "_device_latency_ms", spy)
+    monkeypatch.setattr(pipeline, "stage_latency_ms", spy)
     result = pipeline.run({"model": str(tmp_path / "m.onnx"), "runtime": str(tmp_path / "tuned.json"),
                            "passes": ["simplify"]}, tmp_path / "out")
     assert seen and set(seen) == {"cpu:0[threads=1,mem_pattern=false,spinning=false]"}

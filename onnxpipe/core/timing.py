@@ -1,38 +1,105 @@
-"""The one timing loop: warm-up runs, then timed runs until a count and a time budget are both met."""
+"""The one timing loop: every latency onnxpipe reports (``bench``, the pipeline report's latency
+column, ``tune``'s duels, the benchmarks) is measured here, the same way.
+
+Definition: a *run* is one call of the session's ``run(feeds)`` (feeds checked once beforehand;
+what a caller of :class:`~onnxpipe.core.session.Session` or a device session waits for). After
+``warmup`` untimed runs, runs are timed with ``time.perf_counter`` until at least ``min_runs``
+were timed and ``budget_s`` seconds have passed (at most ``max_runs``). Percentiles interpolate
+linearly between samples (numpy's default), so ``p50_ms`` is the median.
+
+Example:
+    >>> t = time_calls(lambda: None, warmup=0, min_runs=5, budget_s=0)
+    >>> t.runs, t.p50_ms <= t.p90_ms <= t.p99_ms
+    (5, True)
+"""
 
 from __future__ import annotations
 
 import os
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxpipe.core.session import Session
 
+MAX_RUNS = 10_000
+
+
+@dataclass
+class Timing:
+    """The timed runs of one measurement, in milliseconds, sorted."""
+
+    times_ms: list[float] = field(default_factory=list)
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(np.asarray(self.times_ms), q)) if self.times_ms else 0.0
+
+    @property
+    def runs(self) -> int:
+        return len(self.times_ms)
+
+    @property
+    def p50_ms(self) -> float:
+        return self.percentile(50)
+
+    median_ms = p50_ms
+
+    @property
+    def p90_ms(self) -> float:
+        return self.percentile(90)
+
+    @property
+    def p99_ms(self) -> float:
+        return self.percentile(99)
+
+    @property
+    def min_ms(self) -> float:
+        return self.times_ms[0] if self.times_ms else 0.0
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.times_ms) if self.times_ms else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"median_ms": self.p50_ms, "p90_ms": self.p90_ms, "p99_ms": self.p99_ms, "min_ms": self.min_ms,
+                "mean_ms": self.mean_ms, "runs": self.runs}
+
+
+def time_calls(call: Callable[[], Any], *, warmup: int = 3, min_runs: int = 10, budget_s: float = 1.0,
+               max_runs: int = MAX_RUNS) -> Timing:
+    """Time ``call()``: ``warmup`` untimed calls, then timed ones until ``min_runs`` and ``budget_s``
+    are both reached (never more than ``max_runs``)."""
+    for _ in range(warmup):
+        call()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < max_runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return Timing(times)
+
+
+def time_session(session: Any, feeds: Mapping[str, np.ndarray], **loop: Any) -> Timing:
+    """Time ``session.run`` on ``feeds`` (checked once first) with :func:`time_calls`; ``session`` is
+    a :class:`Session` or any session with its ``check_feeds`` / ``run`` (a device session)."""
+    checked = session.check_feeds(feeds)
+    return time_calls(lambda: session.run(checked), **loop)
+
 
 def latency_ms(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray], *,
                warmup: int = 3, min_repeat: int = 10, budget_s: float = 1.0, threads: int | None = None) -> dict:
-    """Median, p90 and min latency in milliseconds of one ``run`` on ``feeds``.
+    """Median, p90, p99, mean and min latency in milliseconds of one run on ``feeds`` (CPU session).
 
     Example:
         >>> latency_ms("model.onnx", {"x": x})["median_ms"]  # doctest: +SKIP
         0.41
     """
     with Session(model, threads=threads) as s:
-        checked = s.check_feeds(feeds)
-        for _ in range(warmup):
-            s.session.run(None, checked)
-        times: list[float] = []
-        deadline = time.perf_counter() + budget_s
-        while len(times) < min_repeat or time.perf_counter() < deadline:
-            start = time.perf_counter()
-            s.session.run(None, checked)
-            times.append((time.perf_counter() - start) * 1e3)
-            if len(times) >= 10_000:
-                break
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))],
-            "min_ms": times[0], "runs": len(times)}
+        return time_session(s, feeds, warmup=warmup, min_runs=min_repeat, budget_s=budget_s).as_dict()

@@ -25,6 +25,7 @@ import onnx
 
 from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.timing import latency_ms, time_session
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, load_model, save_model
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import PassContext
@@ -45,6 +46,18 @@ if TYPE_CHECKING:
     from onnxpipe.runtimes.providers import Device
 
 __all__ = ["PipelineResult", "RunResult", "Stage", "optimize", "run", "validate_providers"]
+
+
+def stage_latency_ms(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], device: Device | str | None = None, *,
+                     budget_s: float = 0.5) -> float:
+    """The report's latency: the median ms of :mod:`onnxpipe.core.timing`'s loop (the one ``bench``
+    reports as p50), in ``device``'s session setup (default: a CPU session with ONNX Runtime's defaults)."""
+    if device is None:
+        return latency_ms(model, feeds, budget_s=budget_s)["median_ms"]
+    from onnxpipe.runtimes.device_session import DeviceSession
+
+    with DeviceSession(model, device) as s:
+        return time_session(s, feeds, budget_s=budget_s).median_ms
 
 
 def optimize(
@@ -82,7 +95,6 @@ def optimize(
         on_event: progress callback ``(message, stage or None)``.
     """
     from onnxpipe.core.metrics import evaluate, resolve
-    from onnxpipe.core.timing import latency_ms
 
     current = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     pass_objs = [make_pass(p) for p in passes]
@@ -101,8 +113,7 @@ def optimize(
         if metric_fn is not None:
             stage.metric = evaluate(m, evaluation[0], evaluation[1], metric_fn)
         if measure_latency:
-            stage.latency_ms = (latency_ms(m, inputs[0], budget_s=0.5)["median_ms"] if latency_device is None
-                                else _device_latency_ms(m, inputs[0], latency_device, budget_s=0.5))
+            stage.latency_ms = stage_latency_ms(m, inputs[0], latency_device, budget_s=0.5)
 
     def save(stage: Stage, m: onnx.ModelProto, suffix: str = "") -> None:
         if stage_dir is not None:
@@ -178,24 +189,6 @@ def optimize(
             stages.append(stage)
             notify(f"{p.name}: {'kept' if stage.kept else 'rolled back: ' + str(stage.reason)}", stage)
     return PipelineResult(current, stages, metric if isinstance(metric, str) else getattr(metric, "__name__", None))
-
-
-def _device_latency_ms(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], device: Device | str, *,
-                       budget_s: float) -> float:
-    """Median ms of one run in ``device``'s session setup, timed as :func:`latency_ms` times."""
-    from onnxpipe.runtimes.device_session import DeviceSession
-
-    with DeviceSession(model, device) as s:
-        checked = s.check_feeds(feeds)
-        for _ in range(3):
-            s.session.run(None, checked)
-        times: list[float] = []
-        deadline = time.perf_counter() + budget_s
-        while len(times) < 10 or (time.perf_counter() < deadline and len(times) < 10_000):
-            start = time.perf_counter()
-            s.session.run(None, checked)
-            times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
 
 
 @dataclass

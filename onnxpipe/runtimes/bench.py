@@ -1,19 +1,19 @@
-"""Latency of a model on fixed inputs: warm-up, then percentiles over repeats within a time budget."""
+"""``onnxpipe bench``: latency percentiles, throughput and FLOP/s per device, thread count and batch
+size, timed by the one timing loop (:mod:`onnxpipe.core.timing`)."""
 
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 from rich.table import Table
 
 from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.timing import time_calls, time_session
 from onnxpipe.runtimes.peak import Peak, cpu_peak
 
 
@@ -83,10 +83,6 @@ class BenchReport:
         return t
 
 
-def _percentile(sorted_ms: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(sorted_ms), q)) if sorted_ms else 0.0
-
-
 def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *, batch_sizes: Sequence[int] = (1,),
           threads: Sequence[int | None] = (None,), dims: Mapping[str, int] | None = None, warmup: int = 5,
           min_runs: int = 10, budget_s: float = 1.0, seed: int = 0,
@@ -153,20 +149,10 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
                 feeds = session.check_feeds(example_inputs(proto, batch=b, seed=seed))
                 real_batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
                 row = BenchRow(d.label, real_batch, t, load_s=load_s, flops=flops.get(b, 0))
-                t0 = time.perf_counter()
-                session.run(feeds)
-                row.first_run_ms = (time.perf_counter() - t0) * 1e3
-                for _ in range(warmup):
-                    session.run(feeds)
-                times: list[float] = []
-                deadline = time.perf_counter() + budget_s
-                while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < 100_000):
-                    t0 = time.perf_counter()
-                    session.run(feeds)
-                    times.append((time.perf_counter() - t0) * 1e3)
-                times.sort()
-                row.runs, row.mean_ms = len(times), statistics.fmean(times)
-                row.p50_ms, row.p90_ms, row.p99_ms = (_percentile(times, q) for q in (50, 90, 99))
+                row.first_run_ms = time_calls(lambda: session.run(feeds), warmup=0, min_runs=1, budget_s=0).min_ms
+                timing = time_session(session, feeds, warmup=warmup, min_runs=min_runs, budget_s=budget_s)
+                row.runs, row.mean_ms = timing.runs, timing.mean_ms
+                row.p50_ms, row.p90_ms, row.p99_ms = timing.p50_ms, timing.p90_ms, timing.p99_ms
                 row.samples_per_s = real_batch / (row.p50_ms / 1e3) if row.p50_ms else 0.0
                 if row.flops:
                     row.gflops = row.flops / (row.p50_ms / 1e3) / 1e9

@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from onnxpipe.core.modelio import tensor_bytes
+from onnxpipe.core.timing import time_calls
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.core.tensors import onnx_elem_to_numpy
 
@@ -36,12 +37,8 @@ def median_ms(fn: Callable[[], object], runs: int) -> float:
         >>> median_ms(lambda: None, 3) >= 0
         True
     """
-    times = []
-    for _ in range(max(1, runs)):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    n = max(1, runs)
+    return time_calls(fn, warmup=0, min_runs=n, budget_s=0, max_runs=n).median_ms
 
 
 @dataclass
