@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from onnxpipe.core.units import human_bytes
 from onnxpipe.passes.base import PassContext
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -293,8 +294,7 @@ def main() -> None:
             base_size = file_size(variants["float32"], tmp, f"{name}-float32")
             for i, (label, model) in enumerate(variants.items()):
                 size = base_size if i == 0 else file_size(model, tmp, f"{name}-{i}")
-                kb = size / 1024
-                table.add_row(name if i == 0 else "", label, f"{kb / 1024:.1f} MB" if kb > 2048 else f"{kb:.1f} KB",
+                table.add_row(name if i == 0 else "", label, human_bytes(size),
                               f"{size / base_size:.3f}", f"{lat[label][1]:.3f}", f"{lat['float32'][1] / lat[label][1]:.2f}x",
                               f"{lat[label][2]:.3f}", f"{lat['float32'][2] / lat[label][2]:.2f}x", metric(model))
             table.add_section()

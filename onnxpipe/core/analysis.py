@@ -47,6 +47,7 @@ from rich.table import Table
 
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.modelio import tensor_bytes
+from onnxpipe.core.units import human_bytes, human_count
 from onnxpipe.core.tensors import TensorInfo, concrete_shape, graph_inputs, random_input, value_infos
 
 if TYPE_CHECKING:
@@ -176,11 +177,11 @@ class ModelSummary:
             c = self.cost_by_op.get(op, OpCost())
             share = f"{100 * c.flops / self.flops:.1f}%" if self.flops else "-"
             count = f"{self.op_counts[op]}" + (f" ({missed[op]} uncounted)" if missed[op] else "")
-            ops.add_row(escape(op), count, _human(c.macs) if c.macs else "-",
-                        _human(c.flops, "FLOPs") if c.flops else "-", share)
+            ops.add_row(escape(op), count, human_count(c.macs) if c.macs else "-",
+                        human_count(c.flops, "FLOPs") if c.flops else "-", share)
         console.print(ops)
-        console.print(f"[bold]total[/]: {_human(self.params)} parameters ({_human(self.param_bytes, 'B')}) · "
-                      f"{_human(self.macs, 'MACs')} · {_human(self.flops, 'FLOPs')}")
+        console.print(f"[bold]total[/]: {human_count(self.params)} parameters ({human_bytes(self.param_bytes)}) · "
+                      f"{human_count(self.macs, 'MACs')} · {human_count(self.flops, 'FLOPs')}")
         if self.uncounted:
             console.print(f"[yellow]{len(self.uncounted)} op(s) not counted[/] (totals are a lower bound):")
             for u in self.uncounted[:20]:
@@ -189,14 +190,6 @@ class ModelSummary:
                 console.print(f"  ... and {len(self.uncounted) - 20} more")
         for note in self.notes:
             console.print(f"[dim]note: {escape(note)}[/]")
-
-
-def _human(n: float, unit: str = "") -> str:
-    """``1234567 -> '1.23 M'``, ``(4.5e9, 'FLOPs') -> '4.5 GFLOPs'``."""
-    for div, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.3g} {prefix}{unit}"
-    return f"{n:g} {unit}".rstrip()
 
 
 def summarize(model: onnx.ModelProto, *, batch: int = 1, dims: Mapping[str, int] | None = None,
@@ -471,6 +464,17 @@ def _einsum_cost(equation: str, operands: list[Shape]) -> tuple[int, int] | None
         out = rhs.replace("...", "") if arrow else "".join(sorted(c for c in letters if letters.count(c) == 1))
         return (0, 0) if sorted(out) == sorted(letters) else (0, loop)  # a pure transpose is free
     return loop, 2 * loop
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """The one parameter count: elements of every initializer (sparse ones by their values) and
+    Constant tensor, in the main graph, its subgraphs (If, Loop, Scan) and its functions.
+
+    Example:
+        >>> parameter_count(model)  # doctest: +SKIP
+        15306
+    """
+    return _parameters(model)[0]
 
 
 def _parameters(model: onnx.ModelProto) -> tuple[int, int]:

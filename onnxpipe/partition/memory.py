@@ -17,7 +17,7 @@ import onnx
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.core.analysis import _human
+from onnxpipe.core.units import human_bytes
 from onnxpipe.core.graph import subgraphs
 from onnxpipe.partition.profile import GraphProfile, profile_graph
 
@@ -99,18 +99,18 @@ class MemoryReport:
         t.add_column("")
         t.add_column("bytes", justify="right")
         t.add_column("where")
-        t.add_row("weights", _human(self.weight_bytes, "B"), "initializers and Constant tensors")
-        t.add_row("peak activations", _human(self.peak_bytes, "B"),
+        t.add_row("weights", human_bytes(self.weight_bytes), "initializers and Constant tensors")
+        t.add_row("peak activations", human_bytes(self.peak_bytes),
                   f"at node {escape(self.peak_node)} ({escape(self.peak_op)}), step {self.peak_step + 1} of {self.steps}")
-        t.add_row("inputs / outputs", f"{_human(self.input_bytes, 'B')} / {_human(self.output_bytes, 'B')}", "")
-        t.add_row("[bold]weights + peak[/]", f"[bold]{_human(self.total_bytes, 'B')}[/]", "the least a device must hold")
+        t.add_row("inputs / outputs", f"{human_bytes(self.input_bytes)} / {human_bytes(self.output_bytes)}", "")
+        t.add_row("[bold]weights + peak[/]", f"[bold]{human_bytes(self.total_bytes)}[/]", "the least a device must hold")
         console.print(t)
         if self.at_peak:
             live = Table(title="largest tensors live at the peak")
             live.add_column("tensor")
             live.add_column("bytes", justify="right")
             for name, size in self.at_peak:
-                live.add_row(escape(name), _human(size, "B"))
+                live.add_row(escape(name), human_bytes(size))
             console.print(live)
         for note in self.notes:
             console.print(f"[dim]note: {escape(note)}[/]")

@@ -18,7 +18,7 @@ import onnx
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.core.analysis import _human
+from onnxpipe.core.units import human_bytes, human_count
 from onnxpipe.core.errors import CheckFailedError, InputError, OnnxpipeError
 from onnxpipe.core.files import atomic_output
 from onnxpipe.core.modelio import check_model, load_model, save_model, tensor_bytes
@@ -66,10 +66,10 @@ class SplitResult:
         for col in ("part", "nodes", "FLOPs", "share", "weights", "peak act.", "receives", "sends"):
             t.add_column(col, justify="left" if col in ("part", "receives") else "right")
         for p in parts:
-            t.add_row(escape(p.file), str(p.nodes), _human(p.flops, "FLOPs"), f"{p.flops / total:.0%}",
-                      _human(p.weight_bytes, "B"), _human(p.peak_activation_bytes, "B"),
+            t.add_row(escape(p.file), str(p.nodes), human_count(p.flops, "FLOPs"), f"{p.flops / total:.0%}",
+                      human_bytes(p.weight_bytes), human_bytes(p.peak_activation_bytes),
                       escape(", ".join(p.inputs[:3]) + (f" (+{len(p.inputs) - 3})" if len(p.inputs) > 3 else "")),
-                      f"{_human(p.sent_bytes, 'B')} ({len(p.sends)})" if p.sends else "-")
+                      f"{human_bytes(p.sent_bytes)} ({len(p.sends)})" if p.sends else "-")
         return t
 
 

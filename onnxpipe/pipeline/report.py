@@ -9,16 +9,9 @@ from typing import Any
 from rich.table import Table
 
 from onnxpipe.core.files import save_figure
+from onnxpipe.core.units import human_bytes
 
 COLUMNS = ("stage", "nodes", "params", "size", "max diff", "metric", "latency", "kept")
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def _rows(stages: list[Any], metric_name: str | None) -> list[list[str]]:
@@ -72,7 +65,7 @@ def chart(stages: list[Any], path: str | os.PathLike, metric_name: str | None = 
 
     kept = [s for s in stages if s.kept]
     labels = [f"{s.index:02d}\n{s.name}" for s in kept]
-    panels = [("size (KB)", [s.size_bytes / 1024 for s in kept]),
+    panels = [("size (kB)", [s.size_bytes / 1000 for s in kept]),
               ("latency (ms, median)", [s.latency_ms or 0 for s in kept])]
     if any(s.metric is not None for s in kept):
         panels.append((metric_name or "metric", [s.metric or 0 for s in kept]))

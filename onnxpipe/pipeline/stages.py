@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxpipe.core.analysis import parameter_count
 from onnxpipe.core.compare import Comparison
 from onnxpipe.core.errors import OnnxpipeError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
@@ -90,10 +91,6 @@ def make_pass(spec: PassSpec) -> Pass:
     raise OnnxpipeError(f"cannot read pass {spec!r}", hint="write a pass as a name, or {name: {options}}")
 
 
-def param_count(model: onnx.ModelProto) -> int:
-    return int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in model.graph.initializer))
-
-
 def generated_inputs(model: onnx.ModelProto, batches: int = 2, batch: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Random inputs of the right shapes and dtypes, for models with no data to check on."""
     return [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
@@ -129,7 +126,7 @@ def fit_inputs(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray
 def fill_stats(stage: Stage, model: onnx.ModelProto) -> None:
     """Nodes, parameters and bytes of ``model`` into ``stage``."""
     stage.nodes = count_nodes(model)
-    stage.params = param_count(model)
+    stage.params = parameter_count(model)
     stage.size_bytes = model.ByteSize() if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD else tensor_bytes(model)
 
 

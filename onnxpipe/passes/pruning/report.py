@@ -16,6 +16,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
+from onnxpipe.core.units import human_count
 from onnxpipe.passes.pruning.edits import GroupedSlice, Slice
 from onnxpipe.passes.pruning.groups import Analysis
 
@@ -106,13 +107,6 @@ def group_rows(analysis: Analysis, removed: Mapping[int, np.ndarray],
     return rows
 
 
-def _human(n: float) -> str:
-    for div, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= div:
-            return f"{n / div:.3g} {prefix}"
-    return f"{n:g}"
-
-
 def table(notes: Mapping[str, Any], title: str = "prune") -> Table:
     """The pass's report as a rich table: one row per group, then the totals.
 
@@ -128,7 +122,7 @@ def table(notes: Mapping[str, Any], title: str = "prune") -> Table:
         style = "green" if status == "pruned" else ("yellow" if status.startswith("unsafe") else "dim")
         t.add_row(escape(row["group"]), str(len(row["sources"])),
                   f"{row['channels_before']} -> {row['channels_after']}",
-                  _human(row["params_removed"]), _human(row["macs_removed"]), f"[{style}]{escape(status)}[/]")
+                  human_count(row["params_removed"]), human_count(row["macs_removed"]), f"[{style}]{escape(status)}[/]")
     tot = notes.get("totals")
     if tot:
         def pct(a: float, b: float) -> str:
@@ -136,8 +130,8 @@ def table(notes: Mapping[str, Any], title: str = "prune") -> Table:
 
         t.add_section()
         t.add_row("[bold]total[/]", "", f"{tot['channels_before']} -> {tot['channels_after']}",
-                  f"{_human(tot['params_before'])} -> {_human(tot['params_after'])} "
+                  f"{human_count(tot['params_before'])} -> {human_count(tot['params_after'])} "
                   f"({pct(tot['params_before'], tot['params_after'])})",
-                  f"{_human(tot['macs_before'])} -> {_human(tot['macs_after'])} "
+                  f"{human_count(tot['macs_before'])} -> {human_count(tot['macs_after'])} "
                   f"({pct(tot['macs_before'], tot['macs_after'])})", "")
     return t
