@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,14 +46,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.graph import all_graphs, subgraphs
 from onnxpipe.core.modelio import tensor_bytes
+from onnxpipe.core.shapes import Shape, concrete_inputs, infer_shapes, runtime_shapes
 from onnxpipe.core.units import human_bytes, human_count
-from onnxpipe.core.tensors import TensorInfo, concrete_shape, graph_inputs, random_input, value_infos
+from onnxpipe.core.tensors import TensorInfo, graph_inputs, value_infos
 
 if TYPE_CHECKING:
     from rich.console import Console
-
-Shape = tuple[int, ...]
 
 _ZERO = set("""Reshape Transpose Concat Gather GatherElements GatherND Slice Shape Size Cast CastLike
 Flatten Squeeze Unsqueeze Identity Expand Tile Split SplitToSequence ConcatFromSequence SequenceAt
@@ -211,40 +211,19 @@ def summarize(model: onnx.ModelProto, *, batch: int = 1, dims: Mapping[str, int]
     """
     if batch < 1:
         raise InputError(f"batch must be >= 1, got {batch}", hint="give a positive batch size")
-    inputs, given = graph_inputs(model), dict(input_shapes or {})
-    unknown = sorted(set(given) - {i.name for i in inputs})
-    if unknown:
-        raise InputError(f"unknown input(s) {', '.join(unknown)}",
-                         hint=f"the model's inputs are {', '.join(i.name for i in inputs)}")
-    notes: list[str] = []
-    concrete: dict[str, Shape] = {}
-    for info in inputs:
-        if info.name in given:
-            concrete[info.name] = tuple(int(d) for d in given[info.name])
-            if any(d <= 0 for d in concrete[info.name]):
-                raise InputError(f"shape {list(given[info.name])} for input {info.name!r} has a dim <= 0",
-                                 hint="dims are positive integers")
-        elif info.shape is not None:
-            concrete[info.name] = concrete_shape(info, batch, dims)
-        else:  # an unshaped tensor, a sequence or a map: its ops stay uncounted unless ORT sizes them
-            notes.append(f"input {info.name!r} has no tensor shape; give it with input_shapes to count its ops")
+    inputs = graph_inputs(model)
+    concrete, notes = concrete_inputs(model, batch=batch, dims=dims, input_shapes=input_shapes)
+    work, shapes = infer_shapes(model, concrete, notes)
 
-    work = _concrete_copy(model, concrete, weights=False)
-    try:
-        work = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as exc:  # inference is best effort: the ORT fallback covers what it misses
-        notes.append(f"shape inference failed ({type(exc).__name__}); using ONNX Runtime shapes")
-    shapes = _collect_shapes(work)
-
-    records, uncounted, loop_notes = _graph_cost(work.graph, shapes)
+    records, uncounted, loop_notes = graph_cost(work.graph, shapes)
     if uncounted:
         produced = {o for n in work.graph.node for o in n.output if o}
         missing = sorted({t for u in uncounted for t in u.tensors if t in produced and t not in shapes})
         if missing:
-            found = _runtime_shapes(model, concrete, missing, notes)
+            found = runtime_shapes(model, concrete, missing, notes)
             if found:
                 shapes.update(found)
-                records, uncounted, loop_notes = _graph_cost(work.graph, shapes)
+                records, uncounted, loop_notes = graph_cost(work.graph, shapes)
     notes.extend(loop_notes)
 
     cost: dict[str, OpCost] = {}
@@ -252,7 +231,7 @@ def summarize(model: onnx.ModelProto, *, batch: int = 1, dims: Mapping[str, int]
         c = cost.setdefault(key, OpCost())
         c.count, c.macs, c.flops = c.count + 1, c.macs + macs, c.flops + flops
     cost = dict(sorted(cost.items(), key=lambda kv: (-kv[1].flops, kv[0])))
-    hist = Counter(_op_key(n) for g in _graphs(work.graph) for n in g.node)
+    hist = Counter(_op_key(n) for g in all_graphs(work.graph) for n in g.node)
     params, const_bytes = _parameters(model)
     return ModelSummary(
         inputs=inputs, outputs=value_infos(model.graph.output), input_shapes=concrete, batch=batch,
@@ -265,99 +244,25 @@ def summarize(model: onnx.ModelProto, *, batch: int = 1, dims: Mapping[str, int]
     )
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for g in _subgraphs(node):
-            yield from _graphs(g)
-
-
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
-
-
 def _op_key(node: onnx.NodeProto) -> str:
     return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
 
 
-def _concrete_copy(model: onnx.ModelProto, concrete: Mapping[str, Shape], *, weights: bool) -> onnx.ModelProto:
-    """A copy with concrete input shapes; without ``weights``, big or external initializers
-    become typed inputs so shape inference stays fast and under protobuf's 2 GiB limit."""
-    src = model.graph
-    out = onnx.ModelProto(ir_version=model.ir_version, opset_import=model.opset_import, functions=model.functions)
-    g = out.graph
-    g.name = src.name
-    for f in ("node", "output", "value_info", "sparse_initializer"):
-        getattr(g, f).extend(getattr(src, f))
-    typed: dict[str, onnx.ValueInfoProto] = {}
-    for init in src.initializer:
-        external = init.data_location == onnx.TensorProto.EXTERNAL
-        if weights or (not external and init.ByteSize() < 1 << 16):  # small ones may feed shape math
-            g.initializer.append(init)
-        else:
-            typed[init.name] = onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-    for vi in src.input:  # an initializer listed as input (IR < 4) keeps its single declaration
-        g.input.append(typed.pop(vi.name, vi))
-        if vi.name in concrete:
-            g.input[-1].type.tensor_type.shape.ClearField("dim")
-            g.input[-1].type.tensor_type.shape.dim.extend(
-                onnx.TensorShapeProto.Dimension(dim_value=d) for d in concrete[vi.name])
-    g.input.extend(typed.values())
-    try:
-        return onnx.inliner.inline_local_functions(out) if out.functions else out
-    except Exception:  # a broken function: keep the calls, they are reported as uncounted
-        return out
-
-
-def _collect_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
-    shapes: dict[str, Shape] = {}
-    for g in _graphs(model.graph):
-        for vi in (*g.value_info, *g.input, *g.output):
-            tt = vi.type.tensor_type
-            known = vi.type.HasField("tensor_type") and tt.HasField("shape")
-            if known and all(d.HasField("dim_value") for d in tt.shape.dim):  # symbolic dims: not sized
-                shapes[vi.name] = tuple(d.dim_value for d in tt.shape.dim)
-        shapes.update((init.name, tuple(init.dims)) for init in g.initializer)
-    return shapes
-
-
-def _runtime_shapes(model: onnx.ModelProto, concrete: Mapping[str, Shape], names: list[str],
-                    notes: list[str]) -> dict[str, Shape]:
-    """Shapes of ``names`` read from one ONNX Runtime run on random inputs (empty on failure)."""
-    from onnxpipe.core.session import Session  # imports onnxruntime: only when needed
-
-    full = _concrete_copy(model, concrete, weights=True)
-    outputs = {o.name for o in full.graph.output}
-    full.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
-    rng = np.random.default_rng(0)
-    try:
-        feeds = {i.name: random_input(i, concrete[i.name], rng) for i in graph_inputs(model)}
-        with Session(full, optimization="disable") as s:
-            values = s.run(feeds, outputs=names)
-    except Exception as exc:  # best effort (ORT raises its own types): those ops stay uncounted
-        text = str(exc).strip()
-        reason = getattr(exc, "message", None) or (text.splitlines()[0] if text else type(exc).__name__)
-        notes.append(f"ONNX Runtime could not run the model to size {len(names)} tensor(s): {reason}")
-        return {}
-    notes.append(f"{len(names)} tensor shape(s) read from an ONNX Runtime run on random inputs")
-    return {n: tuple(v.shape) for n, v in values.items() if isinstance(v, np.ndarray)}
-
-
-class _NoShape(Exception):
+class NoShape(Exception):
     pass
 
 
 Record = tuple[str, int, int]  # op key, MACs, FLOPs
 
 
-def _graph_cost(graph: onnx.GraphProto, shapes: Mapping[str, Shape]
+def graph_cost(graph: onnx.GraphProto, shapes: Mapping[str, Shape]
                 ) -> tuple[list[Record], list[UncountedOp], list[str]]:
     records: list[Record] = []
     uncounted: list[UncountedOp] = []
     notes: list[str] = []
     for node in graph.node:
         name = node.name or (node.output[0] if node.output else "")
-        branches = [_graph_cost(g, shapes) for g in _subgraphs(node)]
+        branches = [graph_cost(g, shapes) for g in subgraphs(node)]
         for sub_records, sub_uncounted, sub_notes in branches:
             uncounted.extend(sub_uncounted)
             notes.extend(sub_notes)
@@ -368,8 +273,8 @@ def _graph_cost(graph: onnx.GraphProto, shapes: Mapping[str, Shape]
         elif branches and node.op_type in ("Loop", "Scan"):
             notes.append(f"{node.op_type} {name!r}: body counted once (one iteration)")
         try:
-            cost = _node_cost(node, shapes)
-        except _NoShape:
+            cost = node_cost(node, shapes)
+        except NoShape:
             tensors = tuple(t for t in (*node.input, *node.output) if t)
             uncounted.append(UncountedOp(name, _op_key(node), "shapes unknown", tensors))
             continue
@@ -383,8 +288,8 @@ def _graph_cost(graph: onnx.GraphProto, shapes: Mapping[str, Shape]
     return records, uncounted, notes
 
 
-def _node_cost(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> tuple[int, int] | None:
-    """(MACs, FLOPs) of one node; None when no rule applies; raises _NoShape when sizes are missing."""
+def node_cost(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> tuple[int, int] | None:
+    """(MACs, FLOPs) of one node; None when no rule applies; raises NoShape when sizes are missing."""
     op = node.op_type
     if node.domain not in ("", "ai.onnx") and not (node.domain == "com.microsoft" and op in _MS_OK):
         return None
@@ -392,7 +297,7 @@ def _node_cost(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> tuple[int, 
     def shape(i: int, outputs: bool = False) -> Shape:
         names = node.output if outputs else node.input
         if i >= len(names) or not names[i] or names[i] not in shapes:
-            raise _NoShape
+            raise NoShape
         return shapes[names[i]]
 
     def has(i: int) -> bool:
@@ -477,10 +382,16 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return _parameters(model)[0]
 
 
+def parameter_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the parameters that :func:`~onnxpipe.core.modelio.tensor_bytes` does not see
+    (Constant nodes' tensors and sparse initializers' values)."""
+    return _parameters(model)[1]
+
+
 def _parameters(model: onnx.ModelProto) -> tuple[int, int]:
     """(elements of initializers and Constant tensors, bytes not in ``tensor_bytes``: Constant and sparse)."""
-    graphs = [*_graphs(model.graph), *(g for f in model.functions for n in f.node
-                                       for sub in _subgraphs(n) for g in _graphs(sub))]
+    graphs = [*all_graphs(model.graph), *(g for f in model.functions for n in f.node
+                                       for sub in subgraphs(n) for g in all_graphs(sub))]
     tensors = [t for g in graphs for t in g.initializer]
     extra = [s.values for g in graphs for s in g.sparse_initializer]
     for n in [*(n for g in graphs for n in g.node), *(n for f in model.functions for n in f.node)]:

@@ -122,7 +122,7 @@ def report_from_profile(profile: GraphProfile, weight_bytes: int | None = None) 
     Example:
         >>> report_from_profile(profile_graph(model)).peak_bytes  # doctest: +SKIP
     """
-    from onnxpipe.core.analysis import _parameters
+    from onnxpipe.core.analysis import parameter_bytes
     from onnxpipe.core.modelio import tensor_bytes
 
     live = live_bytes(profile)
@@ -133,7 +133,7 @@ def report_from_profile(profile: GraphProfile, weight_bytes: int | None = None) 
     at_peak = sorted(((t, profile.nbytes.get(t, 0)) for t, b in born.items()
                       if b <= step <= max(last.get(t, b), b) and profile.nbytes.get(t, 0)), key=lambda tb: -tb[1])
     if weight_bytes is None:
-        weight_bytes = tensor_bytes(profile.model) + _parameters(profile.model)[1]
+        weight_bytes = tensor_bytes(profile.model) + parameter_bytes(profile.model)
     return MemoryReport(
         batch=profile.batch, weight_bytes=weight_bytes, peak_bytes=live[step],
         peak_node=node.name or (node.output[0] if node.output else f"#{step}"), peak_op=node.op_type,

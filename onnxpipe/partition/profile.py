@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxpipe.core.analysis import _collect_shapes, _concrete_copy, _graph_cost, _node_cost, _NoShape, _runtime_shapes
+from onnxpipe.core.analysis import NoShape, graph_cost, node_cost
+from onnxpipe.core.shapes import Shape, concrete_inputs, infer_shapes, runtime_shapes
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import _subgraph_inputs, subgraphs, toposort
-from onnxpipe.core.tensors import concrete_shape, graph_inputs
+from onnxpipe.core.tensors import graph_inputs
 
-Shape = tuple[int, ...]
 
 
 @dataclass
@@ -105,11 +105,11 @@ def node_flops(node: onnx.NodeProto, shapes: Mapping[str, Shape]) -> int | None:
     subs = list(subgraphs(node))
     inner = 0
     if subs:
-        costs = [sum(f for _, _, f in _graph_cost(g, shapes)[0]) for g in subs]
+        costs = [sum(f for _, _, f in graph_cost(g, shapes)[0]) for g in subs]
         inner = max(costs) if node.op_type == "If" else sum(costs)
     try:
-        cost = _node_cost(node, shapes)
-    except (_NoShape, IndexError, ValueError, KeyError):
+        cost = node_cost(node, shapes)
+    except (NoShape, IndexError, ValueError, KeyError):
         return None
     return None if cost is None else cost[1] + inner
 
@@ -140,24 +140,14 @@ def profile_graph(model: onnx.ModelProto, *, batch: int = 1, dims: Mapping[str, 
     g = sorted_model.graph
     notes: list[str] = []
     infos = graph_inputs(sorted_model)
-    concrete: dict[str, Shape] = {}
-    for info in infos:
-        if input_shapes and info.name in input_shapes:
-            concrete[info.name] = tuple(int(d) for d in input_shapes[info.name])
-        elif info.shape is not None:
-            concrete[info.name] = concrete_shape(info, batch, dims)
-    work = _concrete_copy(sorted_model, concrete, weights=False)
-    try:
-        work = onnx.shape_inference.infer_shapes(work, check_type=False, strict_mode=False, data_prop=True)
-    except Exception as exc:  # best effort: ONNX Runtime sizes what inference misses
-        notes.append(f"shape inference failed ({type(exc).__name__}); sizes read from ONNX Runtime")
-    shapes = _collect_shapes(work)
+    concrete, _ = concrete_inputs(sorted_model, batch=batch, dims=dims, input_shapes=input_shapes, strict=False)
+    work, shapes = infer_shapes(sorted_model, concrete, notes, what="sizes read from ONNX Runtime")
     types = _elem_types(work)
     inits = {i.name: i for i in g.initializer}
     produced = [o for n in g.node for o in n.output if o]
     missing = [t for t in produced if t not in shapes]
     if missing and len(concrete) == len(infos):
-        shapes.update(_runtime_shapes(sorted_model, concrete, missing, notes))
+        shapes.update(runtime_shapes(sorted_model, concrete, missing, notes))
     unknown = [t for t in produced if t not in shapes]
     if unknown:
         notes.append(f"{len(unknown)} tensor(s) of unknown size count as 0 bytes (e.g. {unknown[0]})")
