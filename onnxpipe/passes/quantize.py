@@ -10,10 +10,8 @@ nodes that lose the most accuracy in float until the drop fits the budget.
 from __future__ import annotations
 
 import contextlib
-import logging
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,54 +22,19 @@ from pydantic import Field
 from onnxpipe.core import hardware
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
-from onnxpipe.core.graph import name_bytes, subgraphs, toposort
+from onnxpipe.core.graph import name_bytes
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.core.agreement import judge_cosine
 from onnxpipe.passes.quant_budget import changed_nodes, search_budget
-from onnxpipe.passes.quant_data import RECIPE_HINT, StreamingReader, calibrate, progress_bar
+from onnxpipe.passes.quant_data import RECIPE_HINT
+from onnxpipe.passes.quant_ort import Plan, prune_opsets, quiet, registry, ort_quantizer
 from onnxpipe.core.compare import Comparison
-from onnxpipe.core.tensors import graph_inputs
 from onnxpipe.core.userfiles import first_line
 
 CONV_OPS = ("Conv", "ConvTranspose")
 MIN_OPSET = 13
 NAMES_WORTH_STRIPPING = 0.1  # share of the file above which the pass points to strip
-
-
-@dataclass
-class Plan:
-    """What the pass decided to do, and why: the first lines of its report."""
-
-    mode: str
-    reason: str
-    fmt: str
-    activation: str
-    symmetric: bool
-    reduce_range: bool
-    quantize_bias: bool
-    op_types: list[str]
-    hardware: str
-    warnings: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # ORT's quantization tools log advice and progress at WARNING on the root logger
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)
-
-
-def _registry(mode: str, fmt: str) -> list[str]:
-    require("onnxruntime")
-    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
-
-    table = IntegerOpsRegistry if mode == "dynamic" else QDQRegistry if fmt == "qdq" else QLinearOpsRegistry
-    return sorted(table)
 
 
 def _conv_share(model: onnx.ModelProto) -> float:
@@ -87,28 +50,6 @@ def _conv_share(model: onnx.ModelProto) -> float:
         return sum(c.macs for op, c in cost.items() if op in CONV_OPS) / total
     heavy = [n for n in model.graph.node if n.op_type in CONV_OPS + ("MatMul", "Gemm")]
     return sum(n.op_type in CONV_OPS for n in heavy) / len(heavy) if heavy else 0.0
-
-
-def _load_sorted(path: Path) -> onnx.ModelProto:
-    # ORT's quantizers sort nodes without the outer-scope inputs of If/Loop bodies: sort again
-    model = onnx.load(str(path))
-    toposort(model.graph)
-    return model
-
-
-def _prune_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
-    # ORT's optimizer saves a dozen opset imports the graph never uses; tools downstream warn on them
-    used, graphs = {"", "ai.onnx"}, [model.graph]
-    while graphs:  # If/Loop bodies count too
-        g = graphs.pop()
-        for n in g.node:
-            used.add(n.domain)
-            graphs.extend(subgraphs(n))
-    keep = [o for o in model.opset_import if o.domain in used]
-    if len(keep) != len(model.opset_import):
-        del model.opset_import[:]
-        model.opset_import.extend(keep)
-    return model
 
 
 class Quantize(Pass):
@@ -226,7 +167,7 @@ class Quantize(Pass):
         if c.target == "cuda" and mode == "static":
             warnings.append("ONNX Runtime's CUDA provider runs QDQ models through float kernels; "
                             "int8 speed on NVIDIA GPUs comes through TensorRT (target: tensorrt)")
-        supported = _registry(mode, fmt if mode == "static" else "")
+        supported = registry(mode, fmt if mode == "static" else "")
         unknown = sorted(set(c.op_types) - set(supported))
         if unknown:
             raise InputError(f"ONNX Runtime cannot quantize op type(s) {', '.join(unknown)} in {mode} {fmt} form",
@@ -268,7 +209,7 @@ class Quantize(Pass):
             failures = []
             for label, opts in (("full", {}), ("without symbolic shapes", {"skip_symbolic_shape": True})):
                 try:
-                    with _quiet():
+                    with quiet():
                         quant_pre_process(str(source), str(target), save_as_external_data=big,
                                           all_tensors_to_one_file=True, **opts)
                     status = label
@@ -307,81 +248,6 @@ class Quantize(Pass):
                              hint=f"did you mean {', '.join(close)}?" if close else "see the names with onnxpipe inspect")
         return notes
 
-    # -- the quantizers -------------------------------------------------------------------
-
-    def _quantizer(self, plan: Plan, prepared: Path, work: Path, ctx: PassContext,
-                   big: bool) -> tuple[Callable[..., onnx.ModelProto], dict[str, Any]]:
-        """``quantize(excluded=(), fmt=None, only=None) -> model``; static models calibrate once, reuse the ranges."""
-        require("onnxruntime")
-        from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                              quantize_static)
-        from onnxruntime.quantization.calibrate import save_tensors_data
-
-        c = self.config
-        counter = iter(range(1 << 30))
-        info: dict[str, Any] = {}
-        if plan.mode == "dynamic":
-            # ORT's dynamic quantizer turns Gemm into MatMul "<name>_MatMul" + Add before it
-            # looks at nodes_to_exclude: a Gemm kept in float must be named that way too
-            gemms = {n.name for n in onnx.load(str(prepared), load_external_data=False).graph.node
-                     if n.op_type == "Gemm"}
-            always = [*c.exclude_nodes, *(gemms if "Gemm" in c.exclude_op_types else ())]
-
-            def ort_names(names: Sequence[str]) -> list[str]:
-                return [*names, *(f"{n}_MatMul" for n in names if n in gemms)]
-
-            def run_dynamic(excluded: Sequence[str] = (), fmt: str | None = None,
-                            only: Sequence[str] | None = None) -> onnx.ModelProto:
-                out = work / f"dynamic-{next(counter)}.onnx"
-                with _quiet():
-                    quantize_dynamic(str(prepared), str(out), op_types_to_quantize=plan.op_types,
-                                     per_channel=c.per_channel, reduce_range=plan.reduce_range,
-                                     weight_type=QuantType.QInt8, nodes_to_exclude=ort_names([*always, *excluded]),
-                                     nodes_to_quantize=ort_names(only) if only else None,
-                                     use_external_data_format=big)
-                return _load_sorted(out)
-            return run_dynamic, info
-
-        inputs = graph_inputs(onnx.load(str(prepared), load_external_data=False))
-        # a QOperator model is ranked through its QDQ twin: calibrate the ops of both forms
-        twin_ops = [t for t in _registry("static", "qdq") if t not in c.exclude_op_types]
-        calib_ops = sorted(set(plan.op_types) | (set(twin_ops) if plan.fmt == "qoperator" else set()))
-        cache = work / "calibration.json"
-        with progress_bar("quantize: calibrating ({task.fields[samples]} samples)") as bar:
-            task = bar.add_task("calibrate", total=c.calibration_batches, samples=0)
-            reader = StreamingReader(ctx.calibration, inputs, max_batches=c.calibration_batches)
-            reader.on_batch = lambda _: bar.update(task, completed=reader.batches, samples=reader.samples,
-                                                   total=c.calibration_batches or reader.total)
-
-            def progress(batches: int, samples: int) -> None:
-                ctx.log(f"quantize: calibrated on {batches} batches ({samples} samples)")
-
-            with _quiet():
-                ranges = calibrate(prepared, reader, method=c.calibration, op_types=calib_ops,
-                                   symmetric=plan.symmetric, percentile=c.percentile, workdir=work,
-                                   external_data=big, progress=progress)
-        save_tensors_data(ranges, cache)
-        info.update(batches=reader.batches, samples=reader.samples)
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[c.calibration]
-        qtype = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[plan.activation]
-        extra = {"ActivationSymmetric": plan.symmetric, "WeightSymmetric": True, "QuantizeBias": plan.quantize_bias}
-
-        def run_static(excluded: Sequence[str] = (), fmt: str | None = None,
-                       only: Sequence[str] | None = None) -> onnx.ModelProto:
-            out = work / f"static-{next(counter)}.onnx"
-            form = QuantFormat.QDQ if (fmt or plan.fmt) == "qdq" else QuantFormat.QOperator
-            op_types = plan.op_types if (fmt or plan.fmt) == plan.fmt else twin_ops
-            with _quiet():
-                quantize_static(str(prepared), str(out), None, quant_format=form, op_types_to_quantize=op_types,
-                                per_channel=c.per_channel, reduce_range=plan.reduce_range, activation_type=qtype,
-                                weight_type=QuantType.QInt8, nodes_to_exclude=[*c.exclude_nodes, *excluded],
-                                nodes_to_quantize=list(only) if only else None, use_external_data_format=big,
-                                calibrate_method=method, extra_options=dict(extra),
-                                calibration_cache_path=str(cache))
-            return _load_sorted(out)
-        return run_static, info
-
     # -- the pass -------------------------------------------------------------------------
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
@@ -396,7 +262,7 @@ class Quantize(Pass):
             prepared_path, pre_status = self._prepare(model, work, big)
             prepared = onnx.load(str(prepared_path))
             warnings = plan.warnings + self._check_exclusions(model, prepared)
-            quantize, calib = self._quantizer(plan, prepared_path, work, ctx, big)
+            quantize, calib = ort_quantizer(c, plan, prepared_path, work, ctx, big)
             quantized = quantize()
             twin = quantized if plan.fmt != "qoperator" else None
             quantized_nodes = changed_nodes(prepared, quantized)
@@ -424,7 +290,7 @@ class Quantize(Pass):
                     return PassResult(model, modified=False, notes=notes)
                 quantized = best
                 notes["nodes_quantized"] = len(changed_nodes(prepared, quantized))
-        quantized = _prune_opsets(quantized)
+        quantized = prune_opsets(quantized)
         size = quantized.ByteSize()
         notes["size_bytes"] = {"before": model.ByteSize(), "after": size}
         notes["name_bytes"] = name_bytes(quantized)
