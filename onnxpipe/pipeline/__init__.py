@@ -1,4 +1,10 @@
-"""Run passes with a correctness check after each one; a pass that breaks the model is rolled back.
+"""The pipeline floor: recipes end to end (:func:`run`) and passes with a check after each one
+(:func:`optimize`); a pass that breaks the model is rolled back.
+
+It stands on every floor below (core, passes, converter, runtimes) and nothing but the CLI stands
+on it: ``recipe`` reads and checks recipes, ``stages`` tries one pass and records what it did,
+``report`` renders the table, Markdown and chart, ``validation`` builds precision variants with
+our own passes for the one cross-provider validator (:mod:`onnxpipe.runtimes.validate`).
 
 Example:
     >>> import onnxpipe
@@ -9,12 +15,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import tempfile
-import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,8 @@ import numpy as np
 import onnx
 
 from onnxpipe.core.compare import outputs_on
-from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.modelio import load_model, save_model
 from onnxpipe.core.timing import latency_ms, time_session
-from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, load_model, save_model
-from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import PassContext
 from onnxpipe.pipeline.stages import (
     PassSpec,
@@ -37,9 +37,9 @@ from onnxpipe.pipeline.stages import (
     fit_inputs,
     generated_inputs,
     make_pass,
-    same_inputs,
+    op_delta,
+    try_pass,
 )
-
 from onnxpipe.pipeline.validation import validate_providers
 
 if TYPE_CHECKING:
@@ -128,7 +128,6 @@ def optimize(
     stages = [first]
     notify("input model", first)
     reference = outputs_on(current, inputs)
-    histogram = Counter(n.op_type for n in current.graph.node)
     with tempfile.TemporaryDirectory(prefix="onnxpipe-pass-") as scratch:
         for index, p in enumerate(pass_objs, start=1):
             stage = Stage(index, p.name, repr(p), kept=False)
@@ -140,45 +139,12 @@ def optimize(
                               metric=(lambda m: evaluate(m, evaluation[0], evaluation[1], metric_fn))
                               if metric_fn else None, workdir=work,
                               log=lambda line: notify(line, None))
-            start = time.perf_counter()
-            candidate = None
-            try:
-                with contextlib.redirect_stdout(io.StringIO()):
-                    result = p.apply(current, ctx)
-                candidate = result.model
-                stage.notes = dict(result.notes)
-                if candidate.ByteSize() < EXTERNAL_DATA_THRESHOLD:  # protobuf cannot check bigger ones
-                    onnx.checker.check_model(candidate)
-                new_inputs = fit_inputs(candidate, inputs)
-                before = reference if same_inputs(new_inputs, inputs) else outputs_on(current, new_inputs)
-                after = outputs_on(candidate, new_inputs)
-                stage.comparisons = p.compare(before, after)
-            except OnnxpipeError as exc:
-                if "ONNX Runtime cannot load" not in exc.message:
-                    raise
-                stage.reason = f"ONNX Runtime refuses the result: {exc.message}"
-            except onnx.checker.ValidationError as exc:
-                stage.reason = f"invalid graph: {first_line(exc)}"
-            except Exception as exc:  # a broken pass is rolled back, never fatal
-                stage.reason = f"pass failed: {first_line(exc)}"
-            stage.seconds = time.perf_counter() - start
-            if stage.comparisons:
-                stage.max_abs = max(c.max_abs for c in stage.comparisons)
-                stage.max_rel = max(c.max_rel for c in stage.comparisons)
-                bad = [c for c in stage.comparisons if not c.ok]
-                if bad and stage.reason is None:
-                    worst = max(bad, key=lambda c: c.max_abs)
-                    stage.reason = (f"output {worst.name} differs by {worst.max_abs:.3g} "
-                                    f"(atol={stage.atol:g}, rtol={stage.rtol:g}, "
-                                    f"{worst.mismatched:.1%} of elements out of tolerance)"
-                                    + (f"; {worst.detail}" if worst.detail else ""))
+            trial = try_pass(p, stage, current, inputs, reference, ctx)
+            candidate = trial.model
             if stage.reason is None and candidate is not None:
                 stage.kept = True
-                current, inputs, reference = candidate, new_inputs, after
-                new_hist = Counter(n.op_type for n in current.graph.node)
-                stage.op_delta = {op: new_hist[op] - histogram[op] for op in set(new_hist) | set(histogram)
-                                  if new_hist[op] != histogram[op]}
-                histogram = new_hist
+                stage.op_delta = op_delta(current, candidate)
+                current, inputs, reference = candidate, trial.inputs, trial.outputs
                 fill_stats(stage, current)
                 score(stage, current)
                 save(stage, current)

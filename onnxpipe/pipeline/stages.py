@@ -3,6 +3,10 @@ build and feed the passes."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,12 +15,13 @@ import numpy as np
 import onnx
 
 from onnxpipe.core.analysis import parameter_count
-from onnxpipe.core.compare import Comparison
+from onnxpipe.core.compare import Comparison, outputs_on
 from onnxpipe.core.errors import OnnxpipeError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from onnxpipe.core.tensors import example_inputs, graph_inputs, random_like
 from onnxpipe.passes import get_pass
-from onnxpipe.passes.base import Pass
+from onnxpipe.core.userfiles import first_line
+from onnxpipe.passes.base import Pass, PassContext
 from onnxpipe.passes.simplify import count_nodes
 
 PassSpec = str | Pass | Mapping[str, Any] | tuple[str, Mapping[str, Any]]
@@ -134,3 +139,61 @@ def same_inputs(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) 
     """Whether two lists of input batches hold the same arrays (the reference outputs still apply)."""
     return len(a) == len(b) and all(
         x.keys() == y.keys() and all(x[k] is y[k] or np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+
+@dataclass
+class Trial:
+    """What one pass produced: the candidate model (None when the pass raised), the check inputs
+    fitted to it, and the candidate's outputs on them."""
+
+    model: onnx.ModelProto | None = None
+    inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def try_pass(p: Pass, stage: Stage, current: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
+             reference: list[dict[str, np.ndarray]], ctx: PassContext) -> Trial:
+    """Apply ``p`` to ``current`` and check the result: a valid graph that ONNX Runtime loads and
+    whose outputs the pass's ``compare`` accepts. Fills ``stage`` (notes, comparisons, time, and
+    ``reason`` when it must be rolled back). A pass raising :class:`OnnxpipeError` (other than
+    ORT refusing the result) propagates: bad options are the user's to fix."""
+    start = time.perf_counter()
+    trial = Trial()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            result = p.apply(current, ctx)
+        trial.model = result.model
+        stage.notes = dict(result.notes)
+        if trial.model.ByteSize() < EXTERNAL_DATA_THRESHOLD:  # protobuf cannot check bigger ones
+            onnx.checker.check_model(trial.model)
+        trial.inputs = fit_inputs(trial.model, inputs)
+        before = reference if same_inputs(trial.inputs, inputs) else outputs_on(current, trial.inputs)
+        trial.outputs = outputs_on(trial.model, trial.inputs)
+        stage.comparisons = p.compare(before, trial.outputs)
+    except OnnxpipeError as exc:
+        if "ONNX Runtime cannot load" not in exc.message:
+            raise
+        stage.reason = f"ONNX Runtime refuses the result: {exc.message}"
+    except onnx.checker.ValidationError as exc:
+        stage.reason = f"invalid graph: {first_line(exc)}"
+    except Exception as exc:  # a broken pass is rolled back, never fatal
+        stage.reason = f"pass failed: {first_line(exc)}"
+    stage.seconds = time.perf_counter() - start
+    if stage.comparisons:
+        stage.max_abs = max(c.max_abs for c in stage.comparisons)
+        stage.max_rel = max(c.max_rel for c in stage.comparisons)
+        bad = [c for c in stage.comparisons if not c.ok]
+        if bad and stage.reason is None:
+            worst = max(bad, key=lambda c: c.max_abs)
+            stage.reason = (f"output {worst.name} differs by {worst.max_abs:.3g} "
+                            f"(atol={stage.atol:g}, rtol={stage.rtol:g}, "
+                            f"{worst.mismatched:.1%} of elements out of tolerance)"
+                            + (f"; {worst.detail}" if worst.detail else ""))
+    return trial
+
+
+def op_delta(before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, int]:
+    """How the count of each op type changed (main graph), changed ones only."""
+    old = Counter(n.op_type for n in before.graph.node)
+    new = Counter(n.op_type for n in after.graph.node)
+    return {op: new[op] - old[op] for op in set(new) | set(old) if new[op] != old[op]}
