@@ -2,6 +2,8 @@
 
 One module per command group; each has ``register(app)`` and is listed in ``_COMMANDS`` below.
 Command modules import heavy libraries only inside the commands.
+
+Floor: the top one; it may import every other floor and nothing imports it.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Framework model -> checked ONNX model: one backend module per framework.
 
+Floor: stands on :mod:`onnxpipe.core` and may apply passes (:mod:`onnxpipe.passes`); it never
+imports the runtimes, the partitioner or anything above them.
+
 Example:
     >>> from onnxpipe.converter import convert
     >>> result = convert("models/digits_cnn/model.py:build", "digits.onnx")  # doctest: +SKIP

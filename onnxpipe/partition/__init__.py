@@ -1,4 +1,7 @@
-"""Split a model across devices: memory analysis, cut-point search, stage models and ``pipeline.json``."""
+"""Split a model across devices: memory analysis, cut-point search, stage models and ``pipeline.json``.
+
+Floor: stands on :mod:`onnxpipe.core` only; the runtimes (pipeline-parallel runner) stand on it.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 """Graph passes, one module each; this mapping is the only list of them, and importing it loads none.
 
+Floor: passes stand on :mod:`onnxpipe.core` only (a pass that needs a session, a comparison or a
+timing uses core's); they never import the converter or the runtimes.
+
 Example:
     >>> from onnxpipe.passes import get_pass
     >>> Simplify = get_pass("simplify")  # imports onnxpipe.passes.simplify only now
