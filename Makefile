@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 EXTRAS ?= cpu,torch,tf,ray,serve,dev
 OUT ?= runs/digits
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean grpc-proto
 
 install:
 	$(PIP) install -q -c constraints.txt -e '.[$(EXTRAS)]'
@@ -21,3 +21,10 @@ bench: install
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info
+
+# the gRPC code under onnxpipe/serve/grpc_proto is generated from its .proto files and committed;
+# after editing them: make grpc-proto (grpcio-tools is a dev tool only, the server needs grpcio + protobuf)
+grpc-proto:
+	$(PIP) install -q 'grpcio-tools>=1.85,<1.86'
+	$(PYTHON) -m grpc_tools.protoc -I . --python_out=. onnxpipe/serve/grpc_proto/oip.proto
+	$(PYTHON) -m grpc_tools.protoc -I . --grpc_python_out=. onnxpipe/serve/grpc_proto/grpc_service.proto

@@ -25,6 +25,11 @@ import numpy as np
 
 from onnxpipe.core.tensors import TensorInfo
 
+try:  # the fast path (the serve extra installs it); the standard library decodes the same documents
+    import orjson
+except ImportError:  # pragma: no cover - exercised only without the serve extra
+    orjson = None
+
 HEADER = "Inference-Header-Content-Length"
 
 # protocol datatype <-> numpy; BYTES travels as numpy object arrays of bytes
@@ -93,14 +98,19 @@ class InferRequest:
         return self.binary.get(name, self.binary_default)
 
 
-def _json(body: bytes) -> Any:
+def _json(body: bytes | memoryview) -> Any:
+    if orjson is not None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass  # NaN and Infinity, which Python's json writes and orjson refuses: the slow path reads them
     try:
-        return json.loads(body)
+        return json.loads(bytes(body))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(400, f"malformed JSON in the request: {exc}") from None
 
 
-def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
+def _bytes_elements(raw: bytes | memoryview, name: str) -> list[bytes]:
     """BYTES tensors in binary form: each element is a 4-byte little-endian length, then the bytes."""
     out, pos = [], 0
     while pos < len(raw):
@@ -110,9 +120,64 @@ def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
         pos += 4
         if pos + n > len(raw):
             raise ProtocolError(400, f"input {name!r}: BYTES element of {n} bytes runs past the data")
-        out.append(raw[pos:pos + n])
+        out.append(bytes(raw[pos:pos + n]))
         pos += n
     return out
+
+
+def json_array(data: Any, datatype: str, count: int) -> np.ndarray:
+    """JSON tensor data (flat, or nested in row-major order) as a flat array of ``datatype``.
+
+    numpy reads the whole list at once; its inferred kind is then checked against the datatype
+    (numbers for FP, integers in range for INT/UINT, true/false for BOOL), so a string or a bool
+    never turns into a number silently.
+
+    Raises:
+        ValueError, TypeError: values of the wrong kind or count (the caller names the input).
+
+    Example:
+        >>> json_array([[1, 2], [3, 4]], "INT8", 4).tolist()
+        [1, 2, 3, 4]
+    """
+    dtype = DATATYPES[datatype]
+    if datatype == "BYTES":
+        flat = _flatten(data)
+        if len(flat) != count:
+            raise ValueError(f"needs {count} values, received {len(flat)}")
+        arr = np.empty(count, dtype=object)
+        arr[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in flat]
+        return arr
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        got = np.array(data)
+    except ValueError:  # ragged nesting: the protocol allows any nesting as long as the order is row-major
+        got = np.array(_flatten(data), dtype=object)
+    if got.dtype == object:  # mixed kinds or ints past 64 bits: one value at a time tells which
+        got = np.array([_scalar(v, datatype) for v in _flatten(data)])
+    if got.size != count:
+        raise ValueError(f"needs {count} values, received {got.size}")
+    kind = got.dtype.kind
+    if datatype == "BOOL":
+        if kind != "b":
+            raise TypeError("BOOL data must be true or false")
+    elif kind not in "iuf" or (got.size and kind == "b"):
+        raise TypeError(f"{datatype} data must be numbers")
+    elif dtype.kind in "iu":
+        if kind == "f":
+            raise TypeError(f"{datatype} data must be integers")
+        info = np.iinfo(dtype)
+        if got.size and (got.min() < info.min or got.max() > info.max):
+            raise OverflowError(f"values outside {info.min}..{info.max}")
+    return got.reshape(-1).astype(dtype, copy=False)
+
+
+def _scalar(v: Any, datatype: str) -> Any:
+    if isinstance(v, bool) and datatype != "BOOL" or isinstance(v, str) or v is None:
+        raise TypeError(f"{datatype} data must be {'true or false' if datatype == 'BOOL' else 'numbers'}")
+    if isinstance(v, int) and not -(1 << 63) <= v < (1 << 64):
+        raise OverflowError(f"{v} does not fit {datatype}")
+    return v
 
 
 def _flatten(data: Any) -> list:
@@ -122,7 +187,7 @@ def _flatten(data: Any) -> list:
     return data if isinstance(data, list) else [data]
 
 
-def _tensor(spec: Mapping[str, Any], raw: bytes | None) -> tuple[str, np.ndarray]:
+def _tensor(spec: Mapping[str, Any], raw: bytes | memoryview | None) -> tuple[str, np.ndarray]:
     name = spec.get("name")
     if not isinstance(name, str):
         raise ProtocolError(400, "an input has no 'name'")
@@ -148,23 +213,8 @@ def _tensor(spec: Mapping[str, Any], raw: bytes | None) -> tuple[str, np.ndarray
         return name, np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(shape)
     if "data" not in spec:
         raise ProtocolError(400, f"input {name!r} has neither 'data' nor parameters.binary_data_size")
-    flat = _flatten(spec["data"])
-    if len(flat) != count:
-        raise ProtocolError(400, f"input {name!r}: shape {shape} needs {count} values, received {len(flat)}")
     try:
-        if datatype == "BYTES":
-            arr = np.empty(count, dtype=object)
-            arr[:] = [v.encode() if isinstance(v, str) else bytes(v) for v in flat]
-        elif datatype == "BOOL":
-            if not all(isinstance(v, bool) for v in flat):
-                raise TypeError("BOOL data must be true or false")
-            arr = np.array(flat, dtype=dtype)
-        else:
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
-                raise TypeError(f"{datatype} data must be numbers")
-            arr = np.array(flat, dtype=dtype)
-            if dtype.kind in "iu" and not all(isinstance(v, int) for v in flat):
-                raise TypeError(f"{datatype} data must be integers")
+        arr = json_array(spec["data"], datatype, count)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ProtocolError(400, f"input {name!r}: cannot read its data as {datatype}: {exc}") from None
     return name, arr.reshape(shape)
@@ -183,7 +233,7 @@ def decode_request(body: bytes, header_length: int | str | None = None) -> Infer
             raise ProtocolError(400, f"{HEADER} must be an integer, received {header_length!r}") from None
         if not 0 <= n <= len(body):
             raise ProtocolError(400, f"{HEADER} is {n} but the body has {len(body)} bytes")
-        head, tail = body[:n], memoryview(body)[n:]
+        head, tail = memoryview(body)[:n], memoryview(body)[n:]
     else:
         head, tail = body, memoryview(b"")
     doc = _json(head)
@@ -200,7 +250,7 @@ def decode_request(body: bytes, header_length: int | str | None = None) -> Infer
             if not isinstance(size, int) or size < 0 or pos + size > len(tail):
                 raise ProtocolError(400, f"input {spec.get('name')!r}: binary_data_size {size!r} does not fit the "
                                          f"{len(tail)} bytes after the JSON header")
-            raw = bytes(tail[pos:pos + size])
+            raw = tail[pos:pos + size]  # a view: numpy reads the tensor where the body holds it
             pos += size
         name, arr = _tensor(spec, raw)
         if name in inputs:
@@ -271,32 +321,63 @@ def encode_response(model: str, version: str, outputs: Mapping[str, np.ndarray],
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if req.wants_binary(name):
             raw = _binary(arr, datatype)
-            entry["parameters"] = {"binary_data_size": len(raw)}
+            entry["parameters"] = {"binary_data_size": raw.nbytes}
             blobs.append(raw)
-        elif datatype == "BYTES":
-            entry["data"] = [_text(v) for v in arr.reshape(-1)]
-        elif datatype == "FP16":
-            entry["data"] = arr.astype(np.float32).reshape(-1).tolist()
         else:
-            entry["data"] = arr.reshape(-1).tolist()
+            entry["data"] = json_data(arr, datatype)
         entries.append(entry)
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if req.id is not None:
         doc["id"] = req.id
-    head = json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+    head = dumps(doc)
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
 
 
-def _binary(arr: np.ndarray, datatype: str) -> bytes:
+_ORJSON_NUMPY = frozenset("BOOL UINT8 UINT16 UINT32 UINT64 INT8 INT16 INT32 INT64 FP32 FP64".split())
+
+
+def json_data(arr: np.ndarray, datatype: str) -> Any:
+    """An output's values for a JSON response: a flat C-order array orjson writes natively, else a list.
+
+    Example:
+        >>> dumps({"data": json_data(np.array([[1.5, 2]], np.float16), "FP16")})
+        b'{"data":[1.5,2.0]}'
+    """
+    if datatype == "BYTES":
+        return [_text(v) for v in arr.reshape(-1)]
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    if datatype == "FP16":
+        flat = flat.astype(np.float32)
+        datatype = "FP32"
+    # orjson writes NaN and infinities as null; the list path keeps Python's NaN/Infinity literals
+    if orjson is not None and datatype in _ORJSON_NUMPY and (flat.dtype.kind != "f" or np.isfinite(flat).all()):
+        return flat
+    return flat.tolist()
+
+
+def dumps(doc: Any) -> bytes:
+    """A JSON document as compact bytes (numpy arrays inside written by orjson without a list in between)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # NaN in a plain list, a value orjson does not know: the standard library writes it
+            pass
+    return json.dumps(doc, separators=(",", ":"), allow_nan=True,
+                      default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)).encode()
+
+
+def _binary(arr: np.ndarray, datatype: str) -> memoryview:
+    """The raw little-endian bytes of a tensor, as a view of the array when it is contiguous already."""
     if datatype == "BYTES":
         parts = []
         for v in arr.reshape(-1):
             b = v if isinstance(v, bytes) else str(v).encode()
             parts.append(struct.pack("<I", len(b)) + b)
-        return b"".join(parts)
-    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+        return memoryview(b"".join(parts))
+    flat = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).reshape(-1)
+    return memoryview(flat.view(np.uint8))
 
 
 def _text(v: Any) -> str:
@@ -310,4 +391,4 @@ def _text(v: Any) -> str:
 
 def error_body(message: str) -> bytes:
     """The protocol's error document: ``{"error": message}``."""
-    return json.dumps({"error": message}).encode()
+    return dumps({"error": message})
