@@ -145,7 +145,7 @@ def serving(repo: Path, devices: str, **options: Any) -> Iterator[tuple[str, Any
     from onnxpipe.serve.repository import discover
     from onnxpipe.serve.server import BackgroundServer, InferenceServer, ServeOptions
 
-    srv = InferenceServer(discover(repo), parse_devices(devices), ServeOptions(port=0, **options))
+    srv = InferenceServer(discover(repo), parse_devices(devices), ServeOptions(port=0, **options), source=repo)
     bg = BackgroundServer(srv)
     url = bg.start()
     try:

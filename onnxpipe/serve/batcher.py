@@ -94,6 +94,10 @@ class Batcher:
                 r.future.set_exception(ProtocolError(503, "the server is shutting down"))
         self._queue.clear()
 
+    def pending(self) -> int:
+        """Requests queued or in a running batch (a model being unloaded waits for 0)."""
+        return len(self._queue) + len(self._running)
+
     async def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Queue one request's inputs and wait for its outputs.
 

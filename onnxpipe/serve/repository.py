@@ -118,6 +118,14 @@ class ModelEntry:
                                  hint="only tensor inputs and outputs can be served over the protocol")
         return cls(name, version, path, inputs, outputs, _batch_axis(inputs, outputs), _cross_sample(model.graph))
 
+    @classmethod
+    def open(cls, path: str | os.PathLike, name: str, version: str = "1") -> ModelEntry:
+        """A model file, or a split model's folder (``pipeline.json``)."""
+        path = Path(path)
+        if path.is_dir():
+            return cls.load_pipeline(path, name, version)
+        return cls.load(path, name, version)
+
     @property
     def output_names(self) -> list[str]:
         return [o.name for o in self.outputs]
@@ -148,23 +156,16 @@ def _versioned(folder: Path) -> tuple[str, Path] | None:
     return str(number), path
 
 
-def discover(source: str | os.PathLike, name: str | None = None) -> list[ModelEntry]:
-    """The models under ``source``: one ``.onnx`` file (named ``name`` or its stem) or a directory.
+def scan(source: str | os.PathLike) -> dict[str, tuple[str, Path]]:
+    """The models under a directory by name: ``{name: (version, path)}`` without opening any of them.
 
     Raises:
-        InputError: no such path, no models found, two models with one name, ``name`` with a directory.
+        InputError: two models with one name.
     """
     src = Path(source)
-    if src.is_file():
-        return [ModelEntry.load(src, name or src.stem)]
-    if PipelineSpec.is_pipeline(src):
-        return [ModelEntry.load_pipeline(src, name or src.resolve().name)]
-    if not src.is_dir():
-        raise InputError(f"no such file or directory: {src}", hint="give an .onnx file or a directory of models")
-    if name is not None:
-        raise InputError("--name applies to a single .onnx file, not a directory",
-                         hint="name the models by their file or folder names")
     found: dict[str, tuple[str, Path]] = {}
+    if not src.is_dir():
+        return found
     for child in sorted(src.iterdir()):
         if child.name.startswith("."):
             continue
@@ -183,8 +184,27 @@ def discover(source: str | os.PathLike, name: str | None = None) -> list[ModelEn
             raise InputError(f"two models are named {key!r} in {src}: {found[key][1]} and {hit[1]}",
                              hint="rename one of them")
         found[key] = hit
+    return found
+
+
+def discover(source: str | os.PathLike, name: str | None = None) -> list[ModelEntry]:
+    """The models under ``source``: one ``.onnx`` file (named ``name`` or its stem) or a directory.
+
+    Raises:
+        InputError: no such path, no models found, two models with one name, ``name`` with a directory.
+    """
+    src = Path(source)
+    if src.is_file():
+        return [ModelEntry.load(src, name or src.stem)]
+    if PipelineSpec.is_pipeline(src):
+        return [ModelEntry.load_pipeline(src, name or src.resolve().name)]
+    if not src.is_dir():
+        raise InputError(f"no such file or directory: {src}", hint="give an .onnx file or a directory of models")
+    if name is not None:
+        raise InputError("--name applies to a single .onnx file, not a directory",
+                         hint="name the models by their file or folder names")
+    found = scan(src)
     if not found:
         raise InputError(f"no models in {src}", hint="put NAME.onnx files, NAME/model.onnx, NAME/1/model.onnx "
                                                      "(Triton layout) or NAME/pipeline.json (onnxpipe split) there")
-    return [ModelEntry.load_pipeline(path, key, version) if path.is_dir() else ModelEntry.load(path, key, version)
-            for key, (version, path) in found.items()]
+    return [ModelEntry.open(path, key, version) for key, (version, path) in found.items()]

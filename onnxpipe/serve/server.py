@@ -2,9 +2,17 @@
 
 Routes (KServe v2 / Triton): ``GET /v2/health/live``, ``/v2/health/ready``, ``/v2`` (server
 metadata), ``/v2/models/NAME[/versions/V]`` (model metadata), ``.../ready``, ``.../config``
-(Triton's model config as JSON), ``POST .../infer``, ``POST /v2/repository/index`` and ``GET
-/metrics`` (Prometheus). Every refusal is ``{"error": "..."}`` with a 4xx/5xx status; a handler
-that raises never takes the server down.
+(Triton's model config as JSON), ``POST .../infer``, the model repository extension (``GET|POST
+/v2/repository/index``, ``POST /v2/repository/models/NAME/load|unload``) and ``GET /metrics``
+(Prometheus). With ``grpc_port`` the same models answer the protocol over gRPC too
+(:mod:`onnxpipe.serve.grpc_server`), through the same batchers and workers. Every refusal is
+``{"error": "..."}`` with a 4xx/5xx status; a handler that raises never takes the server down.
+
+Model control follows Triton's ``--model-control-mode``: ``none`` serves what it found at start
+and refuses load/unload; ``explicit`` loads what ``load_models`` names (``*``: all) and then what
+clients load; ``poll`` also rescans the repository every ``poll_seconds`` and loads new or changed
+models, unloads removed ones. A model that is (re)loaded starts beside the old one, which keeps
+serving until the new one is ready and drains its queue before it stops: no request fails.
 
 Example:
     >>> server = InferenceServer(discover("model.onnx"), parse_devices("cpu"))  # doctest: +SKIP
@@ -21,7 +29,8 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -32,14 +41,17 @@ from onnxpipe.serve.batcher import Batcher
 from onnxpipe.serve.metrics import Metrics
 from onnxpipe.serve.protocol import (
     HEADER,
+    InferRequest,
     ProtocolError,
     check_inputs,
     datatype_of,
     decode_request,
     encode_response,
+    error_body,
     wire_shape,
 )
-from onnxpipe.serve.repository import ModelEntry
+from onnxpipe.serve.repository import ModelEntry, scan
+from onnxpipe.serve.security import OPEN_PATHS, authorized, check_bind
 from onnxpipe.serve.staged import StagedPool, pool_for
 from onnxpipe.serve.triton import model_config
 from onnxpipe.serve.workers import DevicePool
@@ -66,11 +78,35 @@ class ServeOptions:
     max_queue: int = 2048
     depth: int = 2
     max_restarts: int = 5
+    grpc_port: int | None = None  # None: no gRPC; 0: a free port
+    api_key: str | None = field(default=None, repr=False)
+    insecure: bool = False  # listen beyond loopback without an API key
+    model_control: str = "none"  # none | explicit | poll, as Triton names them
+    load_models: tuple[str, ...] = ("*",)  # explicit mode: what to load at start ("*": everything)
+    poll_seconds: float = 15.0
+
+
+MODEL_CONTROL = ("none", "explicit", "poll")
+DRAIN_SECONDS = 60.0  # longest wait for a retired model's queued requests before it stops
 
 
 class _Model:
     def __init__(self, entry: ModelEntry, pool: DevicePool | StagedPool, batcher: Batcher) -> None:
         self.entry, self.pool, self.batcher = entry, pool, batcher
+        self.stamp = _stamp(entry.path)
+
+
+def _stamp(path: Path) -> tuple:
+    """What tells a changed model file (or split model folder) in poll mode: sizes and mtimes."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def _json(doc: object, status: int = 200) -> web.Response:
@@ -89,23 +125,41 @@ class InferenceServer:
         >>> url = await InferenceServer(entries, [Device.parse("cpu")]).start()  # doctest: +SKIP
     """
 
-    def __init__(self, entries: list[ModelEntry], devices: list[Device], options: ServeOptions | None = None) -> None:
+    def __init__(self, entries: list[ModelEntry], devices: list[Device], options: ServeOptions | None = None,
+                 source: str | Path | None = None) -> None:
         self.entries, self.devices = entries, devices
         self.options = options or ServeOptions()
+        if self.options.model_control not in MODEL_CONTROL:
+            raise OnnxpipeError(f"unknown model control mode {self.options.model_control!r}",
+                                hint=f"use one of {', '.join(MODEL_CONTROL)}")
+        self.source = Path(source) if source is not None else None  # the repository load/unload reads
         self.metrics = Metrics(self.options.max_batch_size)
         self.models: dict[str, _Model] = {}
         self.url = ""
+        self.grpc_address = ""  # host:port of the gRPC service, once started
         self._runner: web.AppRunner | None = None
+        self._grpc = None
         self._loading = True
+        self._states: dict[str, tuple[str, str]] = {}  # model -> (state, reason) while loading, unloading, failed
+        self._control: asyncio.Lock | None = None  # created on the loop in start()
+        self._failed: dict[str, tuple] = {}  # model -> files' stamp when it failed to load (poll retries on change)
+        self._poller: asyncio.Task | None = None
+        self._last: dict[str, float] = {}  # model -> time of its last answered request
 
     # lifecycle -----------------------------------------------------------------------------
     async def start(self) -> str:
-        """Listen, then load every model on its devices; return the URL once all are ready.
+        """Listen, then load the models on their devices; return the URL once they are ready.
 
         The port answers (live, not ready) while the models load, as orchestrators expect.
+
+        Raises:
+            InputError: a host beyond loopback without an API key (and not ``insecure``).
+            OnnxpipeError: the port is taken, a model fails to load.
         """
         o = self.options
-        app = web.Application(client_max_size=o.max_body_bytes, middlewares=[self._errors])
+        check_bind(o.host, o.api_key, o.insecure)
+        self._control = asyncio.Lock()
+        app = web.Application(client_max_size=o.max_body_bytes, middlewares=[self._auth, self._errors])
         self._routes(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -118,10 +172,31 @@ class InferenceServer:
                                 hint="pick another --port (0 picks a free one) or stop what uses it") from None
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        loop = asyncio.get_running_loop()
         try:
-            pools = []
-            for entry in self.entries:
+            if o.grpc_port is not None:
+                from onnxpipe.serve.grpc_server import start_grpc
+
+                self._grpc, self.grpc_address = await start_grpc(self, o.host, o.grpc_port)
+            entries = self.entries
+            if o.model_control == "explicit" and "*" not in o.load_models:
+                entries = [e for e in entries if e.name in o.load_models]
+            for m in await self._open(entries):
+                self.models[m.entry.name] = m
+        except BaseException:
+            await self.stop()
+            raise
+        if o.model_control == "poll":
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="repository-poll")
+        self._loading = False
+        return self.url
+
+    async def _open(self, entries: list[ModelEntry]) -> list[_Model]:
+        """Start pools and batchers for ``entries`` (all loading at once); close them all if one fails."""
+        o = self.options
+        loop = asyncio.get_running_loop()
+        pools: list[DevicePool | StagedPool] = []
+        try:
+            for entry in entries:
                 # a split model (pipeline.json) gets one pool per stage, chained
                 pool = pool_for(entry, self.devices, depth=o.depth, max_restarts=o.max_restarts,
                                 on_event=self._worker_event(entry.name))
@@ -129,23 +204,36 @@ class InferenceServer:
                 pool.launch()  # all models load at once
             for pool in pools:
                 await loop.run_in_executor(None, pool.wait_ready)
-            for entry, pool in zip(self.entries, pools):
+            out = []
+            for entry, pool in zip(entries, pools):
                 pool.attach(loop)
                 batcher = Batcher(entry, pool, max_batch_size=o.max_batch_size, max_queue_delay_ms=o.max_queue_delay_ms,
                                   max_queue=o.max_queue, metrics=self.metrics)
                 batcher.start()
-                self.models[entry.name] = _Model(entry, pool, batcher)
+                out.append(_Model(entry, pool, batcher))
+            return out
         except BaseException:
             for pool in pools:
                 pool.close()
-            self.models.clear()
-            await self._runner.cleanup()
             raise
-        self._loading = False
-        return self.url
+
+    async def _retire(self, m: _Model) -> None:
+        """Stop a model nobody can reach any more, once the requests it holds are answered."""
+        deadline = time.monotonic() + DRAIN_SECONDS
+        while m.batcher.pending() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await m.batcher.stop()
+        m.pool.close()
 
     async def stop(self) -> None:
         """Stop listening, answer what is queued with 503, and stop every worker."""
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
+        if self._grpc is not None:
+            await self._grpc.stop(grace=1.0)
+            self._grpc = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -153,6 +241,183 @@ class InferenceServer:
             await m.batcher.stop()
             m.pool.close()
         self.models.clear()
+
+    # model control -------------------------------------------------------------------------
+    def _check_control(self, action: str) -> None:
+        if self.options.model_control == "none":
+            raise ProtocolError(400, f"cannot {action} models: the server runs with --model-control none "
+                                     "(start it with --model-control explicit or poll)")
+        if self.source is None or not self.source.exists():
+            raise ProtocolError(400, f"cannot {action} models: the server has no model repository to read")
+
+    async def _scan(self) -> dict[str, tuple[str, Path]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, scan, self.source)
+
+    async def load_model(self, name: str) -> None:
+        """Load (or reload) model ``name`` from the repository; the old copy serves until the new one is ready.
+
+        Raises:
+            ProtocolError: model control is off (400), no such model in the repository (404), it fails to load (400).
+        """
+        self._check_control("load")
+        async with self._control:
+            found = await self._scan()
+            if name not in found:
+                raise ProtocolError(404, f"no model {name!r} in the repository {self.source}: "
+                                         f"it has {', '.join(found) or 'none'}")
+            await self._load(name, *found[name])
+
+    async def _load(self, name: str, version: str, path: Path) -> None:
+        loop = asyncio.get_running_loop()
+        self._states[name] = ("LOADING", "")
+        try:
+            entry = await loop.run_in_executor(None, ModelEntry.open, path, name, version)
+            (new,) = await self._open([entry])
+        except OnnxpipeError as exc:
+            self._states[name] = ("UNAVAILABLE", exc.message)
+            self._failed[name] = _stamp(path)
+            raise ProtocolError(400, f"model {name!r} failed to load: {exc.message}") from None
+        except BaseException:
+            self._states.pop(name, None)
+            raise
+        old = self.models.get(name)
+        self.models[name] = new  # new requests go to the new copy from here on
+        self._states.pop(name, None)
+        self._failed.pop(name, None)
+        if old is not None:
+            await self._retire(old)
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving ``name``: new requests get 404, the queued ones are answered first.
+
+        Raises:
+            ProtocolError: model control is off (400), the model is not loaded (404).
+        """
+        self._check_control("unload")
+        async with self._control:
+            await self._unload(name)
+
+    async def _unload(self, name: str) -> None:
+        m = self.models.pop(name, None)
+        if m is None:
+            raise ProtocolError(404, f"model {name!r} is not loaded")
+        self._states[name] = ("UNLOADING", "")
+        try:
+            await self._retire(m)
+        finally:
+            self._states[name] = ("UNAVAILABLE", "unloaded")
+
+    async def _poll(self) -> None:
+        """Poll mode: load new and changed models, unload removed ones, every ``poll_seconds``."""
+        while True:
+            await asyncio.sleep(self.options.poll_seconds)
+            try:
+                await self.sync_repository()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broken file in the repository must not stop the polling
+                log.warning("repository poll: %s", exc)
+
+    async def sync_repository(self) -> list[str]:
+        """Bring the served models in line with the repository now; returns what changed (``+name``, ``~name``, ``-name``)."""
+        changes = []
+        async with self._control:
+            found = await self._scan()
+            for name in [n for n in self.models if n not in found]:
+                await self._unload(name)
+                changes.append(f"-{name}")
+            for name, (version, path) in found.items():
+                m = self.models.get(name)
+                if m is not None and m.entry.version == version and m.entry.path == path and m.stamp == _stamp(path):
+                    continue
+                if m is None and self._failed.get(name) == _stamp(path):
+                    continue  # failed to load before and unchanged since: not retried every poll
+                try:
+                    await self._load(name, version, path)
+                    changes.append(f"{'~' if m is not None else '+'}{name}")
+                except ProtocolError as exc:
+                    log.warning("repository poll: %s", exc.message)
+        return changes
+
+    async def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Every model of the repository (or only those served, without one) with its state."""
+        found = await self._scan() if self.source is not None and self.source.is_dir() else {}
+        rows = []
+        for name in sorted(set(found) | set(self.models) | set(self._states)):
+            m = self.models.get(name)
+            if m is not None:
+                state, reason = ("READY", "") if m.pool.ready_workers() else ("UNAVAILABLE", "no device worker ready")
+                version = m.entry.version
+            else:
+                state, reason = self._states.get(name, ("UNAVAILABLE", "not loaded"))
+                version = found[name][0] if name in found else ""
+            if ready_only and state != "READY":
+                continue
+            row = {"name": name, "version": version, "state": state}
+            if reason:
+                row["reason"] = reason
+            rows.append(row)
+        return rows
+
+    # what HTTP and gRPC both answer ----------------------------------------------------------
+    def is_ready(self) -> bool:
+        return not self._loading and all(m.pool.ready_workers() > 0 for m in self.models.values())
+
+    def extensions(self) -> list[str]:
+        return ["binary_tensor_data", "model_repository", "statistics"]
+
+    def config_of(self, m: _Model) -> dict:
+        """Triton's model configuration of a served model (JSON field names)."""
+        try:
+            return model_config(m.entry, self.devices, max_batch_size=self.options.max_batch_size,
+                                max_queue_delay_ms=self.options.max_queue_delay_ms)
+        except OnnxpipeError as exc:
+            raise ProtocolError(400, exc.message) from None
+
+    def statistics(self, name: str) -> dict:
+        """Triton's model statistics from the metrics: counts and (count, seconds) pairs."""
+        mt = self.metrics
+
+        def summed(h: object) -> tuple[float, float]:  # over every device
+            rows = [s for k, s in h.series.items() if ("model", name) in k]
+            return sum(s[-1] for s in rows), sum(s[-2] for s in rows)
+
+        return {"last_inference_ms": int(self._last.get(name, 0.0) * 1000),
+                "inference_count": int(mt.batch_size.total(model=name)),
+                "execution_count": mt.batch_size.count(model=name),
+                "success": (mt.requests.value(model=name, status="success"), mt.latency.total(model=name)),
+                "fail": (mt.requests.value(model=name, status="error"), 0.0),
+                "queue": (mt.queue.count(model=name), mt.queue.total(model=name)),
+                "compute_infer": summed(mt.compute)}
+
+    # the one infer path, HTTP and gRPC ---------------------------------------------------------
+    def lookup(self, name: str, version: str | None = None) -> _Model:
+        """The model serving ``name`` (and ``version``, if given and not empty).
+
+        Raises:
+            ProtocolError: no such model or version (404).
+        """
+        m = self.models.get(name)
+        if m is None:
+            known = ", ".join(self.models) or "none loaded yet"
+            raise ProtocolError(404, f"unknown model {name!r}: this server has {known}")
+        if version and version != m.entry.version:
+            raise ProtocolError(404, f"model {name!r} has no version {version!r}: it serves version {m.entry.version}")
+        return m
+
+    async def run(self, name: str, version: str | None, req: InferRequest) -> tuple[ModelEntry, dict]:
+        """Check ``req`` against model ``name`` and run it through the model's batcher; the outputs asked for.
+
+        The model is looked up here, right before queueing (no await in between): a request
+        decoded while its model was unloaded gets 404, never a batcher that stopped.
+        """
+        m = self.lookup(name, version)
+        e = m.entry
+        check_inputs(req, e.inputs, e.output_names, e.name)
+        outputs = await m.batcher.infer(req.inputs)
+        self._last[name] = time.time()
+        return e, {n: outputs[n] for n in (req.outputs or e.output_names)}
 
     def _worker_event(self, model: str) -> Callable[[str, str, str], None]:
         def on_event(kind: str, device: str, detail: str) -> None:
@@ -168,11 +433,28 @@ class InferenceServer:
         r.add_get("/v2", self.server_metadata)
         r.add_get("/metrics", self.prometheus)
         r.add_post("/v2/repository/index", self.index)
+        r.add_get("/v2/repository/index", self.index)
+        r.add_post("/v2/repository/models/{model}/load", self.load)
+        r.add_post("/v2/repository/models/{model}/unload", self.unload)
+        r.add_get("/v2/models/stats", self.stats)  # before /v2/models/{model}: routes match in order
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             r.add_get(base, self.model_metadata)
             r.add_get(base + "/ready", self.model_ready)
             r.add_get(base + "/config", self.model_config)
             r.add_post(base + "/infer", self.infer)
+            r.add_get(base + "/stats", self.stats)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+                    ) -> web.StreamResponse:
+        # before the body is read: a request without the key costs its headers, nothing more
+        key = self.options.api_key
+        if key is not None and request.path not in OPEN_PATHS and not authorized(request.headers.get("Authorization"), key):
+            self.metrics.errors.inc(model="", status="401")
+            return web.Response(body=error_body("missing or wrong API key: send 'Authorization: Bearer <key>'"),
+                                status=401, content_type="application/json",
+                                headers={"WWW-Authenticate": 'Bearer realm="onnxpipe"'})
+        return await handler(request)
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
@@ -200,30 +482,49 @@ class InferenceServer:
         return _json({"error": message}, status)
 
     def _model(self, request: web.Request) -> _Model:
-        name = request.match_info["model"]
-        m = self.models.get(name)
-        if m is None:
-            known = ", ".join(self.models) or "none loaded yet"
-            raise ProtocolError(404, f"unknown model {name!r}: this server has {known}")
-        version = request.match_info.get("version")
-        if version is not None and version != m.entry.version:
-            raise ProtocolError(404, f"model {name!r} has no version {version!r}: it serves version {m.entry.version}")
-        return m
+        return self.lookup(request.match_info["model"], request.match_info.get("version"))
 
     # handlers ------------------------------------------------------------------------------
     async def live(self, request: web.Request) -> web.Response:
         return _json({"live": True})
 
     async def ready(self, request: web.Request) -> web.Response:
-        ok = not self._loading and all(m.pool.ready_workers() > 0 for m in self.models.values())
+        ok = self.is_ready()
         return _json({"ready": ok}, 200 if ok else 503)
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json({"name": "onnxpipe", "version": __version__, "extensions": ["binary_tensor_data", "model_repository"]})
+        return _json({"name": "onnxpipe", "version": __version__, "extensions": self.extensions()})
 
     async def index(self, request: web.Request) -> web.Response:
-        return _json([{"name": m.entry.name, "version": m.entry.version,
-                       "state": "READY" if m.pool.ready_workers() else "UNAVAILABLE"} for m in self.models.values()])
+        ready = False
+        if request.method == "POST" and request.can_read_body:
+            doc = await request.read()
+            if doc.strip():
+                try:
+                    ready = bool(json.loads(doc).get("ready", False))
+                except (ValueError, AttributeError):
+                    raise ProtocolError(400, 'the index request must be a JSON object like {"ready": true}') from None
+        return _json(await self.repository_index(ready))
+
+    async def stats(self, request: web.Request) -> web.Response:
+        names = [self._model(request).entry.name] if "model" in request.match_info else list(self.models)
+        rows = []
+        for name in names:
+            st = self.statistics(name)
+            rows.append({"name": name, "version": self.models[name].entry.version,
+                         "last_inference": st["last_inference_ms"], "inference_count": st["inference_count"],
+                         "execution_count": st["execution_count"],
+                         "inference_stats": {k: {"count": int(st[k][0]), "ns": int(st[k][1] * 1e9)}
+                                             for k in ("success", "fail", "queue", "compute_infer")}})
+        return _json({"model_stats": rows})
+
+    async def load(self, request: web.Request) -> web.Response:
+        await self.load_model(request.match_info["model"])
+        return _json({})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await self.unload_model(request.match_info["model"])
+        return _json({})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
         e = self._model(request).entry
@@ -240,13 +541,7 @@ class InferenceServer:
         return _json({"name": m.entry.name, "ready": ok}, 200 if ok else 503)
 
     async def model_config(self, request: web.Request) -> web.Response:
-        m = self._model(request)
-        try:
-            config = model_config(m.entry, self.devices, max_batch_size=self.options.max_batch_size,
-                                  max_queue_delay_ms=self.options.max_queue_delay_ms)
-        except OnnxpipeError as exc:
-            raise ProtocolError(400, exc.message) from None
-        return _json(config)
+        return _json(self.config_of(self._model(request)))
 
     async def prometheus(self, request: web.Request) -> web.Response:
         for m in self.models.values():
@@ -256,8 +551,8 @@ class InferenceServer:
 
     async def infer(self, request: web.Request) -> web.Response:
         t0 = time.perf_counter()
-        m = self._model(request)
-        e = m.entry
+        name, version = request.match_info["model"], request.match_info.get("version")
+        self.lookup(name, version)  # an unknown model is refused before its body is read
         size = request.content_length
         if size is not None and size > self.options.max_body_bytes:
             raise ProtocolError(413, f"the request body ({size} bytes) is over the limit of {self.options.max_body_bytes} bytes")
@@ -266,9 +561,7 @@ class InferenceServer:
         big = len(body) > OFFLOAD_BYTES
         header = request.headers.get(HEADER)
         req = await loop.run_in_executor(None, decode_request, body, header) if big else decode_request(body, header)
-        check_inputs(req, e.inputs, e.output_names, e.name)
-        outputs = await m.batcher.infer(req.inputs)
-        picked = {n: outputs[n] for n in (req.outputs or e.output_names)}
+        e, picked = await self.run(name, version, req)
         if big or sum(v.nbytes for v in picked.values()) > OFFLOAD_BYTES:
             payload, head = await loop.run_in_executor(None, encode_response, e.name, e.version, picked, req)
         else:
