@@ -31,6 +31,19 @@ def register(app: typer.Typer) -> None:
         max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, in MiB.")] = 64.0,
         max_queue: Annotated[int, typer.Option("--max-queue", help="Requests waiting per model before new ones get 503.")] = 2048,
         config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP + " They replace --devices.")] = None,
+        grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="Also serve the protocol over gRPC on this port "
+                                                                          "(0 picks a free one; default: HTTP only).")] = None,
+        api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="A file whose first line is the API key every "
+                                                                                 "request but health must send as 'Authorization: Bearer <key>' "
+                                                                                 "(default: the ONNXPIPE_API_KEY environment variable).")] = None,
+        insecure: Annotated[bool, typer.Option("--insecure", help="Allow a --host beyond loopback without an API key.")] = False,
+        model_control: Annotated[str, typer.Option("--model-control", help="none: serve what is found at start; explicit: "
+                                                                           "clients load/unload through the repository API; poll: "
+                                                                           "also follow the directory's changes.")] = "none",
+        load_model: Annotated[list[str] | None, typer.Option("--load-model", help="With --model-control explicit: a model "
+                                                                                  "to load at start (repeatable; '*': all).")] = None,
+        poll_secs: Annotated[float, typer.Option("--repository-poll-secs", help="With --model-control poll: seconds "
+                                                                               "between scans of the directory.")] = 15.0,
     ) -> None:
         """Serve models over HTTP (KServe v2 / Open Inference Protocol, as Triton and KServe speak it)."""
         import asyncio
@@ -62,11 +75,29 @@ def register(app: typer.Typer) -> None:
                              hint="e.g. --max-batch-size 32 --max-queue-delay-ms 2")
         if not 0 <= port <= 65535:
             raise InputError(f"--port must be 0-65535, received {port}", hint="e.g. --port 8000")
+        if grpc_port is not None and not 0 <= grpc_port <= 65535:
+            raise InputError(f"--grpc-port must be 0-65535, received {grpc_port}", hint="e.g. --grpc-port 8001")
+        from onnxpipe.serve.server import MODEL_CONTROL
+
+        if model_control not in MODEL_CONTROL:
+            raise InputError(f"unknown --model-control {model_control!r}", hint=f"use one of {', '.join(MODEL_CONTROL)}")
+        if model_control != "none" and not model.is_dir():
+            raise InputError(f"--model-control {model_control} needs a directory of models, not {model}",
+                             hint="give the repository folder, or leave --model-control at none")
+        if poll_secs <= 0:
+            raise InputError("--repository-poll-secs must be > 0", hint="e.g. --repository-poll-secs 15")
+        from onnxpipe.serve.security import check_bind, load_api_key
+
+        api_key = load_api_key(api_key_file)
+        check_bind(host, api_key, insecure)
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         console = console_for(False)
         entries = discover(model, name)
         options = ServeOptions(host=host, port=port, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
-                               max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue)
+                               max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue, grpc_port=grpc_port,
+                               api_key=api_key, insecure=insecure, model_control=model_control,
+                               load_models=tuple(load_model or ["*"]) if model_control != "explicit" else tuple(load_model or ()),
+                               poll_seconds=poll_secs)
         table = Table(title=f"models on {', '.join(d.label for d in devs)}")
         for col in ("model", "version", "inputs", "outputs", "dynamic batching"):
             table.add_column(col)
@@ -77,13 +108,18 @@ def register(app: typer.Typer) -> None:
                           f"no ({', '.join(e.cross_sample)} mixes samples)" if e.cross_sample else "no")
         console.print(table)
 
+        server = InferenceServer(entries, devs, options, source=model)
+
         def ready(url: str) -> None:
             if host not in ("127.0.0.1", "localhost", "::1"):
-                console.print(f"[yellow]note[/]: listening on {escape(host)}: reachable from other machines")
+                console.print(f"[yellow]note[/]: listening on {escape(host)}: reachable from other machines"
+                              + ("" if api_key else " [bold]without an API key[/] (--insecure)"))
+            if server.grpc_address:
+                print(f"grpc on {server.grpc_address}", flush=True)
             # one plain line that scripts (and tests) wait for
             print(f"serving on {url} (metrics: {url}/metrics; Ctrl-C stops)", flush=True)
 
-        asyncio.run(serve_until_stopped(InferenceServer(entries, devs, options), ready))
+        asyncio.run(serve_until_stopped(server, ready))
 
     @app.command("export-triton")
     def export_triton(

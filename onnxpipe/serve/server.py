@@ -344,7 +344,8 @@ class InferenceServer:
         """Every model of the repository (or only those served, without one) with its state."""
         found = await self._scan() if self.source is not None and self.source.is_dir() else {}
         rows = []
-        for name in sorted(set(found) | set(self.models) | set(self._states)):
+        busy = {n for n, (state, _) in self._states.items() if state in ("LOADING", "UNLOADING")}
+        for name in sorted(set(found) | set(self.models) | busy):
             m = self.models.get(name)
             if m is not None:
                 state, reason = ("READY", "") if m.pool.ready_workers() else ("UNAVAILABLE", "no device worker ready")

@@ -1,0 +1,266 @@
+"""gRPC beside HTTP, API keys, and the model repository extension, through the real ``tritonclient`` clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import conv_gemm_model, residual_concat_model, run_cli, serving
+
+pytest.importorskip("aiohttp")
+grpc = pytest.importorskip("grpc")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+httpclient = pytest.importorskip("tritonclient.http")
+ort = pytest.importorskip("onnxruntime")
+
+from test_serve import int8_model, pair_model  # noqa: E402
+
+from onnxpipe.errors import InputError  # noqa: E402
+from onnxpipe.partition.split import split_model  # noqa: E402
+from onnxpipe.serve.protocol import ProtocolError  # noqa: E402
+from onnxpipe.serve.security import authorized, check_bind, load_api_key  # noqa: E402
+from onnxpipe.serve.server import InferenceServer, ServeOptions  # noqa: E402
+
+KEY = "test-key-0123456789abcdef"
+AUTH = {"authorization": f"Bearer {KEY}"}  # gRPC metadata keys are lower case; HTTP does not care
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve_grpc")
+    models = root / "models"
+    models.mkdir()
+    onnx.save(conv_gemm_model(), models / "cnn.onnx")
+    onnx.save(pair_model(), models / "pair.onnx")
+    int8_model(root / "mlp_fp32.onnx", models / "int8.onnx")
+    whole = residual_concat_model(batched_side=True)
+    onnx.save(whole, root / "whole.onnx")
+    assert split_model(whole, models / "net", cuts=["b"]).ok  # a split model: served stage by stage
+    return models
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    with serving(repo, "cpu[threads=1]", max_batch_size=8, max_queue_delay_ms=5, max_body_bytes=1 << 20,
+                 grpc_port=0, api_key=KEY, model_control="explicit") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def clients(server):
+    url, srv = server
+    h = httpclient.InferenceServerClient(url.removeprefix("http://"), concurrency=4, network_timeout=60)
+    g = grpcclient.InferenceServerClient(srv.grpc_address)
+    yield h, g
+    h.close()
+    g.close()
+
+
+def ort_outputs(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+
+
+def feeds_for(model: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if model == "cnn":
+        return {"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}
+    if model == "pair":
+        return {"x": rng.standard_normal((2, 5)).astype(np.float32), "mask": rng.integers(0, 2, (2, 5)).astype(np.int64)}
+    if model == "int8":
+        return {"x": (rng.standard_normal((2, 64)) * 3).astype(np.float32)}
+    return {"x": rng.standard_normal((2, 8, 8, 8)).astype(np.float32), "z": rng.standard_normal((2, 3)).astype(np.float32)}
+
+
+def infer(client, module, model: str, feeds: dict[str, np.ndarray], binary: bool = True, **kw) -> dict[str, np.ndarray]:
+    inputs = []
+    for name, arr in feeds.items():
+        i = module.InferInput(name, list(arr.shape), "FP32" if arr.dtype == np.float32 else "INT64")
+        if module is httpclient:
+            i.set_data_from_numpy(arr, binary_data=binary)
+        else:
+            i.set_data_from_numpy(arr)
+        inputs.append(i)
+    result = client.infer(model, inputs, headers=dict(AUTH), **kw)  # tritonclient.http writes into the dict it gets
+    names = [o["name"] if isinstance(o, dict) else o.name for o in result.get_response(**(
+        {"as_json": True} if module is grpcclient else {}))["outputs"]]
+    return {n: result.as_numpy(n) for n in names}
+
+
+@pytest.mark.parametrize("model", ["cnn", "pair", "int8", "net"])
+def test_grpc_and_http_give_what_onnx_runtime_gives(clients, repo, model):
+    h, g = clients
+    rng = np.random.default_rng(hash(model) % 1000)
+    feeds = feeds_for(model, rng)
+    path = repo / "net" if model == "net" else repo / f"{model}.onnx"
+    ref = ort_outputs(repo.parent / "whole.onnx" if model == "net" else path, feeds)
+    for got in (infer(g, grpcclient, model, feeds), infer(h, httpclient, model, feeds, binary=True),
+                infer(h, httpclient, model, feeds, binary=False)):
+        assert set(got) == set(ref)
+        for name in ref:
+            tol = dict(rtol=1e-5, atol=1e-4) if model == "int8" else dict(rtol=0, atol=ATOL)
+            np.testing.assert_allclose(got[name], ref[name], **tol)
+
+
+def test_grpc_metadata_health_statistics_and_errors(clients):
+    h, g = clients
+    assert g.is_server_live() and g.is_server_ready()  # health needs no key
+    assert g.is_model_ready("cnn", headers=AUTH)
+    meta = g.get_model_metadata("pair", headers=AUTH, as_json=True)
+    assert [(t["name"], t["datatype"], t["shape"]) for t in meta["inputs"]] == [("x", "FP32", ["-1", "-1"]),
+                                                                               ("mask", "INT64", ["-1", "-1"])]
+    cfg = g.get_model_config("cnn", headers=AUTH, as_json=True)["config"]
+    assert cfg["max_batch_size"] == 8 and cfg["input"][0]["data_type"] == "TYPE_FP32"
+    assert "model_repository" in g.get_server_metadata(headers=AUTH).extensions
+    infer(g, grpcclient, "cnn", feeds_for("cnn", np.random.default_rng(0)))
+    stats = g.get_inference_statistics("cnn", headers=AUTH, as_json=True)["model_stats"][0]
+    assert int(stats["inference_count"]) >= 3 and int(stats["inference_stats"]["success"]["count"]) >= 1
+    with pytest.raises(Exception, match="unknown model 'nope'"):
+        infer(g, grpcclient, "nope", {"x": np.zeros((1, 3, 8, 8), np.float32)})
+    with pytest.raises(Exception, match=r"expected shape \[-1, 3, 8, 8\], received \[1, 3, 8, 9\]"):
+        infer(g, grpcclient, "cnn", {"x": np.zeros((1, 3, 8, 9), np.float32)})
+    assert g.is_server_ready()
+
+
+def _status(url: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url + path, data=body, headers=headers or {}, method="POST" if body is not None else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def test_without_the_key_requests_get_401_and_never_reach_a_worker(server, clients):
+    url, srv = server
+    h, g = clients
+    batches = srv.metrics.batch_size.count(model="cnn")
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 3, 8, 8], "datatype": "FP32", "data": [0.0] * 192}]}).encode()
+    for path, data, headers in [("/v2/models/cnn/infer", body, {}), ("/v2/models/cnn/infer", body, {"Authorization": "Bearer wrong"}),
+                                ("/v2/models/cnn", None, {}), ("/metrics", None, {}), ("/v2/repository/index", None, {}),
+                                ("/v2/repository/models/cnn/unload", b"{}", {"Authorization": KEY})]:
+        status, text = _status(url, path, data, headers)
+        assert status == 401 and "API key" in json.loads(text)["error"], path
+    assert _status(url, "/v2/health/ready")[0] == 200 and _status(url, "/v2/health/live")[0] == 200
+    x = grpcclient.InferInput("x", [1, 3, 8, 8], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
+    for headers in (None, {"authorization": "Bearer nope"}):
+        with pytest.raises(Exception) as err:
+            g.infer("cnn", [x], headers=headers)
+        assert "UNAUTHENTICATED" in str(err.value)
+    assert srv.metrics.batch_size.count(model="cnn") == batches  # nothing ran
+    assert "cnn" in srv.models and srv.models["cnn"].batcher.pending() == 0
+
+
+def test_api_key_sources_and_the_bind_rule(tmp_path):
+    (tmp_path / "key").write_text(KEY + "\n")
+    assert load_api_key(tmp_path / "key", env={}) == KEY
+    assert load_api_key(None, env={"ONNXPIPE_API_KEY": KEY}) == KEY and load_api_key(None, env={}) is None
+    (tmp_path / "short").write_text("abc")
+    with pytest.raises(InputError, match="at least 16"):
+        load_api_key(tmp_path / "short", env={})
+    assert authorized(f"bearer {KEY}", KEY) and not authorized(KEY, KEY) and not authorized(None, KEY)
+    check_bind("127.0.0.1", None, False)
+    check_bind("0.0.0.0", KEY, False)
+    check_bind("0.0.0.0", None, True)
+    with pytest.raises(InputError, match="no API key is set"):
+        check_bind("0.0.0.0", None, False)
+    onnx.save(conv_gemm_model(), tmp_path / "m.onnx")
+    r = run_cli("serve", str(tmp_path / "m.onnx"), "--host", "0.0.0.0", "--port", "0")
+    assert r.returncode == 2 and r.stderr.startswith("error: --host 0.0.0.0") and "Traceback" not in r.stderr
+
+
+def test_load_and_unload_while_other_models_serve(server, clients, repo):
+    url, srv = server
+    h, g = clients
+    rng = np.random.default_rng(11)
+    failures, done = [], [0]
+    stop = threading.Event()
+
+    def hammer(model: str, module) -> None:
+        client = grpcclient.InferenceServerClient(srv.grpc_address) if module is grpcclient else \
+            httpclient.InferenceServerClient(url.removeprefix("http://"))
+        feeds = feeds_for(model, np.random.default_rng(1))
+        for _ in range(2000):  # bounded; stopped long before
+            if stop.is_set():
+                break
+            try:
+                infer(client, module, model, feeds)
+                done[0] += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is a test failure
+                failures.append(f"{model}: {exc}")
+        client.close()
+
+    threads = [threading.Thread(target=hammer, args=(m, mod)) for m, mod in
+               (("cnn", grpcclient), ("cnn", httpclient), ("net", httpclient))]
+    for t in threads:
+        t.start()
+    try:
+        h.unload_model("pair", headers=AUTH)
+        index = {r["name"]: r for r in h.get_model_repository_index(headers=AUTH)}
+        assert index["pair"]["state"] == "UNAVAILABLE" and index["cnn"]["state"] == "READY"
+        with pytest.raises(Exception, match="unknown model 'pair'"):
+            infer(h, httpclient, "pair", feeds_for("pair", rng))
+        g.load_model("pair", headers=AUTH)
+        h.load_model("cnn", headers=AUTH)  # a reload of a model under load: the old copy drains, the new takes over
+        g.unload_model("int8", headers=AUTH)
+        g.load_model("int8", headers=AUTH)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not failures, failures[:3]
+    assert done[0] > 10
+    feeds = feeds_for("pair", rng)
+    np.testing.assert_allclose(infer(g, grpcclient, "pair", feeds)["s"], ort_outputs(repo / "pair.onnx", feeds)["s"],
+                               atol=ATOL, rtol=0)
+    with pytest.raises(Exception, match="no model 'ghost'"):
+        h.load_model("ghost", headers=AUTH)
+    index = {r.name: r.state for r in g.get_model_repository_index(headers=AUTH).models}
+    assert index == {"cnn": "READY", "pair": "READY", "int8": "READY", "net": "READY"}
+
+
+def test_model_control_none_refuses_load_and_unload(repo):
+    srv = InferenceServer([], [], ServeOptions(port=0), source=repo)
+    for call in (srv.load_model, srv.unload_model):
+        with pytest.raises(ProtocolError, match="--model-control none") as err:
+            asyncio.run(call("cnn"))
+        assert err.value.status == 400
+
+
+def test_poll_mode_follows_the_directory(tmp_path):
+    onnx.save(conv_gemm_model(), tmp_path / "a.onnx")
+    with serving(tmp_path, "cpu[threads=1]", model_control="poll", poll_seconds=0.2) as (url, srv):
+        client = httpclient.InferenceServerClient(url.removeprefix("http://"))
+
+        def states() -> dict[str, str]:
+            return {r["name"]: r["state"] for r in client.get_model_repository_index()}
+
+        def wait(want: dict[str, str]) -> None:
+            deadline = time.monotonic() + 60
+            while states() != want and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert states() == want
+
+        wait({"a": "READY"})
+        shutil.copy(tmp_path / "a.onnx", tmp_path / ".b.onnx")  # written aside, then renamed in: never half a file
+        os.rename(tmp_path / ".b.onnx", tmp_path / "b.onnx")
+        wait({"a": "READY", "b": "READY"})
+        x = np.zeros((1, 3, 8, 8), np.float32)
+        i = httpclient.InferInput("x", [1, 3, 8, 8], "FP32")
+        i.set_data_from_numpy(x)
+        assert client.infer("b", [i]).as_numpy("y").shape == (1, 10)
+        os.remove(tmp_path / "a.onnx")
+        wait({"b": "READY"})
+        client.close()
