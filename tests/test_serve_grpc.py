@@ -264,3 +264,57 @@ def test_poll_mode_follows_the_directory(tmp_path):
         os.remove(tmp_path / "a.onnx")
         wait({"b": "READY"})
         client.close()
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the resident size from /proc")
+@pytest.mark.parametrize("count", [150, pytest.param(1000, marks=pytest.mark.slow)])
+def test_hostile_requests_leave_the_server_serving_with_bounded_memory(server, clients, count):
+    url, srv = server
+    h, g = clients
+    head = {"Content-Type": "application/json", **AUTH}
+
+    def doc(**tensor) -> bytes:
+        return json.dumps({"inputs": [{"name": "x", "datatype": "FP32", **tensor}]}).encode()
+
+    hostile = [
+        ("/v2/models/cnn/infer", doc(shape=[1 << 20, 1 << 20, 1 << 20], data=[0.0]), head),
+        ("/v2/models/cnn/infer", doc(shape=[1 << 40], parameters={"binary_data_size": 1 << 40}), head),
+        ("/v2/models/cnn/infer", doc(shape=[1, 3, 8, 8], data=[[[[[[[0.0]]]]]]]), head),
+        ("/v2/models/cnn/infer", b"[" * 100_000 + b"]" * 100_000, head),
+        ("/v2/models/cnn/infer", b'{"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": [' +
+         b",".join([b'"a"'] * 1000) + b"]}]}", head),
+        ("/v2/models/cnn/infer", b"\x00" * (2 << 20), head),  # over the 1 MiB body limit
+        ("/v2/models/cnn/infer", doc(shape=[1, 3, 8, 8], data=[0.0] * 192), {**head, "Inference-Header-Content-Length": "99999"}),
+        ("/v2/models/..%2F..%2Fetc%2Fpasswd/infer", doc(shape=[1], data=[0.0]), head),
+        ("/v2/models/cnn/versions/..%2F..%2F1/infer", doc(shape=[1], data=[0.0]), head),
+        ("/v2/repository/models/..%2F..%2Fetc%2Fpasswd/load", b"{}", head),
+        ("/v2/repository/models/cnn.onnx/load", b"{}", head),
+        ("/v2/models/cnn/infer", doc(shape=[1, 3, 8, 8], data=[0.0] * 192), {}),  # no key
+    ]
+    x = grpcclient.InferInput("x", [1, 3, 8, 8], "FP32")
+    x.set_data_from_numpy(np.zeros((1, 3, 8, 8), np.float32))
+    x.set_shape([1 << 16, 3, 8, 8])  # a shape of 50 MB declared, 768 bytes sent
+    before = _rss_mb()
+    statuses = set()
+    for k in range(count):
+        if k % 13 == 0:
+            with pytest.raises(Exception, match="RESOURCE_EXHAUSTED|INVALID_ARGUMENT"):
+                g.infer("cnn", [x], headers=AUTH)
+            continue
+        path, body, headers = hostile[k % len(hostile)]
+        status, text = _status(url, path, body, headers)
+        assert 400 <= status < 500, (path, status, text[:200])
+        statuses.add(status)
+    assert statuses >= {400, 401, 404, 413}
+    grown = _rss_mb() - before
+    assert grown < 150, f"the server process grew by {grown:.0f} MiB over {count} hostile requests"
+    feeds = feeds_for("cnn", np.random.default_rng(3))
+    assert infer(g, grpcclient, "cnn", feeds)["y"].shape == (3, 10) and h.is_server_ready()
+    assert all(m.pool.ready_workers() == 1 for m in srv.models.values())

@@ -106,6 +106,8 @@ def _json(body: bytes | memoryview) -> Any:
             pass  # NaN and Infinity, which Python's json writes and orjson refuses: the slow path reads them
     try:
         return json.loads(bytes(body))
+    except RecursionError:
+        raise ProtocolError(400, "malformed JSON in the request: nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(400, f"malformed JSON in the request: {exc}") from None
 
