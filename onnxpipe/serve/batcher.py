@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxpipe.serve.metrics import Metrics
+from onnxpipe.serve.padding import PadPlan
 from onnxpipe.serve.protocol import ProtocolError
 from onnxpipe.serve.repository import ModelEntry
 from onnxpipe.serve.workers import DevicePool, WorkerCrashed, WorkerError
@@ -44,6 +45,7 @@ class _Request:
     arrived: float = field(default_factory=time.perf_counter)
     attempts: int = 0
     solo: bool = False
+    length: int | None = None  # sequence length, when requests of other lengths may join it padded
 
 
 def _answer(r: _Request, outputs: dict[str, np.ndarray]) -> None:
@@ -75,6 +77,7 @@ class Batcher:
         self.delay = max(0.0, max_queue_delay_ms) / 1000.0
         self.max_queue = max_queue
         self.batching = entry.batchable and self.max_batch_size > 1
+        self.pad = PadPlan.of(entry) if self.batching else None  # variable sequence lengths share batches
         self.metrics = metrics or Metrics()
         self._queue: deque[_Request] = deque()
         self._arrival = asyncio.Event()
@@ -111,14 +114,23 @@ class Batcher:
             raise ProtocolError(503, f"model {self.entry.name!r} has no device worker left")
         if self.batching:
             rows = next(iter(feeds.values())).shape[0]
-            key = tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(feeds.items()))
+            key, length = self._key(feeds)
         else:
-            rows, key = 1, ()
-        req = _Request(feeds, rows, key, asyncio.get_running_loop().create_future())
+            rows, key, length = 1, (), None
+        req = _Request(feeds, rows, key, asyncio.get_running_loop().create_future(), length=length)
         self._queue.append(req)
         self.metrics.queue_depth.set(len(self._queue), model=self.entry.name)
         self._arrival.set()
         return await req.future
+
+    def _key(self, feeds: dict[str, np.ndarray]) -> tuple[tuple, int | None]:
+        """What a request batches by (dtypes and shapes past the batch axis) and its sequence length if padded."""
+        pad = self.pad
+        if pad is not None and all(k in feeds for k in pad.inputs):
+            lengths = {feeds[k].shape[a] for k, a in pad.inputs.items() if feeds[k].ndim > a}
+            if len(lengths) == 1:  # inputs that disagree on the length are left as they are: the model judges them
+                return tuple((k, v.dtype.str, pad.key_shape(k, v.shape)) for k, v in sorted(feeds.items())), lengths.pop()
+        return tuple((k, v.dtype.str, v.shape[1:]) for k, v in sorted(feeds.items())), None
 
     # the loop ------------------------------------------------------------------------------
     def _waiting_rows(self, first: _Request) -> int:
@@ -152,8 +164,12 @@ class Batcher:
             start = time.perf_counter()
             for r in batch:
                 self.metrics.queue.observe(start - r.arrived, model=self.entry.name)
-            feeds = batch[0].feeds if len(batch) == 1 else {
-                k: np.concatenate([r.feeds[k] for r in batch]) for k in batch[0].feeds}
+            if len(batch) == 1:
+                feeds = batch[0].feeds
+            elif batch[0].length is not None:
+                feeds = self.pad.stack([r.feeds for r in batch])
+            else:
+                feeds = {k: np.concatenate([r.feeds[k] for r in batch]) for k in batch[0].feeds}
             # submitted here, not in the task: the next wait_capacity() must see this batch's slot taken
             task = asyncio.get_running_loop().create_task(self._finish(batch, self.pool.submit(feeds)))
             self._running.add(task)
@@ -236,5 +252,7 @@ class Batcher:
         at = 0
         for r in batch:
             piece = {k: v[at:at + r.rows] for k, v in outputs.items()}
+            if r.length is not None:
+                piece = self.pad.cut(piece, r.length)
             at += r.rows
             _answer(r, piece)
