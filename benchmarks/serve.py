@@ -1,22 +1,34 @@
-"""Serving under load, side by side in one run: dynamic batching vs one request at a time vs ORT in-process.
+"""Serving under load, side by side in one run: binary vs JSON tensors, batched vs one at a time, HTTP vs gRPC, ORT.
 
-A bounded load (``--requests`` per variant, ``--clients`` concurrent, one sample per request,
-loopback only) is sent with the real ``tritonclient[http]`` client to ``onnxpipe serve`` in a
-subprocess, once with dynamic batching (``--max-batch-size 32``) and once without
-(``--max-batch-size 1``). The same samples also go straight to an ONNX Runtime session in this
-process from ``--clients`` threads (no HTTP, no batching): the floor of what serving costs.
-Rounds are interleaved and the median round is reported, so background load hits every
-variant alike. The outcome to reach: batching's throughput clearly above one-at-a-time.
+Two ``onnxpipe serve`` subprocesses on loopback (HTTP and gRPC): one with dynamic batching
+(``--max-batch-size 32``), one without (``--max-batch-size 1``). ``--clients`` concurrent
+clients send one sample per request for ``--seconds`` per variant; the variants take turns
+within a round, and the median of ``--rounds`` rounds is reported, so background load hits
+every variant alike. Request bodies are encoded once up front (the clients are an asyncio loop
+with aiohttp and grpc.aio), so what is measured is the server: parsing, batching, running,
+answering. The same samples also run through ONNX Runtime in this process from ``--clients``
+threads on one session (no server at all).
 
-    python benchmarks/serve.py [--requests 300] [--clients 16] [--rounds 2] [--model m.onnx] [--json]
+Models: ``cnn``, a small convolutional net on one 3x64x64 image per request (12,288 floats: the
+request's encoding costs more than the model), and ``mlp``, 4 x 1024-wide MatMul layers (one
+sample is a GEMV that reads every weight, so batches pay). Before the load, the real
+``tritonclient.grpc`` and ``tritonclient.http`` clients check the answers against ONNX Runtime
+(1e-5) for both, the mlp quantized to int8, and the mlp split in two stages.
+
+Outcomes to reach (printed with the ratios): JSON >= 0.3x binary (cnn); batched >= 1.8x one at
+a time (mlp, binary); batched >= 0.6x ORT in-process with 16 threads (mlp).
+
+    python benchmarks/serve.py [--clients 16] [--seconds 3] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,17 +65,39 @@ def mlp(width: int = 1024, layers: int = 4, features: int = 256, classes: int = 
     return model
 
 
-def start_server(model: Path, max_batch: int, delay_ms: float) -> tuple[subprocess.Popen, str]:
-    """``onnxpipe serve`` on a free loopback port; returns the process and its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "onnxpipe", "serve", str(model), "--name", "m", "--port", "0",
+def build_repo(root: Path) -> Path:
+    """cnn, mlp, mlp quantized to int8 and mlp split in two stages, in one model directory."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from runner import cnn
+
+    from onnxpipe.partition.split import split_model
+
+    repo = root / "models"
+    repo.mkdir()
+    onnx.save(cnn(channels=8, size=64), repo / "cnn.onnx")
+    model = mlp()
+    onnx.save(model, repo / "mlp.onnx")
+    quantize_dynamic(str(repo / "mlp.onnx"), str(repo / "int8.onnx"), weight_type=QuantType.QInt8)
+    result = split_model(model, repo / "split", cuts=["r1"])
+    if not result.ok:
+        raise RuntimeError("the mlp did not split at r1")
+    return repo
+
+
+def start_server(repo: Path, max_batch: int, delay_ms: float) -> tuple[subprocess.Popen, str, str]:
+    """``onnxpipe serve`` on free loopback ports; returns the process, its URL and its gRPC address."""
+    proc = subprocess.Popen([sys.executable, "-m", "onnxpipe", "serve", str(repo), "--port", "0", "--grpc-port", "0",
                              "--max-batch-size", str(max_batch), "--max-queue-delay-ms", str(delay_ms)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    deadline = time.monotonic() + 120
+                            env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT)))
+    deadline = time.monotonic() + 180
+    grpc_at = ""
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
+        if line.startswith("grpc on "):
+            grpc_at = line.split()[2]
         if line.startswith("serving on "):
-            return proc, line.split()[2]
+            return proc, line.split()[2], grpc_at
         if not line and proc.poll() is not None:
             break
     proc.kill()
@@ -79,141 +113,225 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(30)
 
 
-def http_load(url: str, samples: list[np.ndarray], clients: int) -> tuple[float, list[float]]:
-    """Send every sample as its own request, ``clients`` in flight; returns (seconds, latencies in s)."""
+# correctness through the real clients ---------------------------------------------------------
+def check_answers(repo: Path, url: str, grpc_at: str) -> dict[str, float]:
+    """Largest |served - ORT| over tritonclient.grpc and .http (binary and JSON), per model."""
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
-    lat: list[float] = []
-    lock = threading.Lock()
-    it = iter(enumerate(samples))
-
-    def worker() -> None:
-        c = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
-        while True:
-            with lock:
-                nxt = next(it, None)
-            if nxt is None:
-                break
-            x = nxt[1]
-            inp = httpclient.InferInput("x", list(x.shape), "FP32")
-            inp.set_data_from_numpy(x)
-            t0 = time.perf_counter()
-            c.infer("m", [inp])
-            lat.append(time.perf_counter() - t0)
-        c.close()
-
-    # warm-up outside the clock: sessions, connection pools
-    for x in samples[:4]:
-        inp = httpclient.InferInput("x", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x)
-        client.infer("m", [inp])
-    client.close()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - t0, lat
+    h = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=120)
+    g = grpcclient.InferenceServerClient(grpc_at)
+    rng = np.random.default_rng(7)
+    out = {}
+    for name, path in (("cnn", repo / "cnn.onnx"), ("mlp", repo / "mlp.onnx"), ("int8", repo / "int8.onnx"),
+                       ("split", repo / "mlp.onnx")):
+        shape = (3, 3, 64, 64) if name == "cnn" else (3, 256)
+        x = rng.standard_normal(shape).astype(np.float32)
+        ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        worst = 0.0
+        for module, client, binary in ((grpcclient, g, True), (httpclient, h, True), (httpclient, h, False)):
+            i = module.InferInput("x", list(x.shape), "FP32")
+            if module is httpclient:
+                i.set_data_from_numpy(x, binary_data=binary)
+            else:
+                i.set_data_from_numpy(x)
+            worst = max(worst, float(np.abs(client.infer(name, [i]).as_numpy("y") - ref).max()))
+        out[name] = worst
+    h.close()
+    g.close()
+    return out
 
 
-def ort_load(model: Path, samples: list[np.ndarray], clients: int) -> tuple[float, list[float]]:
-    """The same samples through one in-process ORT session from ``clients`` threads."""
+# load -----------------------------------------------------------------------------------------
+def http_bodies(samples: list[np.ndarray], binary: bool) -> list[tuple[bytes, dict]]:
+    out = []
+    for x in samples:
+        if binary:
+            head = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                           "parameters": {"binary_data_size": x.nbytes}}],
+                               "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}).encode()
+            out.append((head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head)),
+                                             "Content-Type": "application/octet-stream"}))
+        else:
+            body = json.dumps({"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                                           "data": x.reshape(-1).tolist()}]}).encode()
+            out.append((body, {"Content-Type": "application/json"}))
+    return out
+
+
+async def _http_load(url: str, model: str, bodies: list, clients: int, seconds: float) -> int:
+    import aiohttp
+
+    done = [0]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients)) as session:
+        target = f"{url}/v2/models/{model}/infer"
+
+        async def client(k: int, until: float) -> None:
+            n = k
+            while time.perf_counter() < until:
+                body, headers = bodies[n % len(bodies)]
+                async with session.post(target, data=body, headers=headers) as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise RuntimeError(f"{model}: HTTP {r.status}: {(await r.text())[:200]}")
+                done[0] += 1
+                n += clients
+
+        await asyncio.gather(*(client(k, time.perf_counter() + 0.3) for k in range(clients)))  # warm-up
+        done[0] = 0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k, t0 + seconds) for k in range(clients)))
+        return done[0] / (time.perf_counter() - t0)
+
+
+async def _grpc_load(address: str, model: str, samples: list[np.ndarray], clients: int, seconds: float) -> float:
+    import grpc
+
+    from onnxpipe.serve.grpc_proto import grpc_service_pb2_grpc as service
+    from onnxpipe.serve.grpc_proto import oip_pb2 as pb
+
+    requests = []
+    for x in samples:
+        req = pb.ModelInferRequest(model_name=model)
+        req.inputs.add(name="x", datatype="FP32", shape=list(x.shape))
+        req.raw_input_contents.append(x.tobytes())
+        requests.append(req)
+    done = [0]
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = service.GRPCInferenceServiceStub(channel)
+
+        async def client(k: int, until: float) -> None:
+            n = k
+            while time.perf_counter() < until:
+                await stub.ModelInfer(requests[n % len(requests)])
+                done[0] += 1
+                n += clients
+
+        await asyncio.gather(*(client(k, time.perf_counter() + 0.3) for k in range(clients)))
+        done[0] = 0
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(k, t0 + seconds) for k in range(clients)))
+        return done[0] / (time.perf_counter() - t0)
+
+
+def ort_load(path: Path, samples: list[np.ndarray], clients: int, seconds: float) -> float:
+    """The same samples through one in-process ORT session from ``clients`` threads, one sample per run."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    lat: list[float] = []
-    lock = threading.Lock()
-    it = iter(samples)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for x in samples[:4]:
         sess.run(None, {"x": x})
-
-    def worker() -> None:
-        while True:
-            with lock:
-                x = next(it, None)
-            if x is None:
-                break
-            t0 = time.perf_counter()
-            sess.run(None, {"x": x})
-            lat.append(time.perf_counter() - t0)
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    counts = [0] * clients
     t0 = time.perf_counter()
+
+    def worker(k: int) -> None:
+        n = k
+        while time.perf_counter() < t0 + seconds:
+            sess.run(None, {"x": samples[n % len(samples)]})
+            counts[k] += 1
+            n += clients
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return time.perf_counter() - t0, lat
+    return sum(counts) / (time.perf_counter() - t0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=300, help="requests per variant and round (bounded load)")
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=3.0, help="load per variant and round")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--delay-ms", type=float, default=2.0, help="--max-queue-delay-ms of the batching server")
-    ap.add_argument("--model", type=Path, help="an .onnx with one float input 'x' (default: a small CNN)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    if not 1 <= args.requests <= 20000 or not 1 <= args.clients <= 128:
-        ap.error("keep the load bounded: --requests 1..20000, --clients 1..128")
+    if not 0.2 <= args.seconds <= 60 or not 1 <= args.clients <= 128 or not 1 <= args.rounds <= 20:
+        ap.error("keep the load bounded: --seconds 0.2..60, --clients 1..128, --rounds 1..20")
 
     from rich.console import Console
     from rich.table import Table
-    from runner import cnn
 
+    from onnxpipe.hardware import cpu
+
+    info = cpu()
+    console = Console(stderr=args.json)
     tmp = tempfile.TemporaryDirectory(prefix="onnxpipe-bench-serve-")
-    if args.model is not None:
-        models = {args.model.stem: args.model}
-    else:  # the CNN costs less than HTTP per request; the MLP's batch-1 GEMV costs more
-        models = {"cnn 32ch": Path(tmp.name) / "cnn.onnx", "mlp 4x1024": Path(tmp.name) / "mlp.onnx"}
-        onnx.save(cnn(channels=32), models["cnn 32ch"])
-        onnx.save(mlp(), models["mlp 4x1024"])
-    variants = {"serve, dynamic batching": 32, "serve, one request at a time": 1}
-    rows: dict[str, dict[str, float]] = {}
+    servers = {}
     try:
-        for label, model in models.items():
-            shape = [d.dim_value or 1 for d in onnx.load(model, load_external_data=False).graph.input[0].type.tensor_type.shape.dim]
-            rng = np.random.default_rng(0)
-            samples = [rng.standard_normal([1, *shape[1:]]).astype(np.float32) for _ in range(args.requests)]
-            results: dict[str, list[tuple[float, list[float]]]] = {k: [] for k in [*variants, "ORT in-process, no HTTP"]}
-            servers = {}
-            try:
-                for name, mb in variants.items():
-                    servers[name] = start_server(model, mb, args.delay_ms)
-                for _ in range(args.rounds):
-                    for name in variants:
-                        results[name].append(http_load(servers[name][1], samples, args.clients))
-                    results["ORT in-process, no HTTP"].append(ort_load(model, samples, args.clients))
-            finally:
-                for proc, _ in servers.values():
-                    stop_server(proc)
-            for name, runs in results.items():
-                seconds, lat = sorted(runs, key=lambda r: r[0])[len(runs) // 2]  # the median round
-                ms = np.array(lat) * 1000
-                row = {"requests_per_s": len(lat) / seconds, "p50_ms": float(np.percentile(ms, 50)),
-                       "p99_ms": float(np.percentile(ms, 99)), "requests": len(lat)}
-                rows[f"{label} | {name}"] = row
-            base = rows[f"{label} | serve, one request at a time"]["requests_per_s"]
-            for key, row in rows.items():
-                if key.startswith(f"{label} |"):
-                    row["vs_one_at_a_time"] = row["requests_per_s"] / base
+        with console.status("building models and starting two servers"):
+            repo = build_repo(Path(tmp.name))
+            servers["batched"] = start_server(repo, 32, args.delay_ms)
+            servers["unbatched"] = start_server(repo, 1, args.delay_ms)
+        b_url, b_grpc = servers["batched"][1:]
+        u_url = servers["unbatched"][1]
+        with console.status("checking answers through tritonclient.grpc and .http"):
+            errors = check_answers(repo, b_url, b_grpc)
+        rng = np.random.default_rng(0)
+        cnn_x = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(32)]
+        mlp_x = [rng.standard_normal((1, 256)).astype(np.float32) for _ in range(32)]
+        cnn_bin, cnn_json, mlp_bin = http_bodies(cnn_x, True), http_bodies(cnn_x, False), http_bodies(mlp_x, True)
+        c, s = args.clients, args.seconds
+        variants = {
+            ("cnn", "HTTP binary, batched"): lambda: asyncio.run(_http_load(b_url, "cnn", cnn_bin, c, s)),
+            ("cnn", "HTTP JSON, batched"): lambda: asyncio.run(_http_load(b_url, "cnn", cnn_json, c, s)),
+            ("cnn", "gRPC raw, batched"): lambda: asyncio.run(_grpc_load(b_grpc, "cnn", cnn_x, c, s)),
+            ("cnn", f"ORT in-process, {c} threads"): lambda: ort_load(repo / "cnn.onnx", cnn_x, c, s),
+            ("mlp", "HTTP binary, batched"): lambda: asyncio.run(_http_load(b_url, "mlp", mlp_bin, c, s)),
+            ("mlp", "HTTP binary, one at a time"): lambda: asyncio.run(_http_load(u_url, "mlp", mlp_bin, c, s)),
+            ("mlp", "gRPC raw, batched"): lambda: asyncio.run(_grpc_load(b_grpc, "mlp", mlp_x, c, s)),
+            ("mlp", f"ORT in-process, {c} threads"): lambda: ort_load(repo / "mlp.onnx", mlp_x, c, s),
+        }
+        runs: dict[tuple[str, str], list[float]] = {k: [] for k in variants}
+        with console.status("load") as status:
+            for r in range(args.rounds):
+                for key, fn in variants.items():
+                    status.update(f"round {r + 1}/{args.rounds}: {key[0]} {key[1]}")
+                    runs[key].append(fn())
     finally:
+        for proc, *_ in servers.values():
+            stop_server(proc)
         tmp.cleanup()
+    rps = {k: statistics.median(v) for k, v in runs.items()}
+    ort_key = f"ORT in-process, {args.clients} threads"
+    ratios = {
+        "cnn: JSON / binary (HTTP)": (rps[("cnn", "HTTP JSON, batched")] / rps[("cnn", "HTTP binary, batched")], 0.3),
+        "cnn: gRPC / HTTP binary": (rps[("cnn", "gRPC raw, batched")] / rps[("cnn", "HTTP binary, batched")], None),
+        "mlp: batched / one at a time (HTTP binary)": (rps[("mlp", "HTTP binary, batched")]
+                                                      / rps[("mlp", "HTTP binary, one at a time")], 1.8),
+        f"mlp: batched HTTP / {ort_key}": (rps[("mlp", "HTTP binary, batched")] / rps[("mlp", ort_key)], 0.6),
+        f"mlp: batched gRPC / {ort_key}": (rps[("mlp", "gRPC raw, batched")] / rps[("mlp", ort_key)], 0.6),
+        "mlp: gRPC / HTTP binary": (rps[("mlp", "gRPC raw, batched")] / rps[("mlp", "HTTP binary, batched")], None),
+    }
+    cpu_name = f"{info.model} ({info.cores} cores, {info.simd})"
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps({"cpu": cpu_name, "requests_per_s": {f"{m} | {v}": x for (m, v), x in rps.items()},
+                          "rounds": {f"{m} | {v}": x for (m, v), x in runs.items()},
+                          "ratios": {k: {"value": v, "target": t} for k, (v, t) in ratios.items()},
+                          "max_abs_error_vs_ort": errors}, indent=2))
         return
-    table = Table(title=f"{args.requests} single-sample requests, {args.clients} concurrent clients, loopback "
-                        f"(median of {args.rounds} interleaved rounds)")
-    for col in ("model", "variant", "requests/s", "p50 ms", "p99 ms", "x one-at-a-time"):
+    table = Table(title=f"one sample per request, {args.clients} concurrent clients, loopback, median of "
+                        f"{args.rounds} interleaved rounds of {args.seconds:g} s, on {cpu_name}")
+    for col in ("model", "variant", "requests/s", "rounds"):
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
-    for key, r in rows.items():
-        label, name = key.split(" | ")
-        table.add_row(label, name, f"{r['requests_per_s']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
-                      f"{r['vs_one_at_a_time']:.2f}")
-    Console().print(table)
+    for (m, v), x in rps.items():
+        table.add_row(m, v, f"{x:.0f}", " ".join(f"{r:.0f}" for r in runs[(m, v)]))
+    console.print(table)
+    t2 = Table(title="ratios (median requests/s)")
+    for col in ("comparison", "ratio", "target", "met"):
+        t2.add_column(col, justify="left" if col == "comparison" else "right")
+    for k, (v, target) in ratios.items():
+        t2.add_row(k, f"{v:.2f}", "" if target is None else f">= {target}",
+                   "" if target is None else ("yes" if v >= target else "[red]no[/]"))
+    console.print(t2)
+    t3 = Table(title="answers through tritonclient.grpc and .http (binary, JSON) vs ONNX Runtime")
+    for col in ("model", "max |error|", "within 1e-5"):
+        t3.add_column(col)
+    for k, v in errors.items():
+        t3.add_row(k, f"{v:.2e}", "yes" if v <= 1e-5 else "[red]no[/]")
+    console.print(t3)
 
 
 if __name__ == "__main__":
