@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 
-HEAVY = ("torch", "tensorflow", "tf2onnx", "keras", "ray", "tensorrt", "onnxruntime")
+HEAVY = ("torch", "tensorflow", "tf2onnx", "keras", "ray", "tensorrt", "onnxruntime", "grpc", "aiohttp")
 
 
 def test_import_and_help_load_no_heavy_framework():

@@ -318,3 +318,43 @@ def test_hostile_requests_leave_the_server_serving_with_bounded_memory(server, c
     feeds = feeds_for("cnn", np.random.default_rng(3))
     assert infer(g, grpcclient, "cnn", feeds)["y"].shape == (3, 10) and h.is_server_ready()
     assert all(m.pool.ready_workers() == 1 for m in srv.models.values())
+
+
+def test_serve_command_with_grpc_and_an_api_key_from_the_environment(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    onnx.save(conv_gemm_model(), tmp_path / "m.onnx")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", ONNXPIPE_API_KEY=KEY)
+    proc = subprocess.Popen([sys.executable, "-m", "onnxpipe", "serve", str(tmp_path / "m.onnx"), "--port", "0",
+                             "--grpc-port", "0", "--devices", "cpu[threads=1]"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        grpc_at = url = None
+        deadline = time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("grpc on "):
+                grpc_at = line.split()[2]
+            if line.startswith("serving on "):
+                url = line.split()[2]
+        assert url and grpc_at and grpc_at.startswith("127.0.0.1:"), proc.stderr.read() if proc.poll() is not None else ""
+        g = grpcclient.InferenceServerClient(grpc_at)
+        x = np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)
+        got = infer(g, grpcclient, "m", {"x": x})["y"]
+        np.testing.assert_allclose(got, ort_outputs(tmp_path / "m.onnx", {"x": x})["y"], atol=ATOL, rtol=0)
+        with pytest.raises(Exception, match="UNAUTHENTICATED"):
+            g.get_model_metadata("m")
+        g.close()
+        assert _status(url, "/v2/models/m")[0] == 401
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)

@@ -53,6 +53,8 @@ def register(app: typer.Typer) -> None:
         from onnxpipe.core.errors import InputError
 
         require("aiohttp")
+        if grpc_port is not None:
+            require("grpc")
         from onnxpipe.runtimes.providers import parse_devices
         from onnxpipe.serve.repository import discover
         from onnxpipe.serve.server import (

@@ -19,6 +19,8 @@ EXTRAS: dict[str, str] = {
     "onnxslim": "",
     "ray": "ray",
     "aiohttp": "serve",
+    "grpc": "serve",
+    "orjson": "serve",
     "tritonclient": "dev",
 }
 
