@@ -254,7 +254,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from onnxpipe.hardware import cpu
+    from onnxpipe.core.hardware import cpu
 
     info = cpu()
     console = Console(stderr=args.json)

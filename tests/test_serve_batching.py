@@ -12,8 +12,8 @@ pytest.importorskip("aiohttp")
 httpclient = pytest.importorskip("tritonclient.http")
 ort = pytest.importorskip("onnxruntime")
 
-from onnxpipe.serve.padding import PadPlan  # noqa: E402
-from onnxpipe.tensors import TensorInfo  # noqa: E402
+from onnxpipe.core.tensors import TensorInfo
+from onnxpipe.serve.padding import PadPlan
 
 
 def masked_encoder() -> onnx.ModelProto:

@@ -26,7 +26,15 @@ import numpy as np
 from onnxpipe import __version__
 from onnxpipe.serve.grpc_proto import grpc_service_pb2_grpc as service
 from onnxpipe.serve.grpc_proto import oip_pb2 as pb
-from onnxpipe.serve.protocol import DATATYPES, InferRequest, ProtocolError, _binary, _tensor, datatype_of, wire_shape
+from onnxpipe.serve.protocol import (
+    DATATYPES,
+    InferRequest,
+    ProtocolError,
+    _binary,
+    _tensor,
+    datatype_of,
+    wire_shape,
+)
 from onnxpipe.serve.security import OPEN_RPCS, authorized, tensor_bytes
 
 if TYPE_CHECKING:
@@ -214,7 +222,7 @@ async def start_grpc(server: InferenceServer, host: str, port: int) -> tuple[grp
     Raises:
         OnnxpipeError: the port cannot be bound.
     """
-    from onnxpipe.errors import OnnxpipeError
+    from onnxpipe.core.errors import OnnxpipeError
 
     limit = server.options.max_body_bytes
     aio = grpc.aio.server(options=[("grpc.max_receive_message_length", limit + (1 << 16)),

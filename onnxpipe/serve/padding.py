@@ -28,7 +28,7 @@ class PadPlan:
     """Which axis of which input is padded, which axis of which output is cut back.
 
     Example:
-        >>> from onnxpipe.tensors import TensorInfo
+        >>> from onnxpipe.core.tensors import TensorInfo
         >>> ids = TensorInfo("input_ids", ["batch", "seq"], np.dtype("int64"))
         >>> mask = TensorInfo("attention_mask", ["batch", "seq"], np.dtype("int64"))
         >>> out = TensorInfo("hidden", ["batch", "seq", 8], np.dtype("float32"))

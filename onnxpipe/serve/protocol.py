@@ -337,7 +337,7 @@ def encode_response(model: str, version: str, outputs: Mapping[str, np.ndarray],
     return b"".join([head, *blobs]), len(head)
 
 
-_ORJSON_NUMPY = frozenset("BOOL UINT8 UINT16 UINT32 UINT64 INT8 INT16 INT32 INT64 FP32 FP64".split())
+_ORJSON_NUMPY = frozenset(["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP32", "FP64"])
 
 
 def json_data(arr: np.ndarray, datatype: str) -> Any:

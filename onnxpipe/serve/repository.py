@@ -23,8 +23,8 @@ import onnx
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import subgraphs
 from onnxpipe.core.modelio import load_model
-from onnxpipe.partition.spec import PipelineSpec
 from onnxpipe.core.tensors import TensorInfo, graph_inputs, value_infos
+from onnxpipe.partition.spec import PipelineSpec
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # ops whose result for one sample depends on the others in its batch: dynamic activation

@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.errors import InputError
 
 ENV_KEY = "ONNXPIPE_API_KEY"
 # paths an orchestrator probes without credentials (Kubernetes liveness/readiness)
@@ -56,7 +56,7 @@ def authorized(header: str | None, key: str | None) -> bool:
     """Whether an ``Authorization`` header (or gRPC metadata value) carries ``key`` (always, without a key)."""
     if key is None:
         return True
-    if not header or not header[:7].lower() == "bearer ":
+    if not header or header[:7].lower() != "bearer ":
         return False
     return hmac.compare_digest(header[7:].strip().encode(), key.encode())
 

@@ -316,7 +316,7 @@ class InferenceServer:
                 await self.sync_repository()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # a broken file in the repository must not stop the polling
+            except Exception as exc:  # noqa: BLE001 - a broken file in the repository must not stop the polling
                 log.warning("repository poll: %s", exc)
 
     async def sync_repository(self) -> list[str]:
