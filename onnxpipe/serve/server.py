@@ -35,7 +35,7 @@ from pathlib import Path
 from aiohttp import web
 
 from onnxpipe._version import __version__
-from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.serve.batcher import Batcher
 from onnxpipe.serve.metrics import Metrics
@@ -179,6 +179,10 @@ class InferenceServer:
                 self._grpc, self.grpc_address = await start_grpc(self, o.host, o.grpc_port)
             entries = self.entries
             if o.model_control == "explicit" and "*" not in o.load_models:
+                unknown = sorted(set(o.load_models) - {e.name for e in entries})
+                if unknown:
+                    raise InputError(f"--load-model {', '.join(unknown)}: no such model in the repository",
+                                     hint=f"it has {', '.join(e.name for e in entries) or 'none'}")
                 entries = [e for e in entries if e.name in o.load_models]
             for m in await self._open(entries):
                 self.models[m.entry.name] = m
