@@ -171,3 +171,58 @@ def test_prometheus_text():
     assert 'onnxpipe_batch_size_sum{model="m"} 21' in text
     assert 'onnxpipe_queue_depth{model="we\\"ird"} 4' in text
     assert "# TYPE onnxpipe_batch_size histogram" in text
+
+
+@pytest.mark.parametrize("data, datatype, needle", [
+    ([300], "INT8", "outside -128..127"),
+    ([True, False], "FP32", "must be numbers"),
+    ([1, "2"], "FP32", "must be numbers"),
+    ([1.0, 0.0], "BOOL", "true or false"),
+    ([1 << 70, 1], "INT64", "INT64 data must be integers"),  # orjson reads it as a float
+    ([None, 1.0], "FP32", "must be numbers"),
+])
+def test_json_values_of_the_wrong_kind_are_refused_not_converted(data, datatype, needle):
+    body = json.dumps({"inputs": [{"name": "x", "shape": [len(data)], "datatype": datatype, "data": data}]}).encode()
+    with pytest.raises(ProtocolError) as err:
+        decode_request(body)
+    assert err.value.status == 400 and needle in err.value.message
+
+
+def test_json_ragged_nesting_nan_and_round_trip():
+    body = b'{"inputs": [{"name": "x", "shape": [4], "datatype": "FP32", "data": [[1, 2], [3], NaN]}]}'
+    x = decode_request(body).inputs["x"]  # row-major nesting of any shape; NaN as Python's json writes it
+    assert x.dtype == np.float32 and x[:3].tolist() == [1, 2, 3] and np.isnan(x[3])
+    out, head = encode_response("m", "1", {"y": np.array([[0.1, np.nan]], np.float32),
+                                           "k": np.arange(3, dtype=np.int8)}, InferRequest({}))
+    assert head is None and b"NaN" in out
+    doc = json.loads(out)
+    assert doc["outputs"][0]["data"][0] == pytest.approx(0.1) and doc["outputs"][1]["data"] == [0, 1, 2]
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    out, _ = encode_response("m", "1", {"y": x}, InferRequest({}))
+    np.testing.assert_array_equal(np.array(json.loads(out)["outputs"][0]["data"], np.float32), x)  # exact in float32
+
+
+def test_grpc_typed_contents_and_raw_contents_decode_alike():
+    pytest.importorskip("grpc")
+    from onnxpipe.serve.grpc_proto import oip_pb2 as pb
+    from onnxpipe.serve.grpc_server import decode_infer, encode_infer
+
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    ids = np.array([[7, 8]], np.int64)
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="x", datatype="FP32", shape=[2, 3]).contents.fp32_contents.extend(x.reshape(-1).tolist())
+    typed.inputs.add(name="ids", datatype="INT64", shape=[1, 2]).contents.int64_contents.extend([7, 8])
+    raw = pb.ModelInferRequest(model_name="m", raw_input_contents=[x.tobytes(), ids.tobytes()])
+    raw.inputs.add(name="x", datatype="FP32", shape=[2, 3])
+    raw.inputs.add(name="ids", datatype="INT64", shape=[1, 2])
+    for msg in (typed, raw):
+        req = decode_infer(msg, 1 << 20)
+        np.testing.assert_array_equal(req.inputs["x"], x)
+        np.testing.assert_array_equal(req.inputs["ids"], ids)
+    huge = pb.ModelInferRequest(model_name="m", raw_input_contents=[x.tobytes()])
+    huge.inputs.add(name="x", datatype="FP32", shape=[1 << 20, 1 << 20])
+    with pytest.raises(ProtocolError) as err:
+        decode_infer(huge, 1 << 20)
+    assert err.value.status == 413
+    resp = encode_infer("m", "1", {"y": x}, "r")
+    assert resp.id == "r" and np.frombuffer(resp.raw_output_contents[0], np.float32).tolist() == x.reshape(-1).tolist()

@@ -317,6 +317,7 @@ def encode_response(model: str, version: str, outputs: Mapping[str, np.ndarray],
         ([1.0, 1.0], None)
     """
     entries, blobs = [], []
+    finite = True
     for name, arr in outputs.items():
         arr = np.asarray(arr)
         datatype = datatype_of(arr.dtype)
@@ -327,11 +328,13 @@ def encode_response(model: str, version: str, outputs: Mapping[str, np.ndarray],
             blobs.append(raw)
         else:
             entry["data"] = json_data(arr, datatype)
+            finite = finite and (arr.dtype.kind != "f" or bool(np.isfinite(arr).all()))
         entries.append(entry)
     doc: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": entries}
     if req.id is not None:
         doc["id"] = req.id
-    head = dumps(doc)
+    # orjson writes NaN and infinities as null; Python's json keeps them as NaN/Infinity, as clients expect
+    head = dumps(doc) if finite else _std_dumps(doc)
     if not blobs:
         return head, None
     return b"".join([head, *blobs]), len(head)
@@ -353,9 +356,8 @@ def json_data(arr: np.ndarray, datatype: str) -> Any:
     if datatype == "FP16":
         flat = flat.astype(np.float32)
         datatype = "FP32"
-    # orjson writes NaN and infinities as null; the list path keeps Python's NaN/Infinity literals
-    if orjson is not None and datatype in _ORJSON_NUMPY and (flat.dtype.kind != "f" or np.isfinite(flat).all()):
-        return flat
+    if orjson is not None and datatype in _ORJSON_NUMPY:
+        return flat  # orjson writes it without a list in between (see :func:`dumps`)
     return flat.tolist()
 
 
@@ -364,8 +366,12 @@ def dumps(doc: Any) -> bytes:
     if orjson is not None:
         try:
             return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-        except TypeError:  # NaN in a plain list, a value orjson does not know: the standard library writes it
+        except TypeError:  # a value orjson does not know: the standard library writes it
             pass
+    return _std_dumps(doc)
+
+
+def _std_dumps(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":"), allow_nan=True,
                       default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)).encode()
 
