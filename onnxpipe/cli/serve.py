@@ -94,7 +94,10 @@ def register(app: typer.Typer) -> None:
         check_bind(host, api_key, insecure)
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         console = console_for(False)
-        entries = discover(model, name)
+        from onnxpipe.serve.repository import scan
+
+        # with model control an empty repository is a start: models arrive later (load, or poll)
+        entries = [] if model_control != "none" and model.is_dir() and not scan(model) else discover(model, name)
         options = ServeOptions(host=host, port=port, max_batch_size=max_batch_size, max_queue_delay_ms=max_queue_delay_ms,
                                max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue, grpc_port=grpc_port,
                                api_key=api_key, insecure=insecure, model_control=model_control,

@@ -4,7 +4,8 @@ A batch is cut when a device worker has room for it: while every worker is busy,
 pile up and the next batch is bigger (Triton's rule). Once a worker is free, the batcher waits
 at most ``max_queue_delay_ms`` after the oldest request for more to arrive, or until
 ``max_batch_size`` samples are waiting. Only requests whose inputs agree on every axis but the
-first are stacked; others wait for a batch of their own shape.
+first are stacked; others wait for a batch of their own shape, except sequence lengths under an
+attention mask, which are padded to the longest and cut back (:mod:`onnxpipe.serve.padding`).
 
 A batch that fails is split: each of its requests runs alone (``solo``), so one bad request
 cannot fail its neighbours, and a request that kills a worker twice is answered with an error
