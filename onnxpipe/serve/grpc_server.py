@@ -18,12 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import numpy as np
 
-from onnxpipe import __version__
+from onnxpipe._version import __version__
 from onnxpipe.serve.grpc_proto import grpc_service_pb2_grpc as service
 from onnxpipe.serve.grpc_proto import oip_pb2 as pb
 from onnxpipe.serve.protocol import (
@@ -37,8 +37,9 @@ from onnxpipe.serve.protocol import (
 )
 from onnxpipe.serve.security import OPEN_RPCS, authorized, tensor_bytes
 
-if TYPE_CHECKING:
-    from onnxpipe.serve.server import InferenceServer
+# the server is an onnxpipe.serve.server.InferenceServer; it imports this module (lazily, for
+# --grpc-port), so this module does not import it back, not even for type checking
+InferenceServer = Any
 
 log = logging.getLogger("onnxpipe.serve")
 
