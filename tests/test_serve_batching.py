@@ -60,7 +60,7 @@ def test_requests_of_different_lengths_share_batches_and_get_their_own_answers(t
     onnx.save(masked_encoder(), tmp_path / "enc.onnx")
     sess = ort.InferenceSession(str(tmp_path / "enc.onnx"), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(4)
-    lengths = list(range(2, 14))  # all different: without padding no two requests could share a batch
+    lengths = [*range(2, 14), 40, 90]  # all different: without padding no two requests could share a batch
     rng.shuffle(lengths)
     feeds = [{"input_ids": rng.integers(1, 50, (1, n)).astype(np.int64), "attention_mask": np.ones((1, n), np.int64)}
              for n in lengths]
@@ -82,3 +82,28 @@ def test_requests_of_different_lengths_share_batches_and_get_their_own_answers(t
             np.testing.assert_allclose(got.as_numpy("pooled"), pooled, atol=1e-5, rtol=0)
         h = srv.metrics.batch_requests
         assert h.total(model="enc") == len(feeds) and h.count(model="enc") < len(feeds), "nothing was padded together"
+
+
+def test_padding_at_most_doubles_a_request(tmp_path):
+    import asyncio
+
+    from onnxpipe.serve.batcher import Batcher, _Request
+    from onnxpipe.serve.repository import ModelEntry
+
+    onnx.save(masked_encoder(), tmp_path / "enc.onnx")
+    entry = ModelEntry.load(tmp_path / "enc.onnx", "enc")
+
+    async def cut(lengths: list[int]) -> list[list[int]]:
+        batcher = Batcher(entry, pool=None, max_batch_size=64)
+        assert batcher.pad is not None
+        for n in lengths:  # queued as infer() would, without awaiting the answers
+            feeds = {"input_ids": np.ones((1, n), np.int64), "attention_mask": np.ones((1, n), np.int64)}
+            key, length = batcher._key(feeds)
+            batcher._queue.append(_Request(feeds, 1, key, asyncio.get_running_loop().create_future(), length=length))
+        groups = []
+        while batcher._queue:
+            groups.append([r.length for r in batcher._cut()])
+        return groups
+
+    # 16 tokens or fewer always share; longer ones only with those at least half as long
+    assert asyncio.run(cut([3, 16, 9, 40, 90, 60, 21])) == [[3, 16, 9], [40, 60], [90], [21]]

@@ -49,6 +49,12 @@ class _Request:
     length: int | None = None  # sequence length, when requests of other lengths may join it padded
 
 
+def _close(shortest: int, longest: int) -> bool:
+    """Whether sequences this far apart may share a padded batch: the padding at most doubles a request's
+    length (attention costs the square), except among short ones, where it costs little anyway."""
+    return longest <= max(2 * shortest, 16)
+
+
 def _answer(r: _Request, outputs: dict[str, np.ndarray]) -> None:
     if not r.future.done():  # a client that went away cancelled it
         r.future.set_result(outputs)
@@ -187,13 +193,17 @@ class Batcher:
         if not self.batching or first.solo:
             return batch
         keep: deque[_Request] = deque()
+        lo = hi = first.length
         while self._queue:
             r = self._queue.popleft()
             if r.future.done():
                 continue
-            if r.key == first.key and not r.solo and rows + r.rows <= self.max_batch_size:
+            if r.key == first.key and not r.solo and rows + r.rows <= self.max_batch_size and (
+                    r.length is None or _close(min(lo, r.length), max(hi, r.length))):
                 batch.append(r)
                 rows += r.rows
+                if r.length is not None:
+                    lo, hi = min(lo, r.length), max(hi, r.length)
             else:
                 keep.append(r)
         self._queue = keep
