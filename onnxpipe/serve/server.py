@@ -256,7 +256,10 @@ class InferenceServer:
 
     async def _scan(self) -> dict[str, tuple[str, Path]]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, scan, self.source)
+        try:
+            return await loop.run_in_executor(None, scan, self.source)
+        except OnnxpipeError as exc:  # two models with one name: the repository needs fixing
+            raise ProtocolError(400, f"the model repository cannot be read: {exc.message}") from None
 
     async def load_model(self, name: str) -> None:
         """Load (or reload) model ``name`` from the repository; the old copy serves until the new one is ready.
@@ -268,8 +271,7 @@ class InferenceServer:
         async with self._control:
             found = await self._scan()
             if name not in found:
-                raise ProtocolError(404, f"no model {name!r} in the repository {self.source}: "
-                                         f"it has {', '.join(found) or 'none'}")
+                raise ProtocolError(404, f"no model {name!r} in the repository: it has {', '.join(found) or 'none'}")
             await self._load(name, *found[name])
 
     async def _load(self, name: str, version: str, path: Path) -> None:
@@ -285,6 +287,10 @@ class InferenceServer:
         except BaseException:
             self._states.pop(name, None)
             raise
+        if self._runner is None:  # the server stopped while this model loaded: nobody will serve it
+            await self._retire(new)
+            self._states.pop(name, None)
+            raise ProtocolError(503, "the server is shutting down")
         old = self.models.get(name)
         self.models[name] = new  # new requests go to the new copy from here on
         self._states.pop(name, None)
