@@ -17,7 +17,7 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Names a node's subgraphs read from the enclosing scope (implicit inputs)."""
     names: set[str] = set()
     for g in subgraphs(node):
@@ -25,8 +25,17 @@ def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
         local |= {o for n in g.node for o in n.output}
         for n in g.node:
             names |= {i for i in n.input if i and i not in local}
-            names |= _subgraph_inputs(n) - local
+            names |= subgraph_inputs(n) - local
     return names
+
+
+def used_names(graph: onnx.GraphProto, acc: set[str]) -> set[str]:
+    """Every name read by a node of ``graph`` or its subgraphs, added to ``acc`` (returned)."""
+    for node in graph.node:
+        acc.update(node.input)
+        for g in subgraphs(node):
+            used_names(g, acc)
+    return acc
 
 
 def toposort(graph: onnx.GraphProto) -> None:
@@ -47,7 +56,7 @@ def toposort(graph: onnx.GraphProto) -> None:
     deps: list[set[int]] = []
     users: dict[int, list[int]] = defaultdict(list)
     for i, n in enumerate(nodes):
-        d = {producer[x] for x in (set(n.input) | _subgraph_inputs(n)) if x in producer and producer[x] != i}
+        d = {producer[x] for x in (set(n.input) | subgraph_inputs(n)) if x in producer and producer[x] != i}
         deps.append(d)
         for j in d:
             users[j].append(i)

@@ -19,7 +19,7 @@ import onnx
 from onnxpipe.core.analysis import NoShape, graph_cost, node_cost
 from onnxpipe.core.shapes import Shape, concrete_inputs, infer_shapes, runtime_shapes
 from onnxpipe.core.errors import InputError
-from onnxpipe.core.graph import _subgraph_inputs, subgraphs, toposort
+from onnxpipe.core.graph import subgraph_inputs, subgraphs, toposort
 from onnxpipe.core.tensors import graph_inputs
 
 
@@ -155,7 +155,7 @@ def profile_graph(model: onnx.ModelProto, *, batch: int = 1, dims: Mapping[str, 
     reads, weights, flops = [], [], []
     uncounted = 0
     for node in g.node:
-        names = list(dict.fromkeys([i for i in node.input if i] + sorted(_subgraph_inputs(node))))
+        names = list(dict.fromkeys([i for i in node.input if i] + sorted(subgraph_inputs(node))))
         weights.append([t for t in names if t in inits])
         reads.append([t for t in names if t not in inits])
         f = node_flops(node, shapes)

@@ -19,7 +19,7 @@ import onnx
 
 from onnxpipe.core.deps import require
 from onnxpipe.core.userfiles import first_line
-from onnxpipe.core.graph import subgraphs
+from onnxpipe.core.graph import subgraphs, used_names
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.core.compare import compare_runs, outputs_on
 
@@ -30,14 +30,6 @@ def count_nodes(model: onnx.ModelProto | onnx.GraphProto) -> int:
     """Nodes in the graph and all its subgraphs."""
     graph = model.graph if isinstance(model, onnx.ModelProto) else model
     return sum(1 + sum(count_nodes(g) for g in subgraphs(node)) for node in graph.node)
-
-
-def _used_names(graph: onnx.GraphProto, acc: set[str]) -> set[str]:
-    for node in graph.node:
-        acc.update(node.input)
-        for g in subgraphs(node):
-            _used_names(g, acc)
-    return acc
 
 
 def repair(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
@@ -53,7 +45,7 @@ def repair(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto
     inits = {i.name for i in g.initializer}
     original_inits = {i.name for i in original.graph.initializer}
     real_inputs = {i.name for i in original.graph.input if i.name not in original_inits}
-    used = _used_names(g, set()) | {o.name for o in g.output}
+    used = used_names(g, set()) | {o.name for o in g.output}
     keep = [i for i in g.input if i.name in real_inputs or i.name in used or i.name in inits]
     # an input backed by an initializer that nothing reads any more is dead weight too
     keep = [i for i in keep if i.name in real_inputs or i.name in used]

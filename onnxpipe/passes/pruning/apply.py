@@ -153,10 +153,10 @@ class _Identical:
 
 def _drop_orphans(model: onnx.ModelProto, candidates: set[str]) -> None:
     """Remove initializers and Constant nodes among ``candidates`` that nothing reads any more."""
-    from onnxpipe.passes.simplify import _used_names
+    from onnxpipe.core.graph import used_names
 
     graph = model.graph
-    used = _used_names(graph, set()) | {o.name for o in graph.output}
+    used = used_names(graph, set()) | {o.name for o in graph.output}
     dead = {c for c in candidates if c not in used}
     if not dead:
         return

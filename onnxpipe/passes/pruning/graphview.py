@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxpipe.core.graph import _subgraph_inputs
+from onnxpipe.core.graph import subgraph_inputs
 
 Dim = int | str | None
 
@@ -92,7 +92,7 @@ class GraphView:
             for slot, name in enumerate(node.input):
                 if name:
                     self.uses[name].append((k, slot))
-            for name in _subgraph_inputs(node):
+            for name in subgraph_inputs(node):
                 self.implicit_uses[name].append(k)
                 self.implicit_inputs.setdefault(k, set()).add(name)
             for name in node.output:
