@@ -44,3 +44,15 @@ def parse_dims(items: list[str] | None) -> dict[str, int]:
             raise InputError(f"cannot parse --dim {d!r}", hint="write it as NAME=VALUE, e.g. --dim seq=128")
         dims[name.strip()] = int(value)
     return dims
+
+
+def parse_bytes(text: str) -> int:
+    """``"4GiB"`` -> 4294967296, ``"1GB"`` -> 1000000000, or a one-line error."""
+    from pydantic import ByteSize, TypeAdapter, ValidationError
+
+    from onnxpipe.core.errors import InputError
+
+    try:
+        return int(TypeAdapter(ByteSize).validate_python(text))
+    except ValidationError:
+        raise InputError(f"cannot read the size {text!r}", hint="write it like 512MB, 1GB or 4GiB") from None

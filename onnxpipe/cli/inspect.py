@@ -36,13 +36,13 @@ def register(app: typer.Typer) -> None:
         if memory:
             from onnxpipe.partition.memory import memory_report
 
-            report = memory_report(load_model(model), batch=batch_size, dims=dims, input_shapes=shapes or None)
+            report = memory_report(load_model(model, load_external_data=False), batch=batch_size, dims=dims, input_shapes=shapes or None)
             if json_out:
                 print(json.dumps(report.as_dict(), indent=2))
             else:
                 report.render(console_for(False))
             return
-        summary = summarize(load_model(model), batch=batch_size, dims=dims, input_shapes=shapes or None)
+        summary = summarize(load_model(model, load_external_data=False), batch=batch_size, dims=dims, input_shapes=shapes or None)
         if json_out:
             print(json.dumps(summary.as_dict(), indent=2))
         else:

@@ -17,7 +17,10 @@ def register(app: typer.Typer) -> None:
     def split(
         model: Annotated[Path, typer.Argument(help="An .onnx model.")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Folder for part<k>.onnx and pipeline.json.")],
-        parts: Annotated[int, typer.Option("--parts", "-n", help="Number of stages.")] = 2,
+        parts: Annotated[int | None, typer.Option("--parts", "-n", help="Number of stages (default 2).")] = None,
+        max_part_bytes: Annotated[str | None, typer.Option("--max-part-bytes", help="Instead of --parts: as many stages as "
+                                                           "needed, each holding at most this much (weights + what it "
+                                                           "receives and sends), e.g. 1GB or 512MiB.")] = None,
         balance: Annotated[str, typer.Option("--balance", help="flops (speed), params (weight bytes) or memory "
                                                               "(weights + peak activations).")] = "flops",
         cut: Annotated[list[str] | None, typer.Option("--cut", help="Cut after this tensor (repeatable); "
@@ -29,15 +32,18 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print pipeline.json's content on stdout.")] = False,
     ) -> None:
         """Cut a model into stages where few, small tensors cross, balanced by FLOPs or memory; check and write them."""
-        from onnxpipe.cli._common import parse_dims
+        from onnxpipe.cli._common import parse_bytes, parse_dims
         from onnxpipe.core.errors import InputError
         from onnxpipe.partition.split import split_model
 
         if batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, received {batch_size}", hint="use a positive batch size")
+        cap = parse_bytes(max_part_bytes) if max_part_bytes is not None else None
+        if cap is not None and parts is not None:
+            raise InputError("--parts and --max-part-bytes both set the number of stages", hint="give one of them")
         console = console_for(json_out)
-        result = split_model(model, output, parts=parts, balance=balance, cuts=cut or (), batch=batch_size,
-                             dims=parse_dims(dim), atol=atol, rtol=rtol)
+        result = split_model(model, output, parts=parts or 2, balance=balance, cuts=cut or (), batch=batch_size,
+                             dims=parse_dims(dim), atol=atol, rtol=rtol, max_part_bytes=cap)
         console.print(result.table())
         for c in result.spec.extra.get("cuts", []):
             names = ", ".join(f"{t['name']} {t['shape'] or ''}" for t in c["tensors"])

@@ -11,20 +11,8 @@ import typer
 from rich.markup import escape
 
 from onnxpipe.cli._common import console_for
-from onnxpipe.cli._common import parse_dims
+from onnxpipe.cli._common import parse_bytes, parse_dims
 from onnxpipe.cli.runtime import DEVICES_HELP, int_list
-
-
-def parse_bytes(text: str) -> int:
-    """``"4GiB"`` -> 4294967296, or a one-line error."""
-    from pydantic import ByteSize, TypeAdapter, ValidationError
-
-    from onnxpipe.core.errors import InputError
-
-    try:
-        return int(TypeAdapter(ByteSize).validate_python(text))
-    except ValidationError:
-        raise InputError(f"cannot read the size {text!r}", hint="write it like 512MiB or 4GiB") from None
 
 
 def register(app: typer.Typer) -> None:

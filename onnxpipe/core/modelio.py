@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxpipe.core import external
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.files import atomic_output
 
@@ -17,20 +18,7 @@ EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
     """Bytes held by the model's initializers (raw data or typed fields), external data included."""
-    total = 0
-    for init in _all_initializers(model.graph):
-        n = 1
-        for d in init.dims:
-            n *= d
-        total += n * _itemsize(init.data_type)
-    return total
-
-
-def _itemsize(data_type: int) -> int:
-    try:
-        return onnx.helper.tensor_dtype_to_np_dtype(data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        return 4
+    return sum(external.nbytes(init) for init in _all_initializers(model.graph))
 
 
 def _all_initializers(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -62,13 +50,21 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
         ) from exc
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{p} holds no ONNX graph (empty or not an ONNX file)", hint="re-export the model")
+    if not load_external_data:  # weights stay on disk: remember where, for sessions and streaming writes
+        external.remember_folder(model, p)
     return model
 
 
 def check_model(model: onnx.ModelProto, *, what: str = "model") -> None:
     """Run ``onnx.checker`` with full checks; large models are checked without serializing."""
     try:
-        if model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        if external.has_external_refs(model):  # the checker finds data files from a path, not a proto
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="onnxpipe-check-") as tmp:
+                onnx.checker.check_model(str(external.ort_model_path(model, tmp, placeholders=True)),
+                                         full_check=False)
+        elif model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
             onnx.checker.check_model(model, full_check=False)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
@@ -96,9 +92,12 @@ def save_model(
     dest = Path(path)
     limit = EXTERNAL_DATA_THRESHOLD if threshold is None else threshold
     use_external = tensor_bytes(model) > limit if external_data is None else external_data
+    lazy = external.has_external_refs(model)
     with atomic_output(dest) as tmp:
         target = tmp / dest.name
-        if use_external:
+        if lazy:  # weights still on disk: copy them tensor by tensor, never all in memory
+            external.write_streaming(model, target)
+        elif use_external:
             model = _copy_with_data(model)
             onnx.save_model(
                 model,
@@ -110,7 +109,9 @@ def save_model(
             )
         else:
             onnx.save_model(model, str(target))
-    if not use_external:
+    if lazy:
+        external.remember_folder(model, dest)  # the written data file, now at its final place
+    elif not use_external:
         stale = dest.parent / f"{dest.name}.data"
         stale.unlink(missing_ok=True)
     return dest

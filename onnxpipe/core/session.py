@@ -13,6 +13,7 @@ import onnx
 
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.external import has_external_refs, ort_model_path
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.core.tensors import TensorInfo, value_infos
 
@@ -123,9 +124,12 @@ class Session:
 
 
 def session_source(model: str | os.PathLike | onnx.ModelProto, scratch: Callable[[], Path]) -> str | bytes:
-    """What ORT loads: the file's path, the serialized model, or, for a model over protobuf's
-    limit, a path in ``scratch()`` where it is first written with external data."""
+    """What ORT loads: the file's path, the serialized model, or a path in ``scratch()``: for a model
+    over protobuf's limit, written there with external data; for one loaded without its external
+    data, a header there linking the data files (no weight is read)."""
     if isinstance(model, onnx.ModelProto):
+        if has_external_refs(model):  # weights left on disk: a header in scratch, the data files linked
+            return str(ort_model_path(model, scratch()))
         if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
             return str(save_model(model, scratch() / "model.onnx"))
         return model.SerializeToString()

@@ -108,8 +108,13 @@ def collect_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
 def runtime_shapes(model: onnx.ModelProto, concrete: Mapping[str, Shape], names: list[str],
                     notes: list[str]) -> dict[str, Shape]:
     """Shapes of ``names`` read from one ONNX Runtime run on random inputs (empty on failure)."""
+    from onnxpipe.core.external import has_external_refs
     from onnxpipe.core.session import Session  # imports onnxruntime: only when needed
 
+    if has_external_refs(model):  # loaded without its weights: running it would read them all
+        notes.append(f"{len(names)} tensor(s) left unsized: shape inference could not size them and the model's "
+                     "weights (external data) are not read to run it")
+        return {}
     full = concrete_copy(model, concrete, weights=True)
     outputs = {o.name for o in full.graph.output}
     full.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)

@@ -7,7 +7,12 @@ inputs needed later and graph outputs produced earlier included) is handed over;
 the cut's communication cost. Outputs of input-less ``Constant`` nodes are not handed over: the
 node is copied into the stage that reads it.
 
-The search is two dynamic programs over the positions. The first finds the smallest possible
+With a size cap (``max_part_bytes``) the number of parts is not given but found: the fewest
+parts each holding at most the cap (its weights, a weight shared across a cut counted in every
+part that reads it, plus the bytes it receives and sends), and among those the split sending the
+fewest bytes (:func:`find_capped_cuts`).
+
+Otherwise the search is two dynamic programs over the positions. The first finds the smallest possible
 bottleneck: the largest part load, where a part's load is its FLOPs (``flops``), its weight
 bytes (``params``) or its weights plus peak activations (``memory``), and for ``flops``
 each byte a part receives or sends costs :data:`FLOPS_PER_BYTE`. The second picks, among the
@@ -22,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 from onnxpipe.core.errors import InputError
 from onnxpipe.partition.memory import live_bytes
@@ -232,3 +238,87 @@ def find_cuts(profile: GraphProfile, parts: int, *, balance: str = "flops", cuts
     bounds.reverse()
     loads = [float(seg(b)[a]) for a, b in itertools.pairwise(bounds)]
     return CutPlan(order, bounds, crossing_at(profile, order, bounds), loads, balance)
+
+
+def _node_own_bytes(node: onnx.NodeProto) -> int:
+    """Bytes a node carries itself: tensor attributes (Constant) and initializers of its subgraphs."""
+    from onnxpipe.core.external import nbytes
+    from onnxpipe.core.graph import all_graphs, subgraphs
+
+    total = sum(nbytes(a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
+    for sub in subgraphs(node):
+        for g in all_graphs(sub):
+            total += sum(nbytes(t) for t in g.initializer)
+            total += sum(nbytes(a.t) for n in g.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)
+    return total
+
+
+def part_bytes(profile: GraphProfile, order: Sequence[int], bounds: Sequence[int]) -> list[int]:
+    """Per stage: weight bytes (shared weights counted in each stage reading them) + bytes in + bytes out."""
+    cross = _cross_bytes(profile, order)
+    out = []
+    for a, b in itertools.pairwise(bounds):
+        names = {w for i in order[a:b] for w in profile.weights[i]}
+        weights = sum(profile.init_bytes.get(w, 0) for w in names)
+        own = sum(_node_own_bytes(profile.nodes[i]) for i in order[a:b])
+        out.append(int(weights + own + (cross[a] if a > 0 else 0) + (cross[b] if b < len(order) else 0)))
+    return out
+
+
+def find_capped_cuts(profile: GraphProfile, max_part_bytes: int) -> CutPlan:
+    """The fewest stages each holding at most ``max_part_bytes``, then the fewest bytes sent between them.
+
+    A stage holds its weights (a weight read on both sides of a cut is counted on both), the bytes
+    of the tensors it receives and the bytes it sends. One dynamic program over the positions of
+    the node order, with the weight bytes of every segment ending at ``j`` kept up to date
+    incrementally (each weight read adds its size to the segments that newly contain it).
+
+    Raises:
+        InputError: a cap that is not positive, or one node that alone holds more than the cap.
+
+    Example:
+        >>> [len(p) for p in find_capped_cuts(profile, 1 << 30).bounds]  # doctest: +SKIP
+    """
+    if max_part_bytes <= 0:
+        raise InputError(f"--max-part-bytes must be positive, received {max_part_bytes}",
+                         hint="give a size such as 1GB or 500MB")
+    n = len(profile.nodes)
+    order = list(range(n))
+    cross = _cross_bytes(profile, order)
+    seg_weights = np.zeros(n + 1)  # seg_weights[i]: bytes of the segment [i, j) for the current j
+    last_read: dict[str, int] = {}
+    parts = np.full(n + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    sent = np.full(n + 1, np.inf)
+    back = np.zeros(n + 1, dtype=int)
+    parts[0], sent[0] = 0, 0.0
+    cap = float(max_part_bytes)
+    for j in range(1, n + 1):
+        node = order[j - 1]
+        for w in dict.fromkeys(profile.weights[node]):
+            q = last_read.get(w, -1)
+            seg_weights[q + 1:j] += profile.init_bytes.get(w, 0)
+            last_read[w] = j - 1
+        seg_weights[:j] += _node_own_bytes(profile.nodes[node])
+        load = seg_weights[:j] + np.where(np.arange(j) > 0, cross[:j], 0.0) + (cross[j] if j < n else 0.0)
+        ok = (load <= cap) & (parts[:j] < np.iinfo(np.int64).max)
+        if not ok.any():
+            if load[j - 1] > cap:
+                big = profile.nodes[node]
+                label = big.name or (big.output[0] if big.output else big.op_type)
+                raise InputError(f"node {label!r} ({big.op_type}) alone holds {int(load[j - 1]):,} bytes, over "
+                                 f"--max-part-bytes {max_part_bytes:,}",
+                                 hint="raise --max-part-bytes above the largest single layer, or quantize the model first")
+            continue
+        fewest = parts[:j][ok].min()
+        cand = np.where(ok & (parts[:j] == fewest), sent[:j] + np.where(np.arange(j) > 0, cross[:j], 0.0), np.inf)
+        i = int(np.argmin(cand))
+        parts[j], sent[j], back[j] = fewest + 1, cand[i], i
+    if parts[n] == np.iinfo(np.int64).max:
+        raise InputError(f"the model cannot be cut into parts of at most {max_part_bytes:,} bytes: the tensors "
+                         "crossing every cut are too large", hint="raise --max-part-bytes, or lower --batch-size")
+    bounds = [n]
+    while bounds[-1] > 0:
+        bounds.append(int(back[bounds[-1]]))
+    bounds.reverse()
+    loads = [float(b) for b in part_bytes(profile, order, bounds)]
+    return CutPlan(order, bounds, crossing_at(profile, order, bounds), loads, "max_part_bytes")

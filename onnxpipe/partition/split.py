@@ -22,7 +22,7 @@ from onnxpipe.core.units import human_bytes, human_count
 from onnxpipe.core.errors import CheckFailedError, InputError, OnnxpipeError
 from onnxpipe.core.files import atomic_output
 from onnxpipe.core.modelio import check_model, load_model, save_model, tensor_bytes
-from onnxpipe.partition.cut import find_cuts
+from onnxpipe.partition.cut import find_capped_cuts, find_cuts, part_bytes
 from onnxpipe.partition.extract import Stage, build_stages
 from onnxpipe.partition.memory import report_from_profile
 from onnxpipe.partition.profile import GraphProfile, profile_graph
@@ -63,11 +63,13 @@ class SplitResult:
         t = Table(title=f"{len(parts)} parts in {escape(str(self.spec.folder))} (balance {self.spec.extra.get('balance')}; "
                         f"sequence vs whole: max abs diff {check.get('max_abs', float('nan')):.3g}, "
                         f"{'pass' if check.get('ok') else 'not checked' if not check else 'FAIL'})")
-        for col in ("part", "nodes", "FLOPs", "share", "weights", "peak act.", "receives", "sends"):
+        holds = self.spec.extra.get("part_bytes") or [None] * len(parts)
+        for col in ("part", "nodes", "FLOPs", "share", "weights", "holds", "peak act.", "receives", "sends"):
             t.add_column(col, justify="left" if col in ("part", "receives") else "right")
-        for p in parts:
+        for p, held in zip(parts, holds):
             t.add_row(escape(p.file), str(p.nodes), human_count(p.flops, "FLOPs"), f"{p.flops / total:.0%}",
-                      human_bytes(p.weight_bytes), human_bytes(p.peak_activation_bytes),
+                      human_bytes(p.weight_bytes), human_bytes(held) if held is not None else "-",
+                      human_bytes(p.peak_activation_bytes),
                       escape(", ".join(p.inputs[:3]) + (f" (+{len(p.inputs) - 3})" if len(p.inputs) > 3 else "")),
                       f"{human_bytes(p.sent_bytes)} ({len(p.sends)})" if p.sends else "-")
         return t
@@ -97,19 +99,23 @@ def check_sequence(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto], pa
 
     inputs = [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
     expected = outputs_on(model, inputs)
-    sessions = [Session(m) for m in stages]
-    try:
-        got = [run_sequence(sessions, parts, outputs, feeds) for feeds in inputs]
-    finally:
-        for s in sessions:
-            s.close()
+    # one stage's session at a time, every batch through it: memory holds one stage's weights, not all
+    values = [dict(feeds) for feeds in inputs]
+    names = list(inputs[0]) if inputs else []
+    for k, (stage, part) in enumerate(zip(stages, parts)):
+        keep = set(carried(parts, outputs, k, names))
+        with Session(stage) as s:
+            for v in values:
+                v.update(s.run({t: v[t] for t in part.inputs}))
+        values = [{t: x for t, x in v.items() if t in keep} for v in values]
+    got = [{t: v[t] for t in outputs} for v in values]
     return compare_runs(expected, got, atol=atol, rtol=rtol)
 
 
 def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.PathLike, *, parts: int = 2,
                 balance: str = "flops", cuts: Sequence[str] = (), batch: int = 1,
                 dims: Mapping[str, int] | None = None, check: bool = True, atol: float = ATOL,
-                rtol: float = RTOL) -> SplitResult:
+                rtol: float = RTOL, max_part_bytes: int | None = None) -> SplitResult:
     """Cut ``model`` into stages, check them against the whole, and write them with ``pipeline.json``.
 
     Args:
@@ -122,6 +128,12 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
         dims: sizes of named symbolic dims.
         check: run the stages in sequence against the whole model before writing anything.
         atol, rtol: tolerance of that check.
+        max_part_bytes: instead of ``parts``, as many parts as needed for each to hold at most this
+            many bytes (weights + the tensors it receives and sends), cut where little crosses.
+
+    A model given as a path is read without its external data: weights are copied from file to
+    file one tensor at a time and ONNX Runtime memory-maps them for the check, so memory stays
+    near one copy of the weights however large the model.
 
     Raises:
         InputError: bad options or cut tensors, an ``outdir`` that is a file.
@@ -132,7 +144,9 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
         'part0.onnx'
     """
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<in memory>"
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external_data=False)
+    if max_part_bytes is not None and cuts:
+        raise InputError("--max-part-bytes and --cut both choose the cuts", hint="give one of them")
     if cuts and parts not in (2, len(cuts) + 1):
         raise InputError(f"{len(cuts)} --cut tensor(s) make {len(cuts) + 1} parts, not --parts {parts}",
                          hint="drop --parts when cutting by hand")
@@ -140,7 +154,10 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file", hint="give a folder for the parts with -o")
     profile = profile_graph(proto, batch=batch, dims=dims)
-    plan = find_cuts(profile, parts, balance=balance, cuts=cuts)
+    if max_part_bytes is not None:
+        plan = find_capped_cuts(profile, max_part_bytes)
+    else:
+        plan = find_cuts(profile, parts, balance=balance, cuts=cuts)
     stages = build_stages(profile, plan)
     outputs = list(profile.outputs)
     for k, stage in enumerate(stages):
@@ -169,6 +186,8 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
     worst = max(comparisons, key=lambda c: c.max_abs, default=None)
     extra: dict[str, Any] = {
         "source": source, "balance": plan.balance, "batch": batch, "cuts": cut_info,
+        "part_bytes": part_bytes(profile, plan.order, plan.bounds),
+        **({"max_part_bytes": max_part_bytes} if max_part_bytes is not None else {}),
         "check": {"ok": all(c.ok for c in comparisons), "atol": atol, "rtol": rtol,
                   "max_abs": worst.max_abs if worst else 0.0, "outputs": [c.as_dict() for c in comparisons]}
         if check else {}}

@@ -1,0 +1,242 @@
+"""Weights that stay on disk: models loaded without their external data, written back in bounded memory.
+
+A model over protobuf's 2 GB limit keeps its weights in external data files. Loading them all to
+inspect the graph, cut it, or copy it to another folder costs as much memory as the weights (and
+twice that while protobuf copies them). Here a model is loaded *lazily*: every initializer that
+lives in an external file keeps its reference (``location``, ``offset``, ``length``) and gains a
+``basepath`` entry, the folder the location is relative to (the key ONNX's own
+``ExternalDataInfo`` reads). Such a model can then be
+
+- written to another place by :func:`write_streaming`: one tensor at a time is copied from its
+  file, in chunks, never the whole weights in memory;
+- run by ONNX Runtime through :func:`ort_model_path`: a header file in a scratch folder with
+  hard links to the data files (ORT refuses symbolic links that leave the model's folder, and
+  unknown keys such as ``basepath``); a copy where a hard link cannot be made (another
+  file system), which costs disk and time, not memory;
+- read tensor by tensor with :func:`tensor_array` (memory-mapped).
+
+Example:
+    >>> model = load_model("llm/model.onnx", load_external_data=False)  # doctest: +SKIP
+    >>> write_streaming(model, "copy/model.onnx")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxpipe.core.errors import InputError
+
+log = logging.getLogger("onnxpipe.external")
+
+BASEPATH = "basepath"
+ALIGN = 4096  # data offsets aligned to the page size, so ONNX Runtime can memory-map every tensor
+CHUNK = 16 << 20  # bytes copied at a time
+INLINE_BELOW = 1024  # tensors smaller than this stay inside the .onnx file
+
+
+def initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every initializer of the model, subgraphs (If/Loop/Scan bodies) included."""
+    from onnxpipe.core.graph import all_graphs
+
+    for g in all_graphs(model.graph):
+        yield from g.initializer
+        for node in g.node:  # Constant nodes may hold external tensors too
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def is_external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _info(t: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in t.external_data}
+
+
+def _set_info(t: onnx.TensorProto, info: dict[str, str]) -> None:
+    del t.external_data[:]
+    for k, v in info.items():
+        e = t.external_data.add()
+        e.key, e.value = k, v
+
+
+def has_external_refs(model: onnx.ModelProto) -> bool:
+    """True when some initializer's bytes are not in memory but in an external file."""
+    return any(is_external(t) and not t.raw_data for t in initializers(model))
+
+
+def source_file(t: onnx.TensorProto, base_dir: str | os.PathLike | None = None) -> Path:
+    """The file holding an external tensor's bytes (its ``basepath`` wins over ``base_dir``)."""
+    info = _info(t)
+    location = info.get("location")
+    if not location:
+        raise InputError(f"tensor {t.name!r} is marked external but names no file", hint="re-export the model")
+    base = info.get(BASEPATH) or (str(base_dir) if base_dir is not None else None)
+    if base is None:
+        raise InputError(f"tensor {t.name!r} lives in {location!r} but the model's folder is unknown",
+                         hint="load the model from its file (load_model(path, load_external_data=False))")
+    path = (Path(base) / location).resolve()
+    if Path(base).resolve() not in path.parents:
+        raise InputError(f"tensor {t.name!r} points outside the model's folder ({location!r})",
+                         hint="external data must sit beside the model; a crafted path is refused")
+    return path
+
+
+def _span(t: onnx.TensorProto) -> tuple[int, int | None]:
+    info = _info(t)
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError as exc:
+        raise InputError(f"tensor {t.name!r} has a malformed external data offset/length",
+                         hint="re-export the model") from exc
+    return offset, length
+
+
+def nbytes(t: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data from its dims and type (no data read)."""
+    n = 1
+    for d in t.dims:
+        n *= d
+    try:
+        size = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        size = 4
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        return (n + 1) // 2
+    return n * size
+
+
+def remember_folder(model: onnx.ModelProto, path: str | os.PathLike) -> onnx.ModelProto:
+    """Record on every external tensor the folder of ``path`` (the model file) and check its file exists.
+
+    Raises:
+        InputError: a reference to a data file that is missing or outside the model's folder.
+    """
+    p = Path(path)
+    base = str(p.resolve().parent)
+    for t in initializers(model):
+        if is_external(t):
+            _set_info(t, {**_info(t), BASEPATH: base})
+            f = source_file(t)
+            if not f.is_file():
+                raise InputError(f"{p}: weights of {t.name!r} are in {f.name}, which is missing",
+                                 hint=f"put {f.name} beside {p.name}")
+    return model
+
+
+def tensor_array(t: onnx.TensorProto, base_dir: str | os.PathLike | None = None) -> np.ndarray:
+    """A tensor's values; external data is memory-mapped, not read."""
+    if not (is_external(t) and not t.raw_data):
+        return onnx.numpy_helper.to_array(t)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    offset, length = _span(t)
+    count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+    if length is not None and length != count * dtype.itemsize:
+        raise InputError(f"tensor {t.name!r}: external length {length} does not match its shape",
+                         hint="re-export the model")
+    mm = np.memmap(source_file(t, base_dir), dtype=dtype, mode="r", offset=offset, shape=(count,))
+    return mm.reshape(tuple(t.dims))
+
+
+def strip_basepath(model: onnx.ModelProto) -> None:
+    """Remove the in-memory ``basepath`` entries (ONNX Runtime rejects unknown keys)."""
+    for t in initializers(model):
+        if is_external(t) and any(e.key == BASEPATH for e in t.external_data):
+            _set_info(t, {k: v for k, v in _info(t).items() if k != BASEPATH})
+
+
+def write_streaming(model: onnx.ModelProto, dest: str | os.PathLike, *, data_name: str | None = None,
+                    inline_below: int = INLINE_BELOW) -> Path:
+    """Write ``model`` to ``dest`` with its weights in ``<dest>.data``, one tensor at a time.
+
+    Tensors held in memory are moved out of the model (the model is changed in place and then
+    refers to the written file); external tensors are copied from their file in chunks. Offsets
+    are page-aligned so ONNX Runtime can memory-map them. The caller provides atomicity (write
+    into a temporary folder, then rename), as :func:`onnxpipe.core.modelio.save_model` does.
+    """
+    dest = Path(dest)
+    data_name = data_name or f"{dest.name}.data"
+    data_path = dest.parent / data_name
+    with open(data_path, "wb") as out:
+        for t in initializers(model):
+            external = is_external(t) and not t.raw_data
+            if not external and nbytes(t) < inline_below:
+                continue
+            pad = (-out.tell()) % ALIGN
+            out.write(b"\0" * pad)
+            offset = out.tell()
+            if external:
+                src_offset, length = _span(t)
+                length = nbytes(t) if length is None else length
+                with open(source_file(t), "rb") as src:
+                    src.seek(src_offset)
+                    left = length
+                    while left:
+                        chunk = src.read(min(CHUNK, left))
+                        if not chunk:
+                            raise InputError(f"tensor {t.name!r}: its data file ends early",
+                                             hint="the external data file is truncated; re-export the model")
+                        out.write(chunk)
+                        left -= len(chunk)
+            else:
+                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+                out.write(raw)
+                length = len(raw)
+                del raw
+                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                              "uint64_data", "string_data"):
+                    t.ClearField(field)
+            t.data_location = onnx.TensorProto.EXTERNAL
+            _set_info(t, {"location": data_name, "offset": str(offset), "length": str(length)})
+    with open(dest, "wb") as f:
+        f.write(model.SerializeToString())
+    base = str(dest.resolve().parent)
+    for t in initializers(model):  # the in-memory model now reads from the written file
+        if is_external(t):
+            _set_info(t, {**_info(t), BASEPATH: base})
+    return dest
+
+
+def ort_model_path(model: onnx.ModelProto, folder: str | os.PathLike, *, placeholders: bool = False) -> Path:
+    """A file ONNX Runtime can load for a lazily loaded model: the header in ``folder``, data linked.
+
+    Each distinct data file gets a hard link (a copy where links are not possible) in ``folder``;
+    the header refers to those names. Nothing of the weights is read into memory. With
+    ``placeholders`` the data files are sparse files of the same size instead (for ``onnx.checker``,
+    which checks locations and sizes but refuses hard links).
+    """
+    folder = Path(folder)
+    header = onnx.ModelProto()
+    header.CopyFrom(model)  # external tensors hold no bytes: a cheap copy
+    names: dict[Path, str] = {}
+    for t in initializers(header):
+        if not (is_external(t) and not t.raw_data):
+            continue
+        src = source_file(t)
+        if src not in names:
+            name = f"w{len(names)}_{src.name}"
+            names[src] = name
+            link = folder / name
+            if placeholders:
+                with open(link, "wb") as f:
+                    f.truncate(src.stat().st_size)
+            else:
+                try:
+                    os.link(src, link)
+                except OSError:
+                    log.warning("copying %s to a scratch folder for ONNX Runtime (no hard link possible)", src)
+                    shutil.copyfile(src, link)
+        _set_info(t, {**{k: v for k, v in _info(t).items() if k != BASEPATH}, "location": names[src]})
+    path = folder / "model.onnx"
+    with open(path, "wb") as f:
+        f.write(header.SerializeToString())
+    return path
