@@ -154,3 +154,72 @@ def test_split_cli_size_options(external_chain, tmp_path):
     assert r.returncode == 2 and "cannot read the size 'lots'" in r.stderr
     r = run_cli("split", str(external_chain), "-o", str(tmp_path / "q"), "--max-part-bytes", "10kB", "--parts", "3")
     assert r.returncode == 2 and "give one of them" in r.stderr
+
+
+def toy_decoder(layers: int = 3, d: int = 8) -> onnx.ModelProto:
+    """A decoder-shaped graph: per layer a KV cache (past_key_values.{i} -> present.{i}) and an MLP."""
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    inputs = [oh.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["B", "S", d])]
+    outputs = []
+
+    def w(name: str, shape: tuple[int, ...]) -> str:
+        inits.append(onnx.numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name))
+        return name
+
+    h = "h"
+    for i in range(layers):
+        for kind in ("key", "value"):
+            inputs.append(oh.make_tensor_value_info(f"past_key_values.{i}.{kind}", onnx.TensorProto.FLOAT, ["B", "T", d]))
+            outputs.append(oh.make_tensor_value_info(f"present.{i}.{kind}", onnx.TensorProto.FLOAT, ["B", "U", d]))
+            nodes += [oh.make_node("MatMul", [h, w(f"W{kind[0]}{i}", (d, d))], [f"{kind}{i}"]),
+                      oh.make_node("Concat", [f"past_key_values.{i}.{kind}", f"{kind}{i}"], [f"present.{i}.{kind}"], axis=1)]
+        nodes += [
+            oh.make_node("ReduceMean", [f"present.{i}.key"], [f"km{i}"], axes=[1], keepdims=1),
+            oh.make_node("ReduceMean", [f"present.{i}.value"], [f"vm{i}"], axes=[1], keepdims=1),
+            oh.make_node("Mul", [f"km{i}", f"vm{i}"], [f"kv{i}"]),
+            oh.make_node("Add", [h, f"kv{i}"], [f"a{i}"]),
+            oh.make_node("MatMul", [f"a{i}", w(f"W1_{i}", (d, 4 * d))], [f"u{i}"]),
+            oh.make_node("Relu", [f"u{i}"], [f"r{i}"]),
+            oh.make_node("MatMul", [f"r{i}", w(f"W2_{i}", (4 * d, d))], [f"m{i}"]),
+            oh.make_node("Add", [f"a{i}", f"m{i}"], [f"h{i}"]),
+        ]
+        h = f"h{i}"
+    nodes.append(oh.make_node("MatMul", [h, w("lm_head", (d, 16))], ["logits"]))
+    outputs.insert(0, oh.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["B", "S", 16]))
+    graph = oh.make_graph(nodes, "toy_decoder", inputs, outputs, inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+def test_decoders_split_between_layers_and_each_stage_keeps_its_cache(tmp_path):
+    from onnxpipe.partition.layers import layer_boundaries
+
+    model = toy_decoder(3)
+    profile = profile_graph(model, batch=1)
+    bounds = layer_boundaries(profile)
+    assert len(bounds) == 2
+    for b in bounds:  # the cut comes right after a layer's residual Add: only the stream crosses
+        assert profile.nodes[b - 1].op_type == "Add" and profile.nodes[b - 1].output[0].startswith("h")
+    result = split_model(model, tmp_path / "dec", parts=3, at_layers=True, balance="params")
+    assert result.ok
+    spec = PipelineSpec.load(tmp_path / "dec")
+    assert spec.extra["layers"] == [[0], [1], [2]]
+    for k, part in enumerate(spec.parts):
+        assert {t for t in part.inputs if t.startswith("past_")} == {f"past_key_values.{k}.key", f"past_key_values.{k}.value"}
+        assert {t for t in part.outputs if t.startswith("present")} == {f"present.{k}.key", f"present.{k}.value"}
+    with pytest.raises(InputError, match="too few for 5 parts"):
+        split_model(model, tmp_path / "dec5", parts=5, at_layers=True)
+    with pytest.raises(InputError, match="no decoder layers"):
+        split_model(chain_model(), tmp_path / "x", parts=2, at_layers=True)
+
+
+def test_split_cli_takes_a_generation_folder_and_keeps_its_side_files(tmp_path):
+    folder = tmp_path / "gen"
+    save_model(toy_decoder(4), folder / "model.onnx")
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "genai_config.json").write_text("{}")
+    r = run_cli("split", str(folder), "-o", str(tmp_path / "parts"), "--parts", "2", "--balance", "params")
+    assert r.returncode == 0, r.stderr
+    spec = json.loads((tmp_path / "parts" / "pipeline.json").read_text())
+    assert spec["layers"] == [[0, 1], [2, 3]]  # layer boundaries chosen by default for a KV-cache model
+    assert (tmp_path / "parts" / "tokenizer.json").is_file() and (tmp_path / "parts" / "genai_config.json").is_file()

@@ -15,7 +15,8 @@ from onnxpipe.cli._common import console_for
 def register(app: typer.Typer) -> None:
     @app.command()
     def split(
-        model: Annotated[Path, typer.Argument(help="An .onnx model.")],
+        model: Annotated[Path, typer.Argument(help="An .onnx model, or a text-generation folder from "
+                                                     "`onnxpipe convert --task text-generation`.")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Folder for part<k>.onnx and pipeline.json.")],
         parts: Annotated[int | None, typer.Option("--parts", "-n", help="Number of stages (default 2).")] = None,
         max_part_bytes: Annotated[str | None, typer.Option("--max-part-bytes", help="Instead of --parts: as many stages as "
@@ -29,6 +30,9 @@ def register(app: typer.Typer) -> None:
         dim: Annotated[list[str] | None, typer.Option("--dim", help="NAME=VALUE for a named symbolic dim, repeatable.")] = None,
         atol: Annotated[float, typer.Option("--atol", help="Absolute tolerance of the sequence-vs-whole check.")] = 1e-4,
         rtol: Annotated[float, typer.Option("--rtol", help="Relative tolerance of the sequence-vs-whole check.")] = 1e-3,
+        at_layers: Annotated[bool | None, typer.Option("--at-layers/--anywhere", help="Cut only between decoder layers "
+                                                       "(default for models with a KV cache: each stage keeps whole "
+                                                       "layers and their cache).")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print pipeline.json's content on stdout.")] = False,
     ) -> None:
         """Cut a model into stages where few, small tensors cross, balanced by FLOPs or memory; check and write them."""
@@ -39,11 +43,25 @@ def register(app: typer.Typer) -> None:
         if batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, received {batch_size}", hint="use a positive batch size")
         cap = parse_bytes(max_part_bytes) if max_part_bytes is not None else None
+        side: list[Path] = []
+        if model.is_dir():  # a text-generation folder: split its decoder, keep tokenizer and configs beside
+            if not (model / "model.onnx").is_file():
+                raise InputError(f"{model} is a folder without model.onnx",
+                                 hint="give an .onnx file, or a folder written by `onnxpipe convert --task text-generation`")
+            side = [f for f in sorted(model.iterdir()) if f.is_file() and not f.name.startswith("model.onnx")]
+            model = model / "model.onnx"
+        if at_layers is None:
+            from onnxpipe.core.modelio import load_model
+            from onnxpipe.partition.layers import kv_layer_count
+
+            header = load_model(model, load_external_data=False)  # no weight bytes read
+            at_layers = not cut and kv_layer_count([i.name for i in header.graph.input]) > 1
         if cap is not None and parts is not None:
             raise InputError("--parts and --max-part-bytes both set the number of stages", hint="give one of them")
         console = console_for(json_out)
         result = split_model(model, output, parts=parts or 2, balance=balance, cuts=cut or (), batch=batch_size,
-                             dims=parse_dims(dim), atol=atol, rtol=rtol, max_part_bytes=cap)
+                             dims=parse_dims(dim), atol=atol, rtol=rtol, max_part_bytes=cap, at_layers=at_layers,
+                             side_files=side)
         console.print(result.table())
         for c in result.spec.extra.get("cuts", []):
             names = ", ".join(f"{t['name']} {t['shape'] or ''}" for t in c["tensors"])

@@ -170,7 +170,7 @@ def _loads(profile: GraphProfile, order: Sequence[int], balance: str) -> tuple[n
 
 
 def find_cuts(profile: GraphProfile, parts: int, *, balance: str = "flops", cuts: Sequence[str] = (),
-              slack: float = 0.05) -> CutPlan:
+              slack: float = 0.05, allowed: Sequence[int] | None = None) -> CutPlan:
     """Cut ``profile``'s graph into ``parts`` stages, or at the named tensors.
 
     Args:
@@ -179,6 +179,7 @@ def find_cuts(profile: GraphProfile, parts: int, *, balance: str = "flops", cuts
         balance: ``flops`` (speed), ``params`` (weight bytes) or ``memory`` (weights + peak activations).
         cuts: tensors to cut after, by hand.
         slack: how far above the best bottleneck a part may go to send fewer bytes.
+        allowed: the only positions a cut may take (e.g. layer boundaries); None: any.
 
     Raises:
         InputError: an unknown balance, fewer than 2 parts, more parts than nodes, or a bad cut tensor.
@@ -200,6 +201,10 @@ def find_cuts(profile: GraphProfile, parts: int, *, balance: str = "flops", cuts
         raise InputError(f"--parts must be >= 2, received {parts}", hint="split into 2 or more parts")
     if parts > n:
         raise InputError(f"cannot cut a model of {n} node(s) into {parts} parts", hint=f"use --parts {n} or fewer")
+    if allowed is not None and parts - 1 > len(set(allowed)):
+        raise InputError(f"only {len(set(allowed))} cut position(s) are allowed, too few for {parts} parts",
+                         hint=f"use --parts {len(set(allowed)) + 1} or fewer")
+    blocked = _blocked(n, allowed)
     order = list(range(n))
     load, live = _loads(profile, order, balance)
     cross = _cross_bytes(profile, order)
@@ -219,7 +224,7 @@ def find_cuts(profile: GraphProfile, parts: int, *, balance: str = "flops", cuts
     best[0, 0] = 0.0
     for p in range(1, parts + 1):
         for j in range(p, n - (parts - p) + 1):
-            best[p, j] = np.min(np.maximum(best[p - 1, :j], seg(j)))
+            best[p, j] = np.inf if blocked[j] else np.min(np.maximum(best[p - 1, :j], seg(j)))
     cap = best[parts, n] * (1 + slack) + 1e-9
     # among splits within the cap, the fewest bytes sent
     sent = np.full((parts + 1, n + 1), inf)
@@ -231,7 +236,7 @@ def find_cuts(profile: GraphProfile, parts: int, *, balance: str = "flops", cuts
             # ties in bytes go to the more even split (sum of squared loads; worth far less than a byte)
             cand = np.where(load_j <= cap, sent[p - 1, :j], inf) + (cross[j] if j < n else 0.0) + 1e-3 * (load_j / cap) ** 2
             i = int(np.argmin(cand))
-            sent[p, j], back[p, j] = cand[i], i
+            sent[p, j], back[p, j] = (inf if blocked[j] else cand[i]), i
     bounds = [n]
     for p in range(parts, 0, -1):
         bounds.append(int(back[p, bounds[-1]]))
@@ -265,13 +270,24 @@ def part_bytes(profile: GraphProfile, order: Sequence[int], bounds: Sequence[int
     return out
 
 
-def find_capped_cuts(profile: GraphProfile, max_part_bytes: int) -> CutPlan:
+def _blocked(n: int, allowed: Sequence[int] | None) -> np.ndarray:
+    """Per position 0..n: True where a cut may not go (the ends are always open)."""
+    blocked = np.zeros(n + 1, dtype=bool)
+    if allowed is not None:
+        blocked[1:n] = True
+        blocked[[p for p in allowed if 0 < p < n]] = False
+    return blocked
+
+
+def find_capped_cuts(profile: GraphProfile, max_part_bytes: int, *, allowed: Sequence[int] | None = None) -> CutPlan:
     """The fewest stages each holding at most ``max_part_bytes``, then the fewest bytes sent between them.
 
     A stage holds its weights (a weight read on both sides of a cut is counted on both), the bytes
     of the tensors it receives and the bytes it sends. One dynamic program over the positions of
     the node order, with the weight bytes of every segment ending at ``j`` kept up to date
     incrementally (each weight read adds its size to the segments that newly contain it).
+
+    ``allowed`` limits the cuts to those positions (e.g. layer boundaries).
 
     Raises:
         InputError: a cap that is not positive, or one node that alone holds more than the cap.
@@ -292,6 +308,7 @@ def find_capped_cuts(profile: GraphProfile, max_part_bytes: int) -> CutPlan:
     back = np.zeros(n + 1, dtype=int)
     parts[0], sent[0] = 0, 0.0
     cap = float(max_part_bytes)
+    blocked = _blocked(n, allowed)
     for j in range(1, n + 1):
         node = order[j - 1]
         for w in dict.fromkeys(profile.weights[node]):
@@ -299,10 +316,12 @@ def find_capped_cuts(profile: GraphProfile, max_part_bytes: int) -> CutPlan:
             seg_weights[q + 1:j] += profile.init_bytes.get(w, 0)
             last_read[w] = j - 1
         seg_weights[:j] += _node_own_bytes(profile.nodes[node])
+        if blocked[j]:
+            continue
         load = seg_weights[:j] + np.where(np.arange(j) > 0, cross[:j], 0.0) + (cross[j] if j < n else 0.0)
         ok = (load <= cap) & (parts[:j] < np.iinfo(np.int64).max)
         if not ok.any():
-            if load[j - 1] > cap:
+            if load[j - 1] > cap and allowed is None:
                 big = profile.nodes[node]
                 label = big.name or (big.output[0] if big.output else big.op_type)
                 raise InputError(f"node {label!r} ({big.op_type}) alone holds {int(load[j - 1]):,} bytes, over "
@@ -314,8 +333,10 @@ def find_capped_cuts(profile: GraphProfile, max_part_bytes: int) -> CutPlan:
         i = int(np.argmin(cand))
         parts[j], sent[j], back[j] = fewest + 1, cand[i], i
     if parts[n] == np.iinfo(np.int64).max:
-        raise InputError(f"the model cannot be cut into parts of at most {max_part_bytes:,} bytes: the tensors "
-                         "crossing every cut are too large", hint="raise --max-part-bytes, or lower --batch-size")
+        why = ("some layer, with what crosses its boundaries, holds more" if allowed is not None else
+               "the tensors crossing every cut are too large")
+        raise InputError(f"the model cannot be cut into parts of at most {max_part_bytes:,} bytes: {why}",
+                         hint="raise --max-part-bytes, or lower --batch-size")
     bounds = [n]
     while bounds[-1] > 0:
         bounds.append(int(back[bounds[-1]]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from onnxpipe.core.files import atomic_output
 from onnxpipe.core.modelio import check_model, load_model, save_model, tensor_bytes
 from onnxpipe.partition.cut import find_capped_cuts, find_cuts, part_bytes
 from onnxpipe.partition.extract import Stage, build_stages
+from onnxpipe.partition.layers import layer_boundaries
 from onnxpipe.partition.memory import report_from_profile
 from onnxpipe.partition.profile import GraphProfile, profile_graph
 from onnxpipe.partition.spec import FILE, PartSpec, PipelineSpec, carried, run_sequence
@@ -115,7 +117,8 @@ def check_sequence(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto], pa
 def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.PathLike, *, parts: int = 2,
                 balance: str = "flops", cuts: Sequence[str] = (), batch: int = 1,
                 dims: Mapping[str, int] | None = None, check: bool = True, atol: float = ATOL,
-                rtol: float = RTOL, max_part_bytes: int | None = None) -> SplitResult:
+                rtol: float = RTOL, max_part_bytes: int | None = None, at_layers: bool = False,
+                side_files: Sequence[str | os.PathLike] = ()) -> SplitResult:
     """Cut ``model`` into stages, check them against the whole, and write them with ``pipeline.json``.
 
     Args:
@@ -130,6 +133,9 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
         atol, rtol: tolerance of that check.
         max_part_bytes: instead of ``parts``, as many parts as needed for each to hold at most this
             many bytes (weights + the tensors it receives and sends), cut where little crosses.
+        at_layers: cut only between decoder layers (a model with ``past_key_values.{i}`` inputs),
+            so each stage holds whole layers and their KV cache.
+        side_files: files copied into the folder beside the parts (a decoder's tokenizer and configs).
 
     A model given as a path is read without its external data: weights are copied from file to
     file one tensor at a time and ONNX Runtime memory-maps them for the check, so memory stays
@@ -154,10 +160,15 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file", hint="give a folder for the parts with -o")
     profile = profile_graph(proto, batch=batch, dims=dims)
+    allowed = None
+    if at_layers:
+        if cuts:
+            raise InputError("--cut and layer boundaries both choose the cuts", hint="give one of them")
+        allowed = layer_boundaries(profile)
     if max_part_bytes is not None:
-        plan = find_capped_cuts(profile, max_part_bytes)
+        plan = find_capped_cuts(profile, max_part_bytes, allowed=allowed)
     else:
-        plan = find_cuts(profile, parts, balance=balance, cuts=cuts)
+        plan = find_cuts(profile, parts, balance=balance, cuts=cuts, allowed=allowed)
     stages = build_stages(profile, plan)
     outputs = list(profile.outputs)
     for k, stage in enumerate(stages):
@@ -187,6 +198,8 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
     extra: dict[str, Any] = {
         "source": source, "balance": plan.balance, "batch": batch, "cuts": cut_info,
         "part_bytes": part_bytes(profile, plan.order, plan.bounds),
+        **({"layers": [sorted({int(m) for t in (*p.inputs, *p.outputs) for m in _layer_of(t)}) for p in specs]}
+           if at_layers else {}),
         **({"max_part_bytes": max_part_bytes} if max_part_bytes is not None else {}),
         "check": {"ok": all(c.ok for c in comparisons), "atol": atol, "rtol": rtol,
                   "max_abs": worst.max_abs if worst else 0.0, "outputs": [c.as_dict() for c in comparisons]}
@@ -196,11 +209,18 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
         return [{"name": i.name, "dtype": str(i.dtype), "shape": i.shape} for i in infos]
 
     spec = PipelineSpec(folder, io(graph_inputs(proto)), io(value_infos(proto.graph.output)), specs, extra)
-    _write(spec, stages)
+    _write(spec, stages, side_files)
     return SplitResult(spec, comparisons, list(profile.notes))
 
 
-def _write(spec: PipelineSpec, stages: list[Stage]) -> None:
+def _layer_of(name: str) -> list[str]:
+    from onnxpipe.partition.layers import PAST, PRESENT
+
+    m = PAST.match(name) or PRESENT.match(name)
+    return [m.group(1)] if m else []
+
+
+def _write(spec: PipelineSpec, stages: list[Stage], side_files: Sequence[str | os.PathLike] = ()) -> None:
     """Every part, then pipeline.json, moved into the folder together; older parts there removed."""
     from onnxpipe.core.files import file_digest
 
@@ -216,6 +236,8 @@ def _write(spec: PipelineSpec, stages: list[Stage]) -> None:
         for part, stage in zip(spec.parts, stages):
             save_model(stage.model, tmp / part.file, external_data=True)
             part.sha256 = file_digest(tmp / part.file)
+        for f in side_files:
+            shutil.copy2(f, tmp / Path(f).name)
         spec.write(tmp)
         new = {f.name for f in tmp.iterdir()}
     for name in old - new:
