@@ -19,6 +19,7 @@ import onnx
 from onnxpipe.core.analysis import NoShape, graph_cost, node_cost
 from onnxpipe.core.shapes import Shape, concrete_inputs, infer_shapes, runtime_shapes
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.external import nbytes as tensor_nbytes
 from onnxpipe.core.graph import subgraph_inputs, subgraphs, toposort
 from onnxpipe.core.tensors import graph_inputs
 
@@ -164,6 +165,6 @@ def profile_graph(model: onnx.ModelProto, *, batch: int = 1, dims: Mapping[str, 
     if uncounted:
         notes.append(f"{uncounted} node(s) without a cost rule count as 0 FLOPs")
     producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
-    init_bytes = {name: math.prod(t.dims) * _itemsize(t.data_type) for name, t in inits.items()}
+    init_bytes = {name: tensor_nbytes(t) for name, t in inits.items()}
     return GraphProfile(sorted_model, list(g.node), reads, weights, producer, [i.name for i in infos],
                         [o.name for o in g.output], nbytes, types, flops, init_bytes, batch, dict(shapes), notes)
