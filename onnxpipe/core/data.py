@@ -54,8 +54,13 @@ def calibration_source(spec: str | Path | Callable[[], Iterable[Batch]], *,
     return batches
 
 
-def evaluation_source(spec: str | Path | tuple) -> tuple[Batch, np.ndarray]:
-    """``(inputs by name, labels)``: from ``file.py:function``, or a ``.npz`` with a ``labels`` array."""
+def evaluation_source(spec: str | Path | tuple, *, model: str | Path | None = None) -> tuple[Batch, np.ndarray]:
+    """``(inputs by name, labels)``: from ``file.py:function``, or a ``.npz`` with a ``labels`` array.
+
+    For language models (metric ``perplexity``): a text file (``.txt``), tokenized with the
+    tokenizer.json in ``model``'s folder and cut into windows of its context, or a ``.npz`` of
+    token ids ``input_ids`` [windows, tokens] (labels: the ids themselves unless given).
+    """
     if isinstance(spec, tuple):
         inputs, labels = spec
         return dict(inputs), np.asarray(labels)
@@ -69,7 +74,13 @@ def evaluation_source(spec: str | Path | tuple) -> tuple[Batch, np.ndarray]:
     path = Path(text)
     if not path.is_file():
         raise InputError(f"evaluation data: no such file {path}", hint="give a .npz with the inputs and 'labels'")
+    from onnxpipe.core import perplexity
+
+    if path.suffix.lower() in perplexity.TEXT_SUFFIXES:
+        return perplexity.text_windows(path, model)
     arrays = _npz_arrays(path)
+    if "labels" not in arrays and "input_ids" in arrays:  # token ids of a language model
+        return perplexity.token_arrays(arrays)
     if "labels" not in arrays:
         raise InputError(f"evaluation data {path} has no 'labels' array", hint="save the labels under the key 'labels'")
     labels = arrays.pop("labels")

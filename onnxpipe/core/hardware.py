@@ -187,3 +187,30 @@ def u8s8_saturates() -> bool:
     """
     c = cpu()
     return c.arch in ("x86_64", "amd64", "i686", "x86") and not c.vnni
+
+
+def weight_only_advice(bits: int = 4) -> tuple[int, bool, str]:
+    """The MatMulNBits ``accuracy_level`` this CPU computes fast, whether the blocked kernels are fast here, and why.
+
+    ONNX Runtime's blocked int4/int8 GEMM kernels (MLAS) exist for x86 with AVX2 or AVX-512 and
+    for 64-bit ARM. Level 4 quantizes activations to int8 per block and multiplies in int8 (VNNI or
+    ARM dot-product instructions make it fastest); level 0 computes in float32 and has no 8-bit
+    kernel at all: 8-bit weights then dequantize on every run, far slower than float32.
+    Elsewhere every block is dequantized to float32 at each run.
+
+    Example:
+        >>> level, fast, why = weight_only_advice(4)
+        >>> level in (0, 4)
+        True
+    """
+    c = cpu()
+    x86 = c.arch in ("x86_64", "amd64", "i686", "x86")
+    dot = f" with {', '.join(c.int8_dot)}" if c.int8_dot else ""
+    if x86 and c.simd in ("avx2", "avx512"):
+        return 4, True, (f"{c.model}: {c.simd}{dot}: ONNX Runtime's blocked int{bits} kernels compute in int8 "
+                         "(accuracy_level 4) fastest here")
+    if c.arch in ("arm64", "aarch64"):
+        why = "int8 dot-product instructions" if c.int8_dot else "NEON (no int8 dot product: int8 compute is slower)"
+        return (4 if c.int8_dot else 0), True, f"{c.model}: ARM with {why}"
+    return 0, False, (f"{c.model}: {c.simd} only: ONNX Runtime has no blocked int{bits} kernel for it; each weight "
+                      "block is dequantized at every run (likely slower than float32)")

@@ -52,6 +52,14 @@ def _conv_share(model: onnx.ModelProto) -> float:
     return sum(n.op_type in CONV_OPS for n in heavy) / len(heavy) if heavy else 0.0
 
 
+WEIGHT_ONLY_MODES = ("int4", "int8-weight-only")
+
+
+def _weight_only(config: Any) -> bool:
+    mode = config.get("mode") if isinstance(config, Mapping) else getattr(config, "mode", None)
+    return mode in WEIGHT_ONLY_MODES
+
+
 class Quantize(Pass):
     """int8 quantization, dynamic or static, checked by cosine similarity against the float model.
 
@@ -62,9 +70,26 @@ class Quantize(Pass):
 
     name = "quantize"
 
+    def __new__(cls, config: Mapping[str, Any] | PassConfig | None = None) -> Any:
+        # weight-only modes are their own pass (passes/quant_weight_only.py) behind the same name
+        if cls is Quantize and _weight_only(config):
+            from onnxpipe.passes.quant_weight_only import WeightOnlyQuantize
+
+            return WeightOnlyQuantize(config)
+        return super().__new__(cls)
+
+    @classmethod
+    def parse_config(cls, raw: Mapping[str, Any]) -> PassConfig:
+        if cls is Quantize and _weight_only(raw):
+            from onnxpipe.passes.quant_weight_only import WeightOnlyQuantize
+
+            return WeightOnlyQuantize.parse_config(raw)
+        return super().parse_config(raw)
+
     class Config(PassConfig):
-        mode: Literal["auto", "dynamic", "static"] = "auto"
-        """auto: static when convolutions do most of the work (or for cuda/tensorrt), else dynamic."""
+        mode: Literal["auto", "dynamic", "static", "int4", "int8-weight-only"] = "auto"
+        """auto: static when convolutions do most of the work (or for cuda/tensorrt), else dynamic.
+        int4 / int8-weight-only: weights only, in blocks, into MatMulNBits (see passes/quant_weight_only.py)."""
         target: Literal["cpu", "cuda", "tensorrt"] = "cpu"
         """Where the model will run: decides formats, types and symmetry."""
         format: Literal["qdq", "qoperator"] = "qdq"

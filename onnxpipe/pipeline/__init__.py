@@ -94,7 +94,7 @@ def optimize(
             one, e.g. ``cpu:0[threads=2,spinning=false]``); default: ONNX Runtime's defaults.
         on_event: progress callback ``(message, stage or None)``.
     """
-    from onnxpipe.core.metrics import evaluate, resolve
+    from onnxpipe.core.metrics import bind, evaluate, resolve
 
     current = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     pass_objs = [make_pass(p) for p in passes]
@@ -136,8 +136,8 @@ def optimize(
             work = Path(scratch) / f"{index:02d}"
             work.mkdir()
             ctx = PassContext(check_inputs=inputs, calibration=calibration, evaluation=evaluation,
-                              metric=(lambda m: evaluate(m, evaluation[0], evaluation[1], metric_fn))
-                              if metric_fn else None, workdir=work,
+                              metric=bind(metric_fn, evaluation[0], evaluation[1]) if metric_fn else None,
+                              workdir=work,
                               log=lambda line: notify(line, None))
             trial = try_pass(p, stage, current, inputs, reference, ctx)
             candidate = trial.model
@@ -196,7 +196,8 @@ def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = 
     out.mkdir(parents=True, exist_ok=True)
     calibration = (data_mod.calibration_source(resolve_path(r, r.data.calibration), batch_size=r.data.batch_size)
                    if r.data.calibration else None)
-    evaluation = data_mod.evaluation_source(resolve_path(r, r.data.evaluation)) if r.data.evaluation else None
+    evaluation = (data_mod.evaluation_source(resolve_path(r, r.data.evaluation), model=resolve_path(r, r.model.source))
+                  if r.data.evaluation else None)
     total = len(r.passes) + 2
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=console, transient=True) as progress:

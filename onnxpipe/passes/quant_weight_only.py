@@ -1,0 +1,717 @@
+"""Weight-only quantization into MatMulNBits (int4, or int8 weights), by ONNX Runtime's MatMulNBitsQuantizer.
+
+``quantize: {mode: int4}`` stores every MatMul weight in blocks of ``block_size`` values along K,
+each block with its own scale (and zero point unless symmetric), and runs them as
+``com.microsoft.MatMulNBits``; activations stay float. ``mode: int8-weight-only`` does the same
+with 8-bit blocks (the name keeps it apart from ``dynamic``/``static``, which quantize activations
+too). The quantization itself is ONNX Runtime's: ``rtn`` is its default round-to-nearest block
+quantizer (MLAS), ``hqq`` and ``gptq`` its HQQ and GPTQ configurations (GPTQ streams calibration data).
+
+The pass proves its result twice: every stored block is dequantized as the MatMulNBits spec
+reads it and compared with the original weights (error within what the block's scale allows),
+and ONNX Runtime's own kernel is run on one-hot rows to read back the same weights (the layout
+it sees is the layout we checked). With ``max_drop`` the most sensitive MatMuls move to 8 bits,
+then to float, fewest first, until perplexity (or the task metric, or agreement with float32)
+stays within the budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import io
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from pydantic import Field
+
+from onnxpipe.core import hardware
+from onnxpipe.core.agreement import agreement_score, judge_cosine
+from onnxpipe.core.compare import Comparison
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.graph import name_bytes, subgraphs
+from onnxpipe.core.tensors import graph_inputs
+from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
+from onnxpipe.passes.quant_budget import fit_budget
+from onnxpipe.passes.quant_data import RECIPE_HINT, StreamingReader, take_batches
+
+MODES = {"int4": 4, "int8-weight-only": 8}
+ALGORITHMS = ("rtn", "hqq", "gptq")
+# a block holds at most this many quantization steps of error (per algorithm) before the layout check fails
+RTN_STEPS = {False: 0.5, True: 1.0}  # asymmetric rounds to nearest; symmetric may clip one step at the far end
+SEARCH_STEPS = 2.0  # hqq and gptq move values off the nearest grid point on purpose, never by whole blocks
+RMS_STEPS = 0.75  # a block's rms error in steps: uniform rounding gives 0.29; a misread layout gives several
+LAYOUT_ROWS = 48  # one-hot rows of K read back through ONNX Runtime's kernel, per node
+SHAPE_OPS = {"Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Add", "Mul", "Div",
+             "Tanh", "Softcap", "Slice", "Gather", "Concat", "Split"}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # ORT's weight-only tools log each node at INFO/WARNING and print GPTQ progress on stdout
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+# -- what to quantize --------------------------------------------------------------------
+
+def weight_matmuls(model: onnx.ModelProto) -> dict[str, str]:
+    """``{node name: weight initializer}`` of the top graph's MatMuls with a constant 2-D (or [1.., K, N]) weight."""
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits:
+            dims = list(inits[n.input[1]].dims)
+            if len(dims) >= 2 and all(d == 1 for d in dims[:-2]) and inits[n.input[1]].data_type in (
+                    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+                out[n.name] = n.input[1]
+    return out
+
+
+def lm_head(model: onnx.ModelProto) -> str | None:
+    """The MatMul that computes the logits: walking back from the ``logits`` output (or the first
+    output) through reshapes, casts and scalings to the first MatMul with a constant weight."""
+    graph = model.graph
+    if not graph.output:
+        return None
+    out = next((o.name for o in graph.output if "logits" in o.name.lower()), graph.output[0].name)
+    producer = {o: n for n in graph.node for o in n.output if o}
+    weights = weight_matmuls(model)
+    frontier, seen = [out], set()
+    while frontier:
+        tensor = frontier.pop(0)
+        node = producer.get(tensor)
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.name in weights:
+            return node.name
+        if node.op_type in SHAPE_OPS or node.op_type == "MatMul":
+            frontier.extend(i for i in node.input if i)
+    return None
+
+
+def _name_nodes(model: onnx.ModelProto) -> None:
+    """Every node gets a unique name: exclusions, the quantizer's ``<name>_Q4`` and the budget work by name."""
+    graphs = [model.graph]
+    seen: set[str] = set()
+    while graphs:
+        g = graphs.pop()
+        for i, node in enumerate(g.node):
+            if not node.name or node.name in seen:
+                base = node.name or f"{node.op_type}_{i}"
+                name, k = base, 0
+                while name in seen:
+                    k += 1
+                    name = f"{base}_{k}"
+                node.name = name
+            seen.add(node.name)
+            graphs.extend(subgraphs(node))
+
+
+# -- the layout check --------------------------------------------------------------------
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Unsigned values from bytes, low bits first (the MatMulNBits packing), the last axis cut to ``count``."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if bits == 8:
+        vals = packed
+    elif bits == 4:
+        vals = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    else:
+        vals = np.stack([(packed >> s) & 0x03 for s in (0, 2, 4, 6)], axis=-1).reshape(*packed.shape[:-1], -1)
+    return vals[..., :count]
+
+
+@dataclass
+class Blocks:
+    """A MatMulNBits weight as stored: values [N, blocks, block_size], scales and zero points [N, blocks]."""
+
+    k: int
+    n: int
+    bits: int
+    block_size: int
+    values: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+
+    def dequantize(self) -> np.ndarray:
+        """The weight [K, N] the spec defines: ``(value - zero point) * scale`` per block."""
+        w = (self.values.astype(np.float64) - self.zero_points[..., None]) * self.scales[..., None]
+        return w.reshape(self.n, -1)[:, : self.k].T
+
+
+def read_blocks(node: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> Blocks:
+    """A MatMulNBits node's stored blocks, read as its spec says (B [N, blocks, blob], scales [N * blocks],
+    zero points packed per row of N like B, or float [N * blocks]; default zero point 2^(bits-1))."""
+    k, n, bits, bs = (int(_attr(node, a)) for a in ("K", "N", "bits", "block_size"))
+    blocks = -(-k // bs)
+    b = np.asarray(inits[node.input[1]]).reshape(n, blocks, -1)
+    values = _unpack(b, bits, bs)
+    scales = np.asarray(inits[node.input[2]], dtype=np.float64).reshape(n, blocks)
+    if len(node.input) > 3 and node.input[3]:
+        zp = np.asarray(inits[node.input[3]])
+        if np.issubdtype(zp.dtype, np.floating):
+            zero = zp.astype(np.float64).reshape(n, blocks)
+        else:
+            zero = _unpack(zp.reshape(n, -1), bits, blocks).astype(np.float64)
+    else:
+        zero = np.full((n, blocks), 2.0 ** (bits - 1))
+    return Blocks(k, n, bits, bs, values, scales, zero)
+
+
+@dataclass
+class LayoutCheck:
+    """How the stored blocks of every quantized MatMul agree with the original weights."""
+
+    ok: bool = True
+    nodes: int = 0
+    worst_steps: float = 0.0
+    worst_rms_steps: float = 0.0
+    worst_node: str | None = None
+    runtime_max_diff: float = 0.0
+    relative_error: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "nodes": self.nodes, "worst_block_error_steps": round(self.worst_steps, 3),
+                "worst_block_rms_steps": round(self.worst_rms_steps, 3), "worst_node": self.worst_node,
+                "runtime_readback_max_diff": self.runtime_max_diff,
+                "weight_relative_error": round(self.relative_error, 5), "failures": self.failures[:10]}
+
+
+def _readback(node: onnx.NodeProto, inits: Mapping[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """Rows of the weight as ONNX Runtime's MatMulNBits kernel sees it: the node times one-hot rows."""
+    from onnxpipe.core.session import Session
+
+    k = int(_attr(node, "K"))
+    single = helper.make_node("MatMulNBits", ["a", *node.input[1:]], ["y"], domain="com.microsoft",
+                              **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+    tensors = [numpy_helper.from_array(np.asarray(inits[name]), name) for name in node.input[1:] if name]
+    graph = helper.make_graph([single], "readback", [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], tensors)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    eye = np.zeros((len(rows), k), np.float32)
+    eye[np.arange(len(rows)), rows] = 1.0
+    with Session(model, optimization="disable") as s:
+        return s.run({"a": eye})["y"]
+
+
+def check_layout(float_model: onnx.ModelProto, quantized: onnx.ModelProto, algorithm: str, symmetric: bool,
+                 *, bits: int = 4, runtime: bool = True) -> LayoutCheck:
+    """Dequantize every MatMulNBits node's blocks and compare them with the float model's weights block by block.
+
+    A block passes when its largest error is within what its scale allows (half a step for
+    round-to-nearest, one for symmetric, ``SEARCH_STEPS`` for hqq/gptq, which trade single values
+    for a lower total error) and its rms error is under ``RMS_STEPS`` steps. ONNX Runtime's kernel
+    then reads back ``LAYOUT_ROWS`` rows of each weight: they must equal our dequantization.
+    """
+    floats = {n.name: n for n in float_model.graph.node}
+    f_inits = {i.name: i for i in float_model.graph.initializer}
+    q_inits_proto = {i.name: i for i in quantized.graph.initializer}
+    out = LayoutCheck()
+    err_sq = ref_sq = 0.0
+    for node in quantized.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        base = node.name.rsplit("_Q", 1)[0]
+        original = floats.get(base)
+        if original is None or original.input[1] not in f_inits:
+            continue
+        node_bits = int(_attr(node, "bits"))
+        # nodes at another width than the pass's come from the rtn quantizer (the budget's 8-bit ones)
+        limit = RTN_STEPS[symmetric] if algorithm == "rtn" or node_bits != bits else SEARCH_STEPS
+        inits = {name: numpy_helper.to_array(q_inits_proto[name]) for name in node.input[1:] if name in q_inits_proto}
+        w = numpy_helper.to_array(f_inits[original.input[1]]).astype(np.float64)
+        w = w.reshape(w.shape[-2], w.shape[-1])
+        blocks = read_blocks(node, inits)
+        if (blocks.k, blocks.n) != w.shape:
+            out.failures.append(f"{node.name}: K x N {blocks.k}x{blocks.n} where the weight is {w.shape[0]}x{w.shape[1]}")
+            continue
+        deq = blocks.dequantize()
+        pad = blocks.values.shape[1] * blocks.block_size - blocks.k
+        diff = np.pad(np.abs(deq - w).T, ((0, 0), (0, pad))).reshape(blocks.n, -1, blocks.block_size)
+        step = np.maximum(np.abs(blocks.scales), np.finfo(np.float32).tiny)
+        # values within float32 rounding of a grid point count as exact
+        slack = 1e-5 * np.abs(w).max(initial=0.0)
+        steps = np.maximum(diff.max(axis=-1) - slack, 0.0) / step
+        counts = np.minimum(blocks.block_size, blocks.k - np.arange(diff.shape[1]) * blocks.block_size)
+        rms = np.sqrt((diff ** 2).sum(axis=-1) / counts) / step
+        out.nodes += 1
+        err_sq += float(((deq - w) ** 2).sum())
+        ref_sq += float((w ** 2).sum())
+        worst, worst_rms = float(steps.max()), float(rms.max())
+        if worst > out.worst_steps:
+            out.worst_steps, out.worst_node = worst, node.name
+        out.worst_rms_steps = max(out.worst_rms_steps, worst_rms)
+        bad = int((steps > limit + 1e-3).sum() + (rms > RMS_STEPS).sum())
+        if bad:
+            out.failures.append(f"{node.name} ({node_bits}-bit): {bad} of {steps.size} blocks off the original weights "
+                                f"(worst {worst:.2f} steps, rms {worst_rms:.2f} steps; allowed {limit:g}, {RMS_STEPS:g})")
+        if runtime:
+            rows = np.unique(np.linspace(0, blocks.k - 1, min(LAYOUT_ROWS, blocks.k)).astype(int))
+            got = _readback(node, inits, rows)
+            gap = float(np.abs(got - deq[rows]).max())
+            out.runtime_max_diff = max(out.runtime_max_diff, gap)
+            allowed = 1e-3 * float(np.abs(deq[rows]).max(initial=0.0)) + 1e-6
+            if gap > allowed:
+                out.failures.append(f"{node.name}: ONNX Runtime reads the weight differently from the stored "
+                                    f"layout (max difference {gap:.3g})")
+    out.relative_error = math.sqrt(err_sq / ref_sq) if ref_sq else 0.0
+    out.ok = not out.failures
+    return out
+
+
+# -- mixed precision: assembling a model from per-node choices -----------------------------
+
+def _quantized_nodes(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """``{original node name: nodes that replace it}`` in a weight-only quantized model (``<name>_Q<bits>...``)."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    heads = [n for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    for head in heads:
+        base, _, bits = head.name.rpartition("_Q")
+        if not base or not bits.isdigit():
+            continue
+        prefix = head.name + "_"
+        out[base] = [n for n in model.graph.node if n is head or n.name.startswith(prefix)]
+    return out
+
+
+def assemble(float_model: onnx.ModelProto, variants: Mapping[int, onnx.ModelProto], levels: Mapping[str, int | None],
+             default: int) -> onnx.ModelProto:
+    """A model whose node ``n`` comes from ``variants[levels[n]]`` (None: float), others from ``variants[default]``.
+
+    Each variant is a whole-model quantization of ``float_model`` at one bit width; the quantizers
+    treat every MatMul on its own, so picking nodes across variants gives the same nodes as
+    quantizing with those bit widths directly.
+    """
+    base = variants[default]
+    replaced = {bits: _quantized_nodes(m) for bits, m in variants.items()}
+    inits: dict[str, onnx.TensorProto] = {i.name: i for i in float_model.graph.initializer}
+    for m in variants.values():
+        for i in m.graph.initializer:
+            inits.setdefault(i.name, i)
+    base_nodes = {n.name: n for n in base.graph.node}
+    nodes: list[onnx.NodeProto] = []
+    for node in float_model.graph.node:
+        level = levels.get(node.name, default)
+        if level is None:
+            nodes.append(node)
+        elif node.name in replaced.get(level, {}):
+            nodes.extend(replaced[level][node.name])
+        elif node.name in replaced[default]:
+            nodes.extend(replaced[default][node.name])
+        else:  # untouched by the quantizer, or a subgraph holder the quantizer rewrote inside
+            nodes.append(base_nodes.get(node.name, node))
+    used: set[str] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        used.update(n.input)
+        for g in subgraphs(n):
+            stack.extend(g.node)
+    out = onnx.ModelProto()
+    out.CopyFrom(base)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits[name] for name in sorted(used) if name in inits)
+    return out
+
+
+def _suffix_new_tensors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, suffix: str) -> onnx.ModelProto:
+    """Rename the initializers a quantizer added (``<weight>_scales`` ...) so that two variants never share a name."""
+    old = {i.name for i in float_model.graph.initializer}
+    new = {i.name: i.name + suffix for i in quantized.graph.initializer if i.name not in old}
+    for i in quantized.graph.initializer:
+        i.name = new.get(i.name, i.name)
+    for n in quantized.graph.node:
+        for k, name in enumerate(n.input):
+            if name in new:
+                n.input[k] = new[name]
+    return quantized
+
+
+def _activations(model: onnx.ModelProto, nodes: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]
+                 ) -> dict[str, list[np.ndarray]]:
+    """The float inputs (A) of each named MatMul on a few batches."""
+    from onnxpipe.core.session import Session
+
+    wanted = {n.name: n.input[0] for n in model.graph.node if n.name in set(nodes)}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for tensor in sorted(set(wanted.values()) - have):
+        probe.graph.output.append(helper.make_empty_tensor_value_info(tensor))
+    out: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
+    with Session(probe, optimization="disable") as s:
+        names = sorted(set(wanted.values()))
+        for batch in batches:
+            got = s.run(batch, names)
+            for node, tensor in wanted.items():
+                a = got[tensor]
+                out[node].append(a.reshape(-1, a.shape[-1]))
+    return out
+
+
+def sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: Sequence[str],
+                batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Each MatMul's relative output error ``|A (W - Wq)| / |A W|`` with its quantized weights, on real activations."""
+    weights = weight_matmuls(float_model)
+    f_inits = {i.name: i for i in float_model.graph.initializer}
+    q_nodes = {n.name.rsplit("_Q", 1)[0]: n for n in quantized.graph.node if n.op_type == "MatMulNBits"}
+    q_inits = {i.name: i for i in quantized.graph.initializer}
+    acts = _activations(float_model, [n for n in nodes if n in q_nodes], batches)
+    out = {}
+    for name, a_list in acts.items():
+        node = q_nodes[name]
+        deq = read_blocks(node, {i: numpy_helper.to_array(q_inits[i]) for i in node.input[1:] if i in q_inits}).dequantize()
+        w = numpy_helper.to_array(f_inits[weights[name]]).astype(np.float64)
+        w = w.reshape(w.shape[-2], w.shape[-1])
+        a = np.concatenate(a_list).astype(np.float64)
+        if len(a) > 4096:
+            a = a[np.linspace(0, len(a) - 1, 4096).astype(int)]
+        ref = a @ w
+        out[name] = float(np.linalg.norm(a @ (w - deq)) / max(np.linalg.norm(ref), 1e-30))
+    return out
+
+
+# -- the pass ------------------------------------------------------------------------------
+
+class WeightOnlyQuantize(Pass):
+    """int4 (or int8) weight-only quantization into MatMulNBits, checked block by block and against a budget.
+
+    Example:
+        >>> WeightOnlyQuantize({"mode": "int4", "algorithm": "gptq", "exclude_lm_head": True})
+        quantize(mode='int4', algorithm='gptq', exclude_lm_head=True)
+    """
+
+    name = "quantize"
+
+    class Config(PassConfig):
+        mode: Literal["int4", "int8-weight-only"]
+        """int4: 4-bit weight blocks; int8-weight-only: 8-bit weight blocks (activations stay float in both)."""
+        algorithm: Literal["rtn", "hqq", "gptq"] = "rtn"
+        """rtn: round to nearest (ORT's default block quantizer); hqq: half-quadratic (no data);
+        gptq: error-compensating, calibrated on data.calibration."""
+        block_size: int | None = None
+        """Weights per block along K (a power of two >= 16). None: 32 on CPU."""
+        symmetric: bool = False
+        """No zero points (one scale per block); asymmetric blocks keep more accuracy."""
+        accuracy_level: Literal["auto", 0, 1, 2, 3, 4] = "auto"
+        """MatMulNBits compute type: 0 as the inputs, 1 fp32, 2 fp16, 3 bf16, 4 int8. auto: what this CPU runs fast."""
+        quantize_embeddings: bool = False
+        """Also store Gather embedding tables in int4 blocks (GatherBlockQuantized; rtn, 4 bits)."""
+        exclude_lm_head: bool = False
+        """Keep the MatMul that computes the logits in float (found from the logits output)."""
+        exclude_nodes: list[str] = []
+        """Node names kept in float."""
+        exclude_op_types: list[Literal["MatMul", "Gather"]] = []
+        """Op types kept in float."""
+        calibration_batches: int = Field(16, ge=1)
+        """gptq: calibration batches streamed into ORT's GPTQ (it holds these inputs, not their activations)."""
+        max_drop: float | None = Field(None, ge=0.0)
+        """Budget: with perplexity, the allowed relative increase (0.05 = 5%); with a higher-is-better metric, its
+        allowed drop; without a metric, 1 - cosine agreement with float32. Over budget, the most sensitive MatMuls
+        move to 8 bits, then to float."""
+        budget_batches: int = Field(4, ge=1)
+        """Batches used to rank MatMuls (and to measure agreement when there is no metric)."""
+        min_cosine: float = Field(0.98, ge=-1.0, le=1.0)
+        """The pipeline's check: each output's mean cosine similarity with the float model."""
+        min_top1: float | None = Field(None, ge=0.0, le=1.0)
+        """The pipeline's check: top-1 agreement of outputs with a class axis (None: not checked)."""
+
+    _layout: LayoutCheck | None = None
+
+    def compare(self, before: Sequence[Mapping[str, np.ndarray]],
+                after: Sequence[Mapping[str, np.ndarray]]) -> list[Comparison]:
+        """Agreement with float32 (cosine, top-1) and the block-by-block layout check of apply."""
+        comps = judge_cosine(before, after, min_cosine=self.config.min_cosine, min_top1=self.config.min_top1)
+        if self._layout is not None:
+            lay = self._layout
+            comps.append(Comparison("weight blocks", lay.worst_steps, lay.relative_error, lay.ok,
+                                    0.0 if lay.ok else 1.0,
+                                    f"{lay.nodes} MatMulNBits weights dequantized block by block; worst block "
+                                    f"{lay.worst_steps:.2f} steps off" + ("" if lay.ok else f": {lay.failures[0]}")))
+        return comps
+
+    # -- planning -----------------------------------------------------------------------
+
+    def plan(self, model: onnx.ModelProto) -> dict[str, Any]:
+        c = self.config
+        bits = MODES[c.mode]
+        block = c.block_size or 32
+        if block < 16 or block & (block - 1):
+            raise InputError(f"block_size {block} is not a power of two >= 16", hint="use 16, 32, 64 or 128")
+        if c.algorithm == "gptq" and bits != 4:
+            raise InputError("ONNX Runtime's GPTQ writes MatMulNBits at 4 bits only", hint="use mode: int4, or algorithm: rtn")
+        if c.algorithm == "hqq" and bits != 4:
+            raise InputError("HQQ is used here at 4 bits only", hint="use mode: int4, or algorithm: rtn")
+        if c.algorithm == "hqq" and c.symmetric:
+            raise InputError("HQQ always stores (float) zero points", hint="drop symmetric: true, or use algorithm: rtn")
+        if c.quantize_embeddings and (bits != 4 or c.algorithm == "hqq"):
+            raise InputError("embeddings are quantized at 4 bits by the rtn quantizer only (GatherBlockQuantized)",
+                             hint="use mode: int4 with algorithm rtn or gptq, or quantize_embeddings: false")
+        level, fast, why = hardware.weight_only_advice(bits)
+        warnings = [] if fast else [f"int{bits} weight-only is likely slower than float32 here: {why}"]
+        if c.accuracy_level != "auto":
+            if c.accuracy_level != level:
+                warnings.append(f"accuracy_level {c.accuracy_level} where {level} runs fastest here")
+            level = int(c.accuracy_level)
+        if bits == 8 and level < 4:
+            warnings.append("8-bit MatMulNBits has no float kernel: with accuracy_level < 4 every weight block is "
+                            "dequantized at each run (measured 20x slower than float32 on a large GEMV)")
+        if c.algorithm == "hqq":
+            warnings.append("hqq stores float zero points, which ONNX Runtime's blocked CPU kernels do not take: "
+                            "its MatMulNBits dequantize at each run (measured 10x slower than float32 on a large "
+                            "GEMV); prefer rtn or gptq for speed")
+        weights = weight_matmuls(model)
+        names = {n.name for n in model.graph.node}
+        for name in c.exclude_nodes:
+            if name not in names:
+                close = difflib.get_close_matches(name, sorted(names), n=3)
+                raise InputError(f"exclude_nodes: no node named {name!r}",
+                                 hint=f"did you mean {', '.join(close)}?" if close else "see the names with onnxpipe inspect")
+        excluded = set(c.exclude_nodes)
+        head = lm_head(model)
+        if c.exclude_lm_head:
+            if head is None:
+                raise InputError("exclude_lm_head: no MatMul with a constant weight computes the logits output",
+                                 hint="name the node in exclude_nodes instead")
+            excluded.add(head)
+        op_types = ["MatMul"] + (["Gather"] if c.quantize_embeddings else [])
+        op_types = [t for t in op_types if t not in c.exclude_op_types]
+        candidates = [n for n in weights if n not in excluded] if "MatMul" in op_types else []
+        gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and "Gather" in op_types
+                   and n.input[0] in {i.name for i in model.graph.initializer} and n.name not in excluded]
+        if not candidates and not gathers:
+            raise InputError("nothing to quantize: no MatMul with a constant float weight is left to quantize",
+                             hint="check exclude_nodes / exclude_op_types / exclude_lm_head")
+        return {"bits": bits, "block_size": block, "accuracy_level": level, "hardware": why, "warnings": warnings,
+                "op_types": op_types, "candidates": candidates, "gathers": gathers, "excluded": sorted(excluded),
+                "lm_head": head}
+
+    # -- running ORT's quantizer ----------------------------------------------------------
+
+    def _gptq_reader(self, model: onnx.ModelProto, ctx: PassContext) -> Any:
+        require("onnxruntime")
+        from onnxruntime.quantization import CalibrationDataReader
+
+        if ctx.calibration is None:
+            raise InputError("algorithm gptq needs calibration data and none was given",
+                             hint=f"set {RECIPE_HINT}, or use algorithm: rtn or hqq")
+        source, inputs, limit = ctx.calibration, graph_inputs(model), self.config.calibration_batches
+
+        class Stream(CalibrationDataReader):  # copyable: ORT deep-copies the reader, then iterates it
+            def __init__(self) -> None:
+                self.reader: StreamingReader | None = None
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                if self.reader is None:
+                    self.reader = StreamingReader(source, inputs, max_batches=limit)
+                return self.reader.get_next()
+
+            def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+                reader = StreamingReader(source, inputs, max_batches=limit)
+                yield from iter(reader.get_next, None)
+
+            def __deepcopy__(self, memo: dict) -> Stream:
+                return Stream()
+
+        return Stream()
+
+    def quantize(self, model: onnx.ModelProto, bits: int, algorithm: str, plan: dict[str, Any],
+                 exclude: Sequence[str], ctx: PassContext) -> onnx.ModelProto:
+        """One whole-model run of ORT's MatMulNBitsQuantizer."""
+        require("onnxruntime")
+        from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+        c = self.config
+        block, level = plan["block_size"], plan["accuracy_level"]
+        op_types = tuple(t for t in plan["op_types"] if bits == 4 or t == "MatMul")
+        if algorithm == "hqq":
+            algo: Any = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=("MatMul",))
+        elif algorithm == "gptq":
+            algo = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=self._gptq_reader(model, ctx),
+                                                 op_types_to_quantize=("MatMul",))
+        else:
+            algo = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=c.symmetric, accuracy_level=level,
+                                                    op_types_to_quantize=op_types, bits=bits)
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        with _quiet():
+            q = mnq.MatMulNBitsQuantizer(work, bits=bits, block_size=block, is_symmetric=c.symmetric,
+                                         accuracy_level=level, nodes_to_exclude=list(exclude), algo_config=algo)
+            q.process()
+        out = q.model.model if hasattr(q.model, "model") else q.model
+        if algorithm != "rtn" and "Gather" in op_types and bits == 4:  # embeddings: the default quantizer
+            excluded_matmuls = [n.name for n in out.graph.node if n.op_type == "MatMul"]
+            rtn = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=c.symmetric, accuracy_level=level,
+                                                   op_types_to_quantize=("Gather",), bits=4)
+            with _quiet():
+                q = mnq.MatMulNBitsQuantizer(out, bits=4, block_size=block, is_symmetric=c.symmetric,
+                                             accuracy_level=level, nodes_to_exclude=[*exclude, *excluded_matmuls],
+                                             algo_config=rtn)
+                q.process()
+            out = q.model.model
+        if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in out.graph.node) and not any(
+                o.domain == "com.microsoft" for o in out.opset_import):  # ORT's GPTQ path does not declare it
+            out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        if level:  # ORT's HQQ leaves accuracy_level unset: the same compute type for every MatMulNBits
+            for node in out.graph.node:
+                if node.op_type == "MatMulNBits" and _attr(node, "accuracy_level") is None:
+                    node.attribute.append(helper.make_attribute("accuracy_level", level))
+        return out
+
+    def _prepare(self, model: onnx.ModelProto, plan: dict[str, Any]) -> onnx.ModelProto:
+        prepared = onnx.ModelProto()
+        prepared.CopyFrom(model)
+        _name_nodes(prepared)
+        opset = next((o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if plan["gathers"] and opset < 21:  # int4 tensors (GatherBlockQuantized's table) need opset 21
+            from onnxpipe.core.graph import convert_opset
+
+            try:
+                prepared = convert_opset(prepared, 21)
+            except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; the user gets one line
+                raise InputError(f"quantizing embeddings needs opset 21 and converting this opset {opset} model "
+                                 f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                                 hint="set quantize_embeddings: false") from exc
+        return prepared
+
+    # -- the budget --------------------------------------------------------------------
+
+    def _budget(self, model: onnx.ModelProto, prepared: onnx.ModelProto, variants: dict[int, onnx.ModelProto],
+                plan: dict[str, Any], ctx: PassContext) -> dict[str, Any]:
+        c = self.config
+        bits = plan["bits"]
+        if ctx.calibration is not None:
+            batches = take_batches(ctx.calibration, graph_inputs(model), c.budget_batches)
+        else:
+            batches = [dict(b) for b in ctx.check_inputs[: c.budget_batches]]
+        from onnxpipe.core.compare import outputs_on
+
+        lower = ctx.metric is not None and getattr(ctx.metric, "higher_is_better", True) is False
+        if ctx.metric is not None:
+            reference = float(ctx.metric(model))
+            name = getattr(ctx.metric, "__name__", "metric")
+
+            def drop_of(value: float) -> float:
+                return value / reference - 1.0 if lower else reference - value
+            kind = f"{name} ({'relative increase' if lower else 'drop'})"
+
+            def measure(m: onnx.ModelProto) -> float:
+                return float(ctx.metric(m))  # type: ignore[misc]
+        else:
+            if not batches:
+                raise InputError("max_drop needs data to measure the drop on", hint=f"set {RECIPE_HINT}")
+            ref_outputs = outputs_on(model, batches)
+            reference, kind = 1.0, "1 - cosine agreement with float32"
+
+            def drop_of(value: float) -> float:
+                return 1.0 - value
+
+            def measure(m: onnx.ModelProto) -> float:
+                return agreement_score(ref_outputs, outputs_on(m, batches), "cosine")
+        base = variants[bits]
+        first = measure(base)
+        trials: list[dict[str, Any]] = [{"stage": f"all int{bits}", "nodes": [], "metric": first, "drop": drop_of(first)}]
+        notes: dict[str, Any] = {"metric": kind, "metric_float": reference, f"metric_int{bits}": first,
+                                 "max_drop": c.max_drop, "trials": trials}
+        ctx.log(f"quantize: {kind}: float {reference:.5g}, int{bits} {first:.5g} (drop {drop_of(first):.4g})")
+        if drop_of(first) <= c.max_drop:
+            notes.update(budget_met=True, drop=drop_of(first), model=base, kept_8bit=[], kept_float=[])
+            return notes
+        if not batches:
+            raise InputError("max_drop needs data to rank the MatMuls on", hint=f"set {RECIPE_HINT}")
+        sens = sensitivity(prepared, base, plan["candidates"], batches)
+        ranked = sorted(sens, key=lambda n: -sens[n])
+        notes["ranking"] = [{"node": n, "relative_error": round(sens[n], 5)} for n in ranked[:20]]
+        ctx.log("quantize: most sensitive MatMuls: " + ", ".join(f"{n} ({sens[n]:.3g})" for n in ranked[:3]))
+        ladders = ([(8, "8-bit")] if bits == 4 else []) + [(None, "float")]
+        result = None
+        for level, label in ladders:
+            def evaluate(nodes: list[str], level: int | None = level, label: str = label) -> tuple[float, onnx.ModelProto]:
+                m = assemble(prepared, variants, {n: level for n in nodes}, bits)
+                value = measure(m)
+                trials.append({"stage": f"most sensitive in {label}", "nodes": list(nodes), "metric": value,
+                               "drop": drop_of(value)})
+                ctx.log(f"quantize: {len(nodes)} MatMuls in {label} -> {kind} {drop_of(value):.4g}")
+                return -drop_of(value), m
+            result = fit_budget(ranked, evaluate, 0.0, c.max_drop, baseline=(-drop_of(first), base))
+            if result.met:
+                notes.update(budget_met=True, drop=result.drop, model=result.model,
+                             kept_8bit=list(result.excluded) if level == 8 else [],
+                             kept_float=list(result.excluded) if level is None else [])
+                return notes
+        assert result is not None
+        notes.update(budget_met=False, drop=result.drop, model=None, kept_8bit=[], kept_float=[])
+        return notes
+
+    # -- the pass ----------------------------------------------------------------------
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        c = self.config
+        plan = self.plan(model)
+        bits = plan["bits"]
+        ctx.log(f"quantize: int{bits} weight-only ({c.algorithm}, block {plan['block_size']}, "
+                f"{'symmetric' if c.symmetric else 'asymmetric'}, accuracy_level {plan['accuracy_level']}); "
+                f"{plan['hardware']}")
+        for w in plan["warnings"]:
+            ctx.log(f"quantize: warning: {w}")
+        prepared = self._prepare(model, plan)
+        skip = plan["excluded"]
+        quantized = self.quantize(prepared, bits, c.algorithm, plan, skip, ctx)
+        variants = {bits: quantized}
+        notes: dict[str, Any] = {
+            "mode": c.mode, "weight_bits": bits, "algorithm": c.algorithm, "block_size": plan["block_size"],
+            "symmetric": c.symmetric, "accuracy_level": plan["accuracy_level"], "hardware": plan["hardware"],
+            "warnings": plan["warnings"], "lm_head": plan["lm_head"], "excluded": skip,
+            "embeddings_quantized": sum(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node),
+        }
+        if c.max_drop is not None:
+            if bits == 4:
+                variants[8] = _suffix_new_tensors(
+                    prepared, self.quantize(prepared, 8, "rtn", {**plan, "op_types": ["MatMul"]}, skip, ctx), "_int8")
+            budget = self._budget(model, prepared, variants, plan, ctx)
+            best = budget.pop("model")
+            notes.update(budget)
+            if best is None:
+                ctx.log(f"quantize: max_drop={c.max_drop:g} cannot be met (best {budget['drop']:.4g}); "
+                        "the model stays float")
+                return PassResult(model, modified=False, notes=notes)
+            quantized = best
+        self._layout = check_layout(prepared, quantized, c.algorithm, c.symmetric, bits=bits)
+        notes["layout_check"] = self._layout.as_dict()
+        counts = {b: sum(n.op_type == "MatMulNBits" and _attr(n, "bits") == b for n in quantized.graph.node)
+                  for b in (4, 8)}
+        notes["matmuls"] = {"int4": counts[4], "int8": counts[8],
+                            "float": sum(n.op_type == "MatMul" and n.name in set(weight_matmuls(prepared))
+                                         for n in quantized.graph.node)}
+        size = quantized.ByteSize()
+        notes["size_bytes"] = {"before": model.ByteSize(), "after": size}
+        notes["name_bytes"] = name_bytes(quantized)
+        ctx.log(f"quantize: {counts[4]} MatMuls in int4, {counts[8]} in int8, {notes['matmuls']['float']} in float; "
+                f"{notes['embeddings_quantized']} embeddings quantized; layout check "
+                + ("ok" if self._layout.ok else "FAILED: " + self._layout.failures[0]))
+        return PassResult(quantized, notes=notes)
