@@ -339,6 +339,16 @@ def assemble(float_model: onnx.ModelProto, variants: Mapping[int, onnx.ModelProt
     return out
 
 
+def _same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Whether two weight-only quantizations dequantize to the same weights, node for node."""
+    def weights(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+        inits = {i.name: i for i in m.graph.initializer}
+        return {n.name: read_blocks(n, {i: numpy_helper.to_array(inits[i]) for i in n.input[1:] if i in inits}).dequantize()
+                for n in m.graph.node if n.op_type == "MatMulNBits"}
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(np.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
 def _suffix_new_tensors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, suffix: str) -> onnx.ModelProto:
     """Rename the initializers a quantizer added (``<weight>_scales`` ...) so that two variants never share a name."""
     old = {i.name for i in float_model.graph.initializer}
@@ -658,7 +668,9 @@ class WeightOnlyQuantize(Pass):
                                "drop": drop_of(value)})
                 ctx.log(f"quantize: {len(nodes)} MatMuls in {label} -> {kind} {drop_of(value):.4g}")
                 return -drop_of(value), m
-            result = fit_budget(ranked, evaluate, 0.0, c.max_drop, baseline=(-drop_of(first), base))
+            # every MatMul in float is no quantization at all: the float ladder stops one short
+            limit = len(ranked) - (1 if level is None else 0)
+            result = fit_budget(ranked, evaluate, 0.0, c.max_drop, baseline=(-drop_of(first), base), limit=limit)
             if result.met:
                 notes.update(budget_met=True, drop=result.drop, model=result.model,
                              kept_8bit=list(result.excluded) if level == 8 else [],
@@ -683,6 +695,11 @@ class WeightOnlyQuantize(Pass):
         skip = plan["excluded"]
         quantized = self.quantize(prepared, bits, c.algorithm, plan, skip, ctx)
         variants = {bits: quantized}
+        if c.algorithm == "gptq" and _same_weights(quantized, self.quantize(prepared, bits, "rtn", plan, skip, ctx)):
+            plan["warnings"].append("ONNX Runtime's GPTQ gave exactly the rtn weights: its error compensation updates "
+                                    "along a column of an upper-triangular factor (zero below the diagonal), so "
+                                    "nothing is compensated in this onnxruntime version")
+            ctx.log(f"quantize: warning: {plan['warnings'][-1]}")
         notes: dict[str, Any] = {
             "mode": c.mode, "weight_bits": bits, "algorithm": c.algorithm, "block_size": plan["block_size"],
             "symmetric": c.symmetric, "accuracy_level": plan["accuracy_level"], "hardware": plan["hardware"],
