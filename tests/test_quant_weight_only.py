@@ -15,8 +15,13 @@ from onnxpipe import hardware
 from onnxpipe.data import evaluation_source
 from onnxpipe.errors import InputError
 from onnxpipe.passes.base import PassContext
-from onnxpipe.passes.quant_weight_only import (WeightOnlyQuantize, check_layout, lm_head, read_blocks,
-                                               weight_matmuls)
+from onnxpipe.passes.quant_weight_only import (
+    WeightOnlyQuantize,
+    check_layout,
+    lm_head,
+    read_blocks,
+    weight_matmuls,
+)
 from onnxpipe.passes.quantize import Quantize
 from onnxpipe.perplexity import evaluate_model, nll_sum, perplexity, text_windows
 from onnxpipe.pipeline import optimize
@@ -111,7 +116,7 @@ def test_stored_blocks_dequantize_to_the_weights_within_their_scale(mode, symmet
     blocks = read_blocks(nodes[0], inits)
     step = np.repeat(np.abs(blocks.scales), block, axis=1)[:, : w1.shape[0]].T
     assert np.all(np.abs(blocks.dequantize() - w1) <= step * (1.0 if symmetric else 0.5) + 1e-6)
-    cos = [c for c in p.compare(outputs_on(model, [_x()]), outputs_on(q, [_x()])) if c.name == "y"][0]
+    cos = next(c for c in p.compare(outputs_on(model, [_x()]), outputs_on(q, [_x()])) if c.name == "y")
     assert cos.ok
 
 
@@ -144,7 +149,7 @@ def test_a_misread_layout_fails_the_check_and_rolls_the_pass_back():
 
 
 def test_hardware_picks_an_accuracy_level_and_the_pass_reports_it():
-    level, fast, why = hardware.weight_only_advice(4)
+    level, _, why = hardware.weight_only_advice(4)
     assert level in (0, 4) and hardware.cpu().model in why
     notes = Quantize({"mode": "int4"}).apply(mlp_model(), PassContext()).notes
     assert notes["accuracy_level"] == level and notes["hardware"] == why
@@ -173,6 +178,22 @@ def test_options_that_cannot_work_are_one_line_errors():
     assert Quantize({"mode": "dynamic"}).config.mode == "dynamic"  # the int8 modes are untouched
 
 
+def test_gptq_takes_calibration_and_leaves_odd_block_counts_to_rtn():
+    rng = np.random.default_rng(3)
+    batches = [{"x": rng.standard_normal((8, 96)).astype(np.float32)} for _ in range(3)]
+    result = Quantize({"mode": "int4", "algorithm": "gptq"}).apply(mlp_model(), PassContext(calibration=lambda: iter(batches)))
+    # fc1: K 96 = 3 blocks of 32 per column, whose zero points ORT's GPTQ cannot pack; fc2: K 64 = 2 blocks
+    assert result.notes["gptq_rtn_fallback"] == ["fc1"]
+    assert result.notes["layout_check"]["ok"] and result.notes["matmuls"]["int4"] == 2
+    names = {n.name: list(n.input) for n in result.model.graph.node}
+    assert names["fc2_Q4"][1] == "w2_Q4G32" and names["fc1_Q4"][1] == "w1_Q4"  # ORT's GPTQ and rtn tensor names
+    # ORT's GPTQ ignores nodes_to_exclude: the pass still keeps an excluded node in float
+    kept = Quantize({"mode": "int4", "algorithm": "gptq", "symmetric": True, "exclude_nodes": ["fc2"]}).apply(
+        mlp_model(), PassContext(calibration=lambda: iter(batches)))
+    ops = {n.name: n.op_type for n in kept.model.graph.node}
+    assert ops["fc2"] == "MatMul" and ops["fc1_Q4"] == "MatMulNBits" and "Identity" not in ops.values()
+
+
 def test_exclusions_keep_nodes_in_float():
     q = Quantize({"mode": "int4", "exclude_nodes": ["fc2"]}).apply(mlp_model(), PassContext())
     ops = {n.name: n.op_type for n in q.model.graph.node}
@@ -197,7 +218,7 @@ def test_evaluation_text_is_tokenized_with_the_models_tokenizer(llama, tmp_path)
     assert inputs["input_ids"].shape[1] == 32 and inputs["input_ids"].shape[0] >= 4  # the model's context
     assert np.array_equal(labels, inputs["input_ids"]) and inputs["input_ids"].max() < VOCAB
     np.savez(tmp_path / "ids.npz", input_ids=inputs["input_ids"][:2])
-    i2, l2 = evaluation_source(tmp_path / "ids.npz")
+    _, l2 = evaluation_source(tmp_path / "ids.npz")
     assert np.array_equal(l2, inputs["input_ids"][:2])
     with pytest.raises(InputError, match="tokenizer.json"):
         text_windows(llama / "eval.txt", tmp_path / "elsewhere.onnx")
@@ -250,7 +271,7 @@ def test_budget_moves_the_most_sensitive_matmuls_to_8_bits_then_float(llama):
     assert n["budget_met"] and n["drop"] <= first / 4 and n["kept_8bit"], n["trials"]
     assert n["kept_8bit"] == [r["node"] for r in n["ranking"]][: len(n["kept_8bit"])]  # most sensitive first
     assert n["matmuls"]["int8"] == len(n["kept_8bit"]) and n["layout_check"]["ok"]
-    assert [t["stage"] for t in n["trials"]][0] == "all int4" and len(n["trials"]) >= 2
+    assert n["trials"][0]["stage"] == "all int4" and len(n["trials"]) >= 2
     got = outputs_on(tight.model, [_token_batches()().__next__()])  # the assembled model runs
     assert np.isfinite(got[0]["logits"]).all()
     never = Quantize({"mode": "int4", "max_drop": 0.0}).apply(model, ctx)

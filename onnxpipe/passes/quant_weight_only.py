@@ -339,6 +339,34 @@ def assemble(float_model: onnx.ModelProto, variants: Mapping[int, onnx.ModelProt
     return out
 
 
+HIDE = "__onnxpipe_hidden"
+
+
+def _hide_weights(model: onnx.ModelProto, nodes: set[str]) -> None:
+    """Feed the weights of ``nodes`` through an Identity, so a quantizer that looks for initializer weights skips them."""
+    inits = {i.name for i in model.graph.initializer}
+    hiders = []
+    for node in model.graph.node:
+        if node.name in nodes and node.op_type == "MatMul" and node.input[1] in inits:
+            hidden = f"{node.input[1]}{HIDE}_{len(hiders)}"
+            hiders.append(helper.make_node("Identity", [node.input[1]], [hidden], name=hidden))
+            node.input[1] = hidden
+    for k, h in enumerate(hiders):
+        model.graph.node.insert(k, h)
+
+
+def _unhide_weights(model: onnx.ModelProto) -> None:
+    """Undo :func:`_hide_weights`: the Identity nodes go, their consumers read the weights again."""
+    back = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and HIDE in n.name}
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in back)]
+    for n in keep:
+        for k, name in enumerate(n.input):
+            if name in back:
+                n.input[k] = back[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
 def _same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     """Whether two weight-only quantizations dequantize to the same weights, node for node."""
     def weights(m: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -479,9 +507,9 @@ class WeightOnlyQuantize(Pass):
             raise InputError("HQQ is used here at 4 bits only", hint="use mode: int4, or algorithm: rtn")
         if c.algorithm == "hqq" and c.symmetric:
             raise InputError("HQQ always stores (float) zero points", hint="drop symmetric: true, or use algorithm: rtn")
-        if c.quantize_embeddings and (bits != 4 or c.algorithm == "hqq"):
-            raise InputError("embeddings are quantized at 4 bits by the rtn quantizer only (GatherBlockQuantized)",
-                             hint="use mode: int4 with algorithm rtn or gptq, or quantize_embeddings: false")
+        if c.quantize_embeddings and bits != 4:
+            raise InputError("embeddings are quantized at 4 bits only (GatherBlockQuantized)",
+                             hint="use mode: int4, or quantize_embeddings: false")
         level, fast, why = hardware.weight_only_advice(bits)
         warnings = [] if fast else [f"int{bits} weight-only is likely slower than float32 here: {why}"]
         if c.accuracy_level != "auto":
@@ -491,6 +519,10 @@ class WeightOnlyQuantize(Pass):
         if bits == 8 and level < 4:
             warnings.append("8-bit MatMulNBits has no float kernel: with accuracy_level < 4 every weight block is "
                             "dequantized at each run (measured 20x slower than float32 on a large GEMV)")
+        gemms = sum(n.op_type == "Gemm" for n in model.graph.node)
+        if gemms:
+            warnings.append(f"{gemms} Gemm node(s) stay float: ONNX Runtime's weight-only quantizer takes MatMul only "
+                            "(exports of 3-D activations, as transformers give, use MatMul)")
         if c.algorithm == "hqq":
             warnings.append("hqq stores float zero points, which ONNX Runtime's blocked CPU kernels do not take: "
                             "its MatMulNBits dequantize at each run (measured 10x slower than float32 on a large "
@@ -514,12 +546,20 @@ class WeightOnlyQuantize(Pass):
         candidates = [n for n in weights if n not in excluded] if "MatMul" in op_types else []
         gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and "Gather" in op_types
                    and n.input[0] in {i.name for i in model.graph.initializer} and n.name not in excluded]
+        gptq_odd = []
+        if c.algorithm == "gptq" and not c.symmetric:
+            dims = {i.name: list(i.dims) for i in model.graph.initializer}
+            gptq_odd = [n for n in candidates if -(-dims[weights[n]][-2] // block) % 2]
+            if gptq_odd:
+                warnings.append(f"{len(gptq_odd)} MatMul(s) with an odd number of blocks per column go through rtn: "
+                                "ONNX Runtime's GPTQ packs their zero points across columns (and fails); "
+                                "symmetric: true or another block_size avoids it")
         if not candidates and not gathers:
             raise InputError("nothing to quantize: no MatMul with a constant float weight is left to quantize",
                              hint="check exclude_nodes / exclude_op_types / exclude_lm_head")
         return {"bits": bits, "block_size": block, "accuracy_level": level, "hardware": why, "warnings": warnings,
                 "op_types": op_types, "candidates": candidates, "gathers": gathers, "excluded": sorted(excluded),
-                "lm_head": head}
+                "lm_head": head, "gptq_odd": gptq_odd}
 
     # -- running ORT's quantizer ----------------------------------------------------------
 
@@ -559,6 +599,7 @@ class WeightOnlyQuantize(Pass):
         c = self.config
         block, level = plan["block_size"], plan["accuracy_level"]
         op_types = tuple(t for t in plan["op_types"] if bits == 4 or t == "MatMul")
+        first_exclude = [*exclude, *(plan.get("gptq_odd", []) if algorithm == "gptq" else [])]
         if algorithm == "hqq":
             algo: Any = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=("MatMul",))
         elif algorithm == "gptq":
@@ -569,19 +610,27 @@ class WeightOnlyQuantize(Pass):
                                                     op_types_to_quantize=op_types, bits=bits)
         work = onnx.ModelProto()
         work.CopyFrom(model)
+        if algorithm == "gptq":  # ORT's GPTQ ignores nodes_to_exclude: it skips weights that are no initializer
+            _hide_weights(work, set(first_exclude))
         with _quiet():
             q = mnq.MatMulNBitsQuantizer(work, bits=bits, block_size=block, is_symmetric=c.symmetric,
-                                         accuracy_level=level, nodes_to_exclude=list(exclude), algo_config=algo)
+                                         accuracy_level=level, nodes_to_exclude=first_exclude, algo_config=algo)
             q.process()
         out = q.model.model if hasattr(q.model, "model") else q.model
-        if algorithm != "rtn" and "Gather" in op_types and bits == 4:  # embeddings: the default quantizer
-            excluded_matmuls = [n.name for n in out.graph.node if n.op_type == "MatMul"]
+        if algorithm == "gptq":
+            _unhide_weights(out)
+        # a second run of the default (rtn) quantizer for what the chosen algorithm cannot take:
+        # embeddings (hqq, gptq), and for asymmetric gptq the MatMuls with an odd number of blocks per
+        # column, whose zero points ORT's GPTQ packs across columns (then fails to reshape them)
+        odd = plan.get("gptq_odd", []) if algorithm == "gptq" else []
+        second = (["MatMul"] if odd else []) + (["Gather"] if algorithm != "rtn" and "Gather" in op_types else [])
+        if second:
+            keep = [n.name for n in out.graph.node if n.op_type == "MatMul" and n.name not in odd]
             rtn = mnq.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=c.symmetric, accuracy_level=level,
-                                                   op_types_to_quantize=("Gather",), bits=4)
+                                                   op_types_to_quantize=tuple(second), bits=4)
             with _quiet():
                 q = mnq.MatMulNBitsQuantizer(out, bits=4, block_size=block, is_symmetric=c.symmetric,
-                                             accuracy_level=level, nodes_to_exclude=[*exclude, *excluded_matmuls],
-                                             algo_config=rtn)
+                                             accuracy_level=level, nodes_to_exclude=[*exclude, *keep], algo_config=rtn)
                 q.process()
             out = q.model.model
         if any(n.op_type in ("MatMulNBits", "GatherBlockQuantized") for n in out.graph.node) and not any(
@@ -603,7 +652,7 @@ class WeightOnlyQuantize(Pass):
 
             try:
                 prepared = convert_opset(prepared, 21)
-            except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; the user gets one line
+            except Exception as exc:
                 raise InputError(f"quantizing embeddings needs opset 21 and converting this opset {opset} model "
                                  f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                                  hint="set quantize_embeddings: false") from exc
@@ -684,6 +733,7 @@ class WeightOnlyQuantize(Pass):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         c = self.config
+        self._layout = None
         plan = self.plan(model)
         bits = plan["bits"]
         ctx.log(f"quantize: int{bits} weight-only ({c.algorithm}, block {plan['block_size']}, "
@@ -704,6 +754,7 @@ class WeightOnlyQuantize(Pass):
             "mode": c.mode, "weight_bits": bits, "algorithm": c.algorithm, "block_size": plan["block_size"],
             "symmetric": c.symmetric, "accuracy_level": plan["accuracy_level"], "hardware": plan["hardware"],
             "warnings": plan["warnings"], "lm_head": plan["lm_head"], "excluded": skip,
+            "gptq_rtn_fallback": plan["gptq_odd"],
             "embeddings_quantized": sum(n.op_type == "GatherBlockQuantized" for n in quantized.graph.node),
         }
         if c.max_drop is not None:
@@ -722,9 +773,9 @@ class WeightOnlyQuantize(Pass):
         notes["layout_check"] = self._layout.as_dict()
         counts = {b: sum(n.op_type == "MatMulNBits" and _attr(n, "bits") == b for n in quantized.graph.node)
                   for b in (4, 8)}
+        weighted = set(weight_matmuls(prepared))
         notes["matmuls"] = {"int4": counts[4], "int8": counts[8],
-                            "float": sum(n.op_type == "MatMul" and n.name in set(weight_matmuls(prepared))
-                                         for n in quantized.graph.node)}
+                            "float": sum(n.op_type == "MatMul" and n.name in weighted for n in quantized.graph.node)}
         size = quantized.ByteSize()
         notes["size_bytes"] = {"before": model.ByteSize(), "after": size}
         notes["name_bytes"] = name_bytes(quantized)
