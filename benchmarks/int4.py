@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from onnxpipe import hardware
-from onnxpipe.modelio import save_model
+from onnxpipe.core import hardware
+from onnxpipe.core.modelio import save_model
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quantize import Quantize
-from onnxpipe.perplexity import evaluate_model
+from onnxpipe.core.perplexity import evaluate_model
 
 CONTEXT = 128
 
@@ -132,7 +132,7 @@ def file_size(model: onnx.ModelProto, path: Path) -> int:
 
 def decode_latency(paths: dict[str, Path], vocab: int, rounds: int, runs: int) -> dict[str, float]:
     """Median ms of one forward over one token at batch 1 on 1 thread, in interleaved rounds."""
-    from onnxpipe.runtimes.session import Session
+    from onnxpipe.core.session import Session
 
     feeds = {"input_ids": np.array([[vocab // 3]], dtype=np.int64)}
     sessions = {k: Session(str(p), threads=1) for k, p in paths.items()}

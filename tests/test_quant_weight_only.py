@@ -11,9 +11,9 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from onnxpipe import hardware
-from onnxpipe.data import evaluation_source
-from onnxpipe.errors import InputError
+from onnxpipe.core import hardware
+from onnxpipe.core.data import evaluation_source
+from onnxpipe.core.errors import InputError
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quant_weight_only import (
     WeightOnlyQuantize,
@@ -23,9 +23,9 @@ from onnxpipe.passes.quant_weight_only import (
     weight_matmuls,
 )
 from onnxpipe.passes.quantize import Quantize
-from onnxpipe.perplexity import evaluate_model, nll_sum, perplexity, text_windows
+from onnxpipe.core.perplexity import evaluate_model, nll_sum, perplexity, text_windows
 from onnxpipe.pipeline import optimize
-from onnxpipe.runtimes.compare import outputs_on
+from onnxpipe.core.compare import outputs_on
 
 VOCAB = 256
 

@@ -652,7 +652,7 @@ class WeightOnlyQuantize(Pass):
 
             try:
                 prepared = convert_opset(prepared, 21)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; the user gets one line
                 raise InputError(f"quantizing embeddings needs opset 21 and converting this opset {opset} model "
                                  f"failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                                  hint="set quantize_embeddings: false") from exc
