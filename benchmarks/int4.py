@@ -33,9 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from onnxpipe.core import hardware
 from onnxpipe.core.modelio import save_model
+from onnxpipe.core.perplexity import evaluate_model
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quantize import Quantize
-from onnxpipe.core.perplexity import evaluate_model
 
 CONTEXT = 128
 
