@@ -12,8 +12,10 @@ import pytest
 from onnx import helper, numpy_helper
 
 from onnxpipe.core import hardware
+from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.data import evaluation_source
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.perplexity import evaluate_model, nll_sum, perplexity, text_windows
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quant_weight_only import (
     WeightOnlyQuantize,
@@ -23,9 +25,7 @@ from onnxpipe.passes.quant_weight_only import (
     weight_matmuls,
 )
 from onnxpipe.passes.quantize import Quantize
-from onnxpipe.core.perplexity import evaluate_model, nll_sum, perplexity, text_windows
 from onnxpipe.pipeline import optimize
-from onnxpipe.core.compare import outputs_on
 
 VOCAB = 256
 
