@@ -277,3 +277,22 @@ def test_budget_moves_the_most_sensitive_matmuls_to_8_bits_then_float(llama):
     never = Quantize({"mode": "int4", "max_drop": 0.0}).apply(model, ctx)
     assert not never.modified and not never.notes["budget_met"]
     assert any(t["stage"] == "most sensitive in float" for t in never.notes["trials"])
+
+
+def test_recipe_scores_perplexity_on_a_text_file_beside_the_model(llama, tmp_path):
+    from onnxpipe.pipeline import run
+
+    recipe = tmp_path / "llm.yaml"
+    recipe.write_text(f"""
+model: {{source: {llama / 'model.onnx'}}}
+data: {{evaluation: {llama / 'eval.txt'}}}
+passes:
+  - quantize: {{mode: int4, max_drop: 0.05, exclude_lm_head: true}}
+validate: {{providers: [cpu], metric: perplexity, latency: false}}
+""")
+    result = run(str(recipe), tmp_path / "out")
+    before, after = result.pipeline.stages
+    assert result.pipeline.metric_name == "perplexity" and after.kept, after.reason
+    assert after.notes["budget_met"] and after.notes["metric"].startswith("perplexity (relative increase)")
+    assert after.notes["trials"][0]["drop"] == pytest.approx(after.metric / before.metric - 1, abs=1e-6)
+    assert (tmp_path / "out" / "model.onnx").exists()
