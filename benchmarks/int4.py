@@ -1,8 +1,8 @@
 """int4 weight-only quantization side by side: float32 vs rtn / hqq / gptq at block 32.
 
-(a) A small Llama (4 layers, hidden 128, BPE vocabulary of 512 trained here) trained for about a
-    minute on stdlib documentation text (pydoc_data.topics), or models/tiny_llm where it exists:
-    perplexity on held-out text, file size (embeddings included: quantize_embeddings), per-token
+(a) A small Llama (4 layers, hidden 128, BPE vocabulary of 512 trained here) trained for
+    ``--train-seconds`` on stdlib documentation text (pydoc_data.topics; models/tiny_llm is not
+    on main yet, it should replace this model once it lands): perplexity on held-out text, file size (embeddings included: quantize_embeddings), per-token
     latency at batch 1 on 1 thread.
 (b) A random-initialised Llama of >= 100M parameters (8 layers, hidden 1024, MLP 2816, vocab 32000):
     per-token latency at batch 1 on 1 thread, float32 vs int4 rtn (the accuracy_level the pass
@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from onnxpipe.core import hardware
@@ -150,9 +149,6 @@ def decode_latency(paths: dict[str, Path], vocab: int, rounds: int, runs: int) -
 
 
 def run_small(work: Path, args: argparse.Namespace) -> list[list[str]]:
-    tiny = ROOT / "models" / "tiny_llm"
-    if (tiny / "model.onnx").exists() and (tiny / "tokenizer.json").exists():  # pragma: no cover - once it lands
-        print("using models/tiny_llm", flush=True)
     folder = work / "small"
     folder.mkdir()
     path, train, evals = small_model(folder, args.train_seconds)
