@@ -16,8 +16,13 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def convert(
         source: Annotated[str, typer.Argument(help="file.py:factory, model.onnx, model.pt (TorchScript), "
-                                                   "model.pt2 (torch.export), model.keras, or a SavedModel dir.")],
-        output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model.")],
+                                                   "model.pt2 (torch.export), model.keras, a SavedModel dir, "
+                                                   "or a Hugging Face save_pretrained folder.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model "
+                                                                    "(a folder for --task text-generation).")],
+        task: Annotated[Optional[str], typer.Option(
+            help="Hugging Face folders: feature-extraction | text-classification | image-classification | "
+                 "text-generation (default: from the config's architectures).")] = None,
         framework: Annotated[Optional[str], typer.Option(help="torch | tensorflow | onnx (default: detect).")] = None,
         input: Annotated[Optional[list[str]], typer.Option(
             "--input", help="NAME:1x3x224x224:float32, repeatable; for sources without example inputs.")] = None,
@@ -36,7 +41,7 @@ def register(app: typer.Typer) -> None:
         console = console_for(json_out)
         try:
             result = do_convert(source, output, framework=framework, inputs=input or (), dynamic_batch=dynamic_batch,
-                                opset=opset, atol=atol, rtol=rtol, check=check)
+                                opset=opset, atol=atol, rtol=rtol, check=check, task=task)
         except CheckFailedError as err:
             result = getattr(err, "result", None)
             if result is not None:
@@ -51,6 +56,8 @@ def _print_conversion(result, console: Console, json_out: bool) -> None:
             console.print(f"[yellow]exporter {a.strategy} failed[/]: {a.error}")
     console.print(f"{result.framework} ({result.kind}) -> [bold]{result.path or 'memory'}[/] "
                   f"via {result.exporter} in {result.seconds:.1f}s")
+    if getattr(result, "files", None):
+        console.print("wrote " + ", ".join(result.files))
     if result.check is not None:
         console.print(check_table(result.check))
     if json_out:

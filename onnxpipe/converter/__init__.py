@@ -23,7 +23,7 @@ import onnx
 
 from onnxpipe.converter.base import DEFAULT_OPSET, Attempt, FrameworkModel
 from onnxpipe.converter.check import CheckReport, verify
-from onnxpipe.core.errors import CheckFailedError
+from onnxpipe.core.errors import CheckFailedError, InputError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, check_model, save_model
 from onnxpipe.core.tensors import InputSpec
 
@@ -86,6 +86,7 @@ def convert(
     rtol: float = 1e-3,
     check: bool = True,
     external_data_threshold: int | None = None,
+    task: str | None = None,
 ) -> ConversionResult:
     """Convert SOURCE to ONNX, prove it agrees with the framework, and write it to ``output``.
 
@@ -101,11 +102,27 @@ def convert(
         check: compare outputs with the framework; a failure raises :class:`CheckFailedError`
             after writing the model, so it can be inspected.
         external_data_threshold: initializer bytes above which weights go to a ``.data`` file.
+        task: for a Hugging Face ``save_pretrained`` folder, the task to export it for
+            (``text-generation`` writes a decoder folder); None infers it from the config. See
+            :func:`onnxpipe.converter.huggingface.convert_folder`.
 
     Returns:
-        A :class:`ConversionResult`.
+        A :class:`ConversionResult` (a ``HFConversionResult`` for a Hugging Face folder).
     """
     start = time.perf_counter()
+    from onnxpipe.converter.huggingface import is_hf_folder
+
+    if is_hf_folder(source):
+        from onnxpipe.converter.huggingface import convert_folder
+
+        if framework not in (None, "torch"):
+            raise InputError(f"--framework {framework} was given but {source} is a Hugging Face (PyTorch) folder",
+                             hint="drop --framework")
+        return convert_folder(source, output, task=task, opset=opset, atol=atol, rtol=rtol, check=check,
+                              external_data_threshold=external_data_threshold)
+    if task is not None:
+        raise InputError(f"--task applies to Hugging Face model folders, and {source} is not one (no config.json)",
+                         hint="drop --task, or give a folder written by save_pretrained")
     fm = load_source(source, framework=framework, inputs=inputs)
     if fm.framework == "torch":
         from onnxpipe.converter import pytorch as backend

@@ -1,0 +1,368 @@
+"""Hugging Face ``save_pretrained`` folders to checked ONNX, by task (the names Optimum uses).
+
+``text-generation`` writes a folder: one decoder ``model.onnx`` that takes ``input_ids``,
+``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key|value`` (empty on the first
+step) and returns ``logits`` and ``present.{i}.key|value``, beside the tokenizer files, the
+configs and a ``genai_config.json`` for onnxruntime-genai. The other tasks write one ``.onnx``.
+
+Example:
+    >>> from onnxpipe.converter.huggingface import convert_folder
+    >>> result = convert_folder("llama-folder", "llama-onnx", task="text-generation")  # doctest: +SKIP
+    >>> result.check.ok  # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxpipe._deps import require
+from onnxpipe.converter.base import DEFAULT_OPSET, Attempt, first_line
+from onnxpipe.converter.check import CheckReport, CheckRun
+from onnxpipe.errors import CheckFailedError, ConversionError, InputError
+from onnxpipe.tensors import compare
+
+TASKS = ("feature-extraction", "text-classification", "image-classification", "text-generation")
+
+# files of a save_pretrained folder that a text-generation output keeps beside the model
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "chat_template.jinja",
+                   "chat_template.json")
+CONFIG_FILES = ("config.json", "generation_config.json")
+MODEL_FILE = "model.onnx"
+DECODE_STEPS = 8
+
+# model_type -> the "type" onnxruntime-genai knows it as
+GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "phi": "phi", "phi3": "phi3",
+               "gpt2": "gpt2", "gemma": "gemma", "qwen3": "qwen3"}
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``save_pretrained`` (it holds a ``config.json``)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """The folder's ``config.json`` as a dict; a missing or corrupt one is a one-line error."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise InputError(f"{folder} has no config.json, so it is not a Hugging Face model folder",
+                         hint="give a folder written by save_pretrained")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {first_line(exc)}", hint="re-save the model with save_pretrained") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{path} holds no JSON object", hint="re-save the model with save_pretrained")
+    return config
+
+
+def infer_task(config: dict[str, Any]) -> str:
+    """The task a config's ``architectures`` name, e.g. ``LlamaForCausalLM`` -> ``text-generation``.
+
+    Example:
+        >>> infer_task({"architectures": ["BertForSequenceClassification"]})
+        'text-classification'
+    """
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "text-generation"
+        if arch.endswith("ForSequenceClassification"):
+            return "text-classification"
+        if arch.endswith("ForImageClassification"):
+            return "image-classification"
+        if arch.endswith("Model"):
+            return "feature-extraction"
+    raise InputError(f"cannot tell the task from the config's architectures {archs or '(none)'}",
+                     hint=f"give --task, one of {', '.join(TASKS)}")
+
+
+@dataclass
+class HFConversionResult:
+    """What :func:`convert_folder` produced, how, and the check against ``transformers``."""
+
+    path: Path | None
+    task: str
+    task_inferred: bool
+    architecture: str
+    model_type: str
+    exporter: str
+    attempts: list[Attempt] = field(default_factory=list)
+    check: CheckReport | None = None
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    framework: str = "transformers"
+
+    @property
+    def kind(self) -> str:
+        return f"{self.architecture}, task {self.task}" + (" (inferred from the config)" if self.task_inferred else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path) if self.path else None, "framework": self.framework, "task": self.task,
+                "task_inferred": self.task_inferred, "architecture": self.architecture,
+                "model_type": self.model_type, "exporter": self.exporter,
+                "attempts": [a.as_dict() for a in self.attempts], "files": self.files,
+                "check": self.check.as_dict() if self.check else None, "seconds": round(self.seconds, 3)}
+
+
+def convert_folder(
+    folder: str | os.PathLike,
+    output: str | os.PathLike | None,
+    *,
+    task: str | None = None,
+    opset: int | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-3,
+    check: bool = True,
+    external_data_threshold: int | None = None,
+) -> HFConversionResult:
+    """Convert a ``save_pretrained`` folder for ``task`` and prove it agrees with ``transformers``.
+
+    Args:
+        folder: a local folder with ``config.json`` and weights; nothing is downloaded.
+        output: ``text-generation``: a folder to write (replaced atomically); other tasks: an
+            ``.onnx`` file. None keeps nothing (check only).
+        task: one of :data:`TASKS`; None infers it from the config's architectures.
+        opset: target opset (default :data:`DEFAULT_OPSET`).
+        atol, rtol: tolerance of the check, ``|onnx - ref| <= atol + rtol * |ref|``.
+        check: compare with ``transformers``; a failure raises :class:`CheckFailedError` after
+            writing the output, so it can be inspected.
+        external_data_threshold: initializer bytes above which weights go to a ``.data`` file.
+    """
+    start = time.perf_counter()
+    folder = Path(folder)
+    config = read_config(folder)
+    inferred = task is None
+    task = task or infer_task(config)
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}", hint=f"use one of {', '.join(TASKS)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    opset = opset or DEFAULT_OPSET
+    if task == "text-generation":
+        from onnxpipe.converter import hf_decoder
+
+        result = hf_decoder.convert(folder, config, output, opset=opset, atol=atol, rtol=rtol, check=check,
+                                    external_data_threshold=external_data_threshold)
+    else:
+        result = _convert_single(folder, config, task, output, opset=opset, atol=atol, rtol=rtol, check=check,
+                                 external_data_threshold=external_data_threshold)
+    result.task_inferred = inferred
+    result.seconds = time.perf_counter() - start
+    if result.check is not None and not result.check.ok:
+        bad = [c for c in result.check.worst() if not c.ok]
+        summary = ", ".join(f"{c.name} max abs diff {c.max_abs:.3g}" for c in bad)
+        where = f"; the output is kept at {result.path}" if result.path else ""
+        err = CheckFailedError(f"ONNX outputs differ from transformers beyond atol={atol:g}, rtol={rtol:g}: "
+                               f"{summary}{where}", hint="inspect it, loosen --atol/--rtol, or --no-check")
+        err.result = result  # type: ignore[attr-defined]
+        raise err
+    return result
+
+
+def load_pretrained(folder: Path, auto_class: str) -> Any:
+    """``transformers.<auto_class>.from_pretrained(folder)`` in float32 with eager attention, in eval mode."""
+    transformers = require("transformers")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    loader = getattr(transformers, auto_class)
+    try:
+        model = loader.from_pretrained(str(folder), dtype="float32", attn_implementation="eager",
+                                       local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"transformers cannot load {folder} as {auto_class}: {first_line(exc)}",
+                         hint="check that the folder holds the config and weights save_pretrained wrote, "
+                              "and that --task fits the model") from exc
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- single-file tasks
+
+_AUTO = {"feature-extraction": "AutoModel", "text-classification": "AutoModelForSequenceClassification",
+         "image-classification": "AutoModelForImageClassification"}
+_OUTPUT = {"feature-extraction": "last_hidden_state", "text-classification": "logits",
+           "image-classification": "logits"}
+
+
+def _example_text_inputs(folder: Path, config: dict[str, Any], model: Any) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    vocab = int(config.get("vocab_size") or 100)
+    ids = rng.integers(0, vocab, size=(2, 16), dtype=np.int64)
+    try:
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    inputs = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    if "token_type_ids" in params and int(config.get("type_vocab_size") or 0) > 0:
+        inputs["token_type_ids"] = np.zeros_like(ids)
+    return inputs
+
+
+def _example_image_inputs(config: dict[str, Any]) -> dict[str, np.ndarray]:
+    size = config.get("image_size") or 224
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    channels = int(config.get("num_channels") or 3)
+    rng = np.random.default_rng(0)
+    return {"pixel_values": rng.standard_normal((2, channels, h, w)).astype(np.float32)}
+
+
+def _convert_single(folder: Path, config: dict[str, Any], task: str, output: Any, *, opset: int, atol: float,
+                    rtol: float, check: bool, external_data_threshold: int | None) -> HFConversionResult:
+    torch = require("torch")
+    from onnxpipe.converter import pytorch
+    from onnxpipe.converter.check import verify
+    from onnxpipe.modelio import check_model, save_model
+
+    model = load_pretrained(folder, _AUTO[task])
+    out_name = _OUTPUT[task]
+    inputs = _example_image_inputs(config) if task == "image-classification" else \
+        _example_text_inputs(folder, config, model)
+
+    class _Text(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **extra)
+            return {out_name: getattr(out, out_name)}
+
+    class _Image(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values: Any) -> Any:
+            return {out_name: getattr(self.inner(pixel_values=pixel_values, return_dict=True), out_name)}
+
+    _Task = _Image if task == "image-classification" else _Text
+    wrapper = _Task(model).eval()
+    fm = pytorch.from_object(wrapper, tuple(torch.from_numpy(v) for v in inputs.values()))
+    if task == "image-classification":
+        axes = {"pixel_values": {0: "batch_size"}, out_name: {0: "batch_size"}}
+    else:
+        axes = {n: {0: "batch_size", 1: "sequence_length"} for n in inputs}
+        axes[out_name] = {0: "batch_size"} if out_name == "logits" else {0: "batch_size", 1: "sequence_length"}
+    args = tuple(torch.from_numpy(v) for v in inputs.values())
+    onnx_model, exporter, attempts = export_with_fallback(wrapper, args, list(inputs), [out_name], axes, opset)
+    check_model(onnx_model, what="the exported model")
+    arch = (config.get("architectures") or [type(model).__name__])[0]
+    result = HFConversionResult(None, task, False, arch, str(config.get("model_type", "")), exporter, attempts)
+    if check:
+        result.check = verify(onnx_model, fm, atol=atol, rtol=rtol)
+    if output is not None:
+        result.path = save_model(onnx_model, output, threshold=external_data_threshold)
+        result.files = [result.path.name]
+    return result
+
+
+# ----------------------------------------------------------------------------- shared by the decoder
+
+def export_with_fallback(wrapper: Any, args: tuple, in_names: list[str], out_names: list[str],
+                         axes: dict[str, dict[int, str]], opset: int) -> tuple[Any, str, list[Attempt]]:
+    """Export ``wrapper`` with the TorchScript exporter, else the dynamo one; report every attempt.
+
+    ``axes`` names the dynamic axes of inputs and outputs (``{"input_ids": {0: "batch_size"}}``).
+    TorchScript goes first: it exports every family covered here in about a second, where
+    dynamo takes ten times longer on the same decoder (both verified to agree).
+    """
+    import onnx
+
+    from onnxpipe.converter.pytorch import _quiet
+
+    attempts: list[Attempt] = []
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-hf-") as tmp:
+        for name, strategy in (("torchscript", _torchscript), ("dynamo", _dynamo)):
+            target = Path(tmp) / f"{name}.onnx"
+            start = time.perf_counter()
+            try:
+                with _quiet():
+                    strategy(wrapper, args, target, in_names, out_names, axes, opset)
+                exported = onnx.load(str(target))
+                got_in = [i.name for i in exported.graph.input]
+                got_out = [o.name for o in exported.graph.output]
+                if got_in != in_names or got_out != out_names:
+                    raise ValueError(f"exported inputs {got_in} / outputs {got_out}, "
+                                     f"expected {in_names} / {out_names}")
+            except Exception as exc:  # noqa: BLE001 - each failure is recorded; the next strategy is tried
+                attempts.append(Attempt(name, time.perf_counter() - start, first_line(exc)))
+                continue
+            attempts.append(Attempt(name, time.perf_counter() - start))
+            return exported, f"torch.onnx.export ({name})", attempts
+    raise_export_failure(attempts)
+    raise AssertionError("unreachable")
+
+
+def _torchscript(wrapper: Any, args: tuple, target: Path, in_names: list[str], out_names: list[str],
+                 axes: dict[str, dict[int, str]], opset: int) -> None:
+    torch = require("torch")
+    torch.onnx.export(wrapper, args, str(target), input_names=in_names, output_names=out_names,
+                      dynamic_axes=axes, opset_version=opset, dynamo=False)
+
+
+def _dynamo(wrapper: Any, args: tuple, target: Path, in_names: list[str], out_names: list[str],
+            axes: dict[str, dict[int, str]], opset: int) -> None:
+    torch = require("torch")
+    dims: dict[str, Any] = {}
+
+    def spec(name: str) -> dict[int, Any]:
+        return {ax: dims.setdefault(label, torch.export.Dim(label)) for ax, label in axes.get(name, {}).items()}
+
+    import inspect
+
+    params = [p for p in inspect.signature(wrapper.forward).parameters.values()]
+    if params and params[-1].kind == params[-1].VAR_POSITIONAL:  # forward(a, b, *rest): rest is one tuple
+        fixed = len(params) - 1
+        shapes: tuple = tuple(spec(n) for n in in_names[:fixed]) + (tuple(spec(n) for n in in_names[fixed:]),)
+    else:
+        shapes = tuple(spec(n) for n in in_names)
+    torch.onnx.export(wrapper, args, str(target), input_names=in_names, output_names=out_names,
+                      dynamic_shapes=shapes, opset_version=opset, dynamo=True, external_data=True,
+                      report=False, verify=False)
+
+
+def logits_run(label: str, got: np.ndarray, expected: np.ndarray, *, atol: float, rtol: float) -> CheckRun:
+    """One step of the decoder check: the ONNX logits against the transformers logits."""
+    return CheckRun(label, int(expected.shape[0]), [compare("logits", got, expected, atol=atol, rtol=rtol)])
+
+
+def replace_dir(tmp: Path, dest: Path) -> None:
+    """Move the finished folder ``tmp`` to ``dest``, replacing what was there, never half-written."""
+    old = None
+    if dest.exists():
+        if not dest.is_dir():
+            raise InputError(f"{dest} exists and is not a folder", hint="give a folder path for -o")
+        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old.", dir=dest.parent))
+        os.replace(dest, old / dest.name)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_side_files(folder: Path, dest: Path) -> list[str]:
+    """Copy tokenizer and config files of ``folder`` that exist into ``dest``; their names."""
+    copied = []
+    for name in TOKENIZER_FILES + CONFIG_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, dest / name)
+            copied.append(name)
+    return copied
+
+
+def raise_export_failure(attempts: list[Attempt]) -> None:
+    detail = "; ".join(f"{a.strategy}: {a.error}" for a in attempts)
+    raise ConversionError(f"every exporter failed for this decoder ({detail})",
+                          hint="run with --debug; use a transformers architecture with a DynamicCache")
