@@ -14,6 +14,7 @@ check proves it on a prompt and on :data:`DECODE_STEPS` cached steps.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -206,6 +207,9 @@ def convert(folder: Path, config: dict[str, Any], output: Any, *, opset: int, at
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".onnxpipe-decoder-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
     try:
         save_model(exported, tmp / MODEL_FILE, threshold=external_data_threshold)
         files = sorted(p.name for p in tmp.iterdir())
