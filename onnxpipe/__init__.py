@@ -7,7 +7,7 @@ from typing import Any
 from onnxpipe._version import __version__
 from onnxpipe.core.errors import OnnxpipeError
 
-__all__ = ["OnnxpipeError", "__version__", "convert", "optimize", "run"]
+__all__ = ["OnnxpipeError", "__version__", "convert", "generate", "optimize", "run"]
 
 
 def convert(*args: Any, **kwargs: Any) -> Any:
@@ -20,6 +20,18 @@ def convert(*args: Any, **kwargs: Any) -> Any:
     from onnxpipe.converter import convert as _convert
 
     return _convert(*args, **kwargs)
+
+
+def generate(*args: Any, **kwargs: Any) -> Any:
+    """Continue a prompt with a converted decoder folder; see :func:`onnxpipe.runtimes.generate.generate`.
+
+    Example:
+        >>> out = onnxpipe.generate("tiny_llm_onnx", "A class definition", max_new_tokens=16)  # doctest: +SKIP
+        >>> out.text, out.decode_tokens_per_s  # doctest: +SKIP
+    """
+    from onnxpipe.runtimes.generate import generate as _generate
+
+    return _generate(*args, **kwargs)
 
 
 def optimize(*args: Any, **kwargs: Any) -> Any:

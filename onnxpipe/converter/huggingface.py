@@ -43,7 +43,7 @@ DECODE_STEPS = 8
 
 # model_type -> the "type" onnxruntime-genai knows it as
 GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "phi": "phi", "phi3": "phi3",
-               "gpt2": "gpt2", "gemma": "gemma", "qwen3": "qwen3"}
+               "gpt2": "llama", "gemma": "gemma", "qwen3": "qwen3"}
 
 
 def is_hf_folder(path: str | os.PathLike) -> bool:

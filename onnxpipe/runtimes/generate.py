@@ -1,0 +1,355 @@
+"""Text generation with a converted decoder folder: onnxruntime-genai first, an own ORT loop beside it.
+
+The folder is what ``onnxpipe convert DIR --task text-generation`` writes: ``model.onnx`` with a
+flat KV cache, ``genai_config.json``, the tokenizer files and the generation config.
+
+Two engines, one interface (:class:`TextGenerator`):
+
+- ``genai``: onnxruntime-genai (``og.Model`` / ``og.Generator``). It keeps the KV cache, samples
+  (greedy, temperature, top-k, top-p, seed), stops at EOS and is what the ecosystem runs. The
+  default wherever it is installed and loads the folder.
+- ``ort``: an own loop over one ONNX Runtime session: the prompt runs once with an empty past,
+  each next token runs alone with the presents bound as the next pasts (IO binding, so the cache
+  stays in ORT's buffers between steps). Used where onnxruntime-genai is missing or refuses the
+  folder, and as the reference the engines are measured against (``benchmarks/generate.py``).
+
+Example:
+    >>> from onnxpipe.runtimes.generate import generate
+    >>> out = generate("tiny_llm_onnx", "The for statement", max_new_tokens=16)  # doctest: +SKIP
+    >>> out.text  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnxpipe._deps import require
+from onnxpipe.errors import InputError
+
+ENGINES = ("auto", "genai", "ort")
+MODEL_FILE = "model.onnx"
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: greedy unless ``do_sample``.
+
+    Attributes:
+        do_sample: sample from the (tempered, truncated) distribution instead of taking the argmax.
+        temperature: divides the logits before sampling (> 0).
+        top_k: keep the k most likely tokens (0: all).
+        top_p: keep the smallest set whose probability reaches p (1.0: all).
+        seed: seed of the sampler; None draws one.
+    """
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise InputError(f"temperature must be > 0, got {self.temperature:g}", hint="use e.g. --temperature 0.8")
+        if self.top_k < 0:
+            raise InputError(f"top-k must be >= 0, got {self.top_k}", hint="0 keeps every token")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top-p must be in (0, 1], got {self.top_p:g}", hint="1.0 keeps every token")
+
+
+@dataclass
+class Generation:
+    """One generated continuation with its timings."""
+
+    prompt_tokens: list[int]
+    tokens: list[int]
+    text: str
+    prefill_s: float
+    decode_s: float
+    engine: str
+    finish_reason: str  # "eos" or "length"
+    token_times: list[float] = field(default_factory=list, repr=False)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens after the first one, per second of decoding (the first comes out of the prefill)."""
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens": self.prompt_tokens, "tokens": self.tokens, "text": self.text,
+                "timings": {"prefill_s": round(self.prefill_s, 6),
+                            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3)},
+                "engine": self.engine, "finish_reason": self.finish_reason}
+
+
+def read_folder(path: str | os.PathLike) -> dict[str, Any]:
+    """Check a decoder folder and return its ``genai_config.json``; a wrong folder is a one-line error."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"no such folder: {folder}",
+                         hint="give the folder written by onnxpipe convert DIR --task text-generation -o FOLDER")
+    if not (folder / MODEL_FILE).is_file() or not (folder / "genai_config.json").is_file():
+        raise InputError(f"{folder} is not a text-generation folder (it needs {MODEL_FILE} and genai_config.json)",
+                         hint="write one with onnxpipe convert DIR --task text-generation -o FOLDER")
+    try:
+        return json.loads((folder / "genai_config.json").read_text())
+    except ValueError as exc:
+        raise InputError(f"cannot read {folder / 'genai_config.json'}: {exc}", hint="convert the model again") from exc
+
+
+class TextGenerator:
+    """A decoder folder loaded once, generating any number of times.
+
+    Args:
+        path: the folder ``onnxpipe convert --task text-generation`` wrote.
+        engine: ``auto`` (onnxruntime-genai where it loads the folder, else ``ort``), ``genai`` or ``ort``.
+        threads: intra-op threads (None lets ONNX Runtime decide).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, engine: str = "auto", threads: int | None = None) -> None:
+        if engine not in ENGINES:
+            raise InputError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
+        self.path = Path(path)
+        self.config = read_folder(self.path)
+        model_cfg = self.config["model"]
+        eos = model_cfg.get("eos_token_id", [])
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.vocab_size = int(model_cfg.get("vocab_size", 0))
+        self.context_length = int(model_cfg.get("context_length", 0) or 0)
+        self.threads = threads
+        self.why_not_genai = ""
+        self._impl: _GenaiEngine | _OrtEngine
+        if engine in ("auto", "genai"):
+            try:
+                self._impl = _GenaiEngine(self.path, self.config, threads)
+            except Exception as exc:
+                if engine == "genai":
+                    raise InputError(f"onnxruntime-genai cannot run {self.path}: {str(exc).strip()}",
+                                     hint="pip install onnxruntime-genai, or use --engine ort") from exc
+                self.why_not_genai = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self._impl = _OrtEngine(self.path, self.config, threads)
+        else:
+            self._impl = _OrtEngine(self.path, self.config, threads)
+        self.engine = self._impl.name
+
+    def encode(self, text: str) -> list[int]:
+        return self._impl.encode(text)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self._impl.decode(tokens)
+
+    def generate(self, prompt: str | list[int], *, max_new_tokens: int = 64, sampling: Sampling | None = None,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+        """Continue ``prompt`` (text or token ids) by up to ``max_new_tokens``, stopping at EOS.
+
+        ``on_text`` receives each new piece of text as soon as its token is chosen (streaming).
+        """
+        sampling = sampling or Sampling()
+        sampling.validate()
+        if max_new_tokens < 1:
+            raise InputError(f"max-new-tokens must be >= 1, got {max_new_tokens}", hint="e.g. --max-new-tokens 32")
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise InputError("the prompt encodes to no tokens", hint="give a non-empty --prompt")
+        if self.context_length and len(ids) + max_new_tokens > self.context_length:
+            raise InputError(f"prompt ({len(ids)} tokens) + max-new-tokens ({max_new_tokens}) exceed the model's "
+                             f"context of {self.context_length}", hint="shorten the prompt or lower --max-new-tokens")
+        start = time.perf_counter()
+        tokens: list[int] = []
+        times: list[float] = []
+        finish = "length"
+        stream = _TextStream(self.decode)
+        for token in self._impl.tokens(ids, max_new_tokens, sampling):
+            times.append(time.perf_counter() - start)
+            tokens.append(token)
+            if token in self.eos_ids:
+                finish = "eos"
+                break
+            if on_text is not None:
+                on_text(stream(token))
+            if len(tokens) >= max_new_tokens:
+                break
+        text_tokens = tokens[:-1] if finish == "eos" else tokens
+        text = self.decode(text_tokens)
+        if on_text is not None:
+            on_text(stream.flush(text))
+        prefill = times[0] if times else 0.0
+        decode = (times[-1] - times[0]) if len(times) > 1 else 0.0
+        return Generation(ids, tokens, text, prefill, decode, self.engine, finish, times)
+
+
+def generate(path: str | os.PathLike, prompt: str | list[int], *, max_new_tokens: int = 64,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+             seed: int | None = None, engine: str = "auto", threads: int | None = None,
+             on_text: Callable[[str], None] | None = None) -> Generation:
+    """Load the decoder folder ``path`` and continue ``prompt``; see :class:`TextGenerator`.
+
+    Example:
+        >>> import onnxpipe
+        >>> onnxpipe.generate("tiny_llm_onnx", "A class definition", max_new_tokens=8).text  # doctest: +SKIP
+    """
+    gen = TextGenerator(path, engine=engine, threads=threads)
+    return gen.generate(prompt, max_new_tokens=max_new_tokens, on_text=on_text,
+                        sampling=Sampling(do_sample, temperature, top_k, top_p, seed))
+
+
+class _TextStream:
+    """New text per token: decodes everything so far and hands out what was not handed out yet.
+
+    A byte-level token can end inside a UTF-8 character; such a tail decodes to U+FFFD and is held
+    back until the next token completes it (or :meth:`flush` at the end).
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._tokens: list[int] = []
+        self._sent = ""
+
+    def __call__(self, token: int) -> str:
+        self._tokens.append(token)
+        text = self._decode(self._tokens)
+        if text.endswith("\ufffd") or not text.startswith(self._sent):
+            return ""
+        new, self._sent = text[len(self._sent):], text
+        return new
+
+    def flush(self, text: str) -> str:
+        new = text[len(self._sent):] if text.startswith(self._sent) else ""
+        self._sent = text
+        return new
+
+
+# ----------------------------------------------------------------------------- engines
+
+class _GenaiEngine:
+    name = "onnxruntime-genai"
+
+    def __init__(self, path: Path, config: dict[str, Any], threads: int | None) -> None:
+        og = require("onnxruntime_genai")
+        self.vocab_size = int(config["model"].get("vocab_size") or 1 << 20)
+        config = og.Config(str(path))
+        config.clear_providers()
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+                "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
+        self._og = og
+        self.model = og.Model(config)
+        self.tokenizer = og.Tokenizer(self.model)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(np.asarray(tokens, dtype=np.int32)) if tokens else ""
+
+    def tokens(self, ids: list[int], max_new: int, s: Sampling) -> Iterator[int]:
+        og = self._og
+        params = og.GeneratorParams(self.model)
+        options: dict[str, Any] = {"max_length": len(ids) + max_new, "do_sample": s.do_sample}
+        if s.do_sample:
+            options.update(temperature=float(s.temperature), top_p=float(s.top_p))
+            if s.top_k:
+                options["top_k"] = int(s.top_k)
+            else:
+                options["top_k"] = self.vocab_size  # genai's default would cut to 50; 0 means "all" here
+            options["random_seed"] = int(s.seed) if s.seed is not None else int(np.random.SeedSequence().entropy % (1 << 31))
+        else:
+            options.update(top_k=1)
+        params.set_search_options(**options)
+        generator = og.Generator(self.model, params)
+        generator.append_tokens(np.asarray(ids, dtype=np.int32))
+        while not generator.is_done():
+            generator.generate_next_token()
+            yield int(generator.get_next_tokens()[0])
+
+
+class _OrtEngine:
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, config: dict[str, Any], threads: int | None) -> None:
+        ort = require("onnxruntime")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
+        dec = config["model"]["decoder"]
+        self.layers = int(dec["num_hidden_layers"])
+        self.kv_heads = int(dec["num_key_value_heads"])
+        self.head_size = int(dec["head_size"])
+        self.past = [n for i in range(self.layers) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
+        self.present = [n for i in range(self.layers) for n in (f"present.{i}.key", f"present.{i}.value")]
+        self.tokenizer = _hf_tokenizer(path)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def tokens(self, ids: list[int], max_new: int, s: Sampling) -> Iterator[int]:
+        rng = np.random.default_rng(s.seed)
+        binding = self.session.io_binding()
+        n = len(ids)
+        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
+                 "position_ids": np.arange(n, dtype=np.int64)[None]}
+        empty = np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in self.past:
+            binding.bind_cpu_input(name, empty)
+        for name in ["logits", *self.present]:
+            binding.bind_output(name, "cpu")
+        total = n
+        for _ in range(max_new):
+            self.session.run_with_iobinding(binding)
+            outputs = binding.get_outputs()
+            token = _choose(outputs[0].numpy()[0, -1], s, rng)
+            yield token
+            total += 1
+            binding = self.session.io_binding()
+            binding.bind_cpu_input("input_ids", np.asarray([[token]], np.int64))
+            binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+            binding.bind_cpu_input("position_ids", np.asarray([[total - 1]], np.int64))
+            for name, value in zip(self.past, outputs[1:]):
+                binding.bind_ortvalue_input(name, value)  # the cache stays in ORT's buffers
+            for name in ["logits", *self.present]:
+                binding.bind_output(name, "cpu")
+
+
+def _hf_tokenizer(path: Path) -> Any:
+    tokenizers = require("tokenizers")
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise InputError(f"{path} has no tokenizer.json", hint="convert a folder that holds its tokenizer")
+    return tokenizers.Tokenizer.from_file(str(file))
+
+
+def _choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
+    """Greedy argmax, or a sample after temperature, top-k and top-p."""
+    if not s.do_sample:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / s.temperature
+    if s.top_k and s.top_k < x.size:
+        cut = np.partition(x, -s.top_k)[-s.top_k]
+        x = np.where(x < cut, -np.inf, x)
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    if s.top_p < 1.0:
+        order = np.argsort(-p)
+        keep = np.cumsum(p[order]) - p[order] < s.top_p
+        mask = np.zeros_like(p, dtype=bool)
+        mask[order[keep]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return int(rng.choice(p.size, p=p))
