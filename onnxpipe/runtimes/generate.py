@@ -148,10 +148,12 @@ class TextGenerator:
         return self._impl.decode(tokens)
 
     def generate(self, prompt: str | list[int], *, max_new_tokens: int = 64, sampling: Sampling | None = None,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
+                 on_text: Callable[[str], None] | None = None, min_new_tokens: int = 0) -> Generation:
         """Continue ``prompt`` (text or token ids) by up to ``max_new_tokens``, stopping at EOS.
 
         ``on_text`` receives each new piece of text as soon as its token is chosen (streaming).
+        ``min_new_tokens`` forbids EOS before that many tokens (as transformers does), e.g. to
+        time a fixed number of steps.
         """
         sampling = sampling or Sampling()
         sampling.validate()
@@ -168,7 +170,7 @@ class TextGenerator:
         times: list[float] = []
         finish = "length"
         stream = _TextStream(self.decode)
-        for token in self._impl.tokens(ids, max_new_tokens, sampling):
+        for token in self._impl.tokens(ids, max_new_tokens, sampling, min(min_new_tokens, max_new_tokens)):
             times.append(time.perf_counter() - start)
             tokens.append(token)
             if token in self.eos_ids:
@@ -251,10 +253,11 @@ class _GenaiEngine:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(np.asarray(tokens, dtype=np.int32)) if tokens else ""
 
-    def tokens(self, ids: list[int], max_new: int, s: Sampling) -> Iterator[int]:
+    def tokens(self, ids: list[int], max_new: int, s: Sampling, min_new: int) -> Iterator[int]:
         og = self._og
         params = og.GeneratorParams(self.model)
-        options: dict[str, Any] = {"max_length": len(ids) + max_new, "do_sample": s.do_sample}
+        options: dict[str, Any] = {"max_length": len(ids) + max_new, "do_sample": s.do_sample,
+                                   "min_length": len(ids) + min_new}
         if s.do_sample:
             options.update(temperature=float(s.temperature), top_p=float(s.top_p))
             if s.top_k:
@@ -290,6 +293,8 @@ class _OrtEngine:
         self.past = [n for i in range(self.layers) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
         self.present = [n for i in range(self.layers) for n in (f"present.{i}.key", f"present.{i}.value")]
         self.tokenizer = _hf_tokenizer(path)
+        eos = config["model"].get("eos_token_id", [])
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text).ids)
@@ -297,8 +302,9 @@ class _OrtEngine:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def tokens(self, ids: list[int], max_new: int, s: Sampling) -> Iterator[int]:
+    def tokens(self, ids: list[int], max_new: int, s: Sampling, min_new: int) -> Iterator[int]:
         rng = np.random.default_rng(s.seed)
+        eos = sorted(self.eos_ids)
         binding = self.session.io_binding()
         n = len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
@@ -311,10 +317,14 @@ class _OrtEngine:
         for name in ["logits", *self.present]:
             binding.bind_output(name, "cpu")
         total = n
-        for _ in range(max_new):
+        for step in range(max_new):
             self.session.run_with_iobinding(binding)
             outputs = binding.get_outputs()
-            token = _choose(outputs[0].numpy()[0, -1], s, rng)
+            logits = outputs[0].numpy()[0, -1]
+            if step < min_new and eos:
+                logits = logits.copy()
+                logits[eos] = -np.inf
+            token = _choose(logits, s, rng)
             yield token
             total += 1
             binding = self.session.io_binding()

@@ -1,0 +1,145 @@
+"""Text generation at batch 1, side by side in one run: onnxpipe's engines vs transformers.generate.
+
+On the zoo's tiny_llm (trained on first use) or a random Llama of a chosen size, all on the same
+weights and the same number of threads:
+
+- decode tokens/s of ``transformers.generate`` (PyTorch eager, greedy, its own KV cache) against
+  onnxpipe's two engines (onnxruntime-genai and the own ORT loop) on the converted folder:
+  outcome to reach, >= 1.5x;
+- the KV cache really used: time per decoded token after a 256-token prompt against a 16-token
+  prompt, per engine: outcome to reach, <= 1.5x;
+- the concurrent-requests gain of the serve endpoint: not measured, the endpoint is not built yet.
+
+Decode tokens/s counts the tokens after the first (which comes out of the prefill) over the time
+after the first; transformers' is (N-1) / (t(N tokens) - t(1 token)). EOS is suppressed until N
+so every run decodes the same number of steps. Rounds are interleaved and medians reported.
+
+    python benchmarks/generate.py [--model tiny_llm|random] [--hidden 256 --layers 4] [--new 32]
+                                  [--rounds 5] [--threads 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def source_folder(args: argparse.Namespace, work: Path) -> Path:
+    if args.model == "tiny_llm":
+        from models.tiny_llm.model import folder
+
+        return folder()
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=2048, hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 64),
+                         num_key_value_heads=max(2, args.hidden // 128), max_position_embeddings=1024)
+    tf.LlamaForCausalLM(cfg).eval().save_pretrained(str(work / "hf"))
+    return work / "hf"
+
+
+def hf_decode(model, ids: list[int], new: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) of transformers.generate, greedy."""
+    import torch
+
+    x = torch.tensor([ids])
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - start
+
+    t1 = timed(1)
+    tn = timed(new)
+    return t1, (new - 1) / max(tn - t1, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny_llm", choices=("tiny_llm", "random"))
+    parser.add_argument("--hidden", type=int, default=256, help="random model: hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="random model: layers")
+    parser.add_argument("--new", type=int, default=32, help="new tokens per generation")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    import torch
+    import transformers as tf
+    from rich.console import Console
+    from rich.table import Table
+
+    from onnxpipe import hardware
+    from onnxpipe.converter.huggingface import convert_folder
+    from onnxpipe.runtimes.generate import TextGenerator
+
+    tf.logging.set_verbosity_error()
+    tf.logging.disable_progress_bar()
+    torch.set_num_threads(args.threads)
+    console = Console(stderr=args.json, width=200)
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-bench-gen-") as tmp:
+        work = Path(tmp)
+        src = source_folder(args, work)
+        convert_folder(src, work / "onnx")
+        model = tf.AutoModelForCausalLM.from_pretrained(str(src), attn_implementation="eager").eval()
+        engines = {"genai": TextGenerator(work / "onnx", engine="genai", threads=args.threads),
+                   "ort": TextGenerator(work / "onnx", engine="ort", threads=args.threads)}
+        vocab = int(model.config.vocab_size)
+        prompts = {n: [(7 * i + 3) % (vocab - 1) + 1 for i in range(n)] for n in (16, 256)}
+        runs: dict[str, dict[int, list[float]]] = {k: {16: [], 256: []} for k in ("transformers", *engines)}
+        prefill: dict[str, dict[int, list[float]]] = {k: {16: [], 256: []} for k in runs}
+        for name, gen in engines.items():  # warm-up
+            gen.generate(prompts[16], max_new_tokens=4, min_new_tokens=4)
+        hf_decode(model, prompts[16], 4)
+        for _ in range(args.rounds):
+            for n, ids in prompts.items():
+                p, tps = hf_decode(model, ids, args.new)
+                runs["transformers"][n].append(tps)
+                prefill["transformers"][n].append(p)
+                for name, gen in engines.items():
+                    out = gen.generate(ids, max_new_tokens=args.new, min_new_tokens=args.new)
+                    assert len(out.tokens) == args.new, (name, len(out.tokens))
+                    runs[name][n].append(out.decode_tokens_per_s)
+                    prefill[name][n].append(out.prefill_s)
+    med = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in runs.items()}
+    pre = {k: {n: statistics.median(v) for n, v in d.items()} for k, d in prefill.items()}
+    cpu = hardware.cpu()
+    params = sum(p.numel() for p in model.parameters())
+    table = Table(title=f"generate, batch 1, {args.new} new tokens, {args.threads} thread(s), "
+                        f"{args.model} ({params / 1e6:.2f}M params); CPU {cpu.model} ({cpu.cores} cores); "
+                        f"medians of {args.rounds} interleaved rounds")
+    for col in ("engine", "decode tok/s @16", "vs transformers", "decode tok/s @256", "vs transformers",
+                "ms/token 256 vs 16", "prefill ms @16", "prefill ms @256"):
+        table.add_column(col, justify="left" if col == "engine" else "right")
+    result = {"cpu": cpu.model, "cores": cpu.cores, "threads": args.threads, "model": args.model,
+              "params": params, "new_tokens": args.new, "rounds": args.rounds, "engines": {}}
+    for name in runs:
+        speedup16 = med[name][16] / med["transformers"][16]
+        speedup256 = med[name][256] / med["transformers"][256]
+        ratio = med[name][16] / med[name][256]  # time per token at 256 over time per token at 16
+        table.add_row(name, f"{med[name][16]:.0f}", f"{speedup16:.2f}x", f"{med[name][256]:.0f}", f"{speedup256:.2f}x",
+                      f"{ratio:.2f}x", f"{pre[name][16] * 1e3:.1f}", f"{pre[name][256] * 1e3:.1f}")
+        result["engines"][name] = {"decode_tokens_per_s": med[name], "speedup_vs_transformers": {16: speedup16, 256: speedup256},
+                                   "per_token_time_ratio_256_vs_16": ratio, "prefill_s": pre[name]}
+    console.print(table)
+    console.print("targets: decode >= 1.5x transformers; per-token time at 256 <= 1.5x at 16. "
+                  "Concurrent requests: n/a (the serve generate endpoint is not built yet).")
+    if args.json:
+        print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
