@@ -103,3 +103,42 @@ def test_bad_task_and_bad_folder_are_one_line_errors(tmp_path):
     (tmp_path / "m.onnx").write_bytes(b"")
     proc = run_cli("convert", str(tmp_path / "m.onnx"), "--task", "text-generation", "-o", str(tmp_path / "o3"))
     assert proc.returncode == 2 and "--task applies to Hugging Face model folders" in proc.stderr
+
+
+def test_recipe_converts_a_folder_factory_quantizes_and_keeps_it_generating(tmp_path):
+    from conftest import write_factory
+
+    from onnxpipe.pipeline import run
+    from onnxpipe.runtimes.generate import TextGenerator
+
+    src = hf_tiny.decoder("qwen2", tmp_path / "hf")
+    factory = write_factory(tmp_path, f"""
+        import numpy as np
+
+        def folder():
+            return {str(src)!r}
+
+        def feeds():
+            rng = np.random.default_rng(0)
+            out = []
+            for past, new in ((0, 8), (5, 1)):
+                d = {{"input_ids": rng.integers(1, 200, size=(1, new)),
+                      "attention_mask": np.ones((1, past + new), np.int64),
+                      "position_ids": np.arange(past, past + new)[None]}}
+                for i in range(2):
+                    for kv in ("key", "value"):
+                        d[f"past_key_values.{{i}}.{{kv}}"] = rng.standard_normal((1, 2, past, 16)).astype(np.float32)
+                out.append(d)
+            return out
+        """)
+    recipe = {"model": {"source": f"{factory}:folder", "task": "text-generation"},
+              "data": {"calibration": f"{factory}:feeds", "check_batches": 2},
+              "passes": ["simplify", {"quantize": {"mode": "dynamic"}}],
+              "validate": {"providers": ["cpu"], "atol": 1.0, "rtol": 0.5, "latency": False}}
+    result = run(recipe, tmp_path / "run")
+    assert result.conversion.task == "text-generation" and result.conversion.check.ok
+    assert [s.kept for s in result.pipeline.stages[1:]] == [True, True]
+    for name in ("model.onnx", "tokenizer.json", "genai_config.json", "config.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    out = TextGenerator(tmp_path / "run", engine="genai").generate([5, 6, 7], max_new_tokens=4, min_new_tokens=4)
+    assert len(out.tokens) == 4

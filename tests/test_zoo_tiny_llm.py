@@ -44,3 +44,15 @@ def test_trains_once_caches_and_learns(tmp_path):
 
     result = convert_folder(path, tmp_path / "onnx")
     assert result.check.ok and result.task == "text-generation"
+
+
+@pytest.mark.slow
+def test_recipe_runs_and_generates(tmp_path):
+    from onnxpipe.pipeline import run
+    from onnxpipe.runtimes.generate import generate
+
+    result = run(ROOT / "models" / "tiny_llm" / "pipeline.yaml", tmp_path / "run")
+    assert all(s.kept for s in result.pipeline.stages)
+    assert all(row["ok"] for row in result.validation)
+    out = generate(tmp_path / "run", "The for statement is used to", max_new_tokens=16)
+    assert out.tokens and out.text.strip()

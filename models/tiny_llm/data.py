@@ -23,3 +23,29 @@ def split() -> tuple[list[str], list[str]]:
     texts = [t for _, t in topics()]
     cut = int(round(len(texts) * (1 - HELD_OUT)))
     return texts[:cut], texts[cut:]
+
+
+def decoder_feeds(n: int = 4, seed: int = 0) -> list[dict]:
+    """Input dicts for the converted decoder (``model.onnx`` of a text-generation folder): half
+    prompts with an empty cache, half single-token steps after a filled one, shapes consistent.
+
+    For the pipeline's before/after checks of passes on the decoder, whose random inputs could not
+    agree on the sequence lengths. numpy only; the geometry comes from ``model.CONFIG``.
+    """
+    import numpy as np
+
+    from models.tiny_llm.model import CONFIG
+
+    rng = np.random.default_rng(seed)
+    layers, heads, size = CONFIG["layers"], CONFIG["kv_heads"], CONFIG["hidden"] // CONFIG["heads"]
+    feeds = []
+    for i in range(n):
+        past, new = (0, 16) if i % 2 == 0 else (24, 1)
+        d = {"input_ids": rng.integers(1, CONFIG["vocab"], size=(1, new), dtype=np.int64),
+             "attention_mask": np.ones((1, past + new), np.int64),
+             "position_ids": np.arange(past, past + new, dtype=np.int64)[None]}
+        for layer in range(layers):
+            for kv in ("key", "value"):
+                d[f"past_key_values.{layer}.{kv}"] = rng.standard_normal((1, heads, past, size)).astype(np.float32)
+        feeds.append(d)
+    return feeds

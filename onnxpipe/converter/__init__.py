@@ -110,8 +110,11 @@ def convert(
         A :class:`ConversionResult` (a ``HFConversionResult`` for a Hugging Face folder).
     """
     start = time.perf_counter()
-    from onnxpipe.converter.huggingface import is_hf_folder
+    from onnxpipe.converter.huggingface import folder_from_factory, is_hf_folder
+    from onnxpipe.converter.source import split_factory
 
+    if task is not None and split_factory(str(source)) is not None:
+        source = folder_from_factory(str(source))  # with --task, a factory names a save_pretrained folder
     if is_hf_folder(source):
         from onnxpipe.converter.huggingface import convert_folder
 

@@ -194,7 +194,7 @@ def convert(folder: Path, config: dict[str, Any], output: Any, *, opset: int, at
     check_model(exported, what="the exported decoder")
     arch = (config.get("architectures") or [type(model).__name__])[0]
     result = HFConversionResult(None, "text-generation", False, arch, str(config.get("model_type", "")), exporter,
-                                attempts)
+                                attempts, model=exported)
     n_layers, heads, size = _kv_geometry(model)
     generation = {}
     if (folder / "generation_config.json").is_file():
@@ -214,8 +214,9 @@ def convert(folder: Path, config: dict[str, Any], output: Any, *, opset: int, at
         save_model(exported, tmp / MODEL_FILE, threshold=external_data_threshold)
         files = sorted(p.name for p in tmp.iterdir())
         files += copy_side_files(folder, tmp)
-        (tmp / "genai_config.json").write_text(
-            json.dumps(genai_config(model.config, generation, n_layers, heads, size), indent=2))
+        genai_text = json.dumps(genai_config(model.config, generation, n_layers, heads, size), indent=2)
+        result.side_files = {"genai_config.json": genai_text}
+        (tmp / "genai_config.json").write_text(genai_text)
         files.append("genai_config.json")
         result.files = files
         if check:

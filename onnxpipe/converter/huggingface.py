@@ -103,6 +103,21 @@ class HFConversionResult:
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
     framework: str = "transformers"
+    model: Any = field(default=None, repr=False)  # the onnx.ModelProto
+    source: Path | None = None
+    side_files: dict[str, str] = field(default_factory=dict, repr=False)  # generated files: name -> text
+
+    def write_side_files(self, dest: str | os.PathLike) -> list[str]:
+        """Copy the tokenizer and config files, and write ``genai_config.json``, beside a model in ``dest``.
+
+        What a pipeline calls after writing its final ``model.onnx``, so that the folder generates.
+        """
+        dest = Path(dest)
+        names = copy_side_files(self.source, dest) if self.source is not None else []
+        for name, text in self.side_files.items():
+            (dest / name).write_text(text)
+            names.append(name)
+        return names
 
     @property
     def kind(self) -> str:
@@ -158,6 +173,7 @@ def convert_folder(
         result = _convert_single(folder, config, task, output, opset=opset, atol=atol, rtol=rtol, check=check,
                                  external_data_threshold=external_data_threshold)
     result.task_inferred = inferred
+    result.source = folder
     result.seconds = time.perf_counter() - start
     if result.check is not None and not result.check.ok:
         bad = [c for c in result.check.worst() if not c.ok]
@@ -168,6 +184,21 @@ def convert_folder(
         err.result = result  # type: ignore[attr-defined]
         raise err
     return result
+
+
+def folder_from_factory(source: str) -> Path:
+    """``file.py:function`` whose function returns the path of a ``save_pretrained`` folder."""
+    from onnxpipe.userfiles import first_line as _first, load_callable
+
+    fn = load_callable(source, what="folder factory")
+    try:
+        path = fn()
+    except Exception as exc:
+        raise InputError(f"{source} raised {_first(exc)}", hint="fix it (run with --debug for the traceback)") from exc
+    if not isinstance(path, (str, os.PathLike)) or not is_hf_folder(path):
+        raise InputError(f"{source} returned {path!r}, not a Hugging Face model folder",
+                         hint="with --task, a factory returns the path of a save_pretrained folder")
+    return Path(path)
 
 
 def load_pretrained(folder: Path, auto_class: str) -> Any:
@@ -260,7 +291,8 @@ def _convert_single(folder: Path, config: dict[str, Any], task: str, output: Any
     onnx_model, exporter, attempts = export_with_fallback(wrapper, args, list(inputs), [out_name], axes, opset)
     check_model(onnx_model, what="the exported model")
     arch = (config.get("architectures") or [type(model).__name__])[0]
-    result = HFConversionResult(None, task, False, arch, str(config.get("model_type", "")), exporter, attempts)
+    result = HFConversionResult(None, task, False, arch, str(config.get("model_type", "")), exporter, attempts,
+                                model=onnx_model)
     if check:
         result.check = verify(onnx_model, fm, atol=atol, rtol=rtol)
     if output is not None:

@@ -204,7 +204,8 @@ def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = 
         task = progress.add_task("converting", total=total)
         m = r.model
         conversion = convert(resolve_path(r, m.source), framework=m.framework, inputs=m.inputs,
-                             dynamic_batch=m.dynamic_batch, opset=m.opset, atol=m.atol, rtol=m.rtol, check=m.check)
+                             dynamic_batch=m.dynamic_batch, opset=m.opset, atol=m.atol, rtol=m.rtol, check=m.check,
+                             task=m.task)
         progress.advance(task)
 
         def on_event(message: str, stage: Stage | None) -> None:
@@ -229,6 +230,8 @@ def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = 
                                         atol=r.validate_.atol, rtol=r.validate_.rtol)
         progress.advance(task)
     save_model(result.model, out / "model.onnx")
+    if hasattr(conversion, "write_side_files"):  # a Hugging Face source: tokenizer, configs, genai_config.json
+        conversion.write_side_files(out)
     doc = {"recipe": r.model_dump(mode="json", by_alias=True), "conversion": conversion.as_dict(),
            **result.as_dict(), "validation": validation}
     write_json(doc, out / "report.json")

@@ -40,6 +40,8 @@ class ModelSpec(_Strict):
     atol: float = 1e-4
     rtol: float = 1e-3
     check: bool = True
+    task: str | None = None
+    """Hugging Face folders (or a ``file.py:function`` returning one): the task to export for."""
 
 
 class DataSpec(_Strict):
