@@ -188,7 +188,8 @@ def convert_folder(
 
 def folder_from_factory(source: str) -> Path:
     """``file.py:function`` whose function returns the path of a ``save_pretrained`` folder."""
-    from onnxpipe.userfiles import first_line as _first, load_callable
+    from onnxpipe.userfiles import first_line as _first
+    from onnxpipe.userfiles import load_callable
 
     fn = load_callable(source, what="folder factory")
     try:
