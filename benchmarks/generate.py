@@ -24,18 +24,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def source_folder(args: argparse.Namespace, work: Path) -> Path:
     if args.model == "tiny_llm":
-        from models.tiny_llm.model import folder
+        from onnxpipe_zoo.tiny_llm.model import folder
 
         return folder()
     import torch
@@ -82,8 +80,8 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from onnxpipe import hardware
     from onnxpipe.converter.huggingface import convert_folder
+    from onnxpipe.core import hardware
     from onnxpipe.runtimes.generate import TextGenerator
 
     tf.logging.set_verbosity_error()

@@ -42,7 +42,7 @@ def test_decoder_matches_transformers_on_prompt_and_cached_steps(tmp_path, famil
 
 def test_infer_task_from_architectures():
     from onnxpipe.converter.huggingface import infer_task
-    from onnxpipe.errors import InputError
+    from onnxpipe.core.errors import InputError
 
     assert infer_task({"architectures": ["Qwen2ForCausalLM"]}) == "text-generation"
     assert infer_task({"architectures": ["GPT2LMHeadModel"]}) == "text-generation"

@@ -21,7 +21,7 @@ def _module():
 
 
 def test_held_out_split_is_disjoint_and_stdlib_only():
-    from models.tiny_llm import data
+    from onnxpipe_zoo.tiny_llm import data
 
     train, held = data.split()
     assert len(held) >= 5 and len(train) > 5 * len(held)

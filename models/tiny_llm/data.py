@@ -34,7 +34,7 @@ def decoder_feeds(n: int = 4, seed: int = 0) -> list[dict]:
     """
     import numpy as np
 
-    from models.tiny_llm.model import CONFIG
+    from onnxpipe_zoo.tiny_llm.model import CONFIG
 
     rng = np.random.default_rng(seed)
     layers, heads, size = CONFIG["layers"], CONFIG["kv_heads"], CONFIG["hidden"] // CONFIG["heads"]

@@ -17,17 +17,14 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-if (_root := str(Path(__file__).resolve().parents[2])) not in sys.path:
-    sys.path.insert(0, _root)  # the folder holding models/: the zoo imports as a package
-from models import _common  # noqa: E402
-from models.tiny_llm import data as _data  # noqa: E402
+from onnxpipe_zoo import _common
+from onnxpipe_zoo.tiny_llm import data as _data
 
 log = logging.getLogger("onnxpipe.zoo.tiny_llm")
 
@@ -85,7 +82,7 @@ def train(cfg: dict | None = None):
     import torch
     from transformers import LlamaForCausalLM
 
-    from models import _torch
+    from onnxpipe_zoo import _torch
 
     cfg = cfg or CONFIG
     TRAIN_CALLS += 1

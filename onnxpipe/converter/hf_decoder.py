@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpipe._deps import require
 from onnxpipe.converter.base import Attempt
 from onnxpipe.converter.check import CheckReport
 from onnxpipe.converter.huggingface import (
@@ -37,6 +36,7 @@ from onnxpipe.converter.huggingface import (
     logits_run,
     replace_dir,
 )
+from onnxpipe.core.deps import require
 
 
 def kv_names(layers: int) -> tuple[list[str], list[str]]:
@@ -114,7 +114,7 @@ def check_decoder(model: Any, onnx_path: Path, *, atol: float, rtol: float, step
           prompt_len: int = 12, batch: int = 2, seed: int = 0) -> CheckReport:
     """Logits of ONNX against transformers on a random prompt, then on ``steps`` cached greedy steps."""
     torch = require("torch")
-    from onnxpipe.runtimes.session import Session
+    from onnxpipe.core.session import Session
 
     report = CheckReport(atol, rtol)
     n_layers, heads, size = _kv_geometry(model)
@@ -187,7 +187,7 @@ def genai_config(config: Any, generation: dict[str, Any], n_layers: int, heads: 
 def convert(folder: Path, config: dict[str, Any], output: Any, *, opset: int, atol: float, rtol: float,
             check: bool, external_data_threshold: int | None) -> HFConversionResult:
     """Export, write the output folder (atomically) and check it; see :func:`convert_folder`."""
-    from onnxpipe.modelio import check_model, save_model
+    from onnxpipe.core.modelio import check_model, save_model
 
     model = load_pretrained(folder, "AutoModelForCausalLM")
     exported, exporter, attempts = export(model, opset=opset)

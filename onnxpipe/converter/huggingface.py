@@ -25,11 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe._deps import require
-from onnxpipe.converter.base import DEFAULT_OPSET, Attempt, first_line
+from onnxpipe.converter.base import DEFAULT_OPSET, Attempt
 from onnxpipe.converter.check import CheckReport, CheckRun
-from onnxpipe.errors import CheckFailedError, ConversionError, InputError
-from onnxpipe.tensors import compare
+from onnxpipe.core.compare import compare
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import CheckFailedError, ConversionError, InputError
+from onnxpipe.core.userfiles import first_line
 
 TASKS = ("feature-extraction", "text-classification", "image-classification", "text-generation")
 
@@ -188,8 +189,8 @@ def convert_folder(
 
 def folder_from_factory(source: str) -> Path:
     """``file.py:function`` whose function returns the path of a ``save_pretrained`` folder."""
-    from onnxpipe.userfiles import first_line as _first
-    from onnxpipe.userfiles import load_callable
+    from onnxpipe.core.userfiles import first_line as _first
+    from onnxpipe.core.userfiles import load_callable
 
     fn = load_callable(source, what="folder factory")
     try:
@@ -255,7 +256,7 @@ def _convert_single(folder: Path, config: dict[str, Any], task: str, output: Any
     torch = require("torch")
     from onnxpipe.converter import pytorch
     from onnxpipe.converter.check import verify
-    from onnxpipe.modelio import check_model, save_model
+    from onnxpipe.core.modelio import check_model, save_model
 
     model = load_pretrained(folder, _AUTO[task])
     out_name = _OUTPUT[task]

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe._deps import require
-from onnxpipe.errors import InputError
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import InputError
 
 ENGINES = ("auto", "genai", "ort")
 MODEL_FILE = "model.onnx"
