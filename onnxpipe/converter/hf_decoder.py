@@ -25,7 +25,7 @@ import onnx
 
 from onnxpipe.converter.base import Attempt
 from onnxpipe.converter.check import CheckReport
-from onnxpipe.converter.huggingface import (
+from onnxpipe.converter.hf_common import (
     DECODE_STEPS,
     GENAI_TYPES,
     MODEL_FILE,
