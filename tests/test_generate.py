@@ -105,3 +105,19 @@ def test_cli_json_and_errors(llama):
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "not a text-generation folder" in proc.stderr
     proc = run_cli("generate", str(folder), "--prompt", "x", "--top-p", "0")
     assert proc.returncode == 2 and "top-p" in proc.stderr and not proc.stdout
+
+
+def test_batch_decoder_rows_equal_requests_decoded_alone(llama):
+    from onnxpipe.runtimes.generate import BatchDecoder, Sampling, TextGenerator
+
+    _, folder = llama
+    alone = TextGenerator(folder, engine="ort")
+    prompts = [PROMPT, PROMPT[:3], [9], PROMPT[2:] + PROMPT]  # different lengths: left padding
+    samplings = [Sampling(), Sampling(), Sampling(True, 1.3, 0, 0.95, seed=4), Sampling()]
+    expected = [alone.generate(p, max_new_tokens=n, sampling=s).tokens
+                for p, n, s in zip(prompts, (12, 5, 12, 9), samplings)]
+    streamed: dict[int, list[int]] = {i: [] for i in range(4)}
+    got = BatchDecoder(folder).run(prompts, [12, 5, 12, 9], samplings=samplings,
+                                   on_token=lambda row, token: streamed[row].append(token))
+    assert got == expected
+    assert [streamed[i] for i in range(4)] == expected

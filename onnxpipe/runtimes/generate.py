@@ -148,10 +148,12 @@ class TextGenerator:
         return self._impl.decode(tokens)
 
     def generate(self, prompt: str | list[int], *, max_new_tokens: int = 64, sampling: Sampling | None = None,
-                 on_text: Callable[[str], None] | None = None, min_new_tokens: int = 0) -> Generation:
+                 on_text: Callable[[str], None] | None = None, min_new_tokens: int = 0,
+                 on_token: Callable[[int], None] | None = None) -> Generation:
         """Continue ``prompt`` (text or token ids) by up to ``max_new_tokens``, stopping at EOS.
 
         ``on_text`` receives each new piece of text as soon as its token is chosen (streaming).
+        ``on_token`` receives each token id (EOS included) as it is chosen.
         ``min_new_tokens`` forbids EOS before that many tokens (as transformers does), e.g. to
         time a fixed number of steps.
         """
@@ -169,10 +171,12 @@ class TextGenerator:
         tokens: list[int] = []
         times: list[float] = []
         finish = "length"
-        stream = _TextStream(self.decode)
+        stream = TextStream(self.decode)
         for token in self._impl.tokens(ids, max_new_tokens, sampling, min(min_new_tokens, max_new_tokens)):
             times.append(time.perf_counter() - start)
             tokens.append(token)
+            if on_token is not None:
+                on_token(token)
             if token in self.eos_ids:
                 finish = "eos"
                 break
@@ -204,7 +208,7 @@ def generate(path: str | os.PathLike, prompt: str | list[int], *, max_new_tokens
                         sampling=Sampling(do_sample, temperature, top_k, top_p, seed))
 
 
-class _TextStream:
+class TextStream:
     """New text per token: decodes everything so far and hands out what was not handed out yet.
 
     A byte-level token can end inside a UTF-8 character; such a tail decodes to U+FFFD and is held
@@ -335,6 +339,61 @@ class _OrtEngine:
                 binding.bind_ortvalue_input(name, value)  # the cache stays in ORT's buffers
             for name in ["logits", *self.present]:
                 binding.bind_output(name, "cpu")
+
+
+class BatchDecoder:
+    """Several prompts decoded together in one ORT session: left-padded, one step for all rows.
+
+    What a server needs to serve concurrent requests together: a batch of B rows costs little
+    more than one row on a small decoder. Prompts are left-padded (``attention_mask`` 0, pads
+    at position 1 as transformers does); each row stops at its own EOS or ``max_new`` and its
+    tokens go to ``on_token(row, token)`` as they come; finished rows are dropped from the batch.
+
+    Example:
+        >>> BatchDecoder("tiny_llm_onnx").run([[5, 6], [7]], [8, 8], on_token=print)  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+        folder = Path(path)
+        self.engine = _OrtEngine(folder, read_folder(folder), threads)
+
+    def run(self, prompts: list[list[int]], max_new: list[int], *, on_token: Callable[[int, int], None],
+            samplings: list[Sampling] | None = None) -> list[list[int]]:
+        """Decode every prompt; returns each row's new tokens (EOS included where it came)."""
+        e = self.engine
+        n = len(prompts)
+        samplings = samplings or [Sampling() for _ in prompts]
+        rngs = [np.random.default_rng(sp.seed) for sp in samplings]
+        width = max(len(p) for p in prompts)
+        ids = np.zeros((n, width), np.int64)
+        mask = np.zeros((n, width), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = 1
+        pos = np.where(mask == 1, np.cumsum(mask, axis=1) - 1, 1)
+        past = [np.zeros((n, e.kv_heads, 0, e.head_size), np.float32) for _ in e.past]
+        rows = list(range(n))  # batch row -> request index
+        out: list[list[int]] = [[] for _ in prompts]
+        while rows:
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(e.past, past))}
+            logits, *present = e.session.run(None, feeds)
+            keep, next_ids = [], []
+            for b, req in enumerate(rows):
+                token = _choose(logits[b, -1], samplings[req], rngs[req])
+                out[req].append(token)
+                on_token(req, token)
+                if token not in e.eos_ids and len(out[req]) < max_new[req]:
+                    keep.append(b)
+                    next_ids.append(token)
+            if not keep:
+                break
+            idx = np.asarray(keep)
+            rows = [rows[b] for b in keep]
+            mask = np.concatenate([mask[idx], np.ones((len(keep), 1), np.int64)], axis=1)
+            pos = pos[idx, -1:] + 1
+            ids = np.asarray(next_ids, np.int64)[:, None]
+            past = [p[idx] for p in present]
+        return out
 
 
 def _hf_tokenizer(path: Path) -> Any:

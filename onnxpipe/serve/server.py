@@ -454,6 +454,9 @@ class InferenceServer:
             r.add_get(base + "/config", self.model_config)
             r.add_post(base + "/infer", self.infer)
             r.add_get(base + "/stats", self.stats)
+        from onnxpipe.serve.generate import install  # text-generation folders: Triton's generate extension
+
+        install(app, self)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
