@@ -29,7 +29,8 @@ CONFIG_FILES = ("config.json", "generation_config.json")
 MODEL_FILE = "model.onnx"
 DECODE_STEPS = 8
 
-# model_type -> the "type" onnxruntime-genai knows it as
+# model_type -> the "type" onnxruntime-genai knows it as; its "gpt2" type expects the older combined
+# past_{i} layout, so GPT-2's flat-KV decoder runs as the generic decoder ("llama")
 GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2", "mistral": "mistral", "phi": "phi", "phi3": "phi3",
                "gpt2": "llama", "gemma": "gemma", "qwen3": "qwen3"}
 
