@@ -45,8 +45,9 @@ def source_folder(args: argparse.Namespace, work: Path) -> Path:
                          num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 64),
                          num_key_value_heads=max(2, args.hidden // 128), max_position_embeddings=1024)
     tf.LlamaForCausalLM(cfg).eval().save_pretrained(str(work / "hf"))
-    from onnxpipe_zoo.tiny_llm import data, model  # a tokenizer: onnxruntime-genai will not load without one
+    from onnxpipe_zoo.tiny_llm import data, model
 
+    # a tokenizer: onnxruntime-genai will not load a folder without one
     model.train_tokenizer(data.split()[0], 2048).save_pretrained(str(work / "hf"))
     return work / "hf"
 

@@ -21,7 +21,7 @@ def topics() -> list[tuple[str, str]]:
 def split() -> tuple[list[str], list[str]]:
     """``(train texts, held-out texts)``: a fixed split by topic."""
     texts = [t for _, t in topics()]
-    cut = int(round(len(texts) * (1 - HELD_OUT)))
+    cut = round(len(texts) * (1 - HELD_OUT))
     return texts[:cut], texts[cut:]
 
 
