@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import onnx
+
 from onnxpipe.core.errors import InputError
 from onnxpipe.partition.profile import GraphProfile
 
@@ -60,3 +63,51 @@ def layer_boundaries(profile: GraphProfile) -> list[int]:
         # but only after the MLP's does the next layer begin
         bounds.append(min(range(lo, hi + 1), key=lambda p: (cross[p], -p)))
     return bounds
+
+
+def decoder_feeds(model: onnx.ModelProto, *, batch: int = 1, past: int = 3, seq: int = 2,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Consistent inputs for one cached decoder step: ``past`` cached positions and ``seq`` new tokens.
+
+    Random generated inputs do not fit a decoder: its mask must span the cached and the new
+    positions and its positions continue the cache. Token ids stay inside the embedding table
+    (the logits' last dim where it is static).
+    """
+    from onnxpipe.core.tensors import example_inputs, graph_inputs
+
+    rng = np.random.default_rng(seed)
+    infos = {i.name: i for i in graph_inputs(model)}
+    vocab = 2
+    for out in model.graph.output:
+        dims = out.type.tensor_type.shape.dim
+        if out.name == "logits" and dims and dims[-1].HasField("dim_value"):
+            vocab = dims[-1].dim_value
+    feeds: dict[str, np.ndarray] = {}
+    for name, info in infos.items():
+        if name == "input_ids":
+            feeds[name] = rng.integers(0, vocab, (batch, seq)).astype(info.dtype)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, past + seq), dtype=info.dtype)
+        elif name == "position_ids":
+            feeds[name] = np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(info.dtype)
+        elif PAST.match(name):
+            feeds[name] = rng.standard_normal(past_shape(name, info.shape, batch, past)).astype(info.dtype)
+    rest = [n for n in infos if n not in feeds]
+    if rest:
+        generated = example_inputs(model, batch=batch, seed=seed)
+        feeds.update({n: generated[n] for n in rest})
+    return feeds
+
+
+def past_shape(name: str, declared: list | None, batch: int, positions: int) -> tuple[int, ...]:
+    """The concrete shape of a cache input holding ``positions`` positions.
+
+    The positions axis is the first symbolic axis after the batch (``[batch, heads, positions,
+    head size]`` in Optimum's layout); every other axis but the batch must be static.
+    """
+    shape = list(declared or [])
+    symbolic = [k for k, d in enumerate(shape) if k > 0 and not (isinstance(d, int) and d > 0)]
+    if len(shape) < 2 or len(symbolic) != 1:
+        raise InputError(f"{name} has shape {shape}: cannot tell its positions axis (one symbolic axis after "
+                         "the batch expected)", hint="split a decoder written by onnxpipe convert --task text-generation")
+    return tuple(batch if k == 0 else positions if k == symbolic[0] else int(d) for k, d in enumerate(shape))

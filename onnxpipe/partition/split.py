@@ -25,7 +25,7 @@ from onnxpipe.core.files import atomic_output
 from onnxpipe.core.modelio import check_model, load_model, save_model, tensor_bytes
 from onnxpipe.partition.cut import find_capped_cuts, find_cuts, part_bytes
 from onnxpipe.partition.extract import Stage, build_stages
-from onnxpipe.partition.layers import layer_boundaries
+from onnxpipe.partition.layers import decoder_feeds, layer_boundaries
 from onnxpipe.partition.memory import report_from_profile
 from onnxpipe.partition.profile import GraphProfile, profile_graph
 from onnxpipe.partition.spec import FILE, PartSpec, PipelineSpec, carried, run_sequence
@@ -88,7 +88,8 @@ def _stage_spec(k: int, stage: Stage, profile: GraphProfile) -> PartSpec:
 
 def check_sequence(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto], parts: list[PartSpec],
                    outputs: list[str], *, batch: int, batches: int = 2, seed: int = 0,
-                   atol: float = ATOL, rtol: float = RTOL) -> list[Comparison]:
+                   atol: float = ATOL, rtol: float = RTOL,
+                   inputs: Sequence[Mapping[str, Any]] | None = None) -> list[Comparison]:
     """Compare the stages run in sequence with the whole model on random inputs, per output.
 
     Example:
@@ -99,8 +100,9 @@ def check_sequence(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto], pa
     from onnxpipe.core.compare import compare_runs, outputs_on
     from onnxpipe.core.session import Session
 
-    inputs = [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
-    expected = outputs_on(model, inputs)
+    if inputs is None:
+        inputs = [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
+    expected = outputs_on(model, list(inputs))
     # one stage's session at a time, every batch through it: memory holds one stage's weights, not all
     values = [dict(feeds) for feeds in inputs]
     names = list(inputs[0]) if inputs else []
@@ -159,7 +161,11 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
     folder = Path(outdir)
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file", hint="give a folder for the parts with -o")
-    profile = profile_graph(proto, batch=batch, dims=dims)
+    check_inputs = None
+    if at_layers:  # a cached decoder step needs consistent inputs (mask over past + new positions)
+        check_inputs = [decoder_feeds(proto, batch=batch, seed=k) for k in range(2)]
+    profile = profile_graph(proto, batch=batch, dims=dims,
+                            input_shapes={k: v.shape for k, v in check_inputs[0].items()} if check_inputs else None)
     allowed = None
     if at_layers:
         if cuts:
@@ -183,7 +189,8 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
         p.sent_bytes = sum(profile.nbytes.get(t, 0) for t in p.sends)
     comparisons = []
     if check:
-        comparisons = check_sequence(proto, [s.model for s in stages], specs, outputs, batch=batch, atol=atol, rtol=rtol)
+        comparisons = check_sequence(proto, [s.model for s in stages], specs, outputs, batch=batch, atol=atol, rtol=rtol,
+                                     inputs=check_inputs)
         bad = [c for c in comparisons if not c.ok]
         if bad:
             w = max(bad, key=lambda c: c.max_abs)

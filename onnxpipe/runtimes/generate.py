@@ -97,7 +97,8 @@ def read_folder(path: str | os.PathLike) -> dict[str, Any]:
     if not folder.is_dir():
         raise InputError(f"no such folder: {folder}",
                          hint="give the folder written by onnxpipe convert DIR --task text-generation -o FOLDER")
-    if not (folder / MODEL_FILE).is_file() or not (folder / "genai_config.json").is_file():
+    split = (folder / "pipeline.json").is_file()  # a decoder split between layers by onnxpipe split
+    if not ((folder / MODEL_FILE).is_file() or split) or not (folder / "genai_config.json").is_file():
         raise InputError(f"{folder} is not a text-generation folder (it needs {MODEL_FILE} and genai_config.json)",
                          hint="write one with onnxpipe convert DIR --task text-generation -o FOLDER")
     try:
@@ -115,7 +116,8 @@ class TextGenerator:
         threads: intra-op threads (None lets ONNX Runtime decide).
     """
 
-    def __init__(self, path: str | os.PathLike, *, engine: str = "auto", threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, engine: str = "auto", threads: int | None = None,
+                 devices: Any = None, backend: str = "local", address: str | None = None) -> None:
         if engine not in ENGINES:
             raise InputError(f"unknown engine {engine!r}", hint=f"use one of {', '.join(ENGINES)}")
         self.path = Path(path)
@@ -128,7 +130,15 @@ class TextGenerator:
         self.threads = threads
         self.why_not_genai = ""
         self._impl: _GenaiEngine | _OrtEngine
-        if engine in ("auto", "genai"):
+        if (self.path / "pipeline.json").is_file():  # split between layers: one stage per device
+            if engine not in ("auto", "ort"):
+                raise InputError(f"{self.path} is a split decoder: onnxruntime-genai cannot run it",
+                                 hint="leave --engine at auto; the stages run on onnxpipe's own loop")
+            self._impl = _SplitDecoderEngine(self.path, self.config, devices, backend, threads, address)
+        elif devices is not None and len(str(devices).split(",")) > 1:
+            raise InputError(f"{self.path} is one decoder: several devices need a split folder",
+                             hint=f"split it first: onnxpipe split {self.path} --parts 2 -o PARTS")
+        elif engine in ("auto", "genai"):
             try:
                 self._impl = _GenaiEngine(self.path, self.config, threads)
             except Exception as exc:
@@ -143,6 +153,18 @@ class TextGenerator:
 
     def encode(self, text: str) -> list[int]:
         return self._impl.encode(text)
+
+    def close(self) -> None:
+        """Stop what the engine started (a split decoder's stage workers); nothing otherwise."""
+        close = getattr(self._impl, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> TextGenerator:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def decode(self, tokens: list[int]) -> str:
         return self._impl.decode(tokens)
@@ -196,16 +218,20 @@ class TextGenerator:
 def generate(path: str | os.PathLike, prompt: str | list[int], *, max_new_tokens: int = 64,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | None = None, engine: str = "auto", threads: int | None = None,
-             on_text: Callable[[str], None] | None = None) -> Generation:
+             on_text: Callable[[str], None] | None = None, devices: Any = None,
+             backend: str = "local", address: str | None = None) -> Generation:
     """Load the decoder folder ``path`` and continue ``prompt``; see :class:`TextGenerator`.
 
     Example:
         >>> import onnxpipe
         >>> onnxpipe.generate("tiny_llm_onnx", "A class definition", max_new_tokens=8).text  # doctest: +SKIP
     """
-    gen = TextGenerator(path, engine=engine, threads=threads)
-    return gen.generate(prompt, max_new_tokens=max_new_tokens, on_text=on_text,
-                        sampling=Sampling(do_sample, temperature, top_k, top_p, seed))
+    gen = TextGenerator(path, engine=engine, threads=threads, devices=devices, backend=backend, address=address)
+    try:
+        return gen.generate(prompt, max_new_tokens=max_new_tokens, on_text=on_text,
+                            sampling=Sampling(do_sample, temperature, top_k, top_p, seed))
+    finally:
+        gen.close()
 
 
 class TextStream:
@@ -394,6 +420,51 @@ class BatchDecoder:
             ids = np.asarray(next_ids, np.int64)[:, None]
             past = [p[idx] for p in present]
         return out
+
+
+class _SplitDecoderEngine:
+    """The own loop over a decoder split between layers: each stage and its cache on its device."""
+
+    name = "onnxruntime (split)"
+
+    def __init__(self, path: Path, config: dict[str, Any], devices: Any, backend: str, threads: int | None,
+                 address: str | None) -> None:
+        from onnxpipe.runtimes.generate_split import SplitEngine
+
+        if devices is None:
+            raise InputError(f"{path} is a split decoder: give one device per stage",
+                             hint="e.g. --devices cpu:0,cpu:1")
+        self.split = SplitEngine(path, devices, backend=backend, threads=threads, address=address)
+        self.tokenizer = _hf_tokenizer(path)
+        eos = config["model"].get("eos_token_id", [])
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def tokens(self, ids: list[int], max_new: int, s: Sampling, min_new: int) -> Iterator[int]:
+        rng = np.random.default_rng(s.seed)
+        eos = sorted(self.eos_ids)
+        self.split.reset(1)
+        n = len(ids)
+        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
+                 "position_ids": np.arange(n, dtype=np.int64)[None]}
+        for step in range(max_new):
+            logits = self.split.step({k: v for k, v in feeds.items() if k in self.split.inputs})[0, -1]
+            if step < min_new and eos:
+                logits = logits.copy()
+                logits[eos] = -np.inf
+            token = _choose(logits, s, rng)
+            yield token
+            n += 1
+            feeds = {"input_ids": np.asarray([[token]], np.int64), "attention_mask": np.ones((1, n), np.int64),
+                     "position_ids": np.asarray([[n - 1]], np.int64)}
+
+    def close(self) -> None:
+        self.split.close()
 
 
 def _hf_tokenizer(path: Path) -> Any:

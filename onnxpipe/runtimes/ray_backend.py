@@ -25,6 +25,22 @@ from onnxpipe.runtimes.providers import Device
 from onnxpipe.runtimes.worker import Event
 
 
+def join_ray(address: str | None) -> bool:
+    """Start a local Ray, or join the cluster at ``address``, unless Ray is up; True when this call started it."""
+    ray = require("ray")
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if address:
+        kwargs["address"] = address
+    try:
+        ray.init(**kwargs)
+    except Exception as exc:
+        raise OnnxpipeError(f"cannot start or join Ray at {address or 'a local instance'}: {exc}",
+                            hint="check --address (auto, ray://head:10001) and that the cluster is up") from exc
+    return True
+
+
 class _Actor:
     """The actor's body: a :class:`DeviceSession` on its device (wrapped by ``ray.remote`` at start)."""
 
@@ -98,16 +114,7 @@ class RayPool:
         self._cls: Any = None
 
     def start(self) -> None:
-        ray = self.ray
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-            if self.address:
-                kwargs["address"] = self.address
-            try:
-                ray.init(**kwargs)
-            except Exception as exc:
-                raise OnnxpipeError(f"cannot start or join Ray at {self.address or 'a local instance'}: {exc}",
-                                    hint="check --address (auto, ray://head:10001) and that the cluster is up") from exc
+        if join_ray(self.address):
             self._started_ray = True
         self._files = {}
         for model in dict.fromkeys(self.models):
