@@ -305,10 +305,33 @@ class _GenaiEngine:
             yield int(generator.get_next_tokens()[0])
 
 
-class _OrtEngine:
+class _OwnLoop:
+    """What onnxpipe's own loops share: the folder's tokenizer, its EOS ids, how a token is picked."""
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        self.tokenizer = _hf_tokenizer(path)
+        eos = config["model"].get("eos_token_id", [])
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def pick(self, logits: np.ndarray, step: int, min_new: int, s: Sampling, rng: np.random.Generator) -> int:
+        """The next token from the last position's logits; EOS is forbidden before ``min_new`` tokens."""
+        if step < min_new and self.eos_ids:
+            logits = logits.copy()
+            logits[sorted(self.eos_ids)] = -np.inf
+        return _choose(logits, s, rng)
+
+
+class _OrtEngine(_OwnLoop):
     name = "onnxruntime"
 
     def __init__(self, path: Path, config: dict[str, Any], threads: int | None) -> None:
+        super().__init__(path, config)
         ort = require("onnxruntime")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -322,19 +345,9 @@ class _OrtEngine:
         self.head_size = int(dec["head_size"])
         self.past = [n for i in range(self.layers) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
         self.present = [n for i in range(self.layers) for n in (f"present.{i}.key", f"present.{i}.value")]
-        self.tokenizer = _hf_tokenizer(path)
-        eos = config["model"].get("eos_token_id", [])
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text).ids)
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def tokens(self, ids: list[int], max_new: int, s: Sampling, min_new: int) -> Iterator[int]:
         rng = np.random.default_rng(s.seed)
-        eos = sorted(self.eos_ids)
         binding = self.session.io_binding()
         n = len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
@@ -350,11 +363,7 @@ class _OrtEngine:
         for step in range(max_new):
             self.session.run_with_iobinding(binding)
             outputs = binding.get_outputs()
-            logits = outputs[0].numpy()[0, -1]
-            if step < min_new and eos:
-                logits = logits.copy()
-                logits[eos] = -np.inf
-            token = _choose(logits, s, rng)
+            token = self.pick(outputs[0].numpy()[0, -1], step, min_new, s, rng)
             yield token
             total += 1
             binding = self.session.io_binding()
@@ -422,7 +431,7 @@ class BatchDecoder:
         return out
 
 
-class _SplitDecoderEngine:
+class _SplitDecoderEngine(_OwnLoop):
     """The own loop over a decoder split between layers: each stage and its cache on its device."""
 
     name = "onnxruntime (split)"
@@ -434,30 +443,18 @@ class _SplitDecoderEngine:
         if devices is None:
             raise InputError(f"{path} is a split decoder: give one device per stage",
                              hint="e.g. --devices cpu:0,cpu:1")
+        super().__init__(path, config)
         self.split = SplitEngine(path, devices, backend=backend, threads=threads, address=address)
-        self.tokenizer = _hf_tokenizer(path)
-        eos = config["model"].get("eos_token_id", [])
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text).ids)
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def tokens(self, ids: list[int], max_new: int, s: Sampling, min_new: int) -> Iterator[int]:
         rng = np.random.default_rng(s.seed)
-        eos = sorted(self.eos_ids)
         self.split.reset(1)
         n = len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
                  "position_ids": np.arange(n, dtype=np.int64)[None]}
         for step in range(max_new):
             logits = self.split.step({k: v for k, v in feeds.items() if k in self.split.inputs})[0, -1]
-            if step < min_new and eos:
-                logits = logits.copy()
-                logits[eos] = -np.inf
-            token = _choose(logits, s, rng)
+            token = self.pick(logits, step, min_new, s, rng)
             yield token
             n += 1
             feeds = {"input_ids": np.asarray([[token]], np.int64), "attention_mask": np.ones((1, n), np.int64),
