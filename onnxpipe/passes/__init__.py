@@ -22,6 +22,7 @@ PASSES: dict[str, str] = {
     "prune": "onnxpipe.passes.prune:Prune",
     "quantize": "onnxpipe.passes.quantize:Quantize",
     "strip": "onnxpipe.passes.strip:Strip",
+    "fuse": "onnxpipe.passes.fuse:Fuse",
 }
 
 

@@ -1,0 +1,627 @@
+"""fuse: transformer fusions (attention, skip layer norm, bias gelu ...) into ONNX Runtime's contrib ops.
+
+Two fusers exist and neither covers every export on its own: ONNX Runtime's offline optimizer
+(``onnxruntime.transformers.optimizer``) and onnxscript's rewriter (``ort_fusions``), written for
+what torch's dynamo exporter produces. This pass runs both, alone and chained, after two small
+normalisations of our own that let the rewriter see through TorchScript exports as well
+(symbolic shapes on every value, the scalar zero of the "safe softmax" ``Where(IsNaN(p), 0, p)``).
+Each candidate is run on the check inputs against the input model; the valid one with the most
+fused attention nodes (then the most fused ops, then the fewest nodes) wins.
+
+Verified: fused attention nodes are counted against the attention layers found in the input graph
+(softmaxes that feed a MatMul); a run that fuses fewer says so loudly. Measured: fused kernels can
+be slower than ONNX Runtime's own online fusions on a CPU, so the fused model is timed against the
+input on the target device (medians of interleaved rounds) and given back only where it pays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import statistics
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxpipe._deps import require
+from onnxpipe.errors import InputError
+from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
+from onnxpipe.passes.base import compare_runs  # the one comparison; core.compare after the refactor
+from onnxpipe.tensors import Comparison, concrete_shape, graph_inputs, random_input
+from onnxpipe.userfiles import first_line
+
+ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                 "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention")
+"""com.microsoft ops that each stand for one attention layer."""
+
+FUSED_OPS = ATTENTION_OPS + (
+    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+    "EmbedLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "QuickGelu", "GemmFastGelu", "BiasAdd",
+    "BiasSplitGelu", "RotaryEmbedding", "SkipGroupNorm", "GroupNorm", "FusedMatMul", "FusedConv")
+"""ONNX Runtime contrib ops (domain com.microsoft) that a fusion writes."""
+
+ModelType = Literal["auto", "bert", "vit", "gpt2", "llama"]
+Backend = Literal["onnxscript", "ort"]
+# our model types -> ONNX Runtime's optimizer's (it has no Llama type; GPT-2's covers decoders)
+ORT_MODEL_TYPE = {"bert": "bert", "vit": "vit", "gpt2": "gpt2", "llama": "gpt2"}
+_PASS_THROUGH = {"Where", "Cast", "Identity", "Dropout", "IsNaN", "Reshape"}
+
+
+def fused_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Contrib fusion ops in the main graph, by op type.
+
+    Example:
+        >>> fused_counts(onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [])))
+        {}
+    """
+    c = Counter(n.op_type for n in model.graph.node if n.domain == "com.microsoft" and n.op_type in FUSED_OPS)
+    return dict(sorted(c.items()))
+
+
+def attention_count(counts: Mapping[str, int]) -> int:
+    return sum(v for k, v in counts.items() if k in ATTENTION_OPS)
+
+
+@dataclass
+class Detected:
+    """What the graph says about the transformer inside it."""
+
+    model_type: str | None
+    layers: int
+    num_heads: int = 0
+    hidden_size: int = 0
+    layer_norms: int = 0
+    evidence: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            out.setdefault(i, []).append(n)
+    return out
+
+
+def _feeds_matmul(name: str, consumers: Mapping[str, list[onnx.NodeProto]], hops: int = 3) -> bool:
+    for c in consumers.get(name, []):
+        if c.op_type in ("MatMul", "Einsum"):
+            return True
+        if hops and c.op_type in _PASS_THROUGH and any(_feeds_matmul(o, consumers, hops - 1) for o in c.output):
+            return True
+    return False
+
+
+def attention_softmaxes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Softmax nodes of attention: their probabilities multiply the values (a MatMul follows)."""
+    g = model.graph
+    consumers = _consumers(g)
+    return [n for n in g.node if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")
+            and _feeds_matmul(n.output[0], consumers)]
+
+
+def _shape_of(model: onnx.ModelProto, name: str) -> list[int | str | None] | None:
+    for v in list(model.graph.value_info) + list(model.graph.output):
+        if v.name == name and v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in v.type.tensor_type.shape.dim]
+    return None
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Symbolic shapes on every value (ONNX Runtime's symbolic inference, ONNX's where it fails).
+
+    The rewriter checks ranks and head sizes before it fuses; TorchScript exports carry no shapes
+    for intermediate values, which is what keeps it from fusing their attention.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+        if out is not None:
+            return out
+    except Exception:  # noqa: BLE001 - ONNX's own inference is the fallback, not a failure
+        pass
+    return onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+
+def _initializer_or_constant(graph: onnx.GraphProto) -> Callable[[str], np.ndarray | None]:
+    inits = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+
+    def value(name: str) -> np.ndarray | None:
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        n = producers.get(name)
+        if n is not None and n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+        return None
+    return value
+
+
+def scalar_safe_softmax_zero(model: onnx.ModelProto) -> int:
+    """``Where(IsNaN(p), [0.], p)`` -> ``Where(IsNaN(p), 0., p)``, in place; returns how many.
+
+    TorchScript writes the zero of torch's "safe softmax" as a one-element vector, the rewriter's
+    attention pattern expects a scalar; the result is the same (``p`` has rank 4 there).
+    """
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    value = _initializer_or_constant(g)
+    changed = 0
+    for n in g.node:
+        if n.op_type != "Where" or len(n.input) != 3:
+            continue
+        cond = producers.get(n.input[0])
+        if cond is None or cond.op_type != "IsNaN":
+            continue
+        c = value(n.input[1])
+        if c is None or c.size != 1 or c.ndim == 0:
+            continue
+        name = f"{n.input[1]}__scalar"
+        if name not in {i.name for i in g.initializer}:
+            g.initializer.append(numpy_helper.from_array(c.reshape(()), name))
+        n.input[1] = name
+        changed += 1
+    return changed
+
+
+def gemm_to_matmul(model: onnx.ModelProto) -> int:
+    """``Gemm(a, b, c)`` -> ``MatMul(a, b) + c`` (plain alpha/beta, no transposed ``a``), in place.
+
+    GPT-2's Conv1D exports as Reshape(3D -> 2D) -> Gemm -> Reshape(2D -> 3D); the rewriter folds
+    those reshapes away, which a MatMul survives and a Gemm (2D only) does not.
+    """
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    nodes: list[onnx.NodeProto] = []
+    changed = 0
+    for n in g.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if (n.op_type != "Gemm" or n.domain not in ("", "ai.onnx") or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(n)
+            continue
+        a, b = n.input[0], n.input[1]
+        if attrs.get("transB", 0):
+            if b in inits:
+                t = numpy_helper.from_array(numpy_helper.to_array(inits[b]).T.copy(), f"{b}__t")
+                g.initializer.append(t)
+                inits[t.name] = t
+                b = t.name
+            else:
+                nodes.append(onnx.helper.make_node("Transpose", [b], [f"{n.output[0]}__bt"], perm=[1, 0]))
+                b = f"{n.output[0]}__bt"
+        has_c = len(n.input) > 2 and n.input[2]
+        mm_out = f"{n.output[0]}__mm" if has_c else n.output[0]
+        nodes.append(onnx.helper.make_node("MatMul", [a, b], [mm_out], name=f"{n.name}__matmul"))
+        if has_c:
+            nodes.append(onnx.helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=f"{n.name}__add"))
+        changed += 1
+    if changed:
+        del g.node[:]
+        g.node.extend(nodes)
+    return changed
+
+
+def detect(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) -> Detected:
+    """Model family, attention layers, heads and hidden size, from the graph alone.
+
+    ``shaped`` is the same model with inferred shapes (heads are read off the softmax input,
+    ``[batch, heads, seq, seq]``).
+    """
+    g = model.graph
+    ops = Counter(n.op_type for n in g.node)
+    softmaxes = attention_softmaxes(model)
+    already = sum(ops[o] for o in ATTENTION_OPS) if any(n.domain == "com.microsoft" for n in g.node) else 0
+    layers = len(softmaxes) + already + ops.get("Attention", 0) * (not already)
+    evidence = [f"{len(softmaxes)} attention softmax(es)"] + ([f"{already} fused attention node(s)"] if already else [])
+    value = _initializer_or_constant(g)
+    producers = {o: n for n in g.node for o in n.output}
+
+    heads: Counter[int] = Counter()
+    if shaped is not None:
+        for s in softmaxes:
+            shape = _shape_of(shaped, s.input[0])
+            if shape and len(shape) == 4 and isinstance(shape[1], int) and shape[1] > 0:
+                heads[shape[1]] += 1
+    hidden: Counter[int] = Counter()
+    norms = [n for n in g.node if n.op_type in ("LayerNormalization", "SimplifiedLayerNormalization",
+                                                   "SkipLayerNormalization", "SkipSimplifiedLayerNormalization",
+                                                   "RMSNormalization")]
+    for n in norms:
+        w = value(n.input[1]) if len(n.input) > 1 else None
+        if w is None and len(n.input) > 2 and n.op_type.startswith("Skip"):
+            w = value(n.input[2])
+        if w is not None and w.ndim == 1:
+            hidden[w.shape[0]] += 1
+    rms = 0
+    for n in g.node:  # x * rsqrt(mean(x^2) + eps): a Pow(., 2) feeding a ReduceMean
+        if n.op_type == "Pow":
+            e = value(n.input[1])
+            if e is not None and e.size == 1 and float(e.reshape(())) == 2.0 and any(
+                    c.op_type == "ReduceMean" for c in _consumers(g).get(n.output[0], [])):
+                rms += 1
+    if not hidden:  # RMS norms: the weight multiplied in last is a hidden-sized vector
+        for n in g.node:
+            if n.op_type == "Mul":
+                for i in n.input:
+                    w = value(i)
+                    if w is not None and w.ndim == 1 and w.size > 8:
+                        hidden[w.shape[0]] += 1
+    float_images = [i for i in graph_inputs(model) if i.shape is not None and len(i.shape) == 4
+                    and np.issubdtype(i.dtype, np.floating)]
+    token_inputs = [i for i in graph_inputs(model) if np.issubdtype(i.dtype, np.integer)]
+    rotary = ops.get("Sin", 0) > 0 and ops.get("Cos", 0) > 0
+    model_type: str | None
+    if not layers:
+        model_type = None
+    elif rotary or (rms and not ops.get("LayerNormalization")):
+        model_type = "llama"
+        evidence.append("rotary embedding (Sin/Cos)" if rotary else "RMS norms, no LayerNormalization")
+    elif float_images and ops.get("Conv") and not token_inputs:
+        model_type = "vit"
+        evidence.append("image input and a Conv patch embedding")
+    elif ops.get("Trilu") or (ops.get("Tanh") and ops.get("Pow")):
+        model_type = "gpt2"
+        evidence.append("causal mask (Trilu)" if ops.get("Trilu") else "tanh GELU")
+    else:
+        model_type = "bert"
+        evidence.append("bidirectional encoder (no causal mask, no rotary)")
+    del producers
+    return Detected(model_type, layers, heads.most_common(1)[0][0] if heads else 0,
+                    hidden.most_common(1)[0][0] if hidden else 0, len(norms) + rms, evidence)
+
+
+# the two fusers -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Both fusers print and log freely; the pass reports what they did instead."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def has_shapes(model: onnx.ModelProto) -> bool:
+    """Whether most intermediate values carry a shape (dynamo exports do, TorchScript ones do not)."""
+    outputs = sum(len(n.output) for n in model.graph.node)
+    return len(model.graph.value_info) >= 0.5 * outputs
+
+
+def onnxscript_fusions(model: onnx.ModelProto, shapes: bool | None = None) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """onnxscript's ``ort_fusions`` after our normalisations; returns the model and its fusion counts.
+
+    ``shapes``: infer symbolic shapes first (default: where the model lacks them).
+    """
+    require("onnxscript")
+    import onnx_ir as ir
+    from onnxscript.rewriter import ort_fusions
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    scalar_safe_softmax_zero(work)
+    gemm_to_matmul(work)
+    if shapes or (shapes is None and not has_shapes(work)):
+        work = infer_shapes(work)
+    with _quiet():
+        fused, stats = ort_fusions.optimize_for_ort(ir.from_proto(work))
+    out = ir.to_proto(fused)
+    return out, {k: int(v) for k, v in stats.items() if v}
+
+
+def ort_fusions(model: onnx.ModelProto, model_type: str, num_heads: int, hidden_size: int,
+                use_gpu: bool = False) -> onnx.ModelProto:
+    """ONNX Runtime's offline transformer optimizer, fusions only (no session-level optimization).
+
+    Its GPT-2 attention patterns fail outright on some exports (an IndexError on dynamo's GPT-2):
+    BERT's, which hold the generic fusions (skip layer norm, GELUs), are then tried instead.
+    """
+    require("onnxruntime")
+    from onnxruntime.transformers import optimizer
+
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    gemm_to_matmul(work)
+    ort_type = ORT_MODEL_TYPE.get(model_type, "bert")
+    for kind in dict.fromkeys([ort_type, "bert"]):
+        try:
+            with _quiet():
+                return optimizer.optimize_model(work, model_type=kind, num_heads=num_heads, hidden_size=hidden_size,
+                                                opt_level=0, use_gpu=use_gpu).model
+        except Exception:
+            if kind == "bert":
+                raise
+    raise AssertionError("unreachable")
+
+
+def _tidy(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop inferred shapes of internal values (ORT derives them) and keep the input's IR version or newer."""
+    del model.graph.value_info[:]
+    used = {d.domain for d in model.opset_import}
+    ops_domains = {n.domain for n in model.graph.node}
+    keep = [d for d in model.opset_import if d.domain in ops_domains or d.domain in ("", "ai.onnx")]
+    if len(keep) != len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    if "com.microsoft" in ops_domains and "com.microsoft" not in used:
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    model.ir_version = max(model.ir_version, original.ir_version)
+    return model
+
+
+# timing: one minimal interleaved loop (to be replaced by onnxpipe.core.timing) ---------------------
+
+def _providers(target: str) -> list[str]:
+    kind = target.split(":")[0].lower()
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    if kind == "cuda":
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise InputError(f"fuse: unknown target {target!r}", hint="use cpu or cuda[:N]")
+
+
+def interleaved_ms(models: Mapping[str, onnx.ModelProto], feeds: Mapping[str, np.ndarray], *, target: str = "cpu",
+                   threads: int | None = None, rounds: int = 7, budget_s: float = 3.0) -> dict[str, float]:
+    """Median ms of one run of each model, timed in alternating rounds so drift hits all alike."""
+    ort = require("onnxruntime")
+    providers = _providers(target)
+    if providers[0] not in ort.get_available_providers():
+        raise InputError(f"fuse: target {target} needs {providers[0]}, which this ONNX Runtime lacks",
+                         hint="install onnxruntime-gpu (instead of onnxruntime) or use target: cpu")
+    device_id = target.split(":")[1] if ":" in target else "0"
+    sessions = {}
+    for label, m in models.items():
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        prov: list[Any] = [(p, {"device_id": device_id}) if p == "CUDAExecutionProvider" else p for p in providers]
+        sessions[label] = ort.InferenceSession(m.SerializeToString(), opts, providers=prov)
+    warm: dict[str, float] = {}
+    for label, s in sessions.items():
+        for _ in range(2):
+            s.run(None, dict(feeds))
+        start = time.perf_counter()
+        s.run(None, dict(feeds))
+        warm[label] = time.perf_counter() - start
+    per_round = budget_s / max(rounds, 1) / max(len(sessions), 1)
+    repeats = {k: max(1, min(1000, int(per_round / max(v, 1e-6)))) for k, v in warm.items()}
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    order = list(sessions)
+    for r in range(rounds):
+        for label in (order if r % 2 == 0 else order[::-1]):
+            s, n = sessions[label], repeats[label]
+            start = time.perf_counter()
+            for _ in range(n):
+                s.run(None, dict(feeds))
+            times[label].append((time.perf_counter() - start) * 1e3 / n)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def timing_feeds(model: onnx.ModelProto, template: Mapping[str, np.ndarray] | None, *,
+                 batch: int | None, seq: int | None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs to time on: the check batch, resized to ``batch`` x ``seq`` where those are given.
+
+    Axis 0 is the batch, axis 1 of inputs whose second axis is symbolic is the sequence.
+    Token values are tiled from the template (never invented) so masks stay masks.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for info in graph_inputs(model):
+        arr = None if template is None else template.get(info.name)
+        if arr is None:
+            dims = {}
+            if info.shape and len(info.shape) > 1 and not isinstance(info.shape[1], int) and seq:
+                dims = {str(info.shape[1]): seq}
+            arr = random_input(info, concrete_shape(info, batch or 1, dims), rng)
+            if np.issubdtype(arr.dtype, np.integer) and "mask" in info.name:
+                arr = np.ones_like(arr)
+        symbolic_seq = bool(info.shape and len(info.shape) > 1 and not isinstance(info.shape[1], int))
+        for axis, want in ((0, batch), (1, seq if symbolic_seq else None)):
+            if want and arr.ndim > axis and arr.shape[axis] != want:
+                reps = -(-want // arr.shape[axis])
+                arr = np.take(np.concatenate([arr] * reps, axis=axis), range(want), axis=axis)
+        out[info.name] = np.ascontiguousarray(arr)
+    return out
+
+
+# the pass -----------------------------------------------------------------------------------------
+
+class Fuse(Pass):
+    """Fuse attention, layer norms and GELUs into ONNX Runtime contrib ops, where it pays on ``target``.
+
+    Example:
+        >>> Fuse({"model_type": "bert", "keep_if_slower": True})
+        fuse(model_type='bert', keep_if_slower=True)
+    """
+
+    name = "fuse"
+    # fused kernels sum in another order (and FastGelu is tanh GELU): float32 round-off, not errors
+    atol = 1e-4
+    rtol = 1e-3
+
+    class Config(PassConfig):
+        model_type: ModelType = "auto"
+        """bert, vit, gpt2 or llama; auto detects it from the graph."""
+        num_heads: int = 0
+        """Attention heads; 0 reads them off the graph."""
+        hidden_size: int = 0
+        """Hidden size; 0 reads it off the graph."""
+        backends: list[Backend] = ["onnxscript", "ort"]
+        """Fusers to try, alone and chained: onnxscript (ort_fusions), ort (onnxruntime.transformers.optimizer)."""
+        target: str = "cpu"
+        """Device the fused model must be faster on: cpu or cuda[:N]."""
+        threads: int | None = None
+        """Intra-op threads for the timing (default: ONNX Runtime's)."""
+        batch: int | None = None
+        """Batch size to time at (default: the check inputs')."""
+        seq: int | None = None
+        """Sequence length to time at (default: the check inputs')."""
+        measure: bool = True
+        """Time fused against unfused; off keeps the fused model unmeasured."""
+        keep_if_slower: bool = False
+        """Keep the fused model even where it is slower than the input."""
+        min_speedup: float = 1.0
+        """Keep the fused model only when unfused/fused time is at least this."""
+        budget_s: float = 3.0
+        """Seconds of timing, both models together."""
+        expect_attention: bool = True
+        """Warn when fewer attention nodes are fused than the graph has attention layers."""
+
+    def _feeds(self, model: onnx.ModelProto, ctx: PassContext) -> list[dict[str, np.ndarray]]:
+        if ctx.check_inputs:
+            return [dict(b) for b in ctx.check_inputs]
+        return [timing_feeds(model, None, batch=2, seq=16, seed=k) for k in range(2)]
+
+    def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+        c = self.config
+        if c.target.split(":")[0].lower() not in ("cpu", "cuda"):
+            raise InputError(f"fuse: unknown target {c.target!r}", hint="use cpu or cuda[:N]")
+        if c.min_speedup <= 0:
+            raise InputError("fuse: min_speedup must be positive", hint="e.g. min_speedup: 1.05")
+        try:
+            shaped = model if has_shapes(model) else infer_shapes(model)
+        except Exception:  # noqa: BLE001 - detection then goes without head count
+            shaped = None
+        found = detect(model, shaped)
+        model_type = found.model_type if c.model_type == "auto" else c.model_type
+        heads = c.num_heads or found.num_heads
+        hidden = c.hidden_size or found.hidden_size
+        notes: dict[str, Any] = {"model_type": model_type, "model_type_source": "option" if c.model_type != "auto" else "graph",
+                                 "detected": found.as_dict(), "num_heads": heads, "hidden_size": hidden}
+        before = fused_counts(model)
+        if model_type is None:
+            notes.update(status="nothing to fuse", fused={}, expected_attention=0)
+            ctx.log("fuse: no attention layer in the graph, nothing to fuse")
+            return PassResult(model, modified=False, notes=notes)
+        ctx.log(f"fuse: {model_type} ({found.layers} attention layers, heads={heads or '?'}, hidden={hidden or '?'})")
+
+        feeds = self._feeds(model, ctx)
+        reference = _run(model, feeds)
+        candidates: dict[str, onnx.ModelProto] = {}
+        failures: dict[str, str] = {}
+        rewrites: dict[str, dict[str, int]] = {}
+
+        def attempt(label: str, fn: Callable[[], onnx.ModelProto]) -> onnx.ModelProto | None:
+            try:
+                out = _tidy(fn(), model)
+                self._check(reference, _run(out, feeds))
+            except Exception as exc:  # noqa: BLE001 - a fuser that fails or breaks the model leaves the others
+                failures[label] = first_line(exc)
+                return None
+            candidates[label] = out
+            return out
+
+        def via_onnxscript(m: onnx.ModelProto, label: str) -> onnx.ModelProto:
+            out, stats = onnxscript_fusions(m)
+            rewrites[label] = stats
+            return out
+
+        if "onnxscript" in c.backends:
+            start = shaped if shaped is not None else model  # shapes inferred once, for detection and here
+            attempt("onnxscript", lambda: via_onnxscript(start, "onnxscript"))
+        if "ort" in c.backends:
+            ort_model = attempt("ort", lambda: ort_fusions(model, model_type, heads, hidden,
+                                                           use_gpu=c.target.startswith("cuda")))
+            if ort_model is not None and "onnxscript" in c.backends:
+                attempt("ort+onnxscript", lambda: via_onnxscript(ort_model, "ort+onnxscript"))
+
+        counts = {label: fused_counts(m) for label, m in candidates.items()}
+        gained = {label: {k: v - before.get(k, 0) for k, v in cnt.items() if v != before.get(k, 0)}
+                  for label, cnt in counts.items()}
+        notes.update(candidates={label: {"fused": gained[label], "nodes": len(candidates[label].graph.node)}
+                                 for label in candidates}, failures=failures, rewrites=rewrites)
+        best = max(candidates, default=None,
+                   key=lambda k: (attention_count(counts[k]), sum(gained[k].values()), -len(candidates[k].graph.node)))
+        expected = found.layers
+        fused_attention = attention_count(counts[best]) if best else attention_count(before)
+        notes.update(chosen=best, fused=gained.get(best, {}), fused_total=counts.get(best, before),
+                     expected_attention=expected, fused_attention=fused_attention,
+                     nodes={"before": len(model.graph.node),
+                            "after": len(candidates[best].graph.node) if best else len(model.graph.node)})
+        if best is None or not gained[best]:
+            self._loud(ctx, notes, f"fuse: nothing fused in a {model_type} graph with {expected} attention layers"
+                       + (f" ({'; '.join(f'{k}: {v}' for k, v in failures.items())})" if failures else ""))
+            notes["status"] = "not fused"
+            return PassResult(model, modified=False, notes=notes)
+        if c.expect_attention and fused_attention < expected:
+            self._loud(ctx, notes, f"fuse: {fused_attention} of {expected} attention layers fused "
+                       f"({model_type}, best fuser: {best})")
+        fused = candidates[best]
+        ctx.log(f"fuse: {best}: " + ", ".join(f"{k} {v:+d}" for k, v in gained[best].items())
+                + f"; attention {fused_attention}/{expected}")
+
+        status = "fused" if fused_attention >= expected else "partly fused"
+        if c.measure:
+            tfeeds = timing_feeds(model, feeds[0], batch=c.batch, seq=c.seq)
+            ms = interleaved_ms({"unfused": model, "fused": fused}, tfeeds, target=c.target, threads=c.threads,
+                                budget_s=c.budget_s)
+            speedup = ms["unfused"] / ms["fused"]
+            notes["timing"] = {"target": c.target, "threads": c.threads,
+                               "shapes": {k: list(v.shape) for k, v in tfeeds.items()},
+                               "unfused_ms": round(ms["unfused"], 4), "fused_ms": round(ms["fused"], 4),
+                               "speedup": round(speedup, 3)}
+            ctx.log(f"fuse: unfused {ms['unfused']:.3f} ms, fused {ms['fused']:.3f} ms on {c.target}: {speedup:.2f}x")
+            if speedup < c.min_speedup and not c.keep_if_slower:
+                notes["status"] = f"{status}, not kept: {speedup:.2f}x on {c.target} (needs {c.min_speedup:g}x)"
+                ctx.log(f"fuse: the fused model does not pay on {c.target} ({speedup:.2f}x): the unfused one stays "
+                        "(keep_if_slower: true keeps it anyway)")
+                return PassResult(model, modified=False, notes=notes)
+        notes["status"] = status
+        return PassResult(fused, modified=True, notes=notes)
+
+    def _check(self, expected: Sequence[Mapping[str, np.ndarray]], actual: Sequence[Mapping[str, np.ndarray]]) -> None:
+        bad = [c for c in self.compare(expected, actual) if not c.ok]
+        if bad:
+            raise ValueError(f"output {bad[0].name} differs by {bad[0].max_abs:.3g}")
+
+    @staticmethod
+    def _loud(ctx: PassContext, notes: dict[str, Any], message: str) -> None:
+        notes.setdefault("warnings", []).append(message)
+        notes["warning"] = "; ".join(notes["warnings"])
+        ctx.log("warning: " + message)
+        warnings.warn(message, stacklevel=3)
+
+    def compare(self, before: Sequence[Mapping[str, np.ndarray]],
+                after: Sequence[Mapping[str, np.ndarray]]) -> list[Comparison]:
+        """Elementwise, relative to each output's scale: fused kernels reorder float32 sums.
+
+        ``atol`` is taken relative to the largest magnitude of the reference output (at least 1),
+        so a hidden state of magnitude 20 gets the same relative slack as one of magnitude 1.
+        """
+        atol, rtol = self.tolerance
+        scale = max([1.0] + [float(np.max(np.abs(v))) for b in before for v in b.values()
+                             if isinstance(v, np.ndarray) and v.size and np.issubdtype(v.dtype, np.floating)
+                             and np.isfinite(v).all()])
+        return compare_runs(before, after, atol=atol * scale, rtol=rtol)
+
+
+def _run(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Outputs on ONNX Runtime's CPU provider (which runs every com.microsoft op the fusers write)."""
+    ort = require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    return [dict(zip(names, s.run(None, dict(b)))) for b in batches]
