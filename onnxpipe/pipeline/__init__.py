@@ -153,7 +153,8 @@ def optimize(
                 if candidate is not None:
                     save(stage, candidate, ".rejected")
             stages.append(stage)
-            notify(f"{p.name}: {'kept' if stage.kept else 'rolled back: ' + str(stage.reason)}", stage)
+            notify(f"{p.name}: {'kept' if stage.kept else 'rolled back: ' + str(stage.reason)}"
+                   + (f" (warning: {stage.notes['warning']})" if stage.notes.get("warning") else ""), stage)
     return PipelineResult(current, stages, metric if isinstance(metric, str) else getattr(metric, "__name__", None))
 
 
@@ -213,6 +214,8 @@ def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = 
             if stage is not None and stage.index > 0:
                 progress.advance(task)
                 console.print(f"{stage.index:02d} {stage.name}: " + ("kept" if stage.kept else f"[red]rolled back[/]: {stage.reason}"))
+                if stage.notes.get("warning"):
+                    console.print(f"[yellow]warning[/]: {stage.notes['warning']}")
 
         check_inputs = data_mod.take(calibration, r.data.check_batches) if calibration else None
         tuned_cpu = None

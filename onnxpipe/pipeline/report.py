@@ -21,6 +21,8 @@ def _rows(stages: list[Any], metric_name: str | None) -> list[list[str]]:
         metric = "-" if s.metric is None else f"{s.metric:.4f}"
         latency = "-" if s.latency_ms is None else f"{s.latency_ms:.3f} ms"
         kept = "yes" if s.kept else f"no: {s.reason}"
+        if s.kept and (s.notes or {}).get("warning"):  # kept, but the pass says it did not do its job
+            kept = f"yes; warning: {s.notes['warning']}"
         rows.append([f"{s.index:02d} {s.name}", str(s.nodes), f"{s.params:,}", human_bytes(s.size_bytes),
                      diff, metric, latency, kept])
     return rows
