@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from onnxpipe.hardware import cpu  # noqa: E402
 from onnxpipe.passes.base import PassContext  # noqa: E402
-from onnxpipe.passes.fuse import Fuse, attention_count, interleaved_ms  # noqa: E402
+from onnxpipe.passes.fuse import Fuse, _run, attention_count, interleaved_ms  # noqa: E402
 
 SENTENCES = [
     "The cat slept on the warm windowsill all afternoon.",
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--budget", type=float, default=6.0, help="seconds of timing per row, both models together")
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=200)
     feeds = tokens(args.batch, args.seq)
     info = cpu()
     table = Table(title=f"fuse on all-MiniLM-L6-v2, batch {args.batch} x seq {args.seq}, CPU: {info.model} "
@@ -115,8 +115,6 @@ def main() -> None:
             small = {k: v[:2, :32] for k, v in feeds.items()}
             result = Fuse({"keep_if_slower": True, "measure": False}).apply(model, PassContext(check_inputs=[small]))
             n = result.notes
-            from onnxpipe.passes.fuse import _run
-
             diff = max(float(np.max(np.abs(a - b))) for a, b in zip(_run(model, [feeds])[0].values(),
                                                                    _run(result.model, [feeds])[0].values()))
             fused_ops = ", ".join(f"{k} {v}" for k, v in n["fused"].items()) or "none"

@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_gemm_model
 from onnx import TensorProto, helper
 
 from onnxpipe.errors import InputError
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.fuse import Fuse, _run, detect, fused_counts, gemm_to_matmul, timing_feeds
-
-from conftest import conv_gemm_model
 
 LAYERS, HIDDEN, HEADS = 2, 64, 4
 KINDS = ("bert", "vit", "gpt2", "llama")

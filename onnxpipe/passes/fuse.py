@@ -33,8 +33,8 @@ from onnx import numpy_helper
 
 from onnxpipe._deps import require
 from onnxpipe.errors import InputError
-from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
-from onnxpipe.passes.base import compare_runs  # the one comparison; core.compare after the refactor
+# compare_runs: the one elementwise comparison (onnxpipe.core.compare after the refactor)
+from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult, compare_runs
 from onnxpipe.tensors import Comparison, concrete_shape, graph_inputs, random_input
 from onnxpipe.userfiles import first_line
 
@@ -126,13 +126,11 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
-        if out is not None:
-            return out
-    except Exception:  # noqa: BLE001 - ONNX's own inference is the fallback, not a failure
-        pass
+    out = None
+    with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):  # ONNX's is the fallback
+        out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    if out is not None:
+        return out
     return onnx.shape_inference.infer_shapes(model, data_prop=True)
 
 
