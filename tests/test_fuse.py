@@ -15,7 +15,8 @@ from onnx import TensorProto, helper
 from onnxpipe.errors import InputError
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
-from onnxpipe.passes.fuse import Fuse, _run, detect, fused_counts, gemm_to_matmul, timing_feeds
+from onnxpipe.passes.fuse import (Fuse, _run, detect, expand_ort_only_ops, fused_counts, gemm_to_matmul,
+                                   timing_feeds)
 
 LAYERS, HIDDEN, HEADS = 2, 64, 4
 KINDS = ("bert", "vit", "gpt2", "llama")
@@ -232,3 +233,20 @@ def test_options_are_checked():
         Fuse({"model_type": "resnet"})
     with pytest.raises(InputError, match="unknown target"):
         Fuse({"target": "tpu"}).apply(_unfusable_attention(), PassContext())
+
+
+@pytest.mark.parametrize("opset,stash_type", [(17, 1), (20, 0)])
+def test_ort_only_onnx_domain_op_written_portably(opset, stash_type):
+    """ONNX Runtime's SimplifiedLayerNormalization sits in the ONNX domain, which onnx.checker rejects."""
+    rng = np.random.default_rng(0)
+    node = helper.make_node("SimplifiedLayerNormalization", ["x", "s"], ["y"], axis=-1, epsilon=1e-5,
+                            stash_type=stash_type)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])],
+                          [onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "s")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    x = {"x": rng.standard_normal((3, 8)).astype(np.float32)}
+    expected = _run(model, [x])[0]["y"]
+    assert expand_ort_only_ops(model) == 1
+    onnx.checker.check_model(model)
+    np.testing.assert_allclose(_run(model, [x])[0]["y"], expected, rtol=1e-5, atol=1e-6)

@@ -352,9 +352,68 @@ def ort_fusions(model: onnx.ModelProto, model_type: str, num_heads: int, hidden_
     raise AssertionError("unreachable")
 
 
+ORT_ONLY_ONNX_OPS = ("SimplifiedLayerNormalization",)
+"""Ops ONNX Runtime registers in the ONNX domain itself: onnx.checker (and every other runtime) rejects them."""
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((d.version for d in model.opset_import if d.domain in ("", "ai.onnx")), 1)
+
+
+def expand_ort_only_ops(model: onnx.ModelProto) -> int:
+    """Write ``SimplifiedLayerNormalization`` (ONNX domain, known to ONNX Runtime only) portably, in place.
+
+    From opset 23 it is the standard ``RMSNormalization``; below, ``x / sqrt(mean(x^2) + eps) * scale``
+    (ONNX Runtime fuses that back when it loads the model). Returns how many were rewritten.
+    """
+    g = model.graph
+    opset = _opset(model)
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    nodes: list[onnx.NodeProto] = []
+    changed = 0
+    for n in g.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if (n.op_type not in ORT_ONLY_ONNX_OPS or n.domain not in ("", "ai.onnx") or attrs.get("axis", -1) != -1
+                or any(o and o in used for o in n.output[1:])):
+            nodes.append(n)
+            continue
+        x, scale, y = n.input[0], n.input[1], n.output[0]
+        eps = float(attrs.get("epsilon", 1e-5))
+        if opset >= 23:
+            nodes.append(onnx.helper.make_node("RMSNormalization", [x, scale], [y], name=n.name, axis=-1, epsilon=eps))
+        else:
+            t = f"{y}__rms"
+            g.initializer.append(numpy_helper.from_array(np.array(eps, np.float32), f"{t}_eps"))
+            if opset >= 18:
+                g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{t}_axes"))
+                mean = onnx.helper.make_node("ReduceMean", [f"{t}_sq", f"{t}_axes"], [f"{t}_ms"], keepdims=1)
+            else:
+                mean = onnx.helper.make_node("ReduceMean", [f"{t}_sq"], [f"{t}_ms"], axes=[-1], keepdims=1)
+            cast = []
+            if attrs.get("stash_type", 1) == 1:  # statistics in float32 whatever the input type
+                cast = [onnx.helper.make_node("Cast", [x], [f"{t}_x"], to=onnx.TensorProto.FLOAT)]
+            else:  # statistics in the input's type: the epsilon follows it
+                cast = [onnx.helper.make_node("CastLike", [f"{t}_eps0", x], [f"{t}_eps"])]
+                g.initializer[-1 - (opset >= 18)].name = f"{t}_eps0"
+            xs = f"{t}_x" if attrs.get("stash_type", 1) == 1 else x
+            nodes += cast + [
+                onnx.helper.make_node("Mul", [xs, xs], [f"{t}_sq"]), mean,
+                onnx.helper.make_node("Add", [f"{t}_ms", f"{t}_eps"], [f"{t}_var"]),
+                onnx.helper.make_node("Sqrt", [f"{t}_var"], [f"{t}_std"]),
+                onnx.helper.make_node("Div", [xs, f"{t}_std"], [f"{t}_n"]),
+                onnx.helper.make_node("CastLike", [f"{t}_n", x], [f"{t}_nx"]),
+                onnx.helper.make_node("Mul", [f"{t}_nx", scale], [y], name=n.name)]
+        changed += 1
+    if changed:
+        del g.node[:]
+        g.node.extend(nodes)
+    return changed
+
+
 def _tidy(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
     """Drop inferred shapes of internal values (ORT derives them) and keep the input's IR version or newer."""
     del model.graph.value_info[:]
+    expand_ort_only_ops(model)
     used = {d.domain for d in model.opset_import}
     ops_domains = {n.domain for n in model.graph.node}
     keep = [d for d in model.opset_import if d.domain in ops_domains or d.domain in ("", "ai.onnx")]
