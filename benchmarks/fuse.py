@@ -96,6 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--exporters", default="dynamo,torchscript")
     ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--fusers", default="best,ort",
+                    help="best: the pass's defaults (both fusers, best candidate); ort: ONNX Runtime's optimizer alone")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--budget", type=float, default=6.0, help="seconds of timing per row, both models together")
@@ -113,18 +115,22 @@ def main() -> None:
             console.print(f"exporting MiniLM with the {exporter} exporter ...")
             model = export(exporter, Path(tmp) / f"{exporter}.onnx", feeds)
             small = {k: v[:2, :32] for k, v in feeds.items()}
-            result = Fuse({"keep_if_slower": True, "measure": False}).apply(model, PassContext(check_inputs=[small]))
-            n = result.notes
-            diff = max(float(np.max(np.abs(a - b))) for a, b in zip(_run(model, [feeds])[0].values(),
-                                                                   _run(result.model, [feeds])[0].values()))
-            fused_ops = ", ".join(f"{k} {v}" for k, v in n["fused"].items()) or "none"
-            for threads in (int(t) for t in args.threads.split(",")):
-                ms = interleaved_ms({"unfused": model, "fused": result.model}, feeds, threads=threads,
-                                    rounds=9, budget_s=args.budget)
-                table.add_row(exporter, str(n["chosen"]), fused_ops,
-                              f"{attention_count(n['fused_total'])}/{n['expected_attention']}", f"{diff:.2g}",
-                              str(threads), f"{ms['unfused']:.2f}", f"{ms['fused']:.2f}",
-                              f"{ms['unfused'] / ms['fused']:.2f}x")
+            for fuser in args.fusers.split(","):
+                options = {"keep_if_slower": True, "measure": False, "expect_attention": False}
+                if fuser == "ort":
+                    options["backends"] = ["ort"]
+                result = Fuse(options).apply(model, PassContext(check_inputs=[small]))
+                n = result.notes
+                diff = max(float(np.max(np.abs(a - b))) for a, b in zip(_run(model, [feeds])[0].values(),
+                                                                       _run(result.model, [feeds])[0].values()))
+                fused_ops = ", ".join(f"{k} {v}" for k, v in n["fused"].items()) or "none"
+                for threads in (int(t) for t in args.threads.split(",")):
+                    ms = interleaved_ms({"unfused": model, "fused": result.model}, feeds, threads=threads,
+                                        rounds=9, budget_s=args.budget)
+                    table.add_row(exporter, f"{fuser}: {n['chosen']}", fused_ops,
+                                  f"{attention_count(n['fused_total'])}/{n['expected_attention']}", f"{diff:.2g}",
+                                  str(threads), f"{ms['unfused']:.2f}", f"{ms['fused']:.2f}",
+                                  f"{ms['unfused'] / ms['fused']:.2f}x")
     console.print(table)
 
 

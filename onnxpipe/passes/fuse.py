@@ -224,11 +224,13 @@ def detect(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) -> Det
     g = model.graph
     ops = Counter(n.op_type for n in g.node)
     softmaxes = attention_softmaxes(model)
-    already = sum(ops[o] for o in ATTENTION_OPS) if any(n.domain == "com.microsoft" for n in g.node) else 0
-    layers = len(softmaxes) + already + ops.get("Attention", 0) * (not already)
-    evidence = [f"{len(softmaxes)} attention softmax(es)"] + ([f"{already} fused attention node(s)"] if already else [])
+    # attention already in one node: ONNX Runtime's (a second fuse run) or ONNX's own (opset 23)
+    already = sum(1 for n in g.node if (n.domain == "com.microsoft" and n.op_type in ATTENTION_OPS)
+                  or (n.domain in ("", "ai.onnx") and n.op_type == "Attention"))
+    layers = len(softmaxes) + already
+    evidence = [f"{len(softmaxes)} attention softmax(es)"] + ([f"{already} attention node(s)"] if already else [])
     value = _initializer_or_constant(g)
-    producers = {o: n for n in g.node for o in n.output}
+    consumers = _consumers(g)
 
     heads: Counter[int] = Counter()
     if shaped is not None:
@@ -251,7 +253,7 @@ def detect(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) -> Det
         if n.op_type == "Pow":
             e = value(n.input[1])
             if e is not None and e.size == 1 and float(e.reshape(())) == 2.0 and any(
-                    c.op_type == "ReduceMean" for c in _consumers(g).get(n.output[0], [])):
+                    c.op_type == "ReduceMean" for c in consumers.get(n.output[0], [])):
                 rms += 1
     if not hidden:  # RMS norms: the weight multiplied in last is a hidden-sized vector
         for n in g.node:
@@ -279,7 +281,6 @@ def detect(model: onnx.ModelProto, shaped: onnx.ModelProto | None = None) -> Det
     else:
         model_type = "bert"
         evidence.append("bidirectional encoder (no causal mask, no rotary)")
-    del producers
     return Detected(model_type, layers, heads.most_common(1)[0][0] if heads else 0,
                     hidden.most_common(1)[0][0] if hidden else 0, len(norms) + rms, evidence)
 
@@ -437,14 +438,38 @@ def _providers(target: str) -> list[str]:
     raise InputError(f"fuse: unknown target {target!r}", hint="use cpu or cuda[:N]")
 
 
-def interleaved_ms(models: Mapping[str, onnx.ModelProto], feeds: Mapping[str, np.ndarray], *, target: str = "cpu",
-                   threads: int | None = None, rounds: int = 7, budget_s: float = 3.0) -> dict[str, float]:
-    """Median ms of one run of each model, timed in alternating rounds so drift hits all alike."""
+def _check_target(target: str) -> list[str]:
+    """Providers for ``target``; a missing one is the user's to fix, before anything runs."""
     ort = require("onnxruntime")
     providers = _providers(target)
     if providers[0] not in ort.get_available_providers():
         raise InputError(f"fuse: target {target} needs {providers[0]}, which this ONNX Runtime lacks",
                          hint="install onnxruntime-gpu (instead of onnxruntime) or use target: cpu")
+    return providers
+
+
+@contextlib.contextmanager
+def _source(model: onnx.ModelProto) -> Any:
+    """What InferenceSession loads: bytes, or a file with external data past protobuf's 2 GB."""
+    if model.ByteSize() < 1_500_000_000:
+        yield model.SerializeToString()
+        return
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-fuse-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
+        yield str(path)
+
+
+def interleaved_ms(models: Mapping[str, onnx.ModelProto], feeds: Mapping[str, np.ndarray], *, target: str = "cpu",
+                   threads: int | None = None, rounds: int = 7, budget_s: float = 3.0) -> dict[str, float]:
+    """Median ms of one run of each model, timed in alternating rounds so drift hits all alike."""
+    ort = require("onnxruntime")
+    providers = _check_target(target)
     device_id = target.split(":")[1] if ":" in target else "0"
     sessions = {}
     for label, m in models.items():
@@ -454,7 +479,8 @@ def interleaved_ms(models: Mapping[str, onnx.ModelProto], feeds: Mapping[str, np
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         prov: list[Any] = [(p, {"device_id": device_id}) if p == "CUDAExecutionProvider" else p for p in providers]
-        sessions[label] = ort.InferenceSession(m.SerializeToString(), opts, providers=prov)
+        with _source(m) as src:
+            sessions[label] = ort.InferenceSession(src, opts, providers=prov)
     warm: dict[str, float] = {}
     for label, s in sessions.items():
         for _ in range(2):
@@ -553,8 +579,9 @@ class Fuse(Pass):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         c = self.config
-        if c.target.split(":")[0].lower() not in ("cpu", "cuda"):
-            raise InputError(f"fuse: unknown target {c.target!r}", hint="use cpu or cuda[:N]")
+        _providers(c.target)  # a typo fails here, a missing provider below: before any work
+        if c.measure:
+            _check_target(c.target)
         if c.min_speedup <= 0:
             raise InputError("fuse: min_speedup must be positive", hint="e.g. min_speedup: 1.05")
         try:
@@ -679,6 +706,7 @@ def _run(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) ->
     ort = require("onnxruntime")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    s = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    with _source(model) as src:
+        s = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in s.get_outputs()]
     return [dict(zip(names, s.run(None, dict(b)))) for b in batches]
