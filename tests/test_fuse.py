@@ -204,7 +204,8 @@ def test_warning_reaches_the_pipeline_report():
         result = onnxpipe.optimize(_unfusable_attention(), [{"fuse": {"measure": False}}], measure_latency=False)
     stage = result.stages[1]
     assert stage.kept and stage.notes["status"] == "not fused"
-    assert "warning: fuse: nothing fused" in report.markdown(result.stages)
+    text = report.markdown(result.stages)
+    assert "NOT FUSED: 0 of 1 attention layers" in text and "warning: fuse: nothing fused" in text
 
 
 def test_gemm_to_matmul_keeps_numbers():

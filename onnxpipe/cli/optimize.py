@@ -64,6 +64,8 @@ def register(app: typer.Typer) -> None:
         def on_event(message: str, stage) -> None:
             if stage is not None and stage.index > 0:
                 console.print(f"{stage.index:02d} {stage.name}: " + ("kept" if stage.kept else f"[red]rolled back[/]: {stage.reason}"))
+                if stage.notes.get("warning"):
+                    console.print(f"[yellow]warning[/]: {stage.notes['warning']}")
 
         result = do_optimize(load_model(model), specs, calibration=calibration, outdir=report_dir, on_event=on_event)
         save_model(result.model, output)

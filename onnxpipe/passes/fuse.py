@@ -596,7 +596,8 @@ class Fuse(Pass):
                                  "detected": found.as_dict(), "num_heads": heads, "hidden_size": hidden}
         before = fused_counts(model)
         if model_type is None:
-            notes.update(status="nothing to fuse", fused={}, expected_attention=0)
+            notes.update(status="nothing to fuse", outcome="nothing to fuse (no attention layer)", fused={},
+                         expected_attention=0)
             ctx.log("fuse: no attention layer in the graph, nothing to fuse")
             return PassResult(model, modified=False, notes=notes)
         ctx.log(f"fuse: {model_type} ({found.layers} attention layers, heads={heads or '?'}, hidden={hidden or '?'})")
@@ -648,6 +649,7 @@ class Fuse(Pass):
             self._loud(ctx, notes, f"fuse: nothing fused in a {model_type} graph with {expected} attention layers"
                        + (f" ({'; '.join(f'{k}: {v}' for k, v in failures.items())})" if failures else ""))
             notes["status"] = "not fused"
+            notes["outcome"] = f"NOT FUSED: 0 of {expected} attention layers"
             return PassResult(model, modified=False, notes=notes)
         if c.expect_attention and fused_attention < expected:
             self._loud(ctx, notes, f"fuse: {fused_attention} of {expected} attention layers fused "
@@ -669,10 +671,14 @@ class Fuse(Pass):
             ctx.log(f"fuse: unfused {ms['unfused']:.3f} ms, fused {ms['fused']:.3f} ms on {c.target}: {speedup:.2f}x")
             if speedup < c.min_speedup and not c.keep_if_slower:
                 notes["status"] = f"{status}, not kept: {speedup:.2f}x on {c.target} (needs {c.min_speedup:g}x)"
+                notes["outcome"] = (f"unfused model kept: fused {ms['fused']:.3g} ms vs unfused {ms['unfused']:.3g} ms "
+                                    f"({speedup:.2f}x) on {c.target}")
                 ctx.log(f"fuse: the fused model does not pay on {c.target} ({speedup:.2f}x): the unfused one stays "
                         "(keep_if_slower: true keeps it anyway)")
                 return PassResult(model, modified=False, notes=notes)
         notes["status"] = status
+        notes["outcome"] = (f"{status}, attention {fused_attention}/{expected}"
+                            + (f", {notes['timing']['speedup']:.2f}x on {c.target}" if c.measure else ""))
         return PassResult(fused, modified=True, notes=notes)
 
     def _check(self, expected: Sequence[Mapping[str, np.ndarray]], actual: Sequence[Mapping[str, np.ndarray]]) -> None:

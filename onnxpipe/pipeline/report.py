@@ -21,8 +21,11 @@ def _rows(stages: list[Any], metric_name: str | None) -> list[list[str]]:
         metric = "-" if s.metric is None else f"{s.metric:.4f}"
         latency = "-" if s.latency_ms is None else f"{s.latency_ms:.3f} ms"
         kept = "yes" if s.kept else f"no: {s.reason}"
-        if s.kept and (s.notes or {}).get("warning"):  # kept, but the pass says it did not do its job
-            kept = f"yes; warning: {s.notes['warning']}"
+        notes = s.notes or {}
+        if s.kept and notes.get("outcome"):  # a pass's one-line account of what it did (or chose not to)
+            kept = f"yes: {notes['outcome']}"
+        if s.kept and notes.get("warning"):  # kept, but the pass says it did not do its job
+            kept += f"; warning: {notes['warning']}"
         rows.append([f"{s.index:02d} {s.name}", str(s.nodes), f"{s.params:,}", human_bytes(s.size_bytes),
                      diff, metric, latency, kept])
     return rows
