@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from onnxpipe.hardware import cpu  # noqa: E402
+from onnxpipe.core.compare import outputs_on  # noqa: E402
+from onnxpipe.core.hardware import cpu  # noqa: E402
 from onnxpipe.passes.base import PassContext  # noqa: E402
-from onnxpipe.passes.fuse import Fuse, _run, attention_count, interleaved_ms  # noqa: E402
+from onnxpipe.passes.fuse import Fuse, attention_count, interleaved_ms  # noqa: E402
 
 SENTENCES = [
     "The cat slept on the warm windowsill all afternoon.",
@@ -121,8 +122,8 @@ def main() -> None:
                     options["backends"] = ["ort"]
                 result = Fuse(options).apply(model, PassContext(check_inputs=[small]))
                 n = result.notes
-                diff = max(float(np.max(np.abs(a - b))) for a, b in zip(_run(model, [feeds])[0].values(),
-                                                                       _run(result.model, [feeds])[0].values()))
+                diff = max(float(np.max(np.abs(a - b))) for a, b in zip(outputs_on(model, [feeds])[0].values(),
+                                                                       outputs_on(result.model, [feeds])[0].values()))
                 fused_ops = ", ".join(f"{k} {v}" for k, v in n["fused"].items()) or "none"
                 for threads in (int(t) for t in args.threads.split(",")):
                     ms = interleaved_ms({"unfused": model, "fused": result.model}, feeds, threads=threads,

@@ -12,10 +12,11 @@ import pytest
 from conftest import conv_gemm_model
 from onnx import TensorProto, helper
 
-from onnxpipe.errors import InputError
+from onnxpipe.core.compare import outputs_on
+from onnxpipe.core.errors import InputError
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
-from onnxpipe.passes.fuse import (Fuse, _run, detect, expand_ort_only_ops, fused_counts, gemm_to_matmul,
+from onnxpipe.passes.fuse import (Fuse, detect, expand_ort_only_ops, fused_counts, gemm_to_matmul,
                                    timing_feeds)
 
 LAYERS, HIDDEN, HEADS = 2, 64, 4
@@ -108,7 +109,7 @@ def _fuse_and_check(model: onnx.ModelProto, kind: str, **options) -> dict:
     assert notes["status"] == "fused"
     assert result.modified
     feeds = _inputs(kind, batch=3, seq=24, seed=2) if kind != "vit" else _inputs(kind, batch=3, seed=2)
-    before, after = _run(model, [feeds])[0], _run(result.model, [feeds])[0]
+    before, after = outputs_on(model, [feeds])[0], outputs_on(result.model, [feeds])[0]
     for name in before:
         np.testing.assert_allclose(after[name], before[name], atol=1e-4, rtol=1e-3)
     onnx.checker.check_model(result.model)
@@ -198,7 +199,7 @@ def test_no_attention_nothing_to_fuse():
 
 def test_warning_reaches_the_pipeline_report():
     import onnxpipe
-    from onnxpipe import report
+    from onnxpipe.pipeline import report
 
     with pytest.warns(UserWarning):
         result = onnxpipe.optimize(_unfusable_attention(), [{"fuse": {"measure": False}}], measure_latency=False)
@@ -218,12 +219,12 @@ def test_gemm_to_matmul_keeps_numbers():
                           [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     x = {"x": rng.standard_normal((3, 4)).astype(np.float32)}
-    expected = _run(model, [x])[0]["y"]
+    expected = outputs_on(model, [x])[0]["y"]
     changed = onnx.ModelProto()
     changed.CopyFrom(model)
     assert gemm_to_matmul(changed) == 1
     assert [n.op_type for n in changed.graph.node] == ["MatMul", "Add"]
-    np.testing.assert_allclose(_run(changed, [x])[0]["y"], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(outputs_on(changed, [x])[0]["y"], expected, rtol=1e-6, atol=1e-6)
 
 
 def test_options_are_checked():
@@ -247,7 +248,7 @@ def test_ort_only_onnx_domain_op_written_portably(opset, stash_type):
                           [onnx.numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "s")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     x = {"x": rng.standard_normal((3, 8)).astype(np.float32)}
-    expected = _run(model, [x])[0]["y"]
+    expected = outputs_on(model, [x])[0]["y"]
     assert expand_ort_only_ops(model) == 1
     onnx.checker.check_model(model)
-    np.testing.assert_allclose(_run(model, [x])[0]["y"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs_on(model, [x])[0]["y"], expected, rtol=1e-5, atol=1e-6)

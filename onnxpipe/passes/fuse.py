@@ -20,7 +20,6 @@ import contextlib
 import io
 import logging
 import statistics
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -31,12 +30,14 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxpipe._deps import require
-from onnxpipe.errors import InputError
-# compare_runs: the one elementwise comparison (onnxpipe.core.compare after the refactor)
-from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult, compare_runs
-from onnxpipe.tensors import Comparison, concrete_shape, graph_inputs, random_input
-from onnxpipe.userfiles import first_line
+from onnxpipe.core.compare import Comparison, compare_runs, outputs_on
+from onnxpipe.core.deps import require
+from onnxpipe.core.errors import InputError
+from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
+from onnxpipe.core.session import Session
+from onnxpipe.core.timing import time_session
+from onnxpipe.core.userfiles import first_line
+from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
 ATTENTION_OPS = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
                  "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention")
@@ -448,58 +449,26 @@ def _check_target(target: str) -> list[str]:
     return providers
 
 
-@contextlib.contextmanager
-def _source(model: onnx.ModelProto) -> Any:
-    """What InferenceSession loads: bytes, or a file with external data past protobuf's 2 GB."""
-    if model.ByteSize() < 1_500_000_000:
-        yield model.SerializeToString()
-        return
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory(prefix="onnxpipe-fuse-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        onnx.save_model(copy, str(path), save_as_external_data=True, location="model.onnx.data")
-        yield str(path)
-
-
 def interleaved_ms(models: Mapping[str, onnx.ModelProto], feeds: Mapping[str, np.ndarray], *, target: str = "cpu",
                    threads: int | None = None, rounds: int = 7, budget_s: float = 3.0) -> dict[str, float]:
-    """Median ms of one run of each model, timed in alternating rounds so drift hits all alike."""
-    ort = require("onnxruntime")
+    """Median over rounds of each model's median ms (core.timing's loop), the models taking turns.
+
+    Every model keeps one session; rounds alternate the order, so load that comes and goes on a
+    shared machine hits all of them alike.
+    """
     providers = _check_target(target)
     device_id = target.split(":")[1] if ":" in target else "0"
-    sessions = {}
-    for label, m in models.items():
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        prov: list[Any] = [(p, {"device_id": device_id}) if p == "CUDAExecutionProvider" else p for p in providers]
-        with _source(m) as src:
-            sessions[label] = ort.InferenceSession(src, opts, providers=prov)
-    warm: dict[str, float] = {}
-    for label, s in sessions.items():
-        for _ in range(2):
-            s.run(None, dict(feeds))
-        start = time.perf_counter()
-        s.run(None, dict(feeds))
-        warm[label] = time.perf_counter() - start
-    per_round = budget_s / max(rounds, 1) / max(len(sessions), 1)
-    repeats = {k: max(1, min(1000, int(per_round / max(v, 1e-6)))) for k, v in warm.items()}
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    order = list(sessions)
-    for r in range(rounds):
-        for label in (order if r % 2 == 0 else order[::-1]):
-            s, n = sessions[label], repeats[label]
-            start = time.perf_counter()
-            for _ in range(n):
-                s.run(None, dict(feeds))
-            times[label].append((time.perf_counter() - start) * 1e3 / n)
-    return {k: statistics.median(v) for k, v in times.items()}
+    prov: list[Any] = [(p, {"device_id": device_id}) if p == "CUDAExecutionProvider" else p for p in providers]
+    per_round = budget_s / max(rounds, 1) / max(len(models), 1)
+    medians: dict[str, list[float]] = {k: [] for k in models}
+    order = list(models)
+    with contextlib.ExitStack() as stack:
+        sessions = {k: stack.enter_context(Session(m, providers=prov, threads=threads)) for k, m in models.items()}
+        for r in range(rounds):
+            for label in (order if r % 2 == 0 else order[::-1]):
+                timing = time_session(sessions[label], feeds, warmup=1 if r == 0 else 0, min_runs=1, budget_s=per_round)
+                medians[label].append(timing.p50_ms)
+    return {k: statistics.median(v) for k, v in medians.items()}
 
 
 def timing_feeds(model: onnx.ModelProto, template: Mapping[str, np.ndarray] | None, *,
@@ -603,7 +572,7 @@ class Fuse(Pass):
         ctx.log(f"fuse: {model_type} ({found.layers} attention layers, heads={heads or '?'}, hidden={hidden or '?'})")
 
         feeds = self._feeds(model, ctx)
-        reference = _run(model, feeds)
+        reference = outputs_on(model, feeds)
         candidates: dict[str, onnx.ModelProto] = {}
         failures: dict[str, str] = {}
         rewrites: dict[str, dict[str, int]] = {}
@@ -611,7 +580,7 @@ class Fuse(Pass):
         def attempt(label: str, fn: Callable[[], onnx.ModelProto]) -> onnx.ModelProto | None:
             try:
                 out = _tidy(fn(), model)
-                self._check(reference, _run(out, feeds))
+                self._check(reference, outputs_on(out, feeds))
             except Exception as exc:  # noqa: BLE001 - a fuser that fails or breaks the model leaves the others
                 failures[label] = first_line(exc)
                 return None
@@ -705,14 +674,3 @@ class Fuse(Pass):
                              if isinstance(v, np.ndarray) and v.size and np.issubdtype(v.dtype, np.floating)
                              and np.isfinite(v).all()])
         return compare_runs(before, after, atol=atol * scale, rtol=rtol)
-
-
-def _run(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
-    """Outputs on ONNX Runtime's CPU provider (which runs every com.microsoft op the fusers write)."""
-    ort = require("onnxruntime")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    with _source(model) as src:
-        s = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in s.get_outputs()]
-    return [dict(zip(names, s.run(None, dict(b)))) for b in batches]
