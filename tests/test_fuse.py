@@ -252,3 +252,18 @@ def test_ort_only_onnx_domain_op_written_portably(opset, stash_type):
     assert expand_ort_only_ops(model) == 1
     onnx.checker.check_model(model)
     np.testing.assert_allclose(outputs_on(model, [x])[0]["y"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pipeline_checks_fused_ops_on_cpu(hf_export):
+    """The pipeline's before/after check runs the com.microsoft ops on ONNX Runtime's CPU provider."""
+    import onnxpipe
+
+    model = hf_export("vit", "dynamo")
+    result = onnxpipe.optimize(model, [{"fuse": {"backends": ["onnxscript"], "measure": False}}],
+                               check_inputs=[_inputs("vit", seed=3)], measure_latency=False)
+    stage = result.stages[1]
+    assert stage.kept, stage.reason
+    assert stage.op_delta.get("Attention") == LAYERS and stage.op_delta.get("Softmax") == -LAYERS
+    assert stage.max_abs is not None and stage.max_abs < 1e-4
+    assert stage.notes["outcome"].startswith("fused, attention 2/2")
+    assert any(n.domain == "com.microsoft" for n in result.model.graph.node)
