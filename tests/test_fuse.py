@@ -259,11 +259,16 @@ def test_pipeline_checks_fused_ops_on_cpu(hf_export):
     import onnxpipe
 
     model = hf_export("vit", "dynamo")
-    result = onnxpipe.optimize(model, [{"fuse": {"backends": ["onnxscript"], "measure": False}}],
-                               check_inputs=[_inputs("vit", seed=3)], measure_latency=False)
+    fuse = {"fuse": {"backends": ["onnxscript"], "measure": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second run finds nothing left to fuse: no alarm for that
+        result = onnxpipe.optimize(model, [fuse, fuse], check_inputs=[_inputs("vit", seed=3)],
+                                   measure_latency=False)
     stage = result.stages[1]
     assert stage.kept, stage.reason
     assert stage.op_delta.get("Attention") == LAYERS and stage.op_delta.get("Softmax") == -LAYERS
     assert stage.max_abs is not None and stage.max_abs < 1e-4
     assert stage.notes["outcome"].startswith("fused, attention 2/2")
     assert any(n.domain == "com.microsoft" for n in result.model.graph.node)
+    again = result.stages[2]
+    assert again.kept and again.notes["status"] == "already fused" and not again.op_delta

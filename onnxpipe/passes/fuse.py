@@ -614,6 +614,10 @@ class Fuse(Pass):
                      expected_attention=expected, fused_attention=fused_attention,
                      nodes={"before": len(model.graph.node),
                             "after": len(candidates[best].graph.node) if best else len(model.graph.node)})
+        if (best is None or not gained[best]) and expected and attention_count(before) >= expected:
+            notes.update(status="already fused", outcome=f"already fused, attention {attention_count(before)}/{expected}")
+            ctx.log("fuse: the graph is already fused")
+            return PassResult(model, modified=False, notes=notes)
         if best is None or not gained[best]:
             self._loud(ctx, notes, f"fuse: nothing fused in a {model_type} graph with {expected} attention layers"
                        + (f" ({'; '.join(f'{k}: {v}' for k, v in failures.items())})" if failures else ""))
