@@ -2,9 +2,11 @@
 
 Two fusers exist and neither covers every export on its own: ONNX Runtime's offline optimizer
 (``onnxruntime.transformers.optimizer``) and onnxscript's rewriter (``ort_fusions``), written for
-what torch's dynamo exporter produces. This pass runs both, alone and chained, after two small
-normalisations of our own that let the rewriter see through TorchScript exports as well
-(symbolic shapes on every value, the scalar zero of the "safe softmax" ``Where(IsNaN(p), 0, p)``).
+what torch's dynamo exporter produces. This pass runs both, alone and chained, after small
+rewrites of our own where neither copes: symbolic shapes on every value and a scalar zero in the
+"safe softmax" ``Where(IsNaN(p), 0, p)`` (without them no TorchScript export's attention fuses),
+``Gemm`` written as ``MatMul + Add`` (GPT-2's Conv1D, which the rewriter otherwise breaks), and
+ONNX Runtime's ONNX-domain ``SimplifiedLayerNormalization`` written portably afterwards.
 Each candidate is run on the check inputs against the input model; the valid one with the most
 fused attention nodes (then the most fused ops, then the fewest nodes) wins.
 
@@ -385,19 +387,19 @@ def expand_ort_only_ops(model: onnx.ModelProto) -> int:
             nodes.append(onnx.helper.make_node("RMSNormalization", [x, scale], [y], name=n.name, axis=-1, epsilon=eps))
         else:
             t = f"{y}__rms"
-            g.initializer.append(numpy_helper.from_array(np.array(eps, np.float32), f"{t}_eps"))
+            stash_float = attrs.get("stash_type", 1) == 1  # statistics in float32 whatever the input type
+            eps_name = f"{t}_eps" if stash_float else f"{t}_eps0"  # else the epsilon follows the input's type
+            g.initializer.append(numpy_helper.from_array(np.array(eps, np.float32), eps_name))
             if opset >= 18:
                 g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), f"{t}_axes"))
                 mean = onnx.helper.make_node("ReduceMean", [f"{t}_sq", f"{t}_axes"], [f"{t}_ms"], keepdims=1)
             else:
                 mean = onnx.helper.make_node("ReduceMean", [f"{t}_sq"], [f"{t}_ms"], axes=[-1], keepdims=1)
-            cast = []
-            if attrs.get("stash_type", 1) == 1:  # statistics in float32 whatever the input type
+            if stash_float:
                 cast = [onnx.helper.make_node("Cast", [x], [f"{t}_x"], to=onnx.TensorProto.FLOAT)]
-            else:  # statistics in the input's type: the epsilon follows it
-                cast = [onnx.helper.make_node("CastLike", [f"{t}_eps0", x], [f"{t}_eps"])]
-                g.initializer[-1 - (opset >= 18)].name = f"{t}_eps0"
-            xs = f"{t}_x" if attrs.get("stash_type", 1) == 1 else x
+            else:
+                cast = [onnx.helper.make_node("CastLike", [eps_name, x], [f"{t}_eps"])]
+            xs = f"{t}_x" if stash_float else x
             nodes += cast + [
                 onnx.helper.make_node("Mul", [xs, xs], [f"{t}_sq"]), mean,
                 onnx.helper.make_node("Add", [f"{t}_ms", f"{t}_eps"], [f"{t}_var"]),
