@@ -7,7 +7,7 @@ model is always there to time); then fused and unfused are timed at batch 8, seq
 real tokenised sentences, at 1 and 2 intra-op threads, in interleaved rounds (medians).
 A speedup below 1.00 is what the pass, left to its defaults, would roll back.
 
-    python benchmarks/fuse.py [--exporters dynamo,torchscript] [--threads 1,2] [--budget 6]
+    python benchmarks/fuse.py [--exporters dynamo,torchscript] [--threads 1,2] [--fusers best,ort] [--budget 6]
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--budget", type=float, default=6.0, help="seconds of timing per row, both models together")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved rounds per row (the median is over rounds)")
     args = ap.parse_args()
     console = Console(width=200)
     feeds = tokens(args.batch, args.seq)
@@ -124,7 +125,7 @@ def main() -> None:
                 fused_ops = ", ".join(f"{k} {v}" for k, v in n["fused"].items()) or "none"
                 for threads in (int(t) for t in args.threads.split(",")):
                     ms = interleaved_ms({"unfused": model, "fused": result.model}, feeds, threads=threads,
-                                        rounds=9, budget_s=args.budget)
+                                        rounds=args.rounds, budget_s=args.budget)
                     table.add_row(exporter, f"{fuser}: {n['chosen']}", fused_ops,
                                   f"{attention_count(n['fused_total'])}/{n['expected_attention']}", f"{diff:.2g}",
                                   str(threads), f"{ms['unfused']:.2f}", f"{ms['fused']:.2f}",
