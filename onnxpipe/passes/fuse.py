@@ -35,8 +35,8 @@ from onnx import numpy_helper
 from onnxpipe.core.compare import Comparison, compare_runs, outputs_on
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
-from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
 from onnxpipe.core.session import Session
+from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
 from onnxpipe.core.timing import time_session
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
