@@ -9,13 +9,20 @@ Sections (all by default, or pick with ``--only``):
   the residual stream are reported unsafe and left alone).
 - ``light``: the real architectures in the onnx wheel (generated weights, so only "pruned
   without breaking" is checked: ORT runs the result and the output shape is unchanged).
+- ``families``: architectures users deploy, built from ``transformers`` configs (random weights,
+  small sizes) and exported with ``torch.onnx.export`` (TorchScript; ``--dynamo`` for the other
+  exporter): ``prune: {ratio: 0.3}`` with its defaults and no data, against Torch-Pruning 1.6
+  (MagnitudeImportance L1, same ratio, classifier ignored) on the PyTorch model where it runs.
+  Outcomes checked: MACs down >= 25 % (CNNs) / 15 % (ViT, BERT), parameters down, latency at
+  batch 8 on 1 thread not above the unpruned model's.
 
 Latency: every model of a section gets its own ORT session (one thread); the sessions are timed
 in interleaved rounds (the order rotates each round) and medians compared, so machine noise
 hits every variant alike. Ratios are what to compare across machines, not milliseconds.
 
 Usage:
-    python benchmarks/prune.py [--only digits,transformer,light] [--light resnet50,vgg19] [--json out.json]
+    python benchmarks/prune.py [--only digits,transformer,light,families] [--light resnet50,vgg19]
+        [--families resnet_basic,vit] [--dynamo] [--json out.json]
 """
 
 from __future__ import annotations
@@ -190,9 +197,171 @@ def light_section(names: list[str]) -> dict[str, Any]:
     return out
 
 
+FAMILIES = ("resnet_basic", "resnet_bottleneck", "mobilenetv2", "regnet", "efficientnet", "convnext", "vit", "bert")
+
+
+def build_family(name: str):  # noqa: ANN201 - (torch module, example args, input names, MACs floor)
+    """A small model of the family from its ``transformers`` config, random weights, eval mode."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import transformers as tr
+
+    torch.manual_seed(0)
+    image = torch.randn(1, 3, 64, 64)
+    if name.startswith("resnet"):
+        basic = name == "resnet_basic"
+        cfg = tr.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256] if basic else [128, 256, 512],
+                              depths=[1, 1, 1], layer_type="basic" if basic else "bottleneck", num_labels=10)
+        return tr.ResNetForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+    if name == "mobilenetv2":
+        cfg = tr.MobileNetV2Config(depth_multiplier=0.5, image_size=64, tf_padding=True, num_labels=10)
+        return tr.MobileNetV2ForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+    if name == "regnet":
+        cfg = tr.RegNetConfig(embedding_size=32, hidden_sizes=[64, 128, 256], depths=[1, 1, 1], groups_width=16,
+                              layer_type="y", num_labels=10)
+        return tr.RegNetForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+    if name == "efficientnet":
+        cfg = tr.EfficientNetConfig(width_coefficient=0.5, depth_coefficient=0.3, image_size=64, hidden_dim=640,
+                                    num_labels=10)
+        return tr.EfficientNetForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+    if name == "convnext":
+        cfg = tr.ConvNextConfig(hidden_sizes=[64, 128, 256], depths=[1, 1, 1], num_stages=3, num_labels=10)
+        return tr.ConvNextForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+    if name == "vit":
+        cfg = tr.ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, intermediate_size=512,
+                           image_size=32, patch_size=8, num_labels=10)
+        return tr.ViTForImageClassification(cfg), (torch.randn(1, 3, 32, 32),), ["pixel_values"], 0.15
+    cfg = tr.BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
+                        intermediate_size=512, max_position_embeddings=64)
+    ids = torch.randint(0, 1000, (1, 32))
+    return (tr.BertModel(cfg, add_pooling_layer=False), (ids, torch.ones_like(ids), torch.zeros_like(ids)),
+            ["input_ids", "attention_mask", "token_type_ids"], 0.15)
+
+
+class _First:
+    """Wraps a transformers model so that export and Torch-Pruning see its first output only."""
+
+    def __new__(cls, model):  # noqa: ANN001, ANN204
+        import torch
+
+        class First(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model
+
+            def forward(self, *args):  # noqa: ANN002, ANN202
+                return self.m(*args)[0]
+
+        return First().eval()
+
+
+def export_family(module, args, names: list[str], path: Path, dynamo: bool) -> onnx.ModelProto:  # noqa: ANN001
+    import torch
+
+    dyn = {n: ({0: "batch", 1: "seq"} if n != "pixel_values" else {0: "batch"}) for n in names}
+    torch.onnx.export(module, args, str(path), input_names=names, output_names=["out"],
+                      dynamic_axes=None if dynamo else dyn, dynamo=dynamo, opset_version=18 if dynamo else 17)
+    return onnx.load(str(path))
+
+
+def torch_pruning(module, args, ratio: float, round_to: int):  # noqa: ANN001, ANN201 - (pruned module, note)
+    """Torch-Pruning 1.6 on the PyTorch model: L1 magnitude, uniform ratio, the classifier kept."""
+    import copy
+
+    try:
+        import torch
+        import torch_pruning as tp
+    except ImportError:
+        return None, "torch-pruning not installed"
+    model = copy.deepcopy(module)
+    ignored = [m for n, m in model.named_modules() if n.endswith("classifier") or n.endswith("classifier.1")]
+    try:
+        pruner = tp.pruner.MetaPruner(model, args, importance=tp.importance.MagnitudeImportance(p=1),
+                                      pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to)
+        pruner.step()
+        with torch.no_grad():
+            model(*args)
+    except Exception as exc:  # its tracer does not follow every architecture
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}"
+    return model, ""
+
+
+def _agreement(ref: np.ndarray, got: np.ndarray) -> float:
+    from onnxpipe.core.agreement import cosine
+
+    return cosine(ref, got) if ref.shape == got.shape else float("nan")
+
+
+def families_section(names: list[str], dynamo: bool) -> dict[str, Any]:
+    """Export each family, prune it with defaults and no data, compare with Torch-Pruning side by side."""
+    from onnxpipe.core.hardware import channel_multiple, cpu
+    from onnxpipe.pipeline import generated_inputs
+    from onnxpipe.passes.prune import batch_of
+
+    console.rule(f"[bold]families from transformers configs ({'dynamo' if dynamo else 'TorchScript'} export)")
+    console.print(f"CPU: {cpu().model} ({cpu().simd}); round_to default {channel_multiple()}")
+    t = Table(title="prune: {ratio: 0.3}, no data; latency b=8, 1 thread, interleaved (ratio to unpruned)")
+    for col in ("family", "who", "params", "MACs", "latency b=8", "cosine", "kept", "groups pruned/unsafe"):
+        t.add_column(col, justify="left" if col in ("family", "who") else "right")
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            module, args, inputs, floor = build_family(name)
+            first = _First(module)
+            model = export_family(first, args, inputs, Path(tmp) / f"{name}.onnx", dynamo)
+            checks = generated_inputs(model)
+            start = time.perf_counter()
+            result = Prune({"ratio": 0.3}).apply(model, PassContext(check_inputs=checks))
+            seconds = time.perf_counter() - start
+            feeds = batch_of(checks[0], 8, model)
+            variants = {"unpruned": model, "onnxpipe": result.model}
+            tp_model, tp_note = torch_pruning(first, args, 0.3, channel_multiple())
+            if tp_model is not None:
+                try:
+                    variants["torch-pruning"] = export_family(tp_model, args, inputs, Path(tmp) / f"{name}_tp.onnx",
+                                                              dynamo)
+                except Exception as exc:
+                    tp_note = f"export failed: {type(exc).__name__}"
+            lat = side_by_side(variants, feeds, rounds=7, budget_s=0.1)
+            with Session(model) as s:
+                ref = s.run(feeds)["out"]
+            base = summarize(model)
+            rows = {}
+            for who, m in variants.items():
+                s_ = summarize(m)
+                with Session(m) as s:
+                    got = s.run(feeds)["out"]
+                rows[who] = {"params": s_.params, "macs": s_.macs, "latency_b8_ms": lat[who]["ms"],
+                             "latency_b8_ratio": lat[who]["ratio"], "cosine": _agreement(ref, got)}
+                groups = result.notes["groups"]
+                t.add_row(name if who == "unpruned" else "", who, f"{s_.params:,} ({_pct(s_.params, base.params)})",
+                          f"{s_.macs:,} ({_pct(s_.macs, base.macs)})",
+                          f"{lat[who]['ms']:.3f} ms ({lat[who]['ratio']:.2f}x)", f"{rows[who]['cosine']:.3f}",
+                          "" if who != "onnxpipe" else ("[red]rolled back[/]" if result.rejected else "yes"),
+                          "" if who != "onnxpipe" else
+                          f"{sum(r['status'] == 'pruned' for r in groups)}/{sum(r['status'].startswith('unsafe') for r in groups)}")
+            if tp_model is None or "torch-pruning" not in variants:
+                t.add_row("", "torch-pruning", f"[dim]{tp_note}[/]", "", "", "", "", "")
+            ours, ref_row = rows["onnxpipe"], rows["unpruned"]
+            outcome = {"macs_cut": ours["macs"] <= (1 - floor) * ref_row["macs"],
+                       "params_fewer": ours["params"] < ref_row["params"],
+                       "not_slower": not result.rejected}
+            out[name] = {"rows": rows, "outcomes": outcome, "prune_seconds": seconds, "torch_pruning": tp_note or "ok",
+                         "latency_check": result.notes.get("latency"), "rejected": result.rejected,
+                         "unsafe": result.notes["unsafe"]}
+    console.print(t)
+    for name, row in out.items():
+        bad = [k for k, ok in row["outcomes"].items() if not ok]
+        console.print(f"  {name}: " + ("[green]all outcomes met[/]" if not bad else f"[red]missed: {', '.join(bad)}[/]")
+                      + (f" [dim](pass: {row['rejected']})[/]" if row["rejected"] else ""))
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="digits,transformer,light", help="sections to run, comma-separated")
+    parser.add_argument("--only", default="digits,transformer,light,families", help="sections to run, comma-separated")
+    parser.add_argument("--families", default=",".join(FAMILIES), help="families, comma-separated")
+    parser.add_argument("--dynamo", action="store_true", help="export the families with the dynamo exporter")
     parser.add_argument("--light", default=",".join(LIGHT), help="light models, comma-separated")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -206,8 +375,8 @@ def main() -> int:
             "prune l1 + reconstruct, round_to 8": {"ratio": 0.3, "round_to": 8, "reconstruct": True},
             "prune activation + reconstruct, round_to 8": {"ratio": 0.3, "round_to": 8, "importance": "activation",
                                                            "reconstruct": True},
-            "prune l1": {"ratio": 0.3},
-            "prune l1 + reconstruct": {"ratio": 0.3, "reconstruct": True},
+            "prune l1, round_to 1": {"ratio": 0.3, "round_to": 1},
+            "prune l1 + reconstruct, round_to 1": {"ratio": 0.3, "round_to": 1, "reconstruct": True},
         }, checks=True)
     if "transformer" in sections:
         results["transformer"] = zoo_section("tiny_transformer", "models/tiny_transformer/model.py:build", {
@@ -217,11 +386,14 @@ def main() -> int:
         }, checks=False)
     if "light" in sections:
         results["light"] = light_section([n for n in args.light.split(",") if n])
+    if "families" in sections:
+        results["families"] = families_section([n for n in args.families.split(",") if n], args.dynamo)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
     ok = all(all(s.get("outcomes", {}).values()) for s in results.values() if isinstance(s, dict) and "outcomes" in s)
     light_ok = all(r["shape_ok"] for r in results.get("light", {}).values())
-    return 0 if ok and light_ok else 1
+    families_ok = all(all(r["outcomes"].values()) for r in results.get("families", {}).values())
+    return 0 if ok and light_ok and families_ok else 1
 
 
 if __name__ == "__main__":

@@ -43,6 +43,9 @@ def conv(name: str, x: str, w: str, b: str | None, y: str, **attrs) -> onnx.Node
 
 
 def prune(model: onnx.ModelProto, feeds: dict[str, np.ndarray], **cfg) -> PassResult:
+    """The pass on exact channel counts: no rounding to the CPU's multiple, no timing, unless asked."""
+    cfg.setdefault("round_to", 1)
+    cfg.setdefault("check_latency", False)
     return Prune(cfg).apply(model, PassContext(check_inputs=[feeds]))
 
 
@@ -346,3 +349,84 @@ def test_global_scope_ranks_across_groups(rng):
     assert row_of(result, "b")["channels_after"] == 8
     local = prune(model, x, ratio=0.25)
     assert row_of(local, "a")["channels_after"] == row_of(local, "b")["channels_after"] == 6
+
+
+def attention_model(rng: np.random.Generator, target: list[int], ln: bool = False) -> onnx.ModelProto:
+    """x[2,4,16] -> q/k/v -> 4 heads of 4 (Reshape ``target``) -> softmax(QK^T)V -> merge -> o -> y.
+
+    With ``ln`` the block is a residual stream: y = LayerNorm(x + o(attn)) -> head matmul.
+    """
+    tail = ["s = Add (x, o)", "n = LayerNormalization <axis = -1> (s, g, bta)", "y = MatMul (n, wh)"] if ln \
+        else ["y = Identity (o)"]
+    model = onnx.parser.parse_model(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    att (float[2, 4, 16] x) => (float[2, 4, {6 if ln else 16}] y) {{
+        q = MatMul (x, wq)
+        k = MatMul (x, wk)
+        v = MatMul (x, wv)
+        q4 = Reshape (q, split)
+        k4 = Reshape (k, split)
+        v4 = Reshape (v, split)
+        qt = Transpose <perm = [0, 2, 1, 3]> (q4)
+        kt = Transpose <perm = [0, 2, 3, 1]> (k4)
+        vt = Transpose <perm = [0, 2, 1, 3]> (v4)
+        sc = MatMul (qt, kt)
+        sm = Mul (sc, half)
+        p = Softmax <axis = -1> (sm)
+        a = MatMul (p, vt)
+        at = Transpose <perm = [0, 2, 1, 3]> (a)
+        m = Reshape (at, merge)
+        o = MatMul (m, wo)
+        {chr(10).join(tail)}
+    }}
+    """)
+    inits = {"wq": rand(rng, 16, 16), "wk": rand(rng, 16, 16), "wv": rand(rng, 16, 16), "wo": rand(rng, 16, 16),
+             "split": np.array(target, np.int64), "merge": np.array([2, 4, 16], np.int64),
+             "half": np.array(0.5, np.float32)}
+    if ln:
+        inits.update({"g": rand(rng, 16) + 1, "bta": rand(rng, 16), "wh": rand(rng, 16, 6)})
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("target", [[2, 4, 4, 4], [2, 4, -1, 4]])
+def test_attention_heads_go_whole(rng, target):
+    model = attention_model(rng, target)
+    for n in model.graph.node:
+        n.name = n.name or n.output[0]
+    x = {"x": rand(rng, 2, 4, 16)}
+    result = prune(model, x, ratio=0.5)
+    q_row = next(r for r in result.notes["groups"] if "q" in r["removed"])
+    assert q_row["status"] == "pruned" and q_row["channels_after"] == 8  # 2 of 4 heads, 4 channels each
+    gone = q_row["removed"]["q"]
+    heads = sorted({c // 4 for c in gone})
+    assert len(heads) == 2 and sorted(gone) == [h * 4 + i for h in heads for i in range(4)]
+    assert sorted(q_row["removed"]["k"]) == sorted(gone) == sorted(q_row["removed"]["v"])
+    assert weight(result.model, "o").shape == (8, 16)
+    # removing a head = its rows of the output projection reading zeros
+    assert_same(result.model, zeroed(model, [("o", 1, 0, sorted(gone))]), x)
+
+
+def test_layer_norm_stream_is_pruned_as_a_whole(rng):
+    model = attention_model(rng, [2, 4, 4, 4], ln=True)
+    for n in model.graph.node:
+        n.name = n.name or n.output[0]
+    # the stream x + o: x is a graph input, so only o's side is prunable: it stays whole
+    result = prune(model, {"x": rand(rng, 2, 4, 16)}, ratio=0.5)
+    o_row = next(r for r in result.notes["groups"] if "o" in r["removed"] or r["group"] == "o")
+    assert o_row["status"].startswith("unsafe")
+    # with a prunable layer in front, the stream (o, the LayerNorm, the head's input) loses channels
+    front = helper.make_node("MatMul", ["x0", "w0"], ["x"], name="front")
+    model.graph.node.insert(0, front)
+    model.graph.input[0].name = "x0"
+    model.graph.initializer.append(numpy_helper.from_array(rand(rng, 16, 16), "w0"))
+    x0 = {"x0": rand(rng, 2, 4, 16)}
+    result = prune(model, x0, ratio=0.5)
+    stream = next(r for r in result.notes["groups"] if "x" in r["removed"])
+    assert stream["status"] == "pruned" and len(stream["removed"]["x"]) == 8
+    assert stream["removed"]["x"] == stream["removed"]["o"]
+    ln_node = next(n for n in result.model.graph.node if n.op_type == "LayerNormalization")
+    scale = next(i for i in result.model.graph.initializer if i.name == ln_node.input[1])
+    assert list(scale.dims) == [8] and weight(result.model, "y").shape == (8, 6)
+    assert run(result.model, x0)["y"].shape == (2, 4, 6)

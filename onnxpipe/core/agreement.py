@@ -161,7 +161,9 @@ def _floor_one(name: str, refs: list[np.ndarray], gots: list[np.ndarray], floor:
                           f"{int(broken.sum())} non-finite value(s) where the reference is finite")
     cos = cosine(np.where(finite_ref, ref, 0), np.where(finite_ref, got, 0))
     top1, rows = top1_agreement(ref, got)
-    use_top1 = mode == "top1" or (mode == "auto" and rows > 0)
+    # auto: scores per class ([N, classes]) are judged by their top-1; feature maps and hidden
+    # states ([N, C, H, W], [N, S, H]) by cosine: an arg-max over their last axis means nothing
+    use_top1 = mode == "top1" or (mode == "auto" and rows > 0 and ref.ndim == 2)
     if mode == "top1" and rows == 0:
         return Comparison(name, max_abs, max_rel, False, 1.0, "top-1 agreement undefined: every reference row is tied")
     score = top1 if use_top1 and top1 is not None else cos
@@ -174,8 +176,9 @@ def judge_floor(before: Sequence[Mapping[str, np.ndarray]], after: Sequence[Mapp
           floor: float, mode: str = "auto") -> list[Comparison]:
     """Pruning's check: every output keeps its name, shape and dtype, finite values where the
     reference has them, and an agreement of at least ``floor``: :func:`top1_agreement` (``top1``),
-    :func:`cosine` (``cosine``), or per output (``auto``: top-1 where some reference row has a
-    unique maximum, cosine otherwise); integer and bool outputs use :func:`exact_agreement`.
+    :func:`cosine` (``cosine``), or per output (``auto``: top-1 for scores per class, rank 2,
+    where some reference row has a unique maximum; cosine otherwise, as for feature maps and
+    hidden states); integer and bool outputs use :func:`exact_agreement`.
     A missing or extra output fails.
 
     Example:

@@ -105,6 +105,23 @@ def cpu() -> CpuInfo:
     return CpuInfo(arch, model, cores, simd, dot, flags)
 
 
+def channel_multiple(target: str = "cpu") -> int:
+    """The channel count multiple this machine's kernels run fastest at.
+
+    ONNX Runtime's blocked CPU convolutions (NCHWc) use blocks of 16 floats with AVX-512 and of
+    8 with AVX/AVX2; GEMM kernels pack panels of the same widths. NEON and SVE kernels work in
+    4-float lanes; GPUs' tensor cores want multiples of 8 (fp16) for their tiles.
+
+    Example:
+        >>> channel_multiple() in (4, 8, 16)
+        True
+    """
+    if target != "cpu":
+        return 8
+    simd = cpu().simd
+    return 16 if simd == "avx512" else 8 if simd in ("avx2", "avx") else 4
+
+
 @functools.lru_cache(maxsize=1)
 def gpus() -> tuple[GpuInfo, ...]:
     """NVIDIA GPUs visible through ``nvidia-smi``; empty where there is none."""

@@ -16,7 +16,7 @@ import onnx
 
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import all_graphs
-from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
+from onnxpipe.core.tensors import concrete_shape, graph_inputs, input_hints, random_input
 
 Shape = tuple[int, ...]
 
@@ -120,7 +120,8 @@ def runtime_shapes(model: onnx.ModelProto, concrete: Mapping[str, Shape], names:
     full.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in outputs)
     rng = np.random.default_rng(0)
     try:
-        feeds = {i.name: random_input(i, concrete[i.name], rng) for i in graph_inputs(model)}
+        hints = input_hints(model)
+        feeds = {i.name: random_input(i, concrete[i.name], rng, hints.get(i.name)) for i in graph_inputs(model)}
         with Session(full, optimization="disable") as s:
             values = s.run(feeds, outputs=names)
     except Exception as exc:  # best effort (ORT raises its own types): those ops stay uncounted

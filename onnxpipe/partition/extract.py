@@ -54,7 +54,7 @@ def _declared_types(profile: GraphProfile) -> dict[str, onnx.ValueInfoProto]:
 def _runtime_types(profile: GraphProfile, names: Sequence[str]) -> dict[str, onnx.ValueInfoProto]:
     """Element types and ranks of ``names`` from one ORT run on random inputs (dims left unnamed)."""
     from onnxpipe.core.session import Session
-    from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
+    from onnxpipe.core.tensors import generated_feeds
 
     model = onnx.ModelProto()
     model.CopyFrom(profile.model)
@@ -62,7 +62,7 @@ def _runtime_types(profile: GraphProfile, names: Sequence[str]) -> dict[str, onn
     model.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
     rng = np.random.default_rng(0)
     try:
-        feeds = {i.name: random_input(i, concrete_shape(i, 1), rng) for i in graph_inputs(model)}
+        feeds = generated_feeds(model, 1, rng)
         with Session(model, optimization="disable") as s:
             values = s.run(feeds, outputs=list(names))
     except Exception as exc:  # ORT raises its own types

@@ -39,6 +39,7 @@ class PassContext:
         metric: ``metric(model) -> float`` on the evaluation data, or None.
         workdir: a scratch directory private to this pass run.
         log: a callable taking one line of text for the report and the live view.
+        measure_latency: whether a pass may time models (off in quick runs and tests).
     """
 
     check_inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -47,6 +48,7 @@ class PassContext:
     metric: Callable[[onnx.ModelProto], float] | None = None
     workdir: Path | None = None
     log: Callable[[str], None] = lambda line: None
+    measure_latency: bool = True
 
 
 @dataclass
@@ -56,6 +58,8 @@ class PassResult:
     model: onnx.ModelProto
     modified: bool = True
     notes: dict[str, Any] = field(default_factory=dict)
+    rejected: str | None = None
+    """Why the pipeline should roll the result back although it is correct (e.g. it runs slower)."""
 
 
 class Pass:
@@ -74,6 +78,8 @@ class Pass:
     """
 
     name: ClassVar[str] = "pass"
+    structural: ClassVar[bool] = False
+    """A pass that rewrites layers (prune): the pipeline rolls it back if it adds parameters."""
     atol: ClassVar[float] = 1e-4
     rtol: ClassVar[float] = 1e-3
 

@@ -29,15 +29,96 @@ from onnxpipe.core.agreement import judge_floor
 from onnxpipe.core.compare import Comparison
 
 
+def param_count(model: onnx.ModelProto) -> int:
+    """Elements of every initializer (what the pipeline's report counts as parameters)."""
+    return int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in model.graph.initializer))
+
+
+def summary(notes: Mapping) -> list[str]:
+    """A few lines for the report: what normalization did, what was pruned, what stayed and why.
+
+    Example:
+        >>> summary({"groups": [], "normalized": {"identities": 3}})
+        ['exporter constants made plain: identities 3', 'groups: 0 pruned, 0 unsafe, 0 unchanged']
+    """
+    lines = []
+    norm = {k: v for k, v in (notes.get("normalized") or {}).items() if v}
+    if norm:
+        lines.append("exporter constants made plain: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in norm.items()))
+    rows = notes.get("groups", [])
+    pruned = [r for r in rows if r["status"] == "pruned"]
+    unsafe = [r for r in rows if r["status"].startswith("unsafe")]
+    lines.append(f"groups: {len(pruned)} pruned, {len(unsafe)} unsafe, {len(rows) - len(pruned) - len(unsafe)} unchanged"
+                 + (f" (channels rounded to multiples of {notes['round_to']})" if notes.get("round_to") else ""))
+    tot = notes.get("totals")
+    if tot:
+        lines.append(f"params {tot['params_before']:,} -> {tot['params_after']:,}, "
+                     f"MACs {tot['macs_before']:,} -> {tot['macs_after']:,}")
+    lat = notes.get("latency") or {}
+    if "before_ms" in lat:
+        lines.append(f"latency {lat['before_ms']:.3f} -> {lat['after_ms']:.3f} ms (CPU, 1 thread, batch 8)"
+                     + (": slower" if lat["slower"] else ""))
+    for why in (notes.get("refused"), notes.get("shared_weights") and "shared weights " + notes["shared_weights"]):
+        if why:
+            lines.append(why)
+    for r in unsafe:  # what stays, and why: the first reason of each group
+        lines.append(f"unsafe {r['group']}: {r['status'][len('unsafe: '):]}")
+    return lines
+
+
+_LATENCY_NOISE = 0.03  # timings within 3% of each other are a tie on a shared machine
+
+
+def batch_of(feeds: Mapping[str, np.ndarray], batch: int, model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """``feeds`` repeated along the leading axis to ``batch`` rows, where the model's batch is dynamic."""
+    from onnxpipe.core.tensors import batched_inputs, graph_inputs
+
+    dynamic = {i.name for i in graph_inputs(model) if i.shape and not (isinstance(i.shape[0], int) and i.shape[0] > 0)}
+    batched, _ = batched_inputs(feeds)
+    out = {}
+    for name, arr in feeds.items():
+        if name in batched and name in dynamic and arr.shape[0] > 0:
+            reps = -(-batch // arr.shape[0])
+            out[name] = np.concatenate([arr] * reps, axis=0)[:batch]
+        else:
+            out[name] = arr
+    return out
+
+
+def side_by_side_ms(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Mapping[str, np.ndarray], *,
+                    rounds: int = 5, budget_s: float = 0.1) -> tuple[float, float]:
+    """Median ms of each model on one thread: ``rounds`` interleaved rounds of the one timing loop.
+
+    The order alternates each round, so a busy neighbour slows both alike; the result is the
+    median over rounds of each round's median.
+
+    Example:
+        >>> side_by_side_ms(model, pruned, feeds)  # doctest: +SKIP
+        (0.92, 0.71)
+    """
+    import statistics
+
+    from onnxpipe.core.timing import latency_ms
+
+    times: dict[int, list[float]] = {0: [], 1: []}
+    models = (before, after)
+    for r in range(rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            times[i].append(latency_ms(models[i], feeds, warmup=2, min_repeat=3, budget_s=budget_s,
+                                       threads=1)["median_ms"])
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 class Prune(Pass):
     """Remove the least important channels of every channel group it can prove safe.
 
     Example:
-        >>> Prune({"ratio": 0.3, "round_to": 8, "reconstruct": True})
-        prune(ratio=0.3, round_to=8, reconstruct=True)
+        >>> Prune({"ratio": 0.4, "round_to": 8, "reconstruct": True})
+        prune(ratio=0.4, round_to=8, reconstruct=True)
     """
 
     name = "prune"
+    structural = True
 
     class Config(PassConfig):
         ratio: float = Field(0.3, ge=0.0, lt=1.0)
@@ -46,12 +127,17 @@ class Prune(Pass):
         """group: every group loses ``ratio``; global: the least important channels overall go."""
         importance: Literal["l1", "l2", "activation"] = "l1"
         """Weight norm over the group, or mean activation magnitude on calibration data."""
-        round_to: int = Field(1, ge=1)
+        round_to: int | None = Field(None, ge=1)
         """Kept channel counts are a multiple of this, the one nearest to what ratio asks.
 
-        8 or 16 suit tensor cores and SIMD: ONNX Runtime's blocked CPU convs (NCHWc) need
-        multiples of 8 (16 with AVX-512), and odd counts can make a pruned model slower.
+        Default: what this machine runs fast (:func:`onnxpipe.hardware.channel_multiple`: 16
+        with AVX-512, 8 with AVX2, 4 on ARM): ONNX Runtime's blocked CPU convs (NCHWc) need
+        those multiples, and odd counts can make a pruned model slower. 1 turns it off.
         """
+        check_latency: bool = True
+        """Time the pruned model against the unpruned one (CPU, 1 thread, batch 8)."""
+        keep_if_slower: bool = False
+        """Keep a pruned model that runs slower than the unpruned one (default: roll it back)."""
         min_channels: int = Field(1, ge=1)
         """No layer keeps fewer channels than this."""
         ratios: dict[str, float] = {}
@@ -93,8 +179,10 @@ class Prune(Pass):
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from onnxpipe.core.analysis import summarize
-        from onnxpipe.passes.pruning import importance, report, select
+        from onnxpipe.core.hardware import channel_multiple
+        from onnxpipe.passes.pruning import report
         from onnxpipe.passes.pruning.apply import prune_model
+        from onnxpipe.passes.pruning.probe import probe_shapes
         from onnxpipe.passes.pruning.groups import analyze
 
         cfg = self.config
@@ -103,52 +191,44 @@ class Prune(Pass):
             what = "importance 'activation'" if cfg.importance == "activation" else "reconstruct"
             raise InputError(f"prune: {what} needs calibration data",
                              hint="give calibration data (--data, or data.calibration in the recipe)")
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
+        from onnxpipe.passes.normalize import normalize
+
+        work, normalized = normalize(model)
         toposort(work.graph)
-        analysis = analyze(work)
+        round_to = cfg.round_to if cfg.round_to is not None else channel_multiple("cpu")
+        probe = probe_shapes(work, ctx.check_inputs[0]) if ctx.check_inputs else None
+        analysis = analyze(work, probe=probe)
+        removed, mask, status = self._plan(analysis, work, ctx, round_to)
+        pruned = prune_model(work, analysis, mask) if removed else None
+        grew = pruned is not None and param_count(pruned) > param_count(model)
+        if grew:  # copies of shared weights pruned apart outgrew them: prune each shared weight once
+            analysis = analyze(work, couple_shared=True, probe=probe)
+            removed, mask, status = self._plan(analysis, work, ctx, round_to)
+            pruned = prune_model(work, analysis, mask) if removed else None
         groups = analysis.groups
-        status: dict[int, str] = {}
-        eligible = []
-        for g in groups:
-            if g.reasons:
-                status[g.index] = "unsafe: " + "; ".join(g.reasons[:3]) + (" ..." if len(g.reasons) > 3 else "")
-            elif self._skipped(analysis, g):
-                status[g.index] = "skipped (skip option)"
-            elif g.size < 2:
-                status[g.index] = "unchanged: a single channel"
-            else:
-                eligible.append(g)
-        if cfg.importance == "activation":
-            raw = importance.activation_scores(analysis, work, ctx.calibration, max_batches=cfg.calibration_batches)
-        else:
-            raw = importance.weight_scores(analysis, cfg.importance)
-        scores = {g.index: np.array([raw[int(c)] for c in g.classes]) for g in groups}
-        requests = self._requests(analysis, eligible, scores)
-        removed: dict[int, np.ndarray] = {}
-        mask = np.zeros(len(analysis.class_of), dtype=bool)
-        for g in eligible:
-            gone = select.choose(analysis, g, scores[g.index], requests[g.index],
-                                 round_to=cfg.round_to, min_channels=cfg.min_channels)
-            if len(gone):
-                removed[g.index] = gone
-                mask[np.isin(analysis.class_of, g.classes[gone])] = True
-                status[g.index] = "pruned"
-            elif requests[g.index] == 0:
-                status[g.index] = "unchanged: ratio leaves nothing to remove"
-            else:
-                status[g.index] = "unchanged: round_to / min_channels / grouped convs leave nothing to remove"
         rows = report.group_rows(analysis, removed, status)
-        notes: dict = {"groups": rows, "importance": cfg.importance, "scope": cfg.scope,
+        notes: dict = {"normalized": normalized, "round_to": round_to, "groups": rows,
+                       "importance": cfg.importance, "scope": cfg.scope,
                        "unsafe": {g.name: g.reasons for g in groups if g.reasons}}
-        if not removed:
+        if grew:
+            notes["shared_weights"] = "pruned once for all their readers (pruned apart, their copies added parameters)"
+        if pruned is not None and param_count(pruned) > param_count(model):
             notes["totals"] = None
-            ctx.log(f"prune: nothing to remove ({len(groups)} groups, {len(eligible)} eligible)")
+            why = (f"prune: refused, the pruned model would have more parameters ({param_count(model):,} -> "
+                   f"{param_count(pruned):,}): weights shared by layers pruned differently")
+            ctx.log(why)
+            notes["refused"] = why
+            notes["summary"] = summary(notes)
             return PassResult(model, modified=False, notes=notes)
-        pruned = prune_model(work, analysis, mask)
+        if pruned is None:
+            notes["totals"] = None
+            ctx.log(f"prune: nothing to remove ({len(groups)} groups, "
+                    f"{sum(1 for g in groups if not g.reasons)} safe)")
+            notes["summary"] = summary(notes)
+            return PassResult(model, modified=False, notes=notes)
         if cfg.reconstruct:
             pruned, notes["reconstruct"] = self._reconstruct(work, pruned, analysis, mask, ctx)
-        before, after = summarize(work), summarize(pruned)
+        before, after = summarize(model), summarize(pruned)
         sizes = [analysis.sources[s].size for g in groups for s in g.sources]
         kept = [analysis.sources[s].size - int(mask[analysis.sources[s].first:
                                                      analysis.sources[s].first + analysis.sources[s].size].sum())
@@ -163,13 +243,76 @@ class Prune(Pass):
                  if any(analysis.view.nodes[analysis.sources[s].node].op_type == "Conv" for s in g.sources)}
         odd = [r["group"] for r in rows if r["status"] == "pruned" and r["group"] in convs
                and r["channels_before"] % 8 == 0 and r["channels_after"] % 8]
-        if odd and cfg.round_to % 8:
+        if odd and round_to % 8:
             # measured on the digits CNN: 16 -> 11 channels ran 1.4-2x slower than 16 on ORT CPU
             notes["hints"] = [f"{len(odd)} group(s) now have channel counts that are not multiples of 8 "
                               f"({', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}): ONNX Runtime's blocked "
                               "CPU convs need multiples of 8 and may run slower; try round_to: 8"]
             ctx.log("prune: hint: " + notes["hints"][0])
-        return PassResult(pruned, modified=True, notes=notes)
+        rejected = None
+        if cfg.check_latency and ctx.measure_latency and ctx.check_inputs:
+            rejected = self._latency(model, pruned, ctx, notes)
+        notes["summary"] = summary(notes)
+        return PassResult(pruned, modified=True, notes=notes, rejected=rejected)
+
+    def _plan(self, analysis, work: onnx.ModelProto, ctx: PassContext,
+              round_to: int) -> tuple[dict[int, np.ndarray], np.ndarray, dict[int, str]]:
+        """Which classes each group loses: ``(removed per group, removed elements, status per group)``."""
+        from onnxpipe.passes.pruning import importance, select
+
+        cfg = self.config
+        status: dict[int, str] = {}
+        eligible = []
+        for g in analysis.groups:
+            if g.reasons:
+                status[g.index] = "unsafe: " + "; ".join(g.reasons[:3]) + (" ..." if len(g.reasons) > 3 else "")
+            elif self._skipped(analysis, g):
+                status[g.index] = "skipped (skip option)"
+            elif g.size < 2:
+                status[g.index] = "unchanged: a single channel"
+            else:
+                eligible.append(g)
+        if cfg.importance == "activation":
+            raw = importance.activation_scores(analysis, work, ctx.calibration, max_batches=cfg.calibration_batches)
+        else:
+            raw = importance.weight_scores(analysis, cfg.importance)
+        scores = {g.index: np.array([raw[int(c)] for c in g.classes]) for g in analysis.groups}
+        requests = self._requests(analysis, eligible, scores)
+        removed: dict[int, np.ndarray] = {}
+        mask = np.zeros(len(analysis.class_of), dtype=bool)
+        for g in eligible:
+            gone = select.choose(analysis, g, scores[g.index], requests[g.index],
+                                 round_to=round_to, min_channels=cfg.min_channels)
+            if len(gone):
+                removed[g.index] = gone
+                mask[np.isin(analysis.class_of, g.classes[gone])] = True
+                status[g.index] = "pruned"
+            elif requests[g.index] == 0:
+                status[g.index] = "unchanged: ratio leaves nothing to remove"
+            else:
+                status[g.index] = "unchanged: round_to / min_channels / grouped convs leave nothing to remove"
+        return removed, mask, status
+
+    def _latency(self, model: onnx.ModelProto, pruned: onnx.ModelProto, ctx: PassContext, notes: dict) -> str | None:
+        """Time both models (CPU, 1 thread, batch 8); a slower pruned model is rejected unless kept."""
+        feeds = batch_of(ctx.check_inputs[0], 8, model)
+        try:
+            before, after = side_by_side_ms(model, pruned, feeds)
+        except Exception as exc:  # timing is advice: a model ORT runs was checked already
+            notes["latency"] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+            return None
+        slower = after > before * (1 + _LATENCY_NOISE)
+        notes["latency"] = {"device": "cpu", "threads": 1, "batch": 8, "before_ms": before, "after_ms": after,
+                            "ratio": after / before if before else None, "slower": slower}
+        ctx.log(f"prune: latency {before:.3f} -> {after:.3f} ms (CPU, 1 thread, batch 8)")
+        if not slower:
+            return None
+        why = (f"pruned model is slower on this CPU: {after:.3f} ms vs {before:.3f} ms unpruned "
+               f"(1 thread, batch 8)")
+        if self.config.keep_if_slower:
+            notes.setdefault("hints", []).append(why + "; kept (keep_if_slower)")
+            return None
+        return why + "; set keep_if_slower: true to keep it, or try another round_to"
 
     def _skipped(self, analysis, group) -> bool:
         names = {group.name}

@@ -38,6 +38,7 @@ from onnxpipe.pipeline.stages import (
     generated_inputs,
     make_pass,
     op_delta,
+    reference_outputs,
     try_pass,
 )
 from onnxpipe.pipeline.validation import validate_providers
@@ -99,12 +100,13 @@ def optimize(
     current = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     pass_objs = [make_pass(p) for p in passes]
     notify = on_event or (lambda msg, stage: None)
+    generated = False
     if check_inputs is None:
         from onnxpipe.core.data import take
 
         check_inputs = take(calibration, 2) if calibration is not None else []
         if not check_inputs:
-            check_inputs = generated_inputs(current)
+            check_inputs, generated = generated_inputs(current), True
     inputs = [dict(b) for b in check_inputs]
     metric_fn = resolve(metric) if (metric is not None and evaluation is not None) else None
     stage_dir = Path(outdir) / "stages" if outdir is not None else None
@@ -127,7 +129,7 @@ def optimize(
     save(first, current)
     stages = [first]
     notify("input model", first)
-    reference = outputs_on(current, inputs)
+    reference = reference_outputs(current, inputs) if generated else outputs_on(current, inputs)
     with tempfile.TemporaryDirectory(prefix="onnxpipe-pass-") as scratch:
         for index, p in enumerate(pass_objs, start=1):
             stage = Stage(index, p.name, repr(p), kept=False)
@@ -138,7 +140,7 @@ def optimize(
             ctx = PassContext(check_inputs=inputs, calibration=calibration, evaluation=evaluation,
                               metric=bind(metric_fn, evaluation[0], evaluation[1]) if metric_fn else None,
                               workdir=work,
-                              log=lambda line: notify(line, None))
+                              log=lambda line: notify(line, None), measure_latency=measure_latency)
             trial = try_pass(p, stage, current, inputs, reference, ctx)
             candidate = trial.model
             if stage.reason is None and candidate is not None:

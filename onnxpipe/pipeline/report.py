@@ -58,6 +58,7 @@ def markdown(stages: list[Any], metric_name: str | None = None, title: str = "on
         lines.append(f"- **{s.index:02d} {s.name}** `{s.description}`: {s.seconds:.2f} s"
                      + (f", tolerance atol={s.atol:g} rtol={s.rtol:g}" if s.atol is not None else "")
                      + (f", ops {', '.join(f'{k} {v:+d}' for k, v in sorted(s.op_delta.items()))}" if s.op_delta else ""))
+        lines.extend(f"  - {line}" for line in (s.notes or {}).get("summary", []))
     return "\n".join(lines) + "\n"
 
 

@@ -101,6 +101,33 @@ def generated_inputs(model: onnx.ModelProto, batches: int = 2, batch: int = 2, s
     return [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
 
 
+def reference_outputs(model: onnx.ModelProto, inputs: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """Outputs on generated inputs; a model that cannot run on them is the user's to feed.
+
+    Raises:
+        InputError: one line naming the inputs generated values could not satisfy (integer ones
+            first: an index, a size) and asking for real data.
+    """
+    from onnxpipe.core.compare import outputs_on
+    from onnxpipe.core.errors import InputError, OnnxpipeError
+    from onnxpipe.core.tensors import graph_inputs, input_hints
+    from onnxpipe.core.userfiles import first_line
+
+    try:
+        return outputs_on(model, inputs)
+    except OnnxpipeError:
+        raise
+    except Exception as exc:  # ORT raises its own types
+        infos = graph_inputs(model)
+        hints = input_hints(model)
+        suspects = ([i.name for i in infos if not np.issubdtype(i.dtype, np.floating) and i.name not in hints]
+                    or [i.name for i in infos if not np.issubdtype(i.dtype, np.floating)]
+                    or [i.name for i in infos])
+        raise InputError(f"the model does not run on generated inputs ({first_line(exc)[:160]}); "
+                         f"input(s) {', '.join(suspects)} need real values",
+                         hint="give data: data.calibration in the recipe, or --data") from exc
+
+
 def fit_inputs(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     """Adapt check inputs to a model whose input shapes were fixed by a pass.
 
@@ -170,6 +197,11 @@ def try_pass(p: Pass, stage: Stage, current: onnx.ModelProto, inputs: list[dict[
         before = reference if same_inputs(trial.inputs, inputs) else outputs_on(current, trial.inputs)
         trial.outputs = outputs_on(trial.model, trial.inputs)
         stage.comparisons = p.compare(before, trial.outputs)
+        if result.rejected:
+            stage.reason = result.rejected
+        elif p.structural and parameter_count(trial.model) > parameter_count(current):
+            stage.reason = (f"{p.name} would add parameters ({parameter_count(current):,} -> "
+                            f"{parameter_count(trial.model):,}); a structural pass never grows the model")
     except OnnxpipeError as exc:
         if "ONNX Runtime cannot load" not in exc.message:
             raise

@@ -214,10 +214,9 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
 
 
 def _feeds(model: onnx.ModelProto, batch: int, dims: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
-    from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
+    from onnxpipe.core.tensors import generated_feeds
 
-    rng = np.random.default_rng(seed)
-    return {i.name: random_input(i, concrete_shape(i, batch, dims), rng) for i in graph_inputs(model)}
+    return generated_feeds(model, batch, np.random.default_rng(seed), dims)
 
 
 def _with_cache(device: Device, cache_dir: str | os.PathLike | None, fixed: set[str]) -> Device:

@@ -70,6 +70,8 @@ class GraphView:
 
     Args:
         model: the model, already in topological order; it is read, never changed.
+        probe: concrete shapes from one ONNX Runtime run (:func:`probe_shapes`), consulted only
+            to tell whether a dim inference left unknown is a broadcast 1.
 
     Example:
         >>> view = GraphView(model)  # doctest: +SKIP
@@ -77,8 +79,9 @@ class GraphView:
         ((16, 3, 3, 3), ('N', 3, 8, 8))
     """
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, probe: dict[str, tuple[int, ...]] | None = None) -> None:
         self.model = model
+        self.probe = probe or {}  # shapes seen in one run, for broadcasts inference cannot tell
         self.graph = model.graph
         self.opset = default_opset(model)
         self.nodes = list(self.graph.node)
@@ -143,6 +146,33 @@ class GraphView:
         d = s[axis]
         return d if isinstance(d, int) and d > 0 else None
 
+    def probed_shape(self, name: str) -> tuple[Dim, ...] | None:
+        """The inferred shape with the dims inference left unknown filled in from the probed run.
+
+        Only dims that are neither static nor named get filled; named ones (a dynamic batch or
+        sequence) stay symbolic, so a Reshape that copies them still reads as a copy.
+        """
+        shape = self.shape(name)
+        probe = self.probe.get(name)
+        if probe is None:
+            return shape
+        if shape is None or len(shape) != len(probe):
+            return tuple(probe)
+        return tuple(d if (isinstance(d, int) and d > 0) or (isinstance(d, str) and not d.startswith("unk__"))
+                     else p for d, p in zip(shape, probe))
+
+    def broadcast_dim(self, name: str, axis: int) -> int | None:
+        """Like :meth:`dim`, falling back to the probed run for a dim inference left unknown.
+
+        Used only to tell a broadcast 1 (an attention mask over heads) from a full axis: a dim
+        that is 1 in a run at batch 2 and sequence 8 is 1 for any input.
+        """
+        d = self.dim(name, axis)
+        if d is not None or name not in self.probe:
+            return d
+        s = self.probe[name]
+        return s[axis] if -len(s) <= axis < len(s) else None
+
     def consumers(self, name: str) -> list[int]:
         return sorted({k for k, _ in self.uses.get(name, [])} | set(self.implicit_uses.get(name, [])))
 
@@ -160,3 +190,4 @@ class GraphView:
 
     def has_input(self, node: onnx.NodeProto, slot: int) -> bool:
         return slot < len(node.input) and bool(node.input[slot])
+

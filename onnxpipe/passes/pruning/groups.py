@@ -81,14 +81,58 @@ def trace(view: GraphView) -> Tracer:
     return t
 
 
-def analyze(model: onnx.ModelProto) -> Analysis:
+def shared_weights(t: Tracer) -> list[list[WeightUse]]:
+    """Readers of the same constant along the same axis, where more than one layer reads it."""
+    by_const: dict[tuple[str, int], list[WeightUse]] = defaultdict(list)
+    for use in t.weights:
+        by_const[(t.view.nodes[use.node].input[use.slot], use.axis)].append(use)
+    return [uses for uses in by_const.values() if len({u.node for u in uses}) > 1]
+
+
+def couple(t: Tracer, uses: list[WeightUse]) -> None:
+    """Join the positions of every reader of one shared weight: all lose the same slices."""
+    name = t.view.nodes[uses[0].node].input[uses[0].slot]
+    first = t.labels[uses[0].tensor].ids
+    for use in uses[1:]:
+        ids = t.labels[use.tensor].ids
+        what = f"weight {name} is shared by layers"
+        if len(ids) != len(first) or use.groups != uses[0].groups or use.block_axis != uses[0].block_axis:
+            t.unsafe(first, what + " that read it differently")
+            t.unsafe(ids, what + " that read it differently")
+            continue
+        t.join(first, ids, what + ", one of which cannot be pruned")
+
+
+def analyze(model: onnx.ModelProto, *, couple_shared: bool = False,
+            probe: dict[str, tuple[int, ...]] | None = None) -> Analysis:
     """Trace ``model`` (in topological order) and build its channel groups.
+
+    With ``couple_shared``, a weight several layers read (an exporter's deduplicated copies of
+    equal tensors, tied layers) is pruned the same way for all of them, or not at all where one
+    of them cannot be pruned: one pruned tensor instead of a copy per reader, which could
+    outgrow the original. Without it, each reader is pruned on its own and gets its own copy.
+    ``probe``: shapes from one run (:func:`.graphview.probe_shapes`) for broadcasts inference
+    cannot tell.
 
     Example:
         >>> groups = analyze(model).groups  # doctest: +SKIP
     """
-    view = GraphView(model)
+    view = GraphView(model, probe)
     t = trace(view)
+    first = _build(view, t)
+    if not couple_shared:
+        return first
+    chosen = shared_weights(t)
+    if not chosen:
+        return first
+    t = trace(view)
+    for uses in chosen:
+        couple(t, uses)
+    return _build(view, t)
+
+
+def _build(view: GraphView, t: Tracer) -> Analysis:
+    """Groups from a finished trace: sources connected by shared classes, with their reasons."""
     roots = t.uf.roots()
     n_src = len(t.sources)
     # sources are connected when their elements share a class

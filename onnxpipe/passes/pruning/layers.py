@@ -121,6 +121,10 @@ def matmul(t: Tracer, k: int, node: onnx.NodeProto) -> None:
     a, b = t.lab(node.input[0]), t.lab(node.input[1])
     wshape = v.const_shape(node.input[1]) if v.is_const(node.input[1]) else None
     rank_a = v.rank(node.input[0])
+    if wshape is None and rank_a is not None and v.rank(node.input[1]) is not None and rank_a >= 2 \
+            and v.rank(node.input[1]) >= 2:
+        _batched_matmul(t, node, a, b)
+        return
     if wshape is None or len(wshape) != 2 or rank_a is None:
         t.unsafe(a, f"MatMul {label} multiplies two tensors computed at run time")
         t.unsafe(b, f"MatMul {label} multiplies two tensors computed at run time")
@@ -134,6 +138,64 @@ def matmul(t: Tracer, k: int, node: onnx.NodeProto) -> None:
     t.set(out, out_rank - 1, ids)
     t.edits.append(Slice(k, 1, 1, out))
     t.weights.append(WeightUse(k, 1, out, 1, "out"))
+
+
+def _batched_matmul(t: Tracer, node: onnx.NodeProto, a, b) -> None:  # noqa: ANN001 - Labels or None
+    """A @ B of two run-time tensors (attention: Q @ K^T, P @ V), channels on a batch-like axis.
+
+    Axes before the last two broadcast like an elementwise op: labels there are joined (heads
+    of Q with heads of K) and carried to the output. A's rows and B's columns carry to the
+    output's last two axes; channels on the contracted axis must be the same on both sides and
+    vanish from the output.
+    """
+    v, label, out = t.view, node_label(node), node.output[0]
+    ra, rb = v.rank(node.input[0]), v.rank(node.input[1])
+    ro = max(ra, rb)
+    placed: list[tuple[int, np.ndarray]] = []
+    contracted: list[np.ndarray | None] = [None, None]
+    for side, (lab, r) in enumerate(((a, ra), (b, rb))):
+        if lab is None:
+            continue
+        if lab.axis < r - 2:
+            placed.append((lab.axis + ro - r, lab.ids))
+        elif (side == 0 and lab.axis == r - 2) or (side == 1 and lab.axis == r - 1):
+            placed.append((ro - 2 if side == 0 else ro - 1, lab.ids))
+        else:
+            contracted[side] = lab.ids
+    why = f"MatMul {label} multiplies two tensors computed at run time"
+    if (contracted[0] is None) != (contracted[1] is None):
+        t.unsafe(a, why + " and contracts channels of one side only")
+        t.unsafe(b, why + " and contracts channels of one side only")
+        return
+    if contracted[0] is not None:
+        if len(contracted[0]) != len(contracted[1]):
+            t.unsafe(a, why)
+            t.unsafe(b, why)
+            return
+        t.join(contracted[0], contracted[1], f"MatMul {label} contracts channels with positions that cannot be removed")
+    axes = {ax for ax, _ in placed}
+    if len(axes) > 1:
+        t.unsafe(a, why + " and keeps channels on two axes")
+        t.unsafe(b, why + " and keeps channels on two axes")
+        return
+    if not placed:
+        return
+    ax = axes.pop()
+    ids = placed[0][1]
+    for _, other in placed[1:]:
+        if len(other) != len(ids):
+            t.unsafe(a, why + " and broadcasts channels unevenly")
+            t.unsafe(b, why + " and broadcasts channels unevenly")
+            return
+        ids = t.join(ids, other, f"MatMul {label} joins channels with positions that cannot be removed")
+    if len(placed) == 1 and ax < ro - 2:  # the unlabeled side broadcasts over this axis only if it is 1 there
+        side_unlabeled = 1 if a is not None and a.axis < ra - 2 else 0
+        name, r = node.input[side_unlabeled], (rb if side_unlabeled else ra)
+        local = ax - (ro - r)
+        if local >= 0 and v.broadcast_dim(name, local) != 1:
+            t.unsafe(ids, f"MatMul {label}: cannot tell how {name} broadcasts over the channels")
+            return
+    t.set(out, ax, ids)
 
 
 def gather(t: Tracer, k: int, node: onnx.NodeProto) -> None:

@@ -135,22 +135,20 @@ def reshape(t: Tracer, k: int, node: onnx.NodeProto) -> None:
     computed = target is None
     found = [(int(e), (k, 1, i)) for i, e in enumerate(target.reshape(-1).tolist())] if not computed \
         else _vector(t, node.input[1], (k, 1))
-    src, dst = v.shape(node.input[0]), v.shape(node.output[0])
+    src, dst = v.probed_shape(node.input[0]), v.probed_shape(node.output[0])
     if found is None or src is None or dst is None or len(found) != len(dst):
         t.unsafe(x, f"Reshape {label}: target shape computed at run time")
         return
     entries = [e for e, _ in found]
     allow_zero = int(v.attr(node, "allowzero", 0))
+    src = tuple(len(x.ids) if i == x.axis else d for i, d in enumerate(src))  # the labels know that dim
     dst = _resolve(src, dst, entries, allow_zero)
     m = _mapping(src, dst, x.axis)
     if m is None:
         t.unsafe(x, f"Reshape {label}: cannot follow how it moves the channel axis")
         return
     if m[0] == "split":
-        if computed:
-            t.unsafe(x, f"Reshape {label} splits the channel axis with a target computed at run time")
-        else:
-            _shuffle(t, k, node, m[1], m[2])
+        _split(t, k, node, m[1], m[2], found, dst)
         return
     _, j, prefix, suffix = m
     entry, origin = found[j]
@@ -220,6 +218,56 @@ def _single_reader(t: Tracer, name: str) -> tuple[int, onnx.NodeProto] | None:
     if len(readers) != 1 or name in t.view.graph_outputs:
         return None
     return readers[0], t.view.nodes[readers[0]]
+
+
+def _split(t: Tracer, k: int, node: onnx.NodeProto, j0: int, j1: int, found: list[Entry],
+           dst: tuple[Dim, ...]) -> None:
+    """The channel axis becomes two axes ``j0`` (outer) x ``j1`` (inner): one of three cases.
+
+    - The labels repeat ``dst[j0]`` times (the undoing of a merge with a leading axis, such as
+      batch x heads folded into one axis and split back): the inner axis carries them.
+    - A channel shuffle (the split, a Transpose swapping the two, a merge): see :func:`_shuffle`.
+    - Attention heads (``N,S,C -> N,S,heads,head size``): each head's channels are joined into one
+      class removed whole, the heads axis carries one label per head, and the target's heads
+      entry is rewritten (a -1 there stays valid by itself).
+    """
+    v, label = t.view, node_label(node)
+    x = t.lab(node.input[0])
+    outer, inner = v.dim(node.output[0], j0) or dst[j0], v.dim(node.output[0], j1) or dst[j1]
+    if not (isinstance(outer, int) and isinstance(inner, int) and outer * inner == len(x.ids)):
+        t.unsafe(x, f"Reshape {label}: cannot tell how it splits the channel axis")
+        return
+    grid = x.ids.reshape(outer, inner)
+    e_outer, o_outer = found[j0]
+    e_inner, o_inner = found[j1]
+    if outer > 1 and np.all(grid == grid[0]):
+        if e_inner is None or (e_inner > 0 and o_inner is None) or e_inner == 0:
+            t.unsafe(x, f"Reshape {label}: target entry for the channels computed at run time")
+            return
+        if e_inner > 0:
+            t.edits.append(ShapeEntry(o_inner[0], o_inner[1], o_inner[2], node.output[0]))
+        t.set(node.output[0], j1, grid[0])
+        return
+    step = _single_reader(t, node.output[0])
+    if step is not None and step[1].op_type == "Transpose" and v.input_const(node, 1) is not None:
+        perm = list(v.attr(step[1], "perm") or [])
+        swapped = list(range(len(perm)))
+        if len(perm) > max(j0, j1):
+            swapped[j0], swapped[j1] = j1, j0
+        if perm == swapped:
+            _shuffle(t, k, node, j0, j1)
+            return
+    # attention heads: the inner size (head size) must stay, the heads entry follows the kept count
+    if e_inner is None or e_inner <= 0 or e_outer is None or e_outer == 0 or (e_outer > 0 and o_outer is None) \
+            or np.any(x.ids < 0):
+        t.unsafe(x, f"Reshape {label} splits the channel axis (heads) with a target it cannot rewrite")
+        return
+    for row in grid:
+        for e in row[1:]:
+            t.uf.union(int(row[0]), int(e))
+    if e_outer > 0:
+        t.edits.append(ShapeEntry(o_outer[0], o_outer[1], o_outer[2], node.input[0], divisor=inner))
+    t.set(node.output[0], j0, grid[:, 0].copy())
 
 
 def _shuffle(t: Tracer, k: int, node: onnx.NodeProto, j0: int, j1: int) -> None:

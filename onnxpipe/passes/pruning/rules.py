@@ -35,7 +35,7 @@ Swish""".split())
 JOIN = set("""Add Sub Mul Div Pow Max Min Sum Mean PRelu Where And Or Xor Equal Greater Less
 GreaterOrEqual LessOrEqual Mod BitShift BitwiseAnd BitwiseOr BitwiseXor""".split())
 POOL = set("MaxPool AveragePool LpPool GlobalAveragePool GlobalMaxPool GlobalLpPool".split())
-OPERANDS = JOIN | {"Concat"}  # ops whose every input is data that may carry channels
+OPERANDS = JOIN | {"Concat", "MatMul"}  # ops whose every input is data that may carry channels
 REDUCE = set("""ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum
 ReduceLogSumExp ReduceSumSquare""".split())
 
@@ -91,7 +91,7 @@ def join(t: Tracer, k: int, node: onnx.NodeProto) -> None:
         ax = a - (out_rank - ranks[s])
         if ax < 0:
             continue
-        d = v.dim(name, ax)
+        d = v.broadcast_dim(name, ax)
         if d == 1:
             continue
         if d != size:
@@ -266,9 +266,34 @@ def softmax(t: Tracer, k: int, node: onnx.NodeProto) -> None:
         first = last = norm_axis(int(v.attr(node, "axis", -1)), rank)
     else:  # before opset 13 the input is coerced to 2-D at `axis`
         first, last = norm_axis(int(v.attr(node, "axis", 1)), rank), rank - 1
+    if node.op_type == "LayerNormalization" and first == last == x.axis:
+        _layer_norm_stream(t, k, node)
+        return
     if first <= x.axis <= last:
         unsafe_all(t, node, "normalizes over the channel axis")
         return
+    t.set(node.output[0], x.axis, x.ids)
+
+
+def _layer_norm_stream(t: Tracer, k: int, node: onnx.NodeProto) -> None:
+    """LayerNormalization over the hidden width alone: a residual stream pruned as a whole.
+
+    As Torch-Pruning does for ViT, the hidden channels of a transformer's residual stream are
+    removed everywhere at once: the norm's scale and bias lose them and it normalizes over those
+    kept. That changes its statistics (the kept channels' mean and variance), so the result is
+    judged by the pipeline's agreement check, like any pruning.
+    """
+    v, x = t.view, t.lab(node.input[0])
+    for slot in (1, 2):
+        if not v.has_input(node, slot):
+            continue
+        shape = v.const_shape(node.input[slot]) if v.is_const(node.input[slot]) else None
+        if shape is None or len(shape) != 1 or shape[0] != len(x.ids):
+            unsafe_all(t, node, "normalizes over the channel axis with a scale or bias that is not a constant per channel")
+            return
+    for slot in (1, 2):
+        if v.has_input(node, slot):
+            t.edits.append(Slice(k, slot, 0, node.input[0]))
     t.set(node.output[0], x.axis, x.ids)
 
 

@@ -60,8 +60,10 @@ def choose(analysis: Analysis, group: Group, scores: np.ndarray, request: int, *
     target = n - request
     # per-cell removal r keeps n - r * cells channels; every cell keeps at least one
     options = [n - r * len(cells) for r in range(smallest)]
-    options = [k for k in options if k == n or k % round_to == 0]
     mults = source_multiplicity(analysis, group)
+    # round_to counts channels: a class holding a whole attention head holds head-size channels
+    per_class = int(mults[0].max()) if mults and mults[0].size and mults[0].min() == mults[0].max() else 1
+    options = [k for k in options if k == n or (k * per_class) % round_to == 0]
     for kept in sorted(options, key=lambda k: (abs(k - target), -k)):
         if kept == n:
             break
