@@ -201,7 +201,12 @@ FAMILIES = ("resnet_basic", "resnet_bottleneck", "mobilenetv2", "regnet", "effic
 
 
 def build_family(name: str):  # noqa: ANN201 - (torch module, example args, input names, MACs floor)
-    """A small model of the family from its ``transformers`` config, random weights, eval mode."""
+    """A small backbone of the family from its ``transformers`` config, random weights.
+
+    Backbones, not classifiers: with random weights a classifier's logits are nearly constant
+    and their top-1 says nothing, while the features' cosine to the unpruned ones does (what the
+    pipeline judges them by). The features are a graph output, so their channels stay.
+    """
     os.environ["HF_HUB_OFFLINE"] = "1"
     import torch
     import transformers as tr
@@ -211,26 +216,26 @@ def build_family(name: str):  # noqa: ANN201 - (torch module, example args, inpu
     if name.startswith("resnet"):
         basic = name == "resnet_basic"
         cfg = tr.ResNetConfig(embedding_size=64, hidden_sizes=[64, 128, 256] if basic else [128, 256, 512],
-                              depths=[1, 1, 1], layer_type="basic" if basic else "bottleneck", num_labels=10)
-        return tr.ResNetForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+                              depths=[1, 1, 1], layer_type="basic" if basic else "bottleneck")
+        return tr.ResNetModel(cfg), (image,), ["pixel_values"], 0.25
     if name == "mobilenetv2":
-        cfg = tr.MobileNetV2Config(depth_multiplier=0.5, image_size=64, tf_padding=True, num_labels=10)
-        return tr.MobileNetV2ForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+        # its default init (std 0.02, no fan-in scaling) fades the features to ~1e-23: use a sane scale
+        cfg = tr.MobileNetV2Config(depth_multiplier=0.5, image_size=64, tf_padding=True, initializer_range=0.15)
+        return tr.MobileNetV2Model(cfg), (image,), ["pixel_values"], 0.25
     if name == "regnet":
         cfg = tr.RegNetConfig(embedding_size=32, hidden_sizes=[64, 128, 256], depths=[1, 1, 1], groups_width=16,
-                              layer_type="y", num_labels=10)
-        return tr.RegNetForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+                              layer_type="y")
+        return tr.RegNetModel(cfg), (image,), ["pixel_values"], 0.25
     if name == "efficientnet":
-        cfg = tr.EfficientNetConfig(width_coefficient=0.5, depth_coefficient=0.3, image_size=64, hidden_dim=640,
-                                    num_labels=10)
-        return tr.EfficientNetForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+        cfg = tr.EfficientNetConfig(width_coefficient=0.5, depth_coefficient=0.3, image_size=64, hidden_dim=640)
+        return tr.EfficientNetModel(cfg), (image,), ["pixel_values"], 0.25
     if name == "convnext":
-        cfg = tr.ConvNextConfig(hidden_sizes=[64, 128, 256], depths=[1, 1, 1], num_stages=3, num_labels=10)
-        return tr.ConvNextForImageClassification(cfg), (image,), ["pixel_values"], 0.25
+        cfg = tr.ConvNextConfig(hidden_sizes=[64, 128, 256], depths=[1, 1, 1], num_stages=3)
+        return tr.ConvNextModel(cfg), (image,), ["pixel_values"], 0.25
     if name == "vit":
         cfg = tr.ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=8, intermediate_size=512,
-                           image_size=32, patch_size=8, num_labels=10)
-        return tr.ViTForImageClassification(cfg), (torch.randn(1, 3, 32, 32),), ["pixel_values"], 0.15
+                           image_size=32, patch_size=8)
+        return tr.ViTModel(cfg, add_pooling_layer=False), (torch.randn(1, 3, 32, 32),), ["pixel_values"], 0.15
     cfg = tr.BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=8,
                         intermediate_size=512, max_position_embeddings=64)
     ids = torch.randint(0, 1000, (1, 32))
@@ -265,7 +270,11 @@ def export_family(module, args, names: list[str], path: Path, dynamo: bool) -> o
 
 
 def torch_pruning(module, args, ratio: float, round_to: int):  # noqa: ANN001, ANN201 - (pruned module, note)
-    """Torch-Pruning 1.6 on the PyTorch model: L1 magnitude, uniform ratio, the classifier kept."""
+    """Torch-Pruning 1.6 on the PyTorch model: L1 magnitude, uniform ratio, the output's channels kept.
+
+    The output's channel count is kept as onnxpipe keeps it (a graph output): the last Conv2d /
+    Linear / LayerNorm producing that many channels is ignored, and with it its whole group.
+    """
     import copy
 
     try:
@@ -274,7 +283,14 @@ def torch_pruning(module, args, ratio: float, round_to: int):  # noqa: ANN001, A
     except ImportError:
         return None, "torch-pruning not installed"
     model = copy.deepcopy(module)
-    ignored = [m for n, m in model.named_modules() if n.endswith("classifier") or n.endswith("classifier.1")]
+    with torch.no_grad():
+        out = model(*args)
+    channels = out.shape[1] if out.dim() == 4 else out.shape[-1]
+    widths = {torch.nn.Conv2d: "out_channels", torch.nn.Linear: "out_features"}
+    last = [m for m in model.modules()
+            if (type(m) in widths and getattr(m, widths[type(m)]) == channels)
+            or (isinstance(m, torch.nn.LayerNorm) and tuple(m.normalized_shape) == (channels,))]
+    ignored = last[-2:]  # the last producer and the norm after it
     try:
         pruner = tp.pruner.MetaPruner(model, args, importance=tp.importance.MagnitudeImportance(p=1),
                                       pruning_ratio=ratio, ignored_layers=ignored, round_to=round_to)

@@ -298,6 +298,8 @@ class Prune(Pass):
         feeds = batch_of(ctx.check_inputs[0], 8, model)
         try:
             before, after = side_by_side_ms(model, pruned, feeds)
+            if 1 + _LATENCY_NOISE < after / before < 1 + 5 * _LATENCY_NOISE:  # close call: measure longer
+                before, after = side_by_side_ms(model, pruned, feeds, rounds=9, budget_s=0.2)
         except Exception as exc:  # timing is advice: a model ORT runs was checked already
             notes["latency"] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
             return None

@@ -67,6 +67,10 @@ def conv(t: Tracer, k: int, node: onnx.NodeProto) -> None:
         if has_bias:
             t.edits.append(Slice(k, 2, 0, out))
         return
+    if (group > 1 and not transpose and x is not None and cin == cout and not np.any(x < 0)
+            and group_width_fixed(t, k, node)):
+        _whole_groups(t, k, node, x, group, cout, has_bias)
+        return
     if x is not None:
         if group == 1 or transpose:  # ConvTranspose rows are global input channels
             t.edits.append(Slice(k, 1, in_axis, node.input[0]))
@@ -88,6 +92,38 @@ def conv(t: Tracer, k: int, node: onnx.NodeProto) -> None:
         t.edits.append(Slice(k, 2, 0, out))
     local = group > 1 and transpose  # a grouped ConvTranspose's W indexes outputs within each group
     t.weights.append(WeightUse(k, 1, out, out_axis, "out", group if local else 1, 0 if local else None))
+
+
+def group_width_fixed(t: Tracer, k: int, node: onnx.NodeProto) -> bool:
+    """Whether a grouped conv is pruned by whole groups (RegNet, ResNeXt: groups of a fixed width).
+
+    Yes unless its groups are too few to lose one (fewer than 4): then each group narrows.
+    """
+    return int(t.view.attr(node, "group", 1)) >= 4
+
+
+def _whole_groups(t: Tracer, k: int, node: onnx.NodeProto, x: np.ndarray, group: int, cout: int,
+                  has_bias: bool) -> None:
+    """A grouped conv with as many outputs as inputs loses whole groups, keeping their width.
+
+    Group ``b`` reads input block ``b`` and writes output block ``b``; both blocks are joined into
+    one class per group, so a removed group takes its inputs (the channels of the layer before)
+    and its outputs away together, and ``group`` becomes the number of groups kept. The group
+    width, what the kernels are tuned for, stays.
+    """
+    out = node.output[0]
+    width = cout // group
+    ids = t.fresh(k, out, cout)
+    for b in range(group):
+        block = np.concatenate([x[b * width:(b + 1) * width], ids[b * width:(b + 1) * width]])
+        for e in block[1:]:
+            t.uf.union(int(block[0]), int(e))
+    t.set(out, 1, ids)
+    t.edits.append(Slice(k, 1, 0, out))  # whole blocks of rows: the local input axis stays
+    t.edits.append(SetAttr(k, "group", out, divisor=width))
+    if has_bias:
+        t.edits.append(Slice(k, 2, 0, out))
+    t.weights.append(WeightUse(k, 1, out, 0, "out"))
 
 
 def gemm(t: Tracer, k: int, node: onnx.NodeProto) -> None:
