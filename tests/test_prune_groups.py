@@ -430,3 +430,23 @@ def test_layer_norm_stream_is_pruned_as_a_whole(rng):
     scale = next(i for i in result.model.graph.initializer if i.name == ln_node.input[1])
     assert list(scale.dims) == [8] and weight(result.model, "y").shape == (8, 6)
     assert run(result.model, x0)["y"].shape == (2, 4, 6)
+
+
+def test_grouped_conv_of_fixed_width_loses_whole_groups(rng):
+    """1x1 conv a (32) -> grouped 3x3 conv b (4 groups of 8, as RegNet) -> 1x1 conv c."""
+    nodes = [conv("a", "x", "wa", "ba", "ca", k=1), helper.make_node("Relu", ["ca"], ["ra"]),
+             conv("b", "ra", "wb", "bb", "cb", group=4), helper.make_node("Relu", ["cb"], ["rb"]),
+             conv("c", "rb", "wc", None, "y", k=1)]
+    inits = {"wa": rand(rng, 32, 3, 1, 1), "ba": rand(rng, 32), "wb": rand(rng, 32, 8, 3, 3), "bb": rand(rng, 32),
+             "wc": rand(rng, 4, 32, 1, 1)}
+    model = build(nodes, {"x": ["N", 3, 6, 6]}, {"y": ["N", 4, 6, 6]}, inits)
+    x = {"x": rand(rng, 2, 3, 6, 6)}
+    result = prune(model, x, ratio=0.5)
+    row = row_of(result, "a")
+    assert row["status"] == "pruned" and row["channels_after"] == 16
+    gone = row["removed"]["cb"]
+    assert row["removed"]["ca"] == gone and len({c // 8 for c in gone}) == 2 and len(gone) == 16  # two whole groups
+    b = next(n for n in result.model.graph.node if n.name == "b")
+    assert helper.get_attribute_value(next(a for a in b.attribute if a.name == "group")) == 2
+    assert weight(result.model, "b").shape == (16, 8, 3, 3)  # the group width stays 8
+    assert_same(result.model, zeroed(model, [("c", 1, 1, gone)]), x)

@@ -28,6 +28,14 @@ class InputError(OnnxpipeError):
     """A file, option or value given by the user is missing, malformed or inconsistent."""
 
 
+class RunFailedError(InputError):
+    """ONNX Runtime loaded the model but could not run it on the inputs it was given.
+
+    Most often the values: an index outside its table, a mask that is not 0/1, a size that
+    does not fit; the message names what ONNX Runtime reported.
+    """
+
+
 class MissingDependencyError(OnnxpipeError):
     """An optional framework (torch, tensorflow, tf2onnx, ...) is needed but not installed."""
 

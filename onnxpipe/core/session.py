@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from onnxpipe.core.deps import require
-from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.errors import InputError, OnnxpipeError, RunFailedError
 from onnxpipe.core.external import has_external_refs, ort_model_path
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.core.tensors import TensorInfo, value_infos
@@ -48,7 +48,7 @@ class Session:
     ) -> None:
         ort_mod = require("onnxruntime")
         opts = ort_mod.SessionOptions()
-        opts.log_severity_level = 3
+        opts.log_severity_level = 4  # fatal only: run errors come back as one line (RunFailedError)
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
@@ -119,7 +119,11 @@ class Session:
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run once; returns ``{output name: array}`` in the model's output order."""
         names = list(outputs) if outputs is not None else self.output_names
-        values = self.session.run(names, self.check_feeds(feeds))
+        checked = self.check_feeds(feeds)
+        try:
+            values = self.session.run(names, checked)
+        except Exception as exc:  # ORT raises its own types: one line, not a traceback
+            raise run_failed(exc) from exc
         return dict(zip(names, values))
 
 
@@ -147,6 +151,15 @@ def _ort_dtype(type_str: str) -> np.dtype:
         return np.dtype(mapping.get(inner, inner))
     except TypeError:
         return np.dtype(object)
+
+
+def run_failed(exc: BaseException) -> RunFailedError:
+    """The one-line error for an ONNX Runtime failure while running a model it loaded."""
+    text = str(exc).strip()
+    msg = text.splitlines()[0] if text else type(exc).__name__
+    return RunFailedError(f"ONNX Runtime could not run the model on these inputs: {msg[:300]}",
+                          hint="check the input values (indices inside their tables, masks 0/1) "
+                               "or give real data (--data, or data: in a recipe)")
 
 
 def run_model(model: str | os.PathLike | onnx.ModelProto, feeds: Mapping[str, np.ndarray],

@@ -123,13 +123,14 @@ def optimize(
             save_model(m, path)
             stage.path = str(path)
 
+    # the reference first: inputs the model cannot run on are the user's to fix, before any timing
+    reference = reference_outputs(current, inputs) if generated else outputs_on(current, inputs)
     first = Stage(0, "input", "input model", kept=True)
     fill_stats(first, current)
     score(first, current)
     save(first, current)
     stages = [first]
     notify("input model", first)
-    reference = reference_outputs(current, inputs) if generated else outputs_on(current, inputs)
     with tempfile.TemporaryDirectory(prefix="onnxpipe-pass-") as scratch:
         for index, p in enumerate(pass_objs, start=1):
             stage = Stage(index, p.name, repr(p), kept=False)

@@ -16,9 +16,9 @@ import onnx
 
 from onnxpipe.core.analysis import parameter_count
 from onnxpipe.core.compare import Comparison, outputs_on
-from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.errors import InputError, OnnxpipeError, RunFailedError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
-from onnxpipe.core.tensors import example_inputs, graph_inputs, random_like
+from onnxpipe.core.tensors import example_inputs, graph_inputs, input_hints, random_like
 from onnxpipe.passes import get_pass
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import Pass, PassContext
@@ -108,22 +108,15 @@ def reference_outputs(model: onnx.ModelProto, inputs: Sequence[Mapping[str, np.n
         InputError: one line naming the inputs generated values could not satisfy (integer ones
             first: an index, a size) and asking for real data.
     """
-    from onnxpipe.core.compare import outputs_on
-    from onnxpipe.core.errors import InputError, OnnxpipeError
-    from onnxpipe.core.tensors import graph_inputs, input_hints
-    from onnxpipe.core.userfiles import first_line
-
     try:
         return outputs_on(model, inputs)
-    except OnnxpipeError:
-        raise
-    except Exception as exc:  # ORT raises its own types
+    except RunFailedError as exc:
         infos = graph_inputs(model)
         hints = input_hints(model)
         suspects = ([i.name for i in infos if not np.issubdtype(i.dtype, np.floating) and i.name not in hints]
                     or [i.name for i in infos if not np.issubdtype(i.dtype, np.floating)]
                     or [i.name for i in infos])
-        raise InputError(f"the model does not run on generated inputs ({first_line(exc)[:160]}); "
+        raise InputError(f"the model does not run on generated inputs ({first_line(exc.__cause__ or exc)[:160]}); "
                          f"input(s) {', '.join(suspects)} need real values",
                          hint="give data: data.calibration in the recipe, or --data") from exc
 
@@ -202,6 +195,8 @@ def try_pass(p: Pass, stage: Stage, current: onnx.ModelProto, inputs: list[dict[
         elif p.structural and parameter_count(trial.model) > parameter_count(current):
             stage.reason = (f"{p.name} would add parameters ({parameter_count(current):,} -> "
                             f"{parameter_count(trial.model):,}); a structural pass never grows the model")
+    except RunFailedError as exc:  # the result (or the pass's own probe) does not run: roll back
+        stage.reason = f"pass failed: {exc.message}"
     except OnnxpipeError as exc:
         if "ONNX Runtime cannot load" not in exc.message:
             raise

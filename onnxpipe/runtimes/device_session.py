@@ -164,16 +164,21 @@ class DeviceSession(Session):
         """Run once on the device; returns ``{output name: array}`` (on the host)."""
         names = list(outputs) if outputs is not None else self.output_names
         checked = self.check_feeds(feeds)
-        if self.io_binding:
-            binding = self.session.io_binding()
-            for name, arr in checked.items():
-                binding.bind_cpu_input(name, np.ascontiguousarray(arr))
-            for name in names:
-                binding.bind_output(name, "cuda", self._device_id)
-            self.session.run_with_iobinding(binding)
-            values = binding.copy_outputs_to_cpu()
-        else:
-            values = self.session.run(names, checked)
+        try:
+            if self.io_binding:
+                binding = self.session.io_binding()
+                for name, arr in checked.items():
+                    binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+                for name in names:
+                    binding.bind_output(name, "cuda", self._device_id)
+                self.session.run_with_iobinding(binding)
+                values = binding.copy_outputs_to_cpu()
+            else:
+                values = self.session.run(names, checked)
+        except Exception as exc:  # ORT raises its own types: one line, not a traceback
+            from onnxpipe.core.session import run_failed
+
+            raise run_failed(exc) from exc
         if self._probe:
             self._probe = False
             self.placement = profiled_placement(self.session.end_profiling())
