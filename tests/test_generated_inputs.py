@@ -65,8 +65,8 @@ def test_generated_inputs_run_and_stay_in_range():
         outputs_on(model, [feeds])  # no index out of range
 
 
-def test_a_model_generated_inputs_cannot_feed_asks_for_data():
-    # the ids reach the table through an op no rule follows (a power of a run-time value)
+def unfeedable_model() -> onnx.ModelProto:
+    """ids reach a 1-row table through an op no rule follows (a power of a run-time value)."""
     model = onnx.parser.parse_model("""
     <ir_version: 8, opset_import: ["" : 17]>
     g (int64[N] ids, int64[N] k) => (float[N, 4] y) {
@@ -75,6 +75,24 @@ def test_a_model_generated_inputs_cannot_feed_asks_for_data():
     }
     """)
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((1, 4), np.float32), "table"))
+    return model
+
+
+def test_a_model_generated_inputs_cannot_feed_asks_for_data():
+    model = unfeedable_model()
     with pytest.raises(InputError) as err:
         optimize(model, ["simplify"], measure_latency=False)
     assert "ids" in err.value.message and "data" in str(err.value.hint)
+
+
+@pytest.mark.parametrize("command", [["optimize", "-o", "{out}", "--pass", "simplify"],
+                                     ["bench", "--providers", "cpu", "--batch-sizes", "1"]])
+def test_commands_say_one_line_when_the_model_cannot_run(tmp_path, command):
+    from tests.conftest import run_cli
+
+    path = tmp_path / "m.onnx"
+    onnx.save(unfeedable_model(), str(path))
+    proc = run_cli(command[0], str(path), *[c.format(out=tmp_path / "o.onnx") for c in command[1:]])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error:") and ("data" in lines[-1])
