@@ -43,11 +43,11 @@ from rich.console import Console
 from rich.table import Table
 
 from onnxpipe.core.analysis import summarize
+from onnxpipe.core.session import Session
+from onnxpipe.core.timing import time_session
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.prune import Prune
 from onnxpipe.passes.pruning.report import table as group_table
-from onnxpipe.core.session import Session
-from onnxpipe.core.timing import time_session
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -200,7 +200,7 @@ def light_section(names: list[str]) -> dict[str, Any]:
 FAMILIES = ("resnet_basic", "resnet_bottleneck", "mobilenetv2", "regnet", "efficientnet", "convnext", "vit", "bert")
 
 
-def build_family(name: str):  # noqa: ANN201 - (torch module, example args, input names, MACs floor)
+def build_family(name: str):
     """A small backbone of the family from its ``transformers`` config, random weights.
 
     Backbones, not classifiers: with random weights a classifier's logits are nearly constant
@@ -246,7 +246,7 @@ def build_family(name: str):  # noqa: ANN201 - (torch module, example args, inpu
 class _First:
     """Wraps a transformers model so that export and Torch-Pruning see its first output only."""
 
-    def __new__(cls, model):  # noqa: ANN001, ANN204
+    def __new__(cls, model):
         import torch
 
         class First(torch.nn.Module):
@@ -254,13 +254,13 @@ class _First:
                 super().__init__()
                 self.m = model
 
-            def forward(self, *args):  # noqa: ANN002, ANN202
+            def forward(self, *args):
                 return self.m(*args)[0]
 
         return First().eval()
 
 
-def export_family(module, args, names: list[str], path: Path, dynamo: bool) -> onnx.ModelProto:  # noqa: ANN001
+def export_family(module, args, names: list[str], path: Path, dynamo: bool) -> onnx.ModelProto:
     import torch
 
     dyn = {n: ({0: "batch", 1: "seq"} if n != "pixel_values" else {0: "batch"}) for n in names}
@@ -269,7 +269,7 @@ def export_family(module, args, names: list[str], path: Path, dynamo: bool) -> o
     return onnx.load(str(path))
 
 
-def torch_pruning(module, args, ratio: float, round_to: int):  # noqa: ANN001, ANN201 - (pruned module, note)
+def torch_pruning(module, args, ratio: float, round_to: int):
     """Torch-Pruning 1.6 on the PyTorch model: L1 magnitude, uniform ratio, the output's channels kept.
 
     The output's channel count is kept as onnxpipe keeps it (a graph output): the last Conv2d /
@@ -311,8 +311,8 @@ def _agreement(ref: np.ndarray, got: np.ndarray) -> float:
 def families_section(names: list[str], dynamo: bool) -> dict[str, Any]:
     """Export each family, prune it with defaults and no data, compare with Torch-Pruning side by side."""
     from onnxpipe.core.hardware import channel_multiple, cpu
-    from onnxpipe.pipeline import generated_inputs
     from onnxpipe.passes.prune import batch_of
+    from onnxpipe.pipeline import generated_inputs
 
     console.rule(f"[bold]families from transformers configs ({'dynamo' if dynamo else 'TorchScript'} export)")
     console.print(f"CPU: {cpu().model} ({cpu().simd}); round_to default {channel_multiple()}")

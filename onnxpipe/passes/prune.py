@@ -22,11 +22,11 @@ import numpy as np
 import onnx
 from pydantic import Field, field_validator
 
+from onnxpipe.core.agreement import judge_floor
+from onnxpipe.core.compare import Comparison
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import toposort
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
-from onnxpipe.core.agreement import judge_floor
-from onnxpipe.core.compare import Comparison
 
 
 def param_count(model: onnx.ModelProto) -> int:
@@ -182,8 +182,8 @@ class Prune(Pass):
         from onnxpipe.core.hardware import channel_multiple
         from onnxpipe.passes.pruning import report
         from onnxpipe.passes.pruning.apply import prune_model
-        from onnxpipe.passes.pruning.probe import probe_shapes
         from onnxpipe.passes.pruning.groups import analyze
+        from onnxpipe.passes.pruning.probe import probe_shapes
 
         cfg = self.config
         needs_data = cfg.importance == "activation" or cfg.reconstruct

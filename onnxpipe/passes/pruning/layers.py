@@ -176,7 +176,7 @@ def matmul(t: Tracer, k: int, node: onnx.NodeProto) -> None:
     t.weights.append(WeightUse(k, 1, out, 1, "out"))
 
 
-def _batched_matmul(t: Tracer, node: onnx.NodeProto, a, b) -> None:  # noqa: ANN001 - Labels or None
+def _batched_matmul(t: Tracer, node: onnx.NodeProto, a, b) -> None:
     """A @ B of two run-time tensors (attention: Q @ K^T, P @ V), channels on a batch-like axis.
 
     Axes before the last two broadcast like an elementwise op: labels there are joined (heads
