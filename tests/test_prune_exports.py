@@ -81,7 +81,7 @@ def test_prune_sees_through_exporter_constants_without_simplify():
 def test_a_slower_pruned_model_is_rolled_back_unless_kept(monkeypatch):
     from onnxpipe.passes import prune as prune_module
 
-    monkeypatch.setattr(prune_module, "side_by_side_ms", lambda *a, **k: (1.0, 1.5))
+    monkeypatch.setattr(prune_module, "side_by_side_ms", lambda *a, **k: (1.0, 1.5, 1.5))
     model = exported_style_model()
     inputs = [{"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}]
     spec = {"ratio": 0.5, "round_to": 1, "min_agreement": 0.05}
@@ -90,7 +90,7 @@ def test_a_slower_pruned_model_is_rolled_back_unless_kept(monkeypatch):
     kept = optimize(model, [{"prune": {**spec, "keep_if_slower": True}}], check_inputs=inputs,
                     measure_latency=True).stages[1]
     assert kept.kept and any("keep_if_slower" in h for h in kept.notes["hints"])
-    monkeypatch.setattr(prune_module, "side_by_side_ms", lambda *a, **k: (1.0, 0.8))
+    monkeypatch.setattr(prune_module, "side_by_side_ms", lambda *a, **k: (1.0, 0.8, 0.8))
     fast = optimize(model, [{"prune": spec}], check_inputs=inputs, measure_latency=True).stages[1]
     assert fast.kept and not fast.notes["latency"]["slower"]
 
