@@ -29,11 +29,6 @@ from onnxpipe.core.graph import toposort
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
 
-def param_count(model: onnx.ModelProto) -> int:
-    """Elements of every initializer (what the pipeline's report counts as parameters)."""
-    return int(sum(int(np.prod(i.dims)) if i.dims else 1 for i in model.graph.initializer))
-
-
 def summary(notes: Mapping) -> list[str]:
     """A few lines for the report: what normalization did, what was pruned, what stayed and why.
 
@@ -180,7 +175,7 @@ class Prune(Pass):
         return judge_floor(before, after, floor=self.config.min_agreement, mode=self.config.agreement)
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        from onnxpipe.core.analysis import summarize
+        from onnxpipe.core.analysis import parameter_count, summarize
         from onnxpipe.core.hardware import channel_multiple
         from onnxpipe.passes.pruning import report
         from onnxpipe.passes.pruning.apply import prune_model
@@ -202,7 +197,7 @@ class Prune(Pass):
         analysis = analyze(work, probe=probe)
         removed, mask, status = self._plan(analysis, work, ctx, round_to)
         pruned = prune_model(work, analysis, mask) if removed else None
-        grew = pruned is not None and param_count(pruned) > param_count(model)
+        grew = pruned is not None and parameter_count(pruned) > parameter_count(model)
         if grew:  # copies of shared weights pruned apart outgrew them: prune each shared weight once
             analysis = analyze(work, couple_shared=True, probe=probe)
             removed, mask, status = self._plan(analysis, work, ctx, round_to)
@@ -214,10 +209,10 @@ class Prune(Pass):
                        "unsafe": {g.name: g.reasons for g in groups if g.reasons}}
         if grew:
             notes["shared_weights"] = "pruned once for all their readers (pruned apart, their copies added parameters)"
-        if pruned is not None and param_count(pruned) > param_count(model):
+        if pruned is not None and parameter_count(pruned) > parameter_count(model):
             notes["totals"] = None
-            why = (f"prune: refused, the pruned model would have more parameters ({param_count(model):,} -> "
-                   f"{param_count(pruned):,}): weights shared by layers pruned differently")
+            why = (f"prune: refused, the pruned model would have more parameters ({parameter_count(model):,} -> "
+                   f"{parameter_count(pruned):,}): weights shared by layers pruned differently")
             ctx.log(why)
             notes["refused"] = why
             notes["summary"] = summary(notes)

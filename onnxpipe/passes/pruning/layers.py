@@ -97,9 +97,11 @@ def conv(t: Tracer, k: int, node: onnx.NodeProto) -> None:
 def group_width_fixed(t: Tracer, k: int, node: onnx.NodeProto) -> bool:
     """Whether a grouped conv is pruned by whole groups (RegNet, ResNeXt: groups of a fixed width).
 
-    Yes unless its groups are too few to lose one (fewer than 4): then each group narrows.
+    Those are spatial (3x3) convs of at least 4 groups; a grouped pointwise conv (ShuffleNet's,
+    a fixed number of groups with a channel shuffle between) narrows every group instead.
     """
-    return int(t.view.attr(node, "group", 1)) >= 4
+    kernel = t.view.attr(node, "kernel_shape") or list(t.view.const_shape(node.input[1]) or ())[2:]
+    return int(t.view.attr(node, "group", 1)) >= 4 and any(int(d) > 1 for d in kernel)
 
 
 def _whole_groups(t: Tracer, k: int, node: onnx.NodeProto, x: np.ndarray, group: int, cout: int,
