@@ -1,13 +1,20 @@
 """prune: structured channel pruning directly on the ONNX graph, whatever framework made it.
 
-Channels are traced through the graph into dependency groups (:mod:`.pruning.groups`): a
-Conv's output channels together with the BatchNormalization, activations, residual joins,
-Concat offsets, grouped/depthwise convs, Flatten-into-Gemm blocks and MLP layers they reach. A
-group touching anything that cannot be proven safe is left alone and reported. Each safe group
-loses ``ratio`` of its channels (or the globally least important ones), ranked by L1/L2 weight
-norm or mean activation magnitude; ``reconstruct`` then refits the layers that lost inputs by
-least squares on calibration data, so accuracy recovers without training.
+The graph is first normalized (:mod:`.normalize`: exporters' Constant nodes, Identity copies and
+constant shape arithmetic become plain initializers), then channels are traced into dependency
+groups (:mod:`.pruning.groups`): a Conv's output channels together with the BatchNormalization,
+activations, residual joins, Pad, Concat offsets, depthwise convs, grouped convs (whole groups
+where the group width is fixed), squeeze-excitation gates, Flatten-into-Gemm blocks, MLP and
+FFN layers, attention heads (q/k/v/out by whole heads, head-splitting Reshapes rewritten) and
+LayerNorm residual streams they reach. A group touching anything that cannot be proven safe is
+left alone and reported with the reason. Each safe group loses ``ratio`` of its channels (or
+the globally least important ones), ranked by L1/L2 weight norm or mean activation magnitude,
+its kept count a multiple of what this CPU runs fast; ``reconstruct`` then refits the layers
+that lost inputs by least squares on calibration data, so accuracy recovers without training.
 
+The pruned model never has more parameters than the input (weights several layers share are
+pruned once for all of them, or the pass refuses), and it is timed against the unpruned one
+(CPU, 1 thread, batch 8): if slower, the pipeline rolls it back unless ``keep_if_slower``.
 The pipeline judges the pass with :meth:`Prune.compare`: same output names, shapes and dtypes,
 finite values, and agreement with the unpruned outputs (top-1 or cosine) >= ``min_agreement``.
 """
