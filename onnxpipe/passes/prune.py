@@ -184,6 +184,7 @@ class Prune(Pass):
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
         from onnxpipe.core.analysis import parameter_count, summarize
         from onnxpipe.core.hardware import channel_multiple
+        from onnxpipe.passes.normalize import normalize
         from onnxpipe.passes.pruning import report
         from onnxpipe.passes.pruning.apply import prune_model
         from onnxpipe.passes.pruning.groups import analyze
@@ -195,8 +196,6 @@ class Prune(Pass):
             what = "importance 'activation'" if cfg.importance == "activation" else "reconstruct"
             raise InputError(f"prune: {what} needs calibration data",
                              hint="give calibration data (--data, or data.calibration in the recipe)")
-        from onnxpipe.passes.normalize import normalize
-
         work, normalized = normalize(model)
         toposort(work.graph)
         round_to = cfg.round_to if cfg.round_to is not None else channel_multiple("cpu")
