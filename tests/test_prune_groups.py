@@ -450,3 +450,45 @@ def test_grouped_conv_of_fixed_width_loses_whole_groups(rng):
     assert helper.get_attribute_value(next(a for a in b.attribute if a.name == "group")) == 2
     assert weight(result.model, "b").shape == (16, 8, 3, 3)  # the group width stays 8
     assert_same(result.model, zeroed(model, [("c", 1, 1, gone)]), x)
+
+
+def test_vit_patch_embedding_and_class_token_follow_the_stream(rng):
+    """TorchScript's ViT embedding: conv -> Reshape to Shape(x)[:2] + [-1] -> Transpose, a class
+    token Expanded to a target computed at run time and concatenated in front, positions added."""
+    model = onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    vit (float[N, 3, 4, 4] x) => (float[N, 3] y) {
+        c = Conv <kernel_shape = [2, 2], strides = [2, 2]> (x, wc, bc)
+        sh = Shape (c)
+        nc = Slice (sh, zero, two, zero)
+        target = Concat <axis = 0> (nc, minus1)
+        flat = Reshape (c, target)
+        seq = Transpose <perm = [0, 2, 1]> (flat)
+        xs = Shape (x)
+        n = Slice (xs, zero, one, zero)
+        et = Concat <axis = 0> (n, ones2)
+        cls = Expand (token, et)
+        tokens = Concat <axis = 1> (cls, seq)
+        h = Add (tokens, pos)
+        first = Gather <axis = 1> (h, zero_s)
+        y = Gemm <transB = 1> (first, wh)
+    }
+    """)
+    inits = {"wc": rand(rng, 16, 3, 2, 2), "bc": rand(rng, 16), "token": rand(rng, 1, 1, 16), "pos": rand(rng, 1, 5, 16),
+             "wh": rand(rng, 3, 16), "zero": np.array([0], np.int64), "one": np.array([1], np.int64),
+             "two": np.array([2], np.int64), "minus1": np.array([-1], np.int64), "ones2": np.array([1, 1], np.int64),
+             "zero_s": np.array(0, np.int64)}
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in inits.items())
+    for node in model.graph.node:
+        node.name = node.output[0]
+    onnx.checker.check_model(model, full_check=True)
+    x = {"x": rand(rng, 2, 3, 4, 4)}
+    result = prune(model, x, ratio=0.5)
+    row = row_of(result, "c")
+    assert row["status"] == "pruned" and row["channels_after"] == 8
+    gone = row["removed"]["c"]
+    token = next(i for i in result.model.graph.initializer if i.name == next(
+        n for n in result.model.graph.node if n.op_type == "Expand").input[0])
+    assert list(token.dims) == [1, 1, 8]
+    # no norm in this stream: removing channels = the head reading zeros there
+    assert_same(result.model, zeroed(model, [("y", 1, 1, gone)]), x)

@@ -152,6 +152,12 @@ def reshape(t: Tracer, k: int, node: onnx.NodeProto) -> None:
         return
     _, j, prefix, suffix = m
     entry, origin = found[j]
+    if _is_dim_copy(origin):
+        if origin[1] == node.input[0] and origin[2] == x.axis and prefix == suffix == 1:
+            t.set(node.output[0], j, x.ids)  # the target copies the (pruned) count itself
+        else:
+            t.unsafe(x, f"Reshape {label}: target copies a dim that pruning changes")
+        return
     if entry is None or (entry > 0 and origin is None):
         t.unsafe(x, f"Reshape {label}: target entry for the channels computed at run time")
         return
@@ -163,7 +169,13 @@ def reshape(t: Tracer, k: int, node: onnx.NodeProto) -> None:
     t.set(node.output[0], j, np.tile(np.repeat(x.ids, suffix), prefix))
 
 
-Origin = tuple[int, int, int] | None  # (node, input slot, element) of a constant that can be rewritten
+Origin = tuple[int, int, int] | tuple[str, str, int] | None
+# (node, input slot, element) of a constant that can be rewritten, or ("dim", tensor, axis): a
+# dim copied from the tensor's own Shape, which follows pruning by itself
+
+
+def _is_dim_copy(origin: Origin) -> bool:
+    return origin is not None and isinstance(origin[0], str)
 Entry = tuple[int | None, Origin]
 
 
@@ -195,7 +207,10 @@ def _vector(t: Tracer, name: str, reader: tuple[int, int], depth: int = 0) -> li
         if shape is not None:
             start, end = int(v.attr(node, "start", 0)), v.attr(node, "end")
             dims = list(shape)[start:None if end is None else int(end)]
-            out = [(d if isinstance(d, int) and d > 0 else None, None) for d in dims]
+            first = start + len(shape) if start < 0 else start
+            # a copy of a dim of the tensor itself: ("dim", tensor, axis), followed, never rewritten
+            out = [(d if isinstance(d, int) and d > 0 else None, ("dim", node.input[0], first + i))
+                   for i, d in enumerate(dims)]
     elif op == "Gather" and int(v.attr(node, "axis", 0)) == 0 and v.input_const(node, 1) is not None:
         vec = _vector(t, node.input[0], (k, 0), depth + 1)
         out = None if vec is None else [vec[i] for i in v.input_const(node, 1).reshape(-1).tolist()]
@@ -208,8 +223,8 @@ def _vector(t: Tracer, name: str, reader: tuple[int, int], depth: int = 0) -> li
     if out is None:
         n = v.dim(name, 0)
         return None if n is None else [(None, None)] * n
-    if len(v.consumers(name)) > 1 or name in v.graph_outputs:
-        out = [(value, None) for value, _ in out]  # others read it too: not ours to rewrite
+    if len(v.consumers(name)) > 1 or name in v.graph_outputs:  # others read it too: not ours to rewrite
+        out = [(value, origin if _is_dim_copy(origin) else None) for value, origin in out]
     return out
 
 
@@ -240,6 +255,8 @@ def _split(t: Tracer, k: int, node: onnx.NodeProto, j0: int, j1: int, found: lis
     grid = x.ids.reshape(outer, inner)
     e_outer, o_outer = found[j0]
     e_inner, o_inner = found[j1]
+    o_outer = None if _is_dim_copy(o_outer) else o_outer
+    o_inner = None if _is_dim_copy(o_inner) else o_inner
     if outer > 1 and np.all(grid == grid[0]):
         if e_inner is None or (e_inner > 0 and o_inner is None) or e_inner == 0:
             t.unsafe(x, f"Reshape {label}: target entry for the channels computed at run time")

@@ -99,9 +99,36 @@ def join(t: Tracer, k: int, node: onnx.NodeProto) -> None:
             return
         if v.is_const(name):
             t.edits.append(Slice(k, s, ax, out))
-        else:
+        elif not _expanded_constant(t, name, ax, size, out):
             t.unsafe(ids, f"{node.op_type} {label} joins {name}, which no prunable layer produces")
     t.set(out, a, ids)
+
+
+def _expanded_constant(t: Tracer, name: str, ax: int, size: int, out: str) -> bool:
+    """``name`` is a constant broadcast by Expand (a ViT's class token, ``cls.expand(N, -1, -1)``):
+    its channels are the constant's, sliced like any constant joined in; the Expand target must
+    leave that axis to the constant (1 there, read from the probed run when computed)."""
+    v = t.view
+    k = v.producer.get(name)
+    if k is None or v.nodes[k].op_type != "Expand" or len(v.consumers(name)) != 1:
+        return False
+    node = v.nodes[k]
+    data_shape = v.const_shape(node.input[0]) if v.is_const(node.input[0]) else None
+    rank = v.rank(name)
+    if data_shape is None or rank is None:
+        return False
+    d_ax = ax - (rank - len(data_shape))
+    if d_ax < 0 or data_shape[d_ax] != size:
+        return False
+    target = v.input_const(node, 1)
+    values = target.reshape(-1).tolist() if target is not None else v.probe.get(f"value:{node.input[1]}")
+    if values is None:
+        return False
+    t_ax = ax - (rank - len(values))
+    if t_ax >= 0 and values[t_ax] != 1:
+        return False
+    t.edits.append(Slice(k, 0, d_ax, out))
+    return True
 
 
 def concat(t: Tracer, k: int, node: onnx.NodeProto) -> None:

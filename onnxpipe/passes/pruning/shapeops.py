@@ -112,16 +112,18 @@ def shape(t: Tracer, k: int, node: onnx.NodeProto) -> None:
     end = v.attr(node, "end")
     end = rank if end is None else min(norm_axis(int(end), rank), rank)
     mask = [start + i == x.axis for i in range(max(end - start, 0))]
-    if _leaks(t, node.output[0], mask, 0):
+    if _leaks(t, node.output[0], mask, 0, node.input[0]):
         unsafe_all(t, node, "reads the channel count")
 
 
-def _leaks(t: Tracer, name: str, mask: list[bool], depth: int) -> bool:
+def _leaks(t: Tracer, name: str, mask: list[bool], depth: int, source: str = "") -> bool:
     """Whether the elements of a shape vector flagged in ``mask`` reach anything but vector ops.
 
     Gather, Slice, Cast, Identity, Squeeze/Unsqueeze and Concat only move elements around; a
-    flagged element that survives them into any other op (a Reshape target, arithmetic, a graph
-    output) makes the graph depend on the channel count.
+    flagged element that survives them into any other op (arithmetic, a graph output, another
+    tensor's Reshape target) makes the graph depend on the channel count. The target of a Reshape
+    of ``source`` itself (``x.flatten(2)`` as TorchScript writes it) copies the count it reshapes:
+    the Reshape rule follows that copy or marks the channels unsafe.
     """
     if not any(mask):
         return False
@@ -131,6 +133,8 @@ def _leaks(t: Tracer, name: str, mask: list[bool], depth: int) -> bool:
     for k, slot in v.uses.get(name, []):
         node = v.nodes[k]
         op, out = node.op_type, node.output[0]
+        if op == "Reshape" and slot == 1 and source and node.input[0] == source:
+            continue
         if op in ("Cast", "Identity", "Squeeze", "Unsqueeze") and slot == 0:
             new = mask
         elif op == "Gather" and slot == 0 and int(v.attr(node, "axis", 0)) == 0 and v.input_const(node, 1) is not None:
@@ -148,7 +152,7 @@ def _leaks(t: Tracer, name: str, mask: list[bool], depth: int) -> bool:
             new = [m for i, d in enumerate(sizes) for m in (mask if i == slot else [False] * d)]
         else:
             return True
-        if _leaks(t, out, new, depth + 1):
+        if _leaks(t, out, new, depth + 1, source):
             return True
     return False
 
