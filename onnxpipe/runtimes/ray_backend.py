@@ -114,6 +114,7 @@ class RayPool:
         self._cls: Any = None
 
     def start(self) -> None:
+        ray = self.ray
         if join_ray(self.address):
             self._started_ray = True
         self._files = {}
