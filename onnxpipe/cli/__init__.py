@@ -52,15 +52,43 @@ for _name in _COMMANDS:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``onnxpipe`` command."""
+    try:  # typer >= 0.20 ships its own copy of click; its exceptions are those
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
     args = sys.argv[1:] if argv is None else argv
     _state["debug"] = "--debug" in args
     try:
-        app(args=args, prog_name="onnxpipe", standalone_mode=True)
+        try:
+            app(args=args, prog_name="onnxpipe", standalone_mode=False)
+        except click_errors.NoArgsIsHelpError as err:  # bare `onnxpipe` or a group: the help, as click shows it
+            print(err.ctx.get_help() if err.ctx else "", file=sys.stderr)
+            sys.exit(2)
+        except click_errors.UsageError as err:  # one line, as every other user error
+            command = f"onnxpipe {err.ctx.info_name} --help" if err.ctx and err.ctx.parent else "onnxpipe --help"
+            if _state["debug"]:
+                raise
+            print(f"error: {_one_line(err.format_message())} (see `{command}`)", file=sys.stderr)
+            sys.exit(2)
+        except click_errors.ClickException as err:
+            if _state["debug"]:
+                raise
+            print(f"error: {_one_line(err.format_message())}", file=sys.stderr)
+            sys.exit(2)
+        except typer.Exit as err:
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            raise KeyboardInterrupt from None
     except OnnxpipeError as err:
         if _state["debug"]:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(str(err))}", file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())

@@ -37,22 +37,116 @@ def parse_dims(items: list[str] | None) -> dict[str, int]:
     """``--dim seq=128`` options -> ``{"seq": 128}``; a malformed one is a one-line error."""
     from onnxpipe.core.errors import InputError
 
+    from onnxpipe.cli._checks import MAX_BATCH
+
     dims = {}
     for d in items or []:
         name, sep, value = d.partition("=")
-        if not sep or not value.strip().isdigit():
+        if not sep or not name.strip() or not value.strip().isdigit():
             raise InputError(f"cannot parse --dim {d!r}", hint="write it as NAME=VALUE, e.g. --dim seq=128")
+        if not 1 <= int(value) <= MAX_BATCH:
+            raise InputError(f"--dim {d!r}: the value must be 1 to {MAX_BATCH}", hint="e.g. --dim seq=128")
         dims[name.strip()] = int(value)
     return dims
 
 
-def parse_bytes(text: str) -> int:
-    """``"4GiB"`` -> 4294967296, ``"1GB"`` -> 1000000000, or a one-line error."""
+def symbolic_dims(model) -> list[str]:
+    """Names of the symbolic dims of a model's inputs, in order of appearance."""
+    names: dict[str, None] = {}
+    for i in model.graph.input:
+        for d in i.type.tensor_type.shape.dim:
+            if d.HasField("dim_param") and d.dim_param:
+                names[d.dim_param] = None
+    return list(names)
+
+
+def check_dims(model, dims: dict[str, int]) -> None:
+    """Every ``--dim`` must name a symbolic dim of the model's inputs."""
+    from onnxpipe.core.errors import InputError
+
+    known = symbolic_dims(model)
+    for name in dims:
+        if name not in known:
+            raise InputError(f"--dim {name}: the model has no symbolic dim {name!r}",
+                             hint=f"its symbolic dims: {', '.join(known) or 'none'}")
+
+
+def check_input_names(model, shapes: dict[str, object]) -> None:
+    """Every ``--input NAME:...`` must name an input of the model."""
+    from onnxpipe.core.errors import InputError
+
+    inits = {t.name for t in model.graph.initializer}
+    known = [i.name for i in model.graph.input if i.name not in inits]
+    for name in shapes:
+        if name not in known:
+            raise InputError(f"--input {name}: the model has no input {name!r}", hint=f"its inputs: {', '.join(known)}")
+
+
+
+def sample_inputs(data: str | None, model, rows: int = 64) -> dict | None:
+    """Up to ``rows`` samples of ``--data`` (None without it), checked against the model's inputs.
+
+    Read as ``infer`` reads its data: a single ``.npy`` is the model's single input.
+    """
+    if data is None:
+        return None
+    from onnxpipe.core.errors import InputError
+    from onnxpipe.core.sources import check_chunk, open_source
+    from onnxpipe.core.tensors import graph_inputs
+
+    infos = graph_inputs(model)
+    source = open_source(data, infos)
+    chunks = source.chunks()
+    try:
+        first = next(chunks, None)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if first is None or first.rows == 0:
+        raise InputError(f"--data {data} yields no samples", hint="give data with at least one sample")
+    try:
+        check_chunk(first, infos)
+    except InputError as exc:
+        raise InputError(f"--data {data}: {exc.message}", hint=exc.hint) from None
+    arrays = {**first.constant, **{k: v[:rows] for k, v in first.batched.items()}}
+    return {i.name: arrays[i.name] for i in infos}
+
+
+class _ModelRuns:
+    """``with model_runs(data):`` ONNX Runtime failing on the inputs becomes one line that says which inputs."""
+
+    def __init__(self, data: str | None) -> None:
+        self.data = data
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        from onnxpipe.core.errors import InputError
+        from onnxpipe.core.userfiles import first_line
+
+        if exc is None or not type(exc).__module__.startswith("onnxruntime"):
+            return False
+        where = f"the inputs of --data {self.data}" if self.data else "generated random inputs"
+        raise InputError(f"the model fails on {where}: {first_line(exc, 240)}",
+                         hint="give inputs it accepts with --data" if not self.data else "check the data") from exc
+
+
+def model_runs(data: str | None) -> _ModelRuns:
+    return _ModelRuns(data)
+
+
+def parse_bytes(text: str, option: str = "the size") -> int:
+    """``"4GiB"`` -> 4294967296, ``"1GB"`` -> 1000000000, or a one-line error naming ``option``."""
     from pydantic import ByteSize, TypeAdapter, ValidationError
 
     from onnxpipe.core.errors import InputError
 
     try:
-        return int(TypeAdapter(ByteSize).validate_python(text))
+        value = int(TypeAdapter(ByteSize).validate_python(text))
     except ValidationError:
-        raise InputError(f"cannot read the size {text!r}", hint="write it like 512MB, 1GB or 4GiB") from None
+        raise InputError(f"cannot read {option} {text!r}", hint="write it like 512MB, 1GB or 4GiB") from None
+    if value <= 0:
+        raise InputError(f"{option} {text!r} must be above 0", hint="write it like 512MB, 1GB or 4GiB")
+    return value

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from onnxpipe.cli._checks import not_the_input, number, opset_version, output_path
 from onnxpipe.cli._common import check_table, console_for
 
 
@@ -18,7 +19,7 @@ def register(app: typer.Typer) -> None:
         source: Annotated[str, typer.Argument(help="file.py:factory, model.onnx, model.pt (TorchScript), "
                                                    "model.pt2 (torch.export), model.keras, a SavedModel dir, "
                                                    "or a Hugging Face save_pretrained folder.")],
-        output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the ONNX model "
+        output: Annotated[Path, typer.Option("-o", "--output", callback=output_path, help="Where to write the ONNX model "
                                                                     "(a folder for --task text-generation).")],
         task: Annotated[Optional[str], typer.Option(
             help="Hugging Face folders: feature-extraction | text-classification | image-classification | "
@@ -28,20 +29,24 @@ def register(app: typer.Typer) -> None:
             "--input", help="NAME:1x3x224x224:float32, repeatable; for sources without example inputs.")] = None,
         dynamic_batch: Annotated[bool, typer.Option("--dynamic-batch/--static-batch",
                                                     help="Make the first axis symbolic.")] = True,
-        opset: Annotated[Optional[int], typer.Option(help="Target opset (default 18; an .onnx keeps its own).")] = None,
-        atol: Annotated[float, typer.Option(help="Absolute tolerance of the check.")] = 1e-4,
-        rtol: Annotated[float, typer.Option(help="Relative tolerance of the check.")] = 1e-3,
+        opset: Annotated[Optional[int], typer.Option(callback=opset_version, help="Target opset (default 18; an .onnx keeps its own).")] = None,
+        atol: Annotated[float, typer.Option(callback=number(lo=0), help="Absolute tolerance of the check.")] = 1e-4,
+        rtol: Annotated[float, typer.Option(callback=number(lo=0), help="Relative tolerance of the check.")] = 1e-3,
         check: Annotated[bool, typer.Option("--check/--no-check", help="Compare outputs with the framework.")] = True,
         json_out: Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")] = False,
+        trust: Annotated[bool, typer.Option("--trust", help="Load a source that runs code while it loads (a pickled "
+                                                            "module, pickled objects in a .pt2, a SavedModel with file or "
+                                                            "Python ops, a .keras lambda layer). Only for files you trust.")] = False,
     ) -> None:
         """Convert a framework model to ONNX and prove its outputs match the framework's."""
         from onnxpipe.converter import convert as do_convert
         from onnxpipe.core.errors import CheckFailedError
 
         console = console_for(json_out)
+        not_the_input(Path(source), output)
         try:
             result = do_convert(source, output, framework=framework, inputs=input or (), dynamic_batch=dynamic_batch,
-                                opset=opset, atol=atol, rtol=rtol, check=check, task=task)
+                                opset=opset, atol=atol, rtol=rtol, check=check, task=task, trust=trust)
         except CheckFailedError as err:
             result = getattr(err, "result", None)
             if result is not None:

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from onnxpipe.cli._common import console_for
+from onnxpipe.cli._checks import not_the_input, output_dir, output_file
+from onnxpipe.cli._common import console_for, sample_inputs
 
 
 def parse_pass(text: str) -> str | dict:
@@ -42,11 +43,11 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def optimize(
         model: Annotated[Path, typer.Argument(help="An .onnx model.")],
-        output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the optimized model.")],
+        output: Annotated[Path, typer.Option("-o", "--output", callback=output_file, help="Where to write the optimized model.")],
         passes: Annotated[list[str], typer.Option("--pass", "-p", help="A pass, repeatable, in order: simplify, "
                                                                      "fp16, opset:version=17, 'fix-shapes:{dims: {batch: 1}}'.")],
         data: Annotated[Optional[str], typer.Option(help="Calibration/check data: .npz, a folder, or file.py:function.")] = None,
-        report_dir: Annotated[Optional[Path], typer.Option("--report", help="Also write every stage and report.* here.")] = None,
+        report_dir: Annotated[Optional[Path], typer.Option("--report", callback=output_dir, help="Also write every stage and report.* here.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print the stages as JSON on stdout.")] = False,
     ) -> None:
         """Run passes over an ONNX model, checking the outputs after each one."""
@@ -58,8 +59,11 @@ def register(app: typer.Typer) -> None:
         from onnxpipe.pipeline.stages import make_pass
 
         console = console_for(json_out)
+        not_the_input(model, output)
         specs = [make_pass(parse_pass(p)) for p in passes]  # bad names fail before any work
         calibration = calibration_source(data) if data else None
+        proto = load_model(model)
+        sample_inputs(data, proto)  # the first batch fits the model, or one line naming the data
 
         def on_event(message: str, stage) -> None:
             if stage is not None and stage.index > 0:
@@ -67,7 +71,7 @@ def register(app: typer.Typer) -> None:
                 if stage.notes.get("warning"):
                     console.print(f"[yellow]warning[/]: {stage.notes['warning']}")
 
-        result = do_optimize(load_model(model), specs, calibration=calibration, outdir=report_dir, on_event=on_event)
+        result = do_optimize(proto, specs, calibration=calibration, outdir=report_dir, on_event=on_event)
         save_model(result.model, output)
         console.print(report.table(result.stages, title=f"onnxpipe optimize -> {output}"))
         if report_dir is not None:
@@ -81,7 +85,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def run(
         recipe: Annotated[Path, typer.Argument(help="A YAML recipe (see models/digits_cnn/pipeline.yaml).")],
-        output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Output folder (default: the recipe's).")] = None,
+        output: Annotated[Optional[Path], typer.Option("-o", "--output", callback=output_dir, help="Output folder (default: the recipe's).")] = None,
     ) -> None:
         """Convert, optimize, validate and report, as a recipe says."""
         from onnxpipe.pipeline import run as do_run

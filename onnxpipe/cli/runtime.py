@@ -10,30 +10,33 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.cli._common import console_for, parse_dims
+from onnxpipe.cli._checks import (
+    MAX_BATCH, batch, count, device_list, number, one_of, output_dir, output_file,
+)
+from onnxpipe.cli._common import check_dims, console_for, model_runs, parse_dims, sample_inputs
 
 DEVICES_HELP = "Devices, comma-separated: cpu, cpu:1, cuda:0, tensorrt:0[fp16,cache_dir=trt] (see `onnxpipe providers`)."
 CONFIG_HELP = "A tuned.json from `onnxpipe tune`: its devices (with every tuned option) and batch size are used."
 
 
-def int_list(text: str, what: str) -> list[int]:
+def int_list(text: str, what: str, hi: int = MAX_BATCH) -> list[int]:
     """``"1,8,32"`` -> [1, 8, 32], or a one-line error."""
     from onnxpipe.core.errors import InputError
 
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",")]
     except ValueError:
         raise InputError(f"cannot read {what} {text!r}", hint=f"write {what} as integers joined by commas, e.g. 1,8,32") from None
-    if not values or any(v < 1 for v in values):
-        raise InputError(f"{what} must be integers >= 1, received {text!r}", hint="e.g. 1,8,32")
+    if not values or any(not 1 <= v <= hi for v in values):
+        raise InputError(f"{what} must be integers from 1 to {hi}, received {text!r}", hint="e.g. 1,8,32")
+    if len(set(values)) != len(values):
+        raise InputError(f"{what} lists a value twice: {text!r}", hint="give each once")
     return values
 
 
 def check_inputs(model: Any, *, data: str | None, load: Path | None, batches: int, batch_size: int, seed: int,
                  specs: list[str] | None) -> list[dict]:
     """Validation inputs: saved ones, the first batches of ``data``, or generated ones."""
-    import numpy as np
-
     from onnxpipe.core.tensors import example_inputs
     from onnxpipe.core.data import calibration_source, take
     from onnxpipe.core.errors import InputError
@@ -41,15 +44,34 @@ def check_inputs(model: Any, *, data: str | None, load: Path | None, batches: in
     from onnxpipe.core.tensors import InputSpec
 
     if load is not None:
+        from onnxpipe.core.userfiles import read_npz
+
         if not load.is_file():
             raise InputError(f"no such file: {load}", hint="give the .npz written by --save-inputs")
-        with np.load(load, allow_pickle=False) as z:
-            return split_batches({k: z[k] for k in z.files}, None, what=str(load))
+        from onnxpipe.core.sources import check_chunk, split
+        from onnxpipe.core.tensors import graph_inputs
+
+        got = split_batches(read_npz(load, what="saved inputs"), None, what=str(load))
+        for b in got:
+            try:
+                check_chunk(split(b), graph_inputs(model))
+            except InputError as exc:
+                raise InputError(f"--load-inputs {load}: {exc.message}", hint=exc.hint) from None
+        return got
     if data is not None:
+        from onnxpipe.core.sources import check_chunk, split
+        from onnxpipe.core.tensors import graph_inputs
+
         got = take(calibration_source(data, batch_size=batch_size), batches)
         if not got:
             raise InputError(f"{data} yields no batches", hint="check the data")
-        return got
+        infos = graph_inputs(model)
+        for b in got:
+            try:
+                check_chunk(split(b), infos)
+            except InputError as exc:
+                raise InputError(f"--data {data}: {exc.message}", hint=exc.hint) from None
+        return [{i.name: b[i.name] for i in infos} for b in got]
     parsed = [InputSpec.parse(s) for s in specs or []]
     return [example_inputs(model, parsed, batch=batch_size, seed=seed + k) for k in range(batches)]
 
@@ -90,15 +112,15 @@ def register(app: typer.Typer) -> None:
         model: Annotated[Path, typer.Argument(help="An .onnx model, or a folder from `onnxpipe split` (one stage per device).")],
         data: Annotated[str, typer.Option("--data", help="Inputs: a .npz (samples along axis 0), a folder of "
                                                          ".npy/.npz, or file.py:function yielding input dicts.")],
-        output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the shards and manifest.json.")],
-        devices: Annotated[str, typer.Option("--devices", help=DEVICES_HELP)] = "cpu",
-        batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Samples per micro-batch "
+        output: Annotated[Path, typer.Option("-o", "--output", callback=output_dir, help="Folder for the shards and manifest.json.")],
+        devices: Annotated[str, typer.Option("--devices", callback=device_list, help=DEVICES_HELP)] = "cpu",
+        batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", callback=batch, help="Samples per micro-batch "
                                                                                    "(default: the tuned one, else 32).")] = None,
-        shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Samples per output shard.")] = None,
+        shard_size: Annotated[Optional[int], typer.Option("--shard-size", callback=count(), help="Samples per output shard.")] = None,
         resume: Annotated[bool, typer.Option("--resume", help="Continue the job in OUTPUT, skipping finished shards.")] = False,
-        backend: Annotated[str, typer.Option("--backend", help="local (a process per device) or ray (an actor per device).")] = "local",
+        backend: Annotated[str, typer.Option("--backend", callback=one_of("local", "ray"), help="local (a process per device) or ray (an actor per device).")] = "local",
         address: Annotated[Optional[str], typer.Option("--address", help="Ray cluster (auto, ray://host:10001); default: a local Ray.")] = None,
-        max_attempts: Annotated[int, typer.Option("--max-attempts", help="Tries per sample before it is reported failed.")] = 2,
+        max_attempts: Annotated[int, typer.Option("--max-attempts", callback=count(1, 100), help="Tries per sample before it is reported failed.")] = 2,
         json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
         config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
     ) -> None:
@@ -116,8 +138,10 @@ def register(app: typer.Typer) -> None:
         runner_cls = BatchRunner
         if model.is_dir() and (model / "pipeline.json").is_file():  # a split model: one stage per device
             from onnxpipe.runtimes.pipeline_parallel import PipelineRunner as runner_cls  # type: ignore[assignment]
-        with runner_cls(model, devices, batch_size=batch_size, shard_size=shard_size, backend=backend,
-                        address=address, max_attempts=max_attempts) as runner:
+        runner = runner_cls(model, devices, batch_size=batch_size, shard_size=shard_size, backend=backend,
+                            address=address, max_attempts=max_attempts)
+        runner.check_data(data)  # before any worker starts or any folder is made
+        with runner:
             for note in runner.notes:
                 console.print(f"[dim]note: {escape(note)}[/]")
             result = runner.run(data, output, resume=resume, progress=True)
@@ -145,19 +169,21 @@ def register(app: typer.Typer) -> None:
         precisions: Annotated[Optional[str], typer.Option("--precisions", help="fp32,fp16,int8 for every provider without its own.")] = None,
         data: Annotated[Optional[str], typer.Option("--data", help="Inputs: .npz, a folder, or file.py:function.")] = None,
         input: Annotated[Optional[list[str]], typer.Option("--input", help="NAME:1x3x224x224:float32 for generated inputs.")] = None,
-        batches: Annotated[int, typer.Option("--batches", help="Input batches.")] = 2,
-        batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Samples per generated batch.")] = 2,
+        batches: Annotated[int, typer.Option("--batches", callback=count(1, 100_000), help="Input batches.")] = 2,
+        batch_size: Annotated[int, typer.Option("--batch-size", "-b", callback=batch, help="Samples per generated batch.")] = 2,
         seed: Annotated[int, typer.Option("--seed", help="Seed of the generated inputs.")] = 0,
-        save: Annotated[Optional[Path], typer.Option("--save-inputs", help="Write the inputs used to this .npz (golden data).")] = None,
+        save: Annotated[Optional[Path], typer.Option("--save-inputs", callback=output_file, help="Write the inputs used to this .npz (golden data).")] = None,
         load: Annotated[Optional[Path], typer.Option("--load-inputs", help="Use the inputs saved in this .npz.")] = None,
-        atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance (default: by precision).")] = None,
-        rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance (default: by precision).")] = None,
+        atol: Annotated[Optional[float], typer.Option("--atol", callback=number(lo=0), help="Absolute tolerance (default: by precision).")] = None,
+        rtol: Annotated[Optional[float], typer.Option("--rtol", callback=number(lo=0), help="Relative tolerance (default: by precision).")] = None,
         tol: Annotated[Optional[list[str]], typer.Option("--tol", help="NAME=ATOL[,RTOL] for one output, repeatable.")] = None,
         localize: Annotated[bool, typer.Option("--localize", help="On failure, find the first node whose output diverges.")] = False,
-        chunk: Annotated[int, typer.Option("--chunk", help="Intermediate tensors compared at a time by --localize.")] = 32,
+        chunk: Annotated[int, typer.Option("--chunk", callback=count(1, 100_000), help="Intermediate tensors compared at a time by --localize.")] = 32,
         json_out: Annotated[bool, typer.Option("--json", help="Print the matrix as JSON on stdout.")] = False,
     ) -> None:
         """Run a model on several providers and precisions and compare every output with a reference."""
+        import numpy as np
+
         from onnxpipe.core.errors import CheckFailedError, InputError
         from onnxpipe.core.modelio import load_model
         from onnxpipe.core.compare import Tolerance
@@ -172,16 +198,25 @@ def register(app: typer.Typer) -> None:
             default = Tolerance(atol if atol is not None else DEFAULTS["fp32"].atol,
                                 rtol if rtol is not None else DEFAULTS["fp32"].rtol)
         per_output = {}
+        outputs = [o.name for o in proto.graph.output]
         for item in tol or []:
             name, sep, value = item.rpartition("=")
             if not sep or not name:
                 raise InputError(f"cannot read --tol {item!r}", hint="write it as NAME=ATOL or NAME=ATOL,RTOL")
-            per_output[name] = Tolerance.parse(value, default)
+            if name not in outputs:
+                raise InputError(f"--tol {item!r}: the model has no output {name!r}", hint=f"its outputs: {', '.join(outputs)}")
+            try:
+                per_output[name] = Tolerance.parse(value, default)
+            except InputError as exc:
+                raise InputError(f"--tol {item!r}: {exc.message}", hint=exc.hint) from None
         inputs = check_inputs(proto, data=data, load=load, batches=batches, batch_size=batch_size, seed=seed, specs=input)
+        if not inputs or not any(np.size(a) for b in inputs for a in b.values()):
+            raise InputError("validation needs at least one sample, received none", hint="check --data / --load-inputs")
         if save is not None:
             save_inputs(inputs, save)
-        report = do_validate(proto, targets, inputs=inputs, reference=reference, tolerances=per_output,
-                             default=default, localize=localize, chunk=chunk)
+        with model_runs(data):
+            report = do_validate(proto, targets, inputs=inputs, reference=reference, tolerances=per_output,
+                                 default=default, localize=localize, chunk=chunk)
         console.print(report.table())
         for row in report.rows:
             if row.localized:
@@ -202,15 +237,18 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         model: Annotated[Path, typer.Argument(help="An .onnx model.")],
-        providers: Annotated[str, typer.Option("--providers", help=DEVICES_HELP)] = "cpu",
+        providers: Annotated[str, typer.Option("--providers", callback=device_list, help=DEVICES_HELP)] = "cpu",
         batch_sizes: Annotated[Optional[str], typer.Option("--batch-sizes", help="Batch sizes, e.g. 1,8,32 (default: the tuned ones, else 1).")] = None,
         threads: Annotated[Optional[str], typer.Option("--threads", help="CPU thread counts to try, e.g. 1,2,4.")] = None,
         dim: Annotated[Optional[list[str]], typer.Option("--dim", help="NAME=VALUE for a named symbolic dim, repeatable.")] = None,
-        warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs first.")] = 5,
-        runs: Annotated[int, typer.Option("--runs", help="Timed runs at least.")] = 10,
-        budget: Annotated[float, typer.Option("--budget", help="Seconds of timed runs per row.")] = 1.0,
+        warmup: Annotated[int, typer.Option("--warmup", callback=count(0, 1_000_000), help="Untimed runs first.")] = 5,
+        runs: Annotated[int, typer.Option("--runs", callback=count(1, 1_000_000), help="Timed runs at least.")] = 10,
+        budget: Annotated[float, typer.Option("--budget", callback=number(0, 86400, lo_open=True), help="Seconds of timed runs per row.")] = 1.0,
         json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON on stdout.")] = False,
         config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP)] = None,
+        data: Annotated[Optional[str], typer.Option("--data", help="Inputs to time on (.npz, a folder, or file.py:function; "
+                                                                   "its first batch is used): needed where random inputs "
+                                                                   "are not valid, e.g. token ids or indices.")] = None,
     ) -> None:
         """Latency p50/p90/p99, throughput and FLOP/s (and fraction of peak) per provider, threads and batch."""
         from rich.progress import (
@@ -226,7 +264,7 @@ def register(app: typer.Typer) -> None:
         from onnxpipe.runtimes.providers import parse_devices
 
         console = console_for(json_out)
-        counts: list[int | None] = list(int_list(threads, "--threads")) if threads else [None]
+        counts: list[int | None] = list(int_list(threads, "--threads", hi=4096)) if threads else [None]
         devices = parse_devices(providers)
         default_sizes = "1"
         if config is not None:  # the tuned devices (every tuned setting is a device option) replace --providers
@@ -237,12 +275,17 @@ def register(app: typer.Typer) -> None:
             default_sizes = ",".join(str(b) for b in sorted({e.batch_size for e in tuned.entries}))
         sizes = int_list(batch_sizes or default_sizes, "--batch-sizes")
         proto = load_model(model)
+        dims = parse_dims(dim)
+        check_dims(proto, dims)
+        sample = sample_inputs(data, proto)
         total = sum(len(sizes) * (1 if (d.is_gpu or d.options.threads) else len(counts)) for d in devices)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console_for(True), transient=True) as progress:
             task = progress.add_task("benchmarking", total=total)
-            report = do_bench(proto, devices, batch_sizes=sizes, threads=counts, dims=parse_dims(dim), warmup=warmup,
-                              min_runs=runs, budget_s=budget, on_row=lambda row: progress.advance(task))
+            with model_runs(data):
+                report = do_bench(proto, devices, batch_sizes=sizes, threads=counts, dims=dims, warmup=warmup,
+                                  min_runs=runs, budget_s=budget, on_row=lambda row: progress.advance(task),
+                                  inputs=sample)
         report.model = str(model)
         console.print(report.table())
         for note in report.notes:

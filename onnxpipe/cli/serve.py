@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from onnxpipe.cli._checks import MAX_BATCH, count, device_list, model_name, number, one_of, output_dir
 from onnxpipe.cli._common import console_for
 from onnxpipe.cli.runtime import CONFIG_HELP
 
@@ -22,28 +23,35 @@ def register(app: typer.Typer) -> None:
         model: Annotated[Path, typer.Argument(help="An .onnx model, or a directory of them (NAME.onnx, NAME/model.onnx "
                                                    "or a Triton repository NAME/1/model.onnx).")],
         name: Annotated[str | None, typer.Option("--name", help="Model name in URLs (default: the file's stem).")] = None,
-        devices: Annotated[str, typer.Option("--devices", envvar="ONNXPIPE_DEVICES", help=DEVICES_HELP)] = "cpu",
+        devices: Annotated[str, typer.Option("--devices", callback=device_list, envvar="ONNXPIPE_DEVICES", help=DEVICES_HELP)] = "cpu",
         host: Annotated[str, typer.Option("--host", help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option("--port", help="Port (0 picks a free one).")] = 8000,
-        max_batch_size: Annotated[int | None, typer.Option("--max-batch-size", help="Most samples per batch (1: no dynamic batching; "
+        port: Annotated[int, typer.Option("--port", callback=count(0, 65535), help="Port (0 picks a free one).")] = 8000,
+        max_batch_size: Annotated[int | None, typer.Option("--max-batch-size", callback=count(1, MAX_BATCH), help="Most samples per batch (1: no dynamic batching; "
                                                                                    "default: the tuned batch size with --config, else 32).")] = None,
-        max_queue_delay_ms: Annotated[float, typer.Option("--max-queue-delay-ms", help="Longest wait for a batch to fill once a device is free.")] = 2.0,
-        max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Largest request body, in MiB.")] = 64.0,
-        max_queue: Annotated[int, typer.Option("--max-queue", help="Requests waiting per model before new ones get 503.")] = 2048,
+        max_queue_delay_ms: Annotated[float, typer.Option("--max-queue-delay-ms", callback=number(0, 60_000), help="Longest wait for a batch to fill once a device is free.")] = 2.0,
+        max_body_mb: Annotated[float, typer.Option("--max-body-mb", callback=number(0, 1 << 20, lo_open=True), help="Largest request body, in MiB (also "
+                                                   "bounds what decoding it may take).")] = 64.0,
+        max_queue: Annotated[int, typer.Option("--max-queue", callback=count(1, 1 << 24), help="Requests waiting per model before new ones get 503.")] = 2048,
         config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP + " They replace --devices.")] = None,
-        grpc_port: Annotated[int | None, typer.Option("--grpc-port", help="Also serve the protocol over gRPC on this port "
+        grpc_port: Annotated[int | None, typer.Option("--grpc-port", callback=count(0, 65535), help="Also serve the protocol over gRPC on this port "
                                                                           "(0 picks a free one; default: HTTP only).")] = None,
         api_key_file: Annotated[Path | None, typer.Option("--api-key-file", help="A file whose first line is the API key every "
                                                                                  "request but health must send as 'Authorization: Bearer <key>' "
                                                                                  "(default: the ONNXPIPE_API_KEY environment variable).")] = None,
         insecure: Annotated[bool, typer.Option("--insecure", help="Allow a --host beyond loopback without an API key.")] = False,
-        model_control: Annotated[str, typer.Option("--model-control", help="none: serve what is found at start; explicit: "
+        model_control: Annotated[str, typer.Option("--model-control", callback=one_of("none", "explicit", "poll"), help="none: serve what is found at start; explicit: "
                                                                            "clients load/unload through the repository API; poll: "
                                                                            "also follow the directory's changes.")] = "none",
         load_model: Annotated[list[str] | None, typer.Option("--load-model", help="With --model-control explicit: a model "
                                                                                   "to load at start (repeatable; '*': all).")] = None,
-        poll_secs: Annotated[float, typer.Option("--repository-poll-secs", help="With --model-control poll: seconds "
+        poll_secs: Annotated[float, typer.Option("--repository-poll-secs", callback=number(0, 86400, lo_open=True), help="With --model-control poll: seconds "
                                                                                "between scans of the directory.")] = 15.0,
+        header_timeout_s: Annotated[float, typer.Option("--header-timeout-s", callback=number(0, 86400, lo_open=True), help="Time a connection has to send its "
+                                                        "headers (slow clients are cut off).")] = 15.0,
+        body_timeout_s: Annotated[float, typer.Option("--body-timeout-s", callback=number(0, 86400, lo_open=True), help="Time to receive a request body.")] = 60.0,
+        max_restarts: Annotated[int, typer.Option("--max-restarts", callback=count(0, 1_000_000), help="Restarts of a device worker within "
+                                                  "--restart-window-s before its next restart waits.")] = 5,
+        restart_window_s: Annotated[float, typer.Option("--restart-window-s", callback=number(0, 86400, lo_open=True), help="The window --max-restarts counts in.")] = 60.0,
     ) -> None:
         """Serve models over HTTP (KServe v2 / Open Inference Protocol, as Triton and KServe speak it)."""
         import asyncio
@@ -72,22 +80,9 @@ def register(app: typer.Typer) -> None:
         else:
             devs = parse_devices(devices)
         max_batch_size = 32 if max_batch_size is None else max_batch_size
-        if max_batch_size < 1 or max_queue_delay_ms < 0 or max_body_mb <= 0 or max_queue < 1:
-            raise InputError("--max-batch-size and --max-queue must be >= 1, --max-queue-delay-ms >= 0, --max-body-mb > 0",
-                             hint="e.g. --max-batch-size 32 --max-queue-delay-ms 2")
-        if not 0 <= port <= 65535:
-            raise InputError(f"--port must be 0-65535, received {port}", hint="e.g. --port 8000")
-        if grpc_port is not None and not 0 <= grpc_port <= 65535:
-            raise InputError(f"--grpc-port must be 0-65535, received {grpc_port}", hint="e.g. --grpc-port 8001")
-        from onnxpipe.serve.server import MODEL_CONTROL
-
-        if model_control not in MODEL_CONTROL:
-            raise InputError(f"unknown --model-control {model_control!r}", hint=f"use one of {', '.join(MODEL_CONTROL)}")
         if model_control != "none" and not model.is_dir():
             raise InputError(f"--model-control {model_control} needs a directory of models, not {model}",
                              hint="give the repository folder, or leave --model-control at none")
-        if poll_secs <= 0:
-            raise InputError("--repository-poll-secs must be > 0", hint="e.g. --repository-poll-secs 15")
         from onnxpipe.serve.security import check_bind, load_api_key
 
         api_key = load_api_key(api_key_file)
@@ -102,7 +97,8 @@ def register(app: typer.Typer) -> None:
                                max_body_bytes=int(max_body_mb * (1 << 20)), max_queue=max_queue, grpc_port=grpc_port,
                                api_key=api_key, insecure=insecure, model_control=model_control,
                                load_models=tuple(load_model or ["*"]) if model_control != "explicit" else tuple(load_model or ()),
-                               poll_seconds=poll_secs)
+                               poll_seconds=poll_secs, header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+                               max_restarts=max_restarts, restart_window_s=restart_window_s)
         table = Table(title=f"models on {', '.join(d.label for d in devs)}")
         for col in ("model", "version", "inputs", "outputs", "dynamic batching"):
             table.add_column(col)
@@ -129,14 +125,14 @@ def register(app: typer.Typer) -> None:
     @app.command("export-triton")
     def export_triton(
         model: Annotated[Path, typer.Argument(help="An .onnx model.")],
-        output: Annotated[Path, typer.Option("-o", "--output", help="The model repository folder.")],
-        name: Annotated[str, typer.Option("--name", help="Model name (folder in the repository).")],
-        devices: Annotated[str, typer.Option("--devices", help="Instance groups: cpu, cuda:0,cuda:1, or "
+        output: Annotated[Path, typer.Option("-o", "--output", callback=output_dir, help="The model repository folder.")],
+        name: Annotated[str, typer.Option("--name", callback=model_name, help="Model name (folder in the repository).")],
+        devices: Annotated[str, typer.Option("--devices", callback=device_list, help="Instance groups: cpu, cuda:0,cuda:1, or "
                                                                "tensorrt:0,tensorrt:1[fp16,cache_dir=/trt] for the TensorRT accelerator.")] = "cpu",
-        max_batch_size: Annotated[int, typer.Option("--max-batch-size", help="Triton's max_batch_size (0: no batching).")] = 32,
-        max_queue_delay_ms: Annotated[float, typer.Option("--max-queue-delay-ms", help="Dynamic batching's queue delay.")] = 2.0,
-        instances: Annotated[int, typer.Option("--instances", help="Model instances per device.")] = 1,
-        version: Annotated[int, typer.Option("--version", help="Version folder to write.")] = 1,
+        max_batch_size: Annotated[int, typer.Option("--max-batch-size", callback=count(0, MAX_BATCH), help="Triton's max_batch_size (0: no batching).")] = 32,
+        max_queue_delay_ms: Annotated[float, typer.Option("--max-queue-delay-ms", callback=number(0, 60_000), help="Dynamic batching's queue delay.")] = 2.0,
+        instances: Annotated[int, typer.Option("--instances", callback=count(1, 1024), help="Model instances per device.")] = 1,
+        version: Annotated[int, typer.Option("--version", callback=count(1, 1 << 31), help="Version folder to write.")] = 1,
     ) -> None:
         """Write a Triton model repository: NAME/VERSION/model.onnx and NAME/config.pbtxt."""
         from onnxpipe.serve.repository import discover

@@ -57,12 +57,12 @@ class ConversionResult:
 
 
 def load_source(source: str | os.PathLike, *, framework: str | None = None,
-                inputs: Sequence[InputSpec | str] = ()) -> FrameworkModel:
+                inputs: Sequence[InputSpec | str] = (), trust: bool = False) -> FrameworkModel:
     """Load SOURCE (factory, archive, SavedModel, .keras or .onnx) without converting it."""
     from onnxpipe.converter import source as src
 
     specs = [s if isinstance(s, InputSpec) else InputSpec.parse(s) for s in inputs]
-    return src.load(str(source), framework=framework, specs=specs)
+    return src.load(str(source), framework=framework, specs=specs, trust=trust)
 
 
 def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -87,6 +87,7 @@ def convert(
     check: bool = True,
     external_data_threshold: int | None = None,
     task: str | None = None,
+    trust: bool = False,
 ) -> ConversionResult:
     """Convert SOURCE to ONNX, prove it agrees with the framework, and write it to ``output``.
 
@@ -105,6 +106,9 @@ def convert(
         task: for a Hugging Face ``save_pretrained`` folder, the task to export it for
             (``text-generation`` writes a decoder folder); None infers it from the config. See
             :func:`onnxpipe.converter.huggingface.convert_folder`.
+        trust: allow a source that can run code while it loads: a pickled PyTorch module, pickled
+            objects in a ``.pt2``, a SavedModel with file or Python ops (``file.py:factory`` is code
+            by nature and always runs).
 
     Returns:
         A :class:`ConversionResult` (a ``HFConversionResult`` for a Hugging Face folder).
@@ -126,7 +130,7 @@ def convert(
     if task is not None:
         raise InputError(f"--task applies to Hugging Face model folders, and {source} is not one (no config.json)",
                          hint="drop --task, or give a folder written by save_pretrained")
-    fm = load_source(source, framework=framework, inputs=inputs)
+    fm = load_source(source, framework=framework, inputs=inputs, trust=trust)
     if fm.framework == "torch":
         from onnxpipe.converter import pytorch as backend
     elif fm.framework == "tensorflow":

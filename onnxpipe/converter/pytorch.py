@@ -78,14 +78,80 @@ def from_object(model: Any, example: Any, kind: str | None = None) -> FrameworkM
                           _output_names(inputs, model, names, by_keyword), by_keyword)
 
 
-def from_archive(path: Path, kind: str, specs: Sequence[InputSpec]) -> FrameworkModel:
-    """A TorchScript (``.pt``) or torch.export (``.pt2``) archive."""
+TRUST_HINT = "load it only if you trust where it comes from: add --trust (recipe: trust: true)"
+
+
+@contextlib.contextmanager
+def weights_only(trust: bool) -> Iterator[None]:
+    """Every ``torch.load`` inside (torch.export's own too) unpickles tensors and containers only,
+    unless the user trusts the file: a pickle can run any code while it loads.
+
+    torch.export.load reads pickled weights, constants and example inputs with
+    ``weights_only=False`` (or falls back to it); here that fallback is refused.
+    """
+    torch = require("torch")
+    if trust:
+        yield
+        return
+    real = torch.load
+
+    def safe(f: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real(f, *args, **kwargs)
+
+    torch.load = safe
+    try:
+        yield
+    finally:
+        torch.load = real
+
+
+def _needs_code(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    return "weights_only" in text.lower() or "Unsupported global" in text or "UnpicklingError" in text
+
+
+def _pickled_module(path: Path, specs: Sequence[InputSpec], trust: bool) -> FrameworkModel:
+    """A ``torch.save`` pickle: weights (a state_dict: no model to convert) or a whole module (code)."""
+    torch = require("torch")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if not _needs_code(exc):
+            raise InputError(f"{path} is neither a TorchScript archive nor a torch.save file ({first_line(exc)})",
+                             hint="save the model with torch.jit.save(torch.jit.script(model), path), "
+                                  "or pass a factory file.py:build") from exc
+        if not trust:
+            raise InputError(f"{path} is a pickled Python object: loading it runs code from the file "
+                             f"({first_line(exc, 120)})", hint=TRUST_HINT) from None
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise InputError(f"{path} cannot be loaded ({first_line(exc2)})",
+                             hint="the classes it pickles must be importable; pass a factory file.py:build") from exc2
+    if not isinstance(obj, torch.nn.Module):
+        what = "weights (a state_dict)" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise InputError(f"{path} holds {what}, not a model",
+                         hint="pass a factory file.py:build that builds the model and loads these weights")
+    if not specs:
+        raise InputError(f"a pickled module carries no input shapes: {path}",
+                         hint="give each input with --input NAME:1x3x224x224:float32")
+    rng = np.random.default_rng(0)
+    return from_object(obj, tuple(examples_from_specs(specs, rng).values()), kind="nn.Module")
+
+
+def from_archive(path: Path, kind: str, specs: Sequence[InputSpec], *, trust: bool = False) -> FrameworkModel:
+    """A TorchScript (``.pt``) or torch.export (``.pt2``) archive, or a pickled module with ``trust``."""
     torch = require("torch")
     rng = np.random.default_rng(0)
     if kind == "torch.export":
         try:
-            ep = torch.export.load(str(path))
+            with weights_only(trust):
+                ep = torch.export.load(str(path))
         except Exception as exc:
+            if not trust and _needs_code(exc):
+                raise InputError(f"{path} holds pickled objects that run code when loaded ({first_line(exc, 120)})",
+                                 hint=TRUST_HINT) from None
             raise InputError(f"{path} is not a loadable torch.export archive ({first_line(exc)})",
                              hint="save it with torch.export.save(exported_program, path)") from exc
         if specs:
@@ -107,6 +173,8 @@ def from_archive(path: Path, kind: str, specs: Sequence[InputSpec]) -> Framework
     try:
         model = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
+        if _is_torch_save(path):
+            return _pickled_module(path, specs, trust)
         raise InputError(f"{path} is not a loadable TorchScript archive ({first_line(exc)})",
                          hint="save the model with torch.jit.save(torch.jit.script(model), path), "
                               "or pass a factory file.py:build") from exc
@@ -114,6 +182,21 @@ def from_archive(path: Path, kind: str, specs: Sequence[InputSpec]) -> Framework
         raise InputError(f"a TorchScript archive carries no input shapes: {path}",
                          hint="give each input with --input NAME:1x3x224x224:float32")
     return from_object(model, tuple(examples_from_specs(specs, rng).values()), kind="torchscript")
+
+
+def _is_torch_save(path: Path) -> bool:
+    """A ``torch.save`` file (a zip with a data.pkl and no TorchScript code), or an old raw pickle."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+            return any(n.endswith("data.pkl") for n in names) and not any("/code/" in n for n in names)
+        with open(path, "rb") as f:
+            return f.read(1) == b"\x80"  # a pickle's PROTO opcode
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager

@@ -94,7 +94,8 @@ def framework_of(obj: Any) -> str | None:
     return None
 
 
-def load(source: str, *, framework: str | None = None, specs: Sequence[InputSpec] = ()) -> FrameworkModel:
+def load(source: str, *, framework: str | None = None, specs: Sequence[InputSpec] = (),
+         trust: bool = False) -> FrameworkModel:
     """Load SOURCE into a :class:`FrameworkModel`, importing only the framework it needs.
 
     Example:
@@ -128,10 +129,10 @@ def load(source: str, *, framework: str | None = None, specs: Sequence[InputSpec
     if detected == "torch":
         from onnxpipe.converter import pytorch
 
-        return pytorch.from_archive(Path(source), kind, specs)
+        return pytorch.from_archive(Path(source), kind, specs, trust=trust)
     from onnxpipe.converter import tensorflow
 
-    return tensorflow.from_path(Path(source), kind, specs)
+    return tensorflow.from_path(Path(source), kind, specs, trust=trust)
 
 
 def _agree(asked: str | None, detected: str, source: str) -> None:

@@ -117,14 +117,62 @@ def _spec_examples(specs: Sequence[Any], given: Sequence[InputSpec], what: Path)
     return out
 
 
-def from_path(path: Path, kind: str, specs: Sequence[InputSpec]) -> FrameworkModel:
-    """A SavedModel directory or a ``.keras`` file."""
+# ops that reach outside the graph: files, Python callbacks, the shell of the process
+RISKY_OPS = frozenset({
+    "ReadFile", "WriteFile", "MatchingFiles", "DeleteFile", "ImmutableConst", "FileSystemSetConfiguration",
+    "PyFunc", "PyFuncStateless", "EagerPyFunc",
+    "WholeFileReader", "WholeFileReaderV2", "TextLineReader", "TextLineReaderV2", "FixedLengthRecordReader",
+    "FixedLengthRecordReaderV2", "TFRecordReader", "TFRecordReaderV2", "ReaderReadV2", "ReaderRead",
+    "TFRecordDataset", "TFRecordDatasetV2", "TextLineDataset", "FixedLengthRecordDataset", "FixedLengthRecordDatasetV2",
+    "DatasetToTFRecord", "ExperimentalDatasetToTFRecord", "SaveDataset", "SaveDatasetV2", "LoadDataset",
+    "CreateSummaryFileWriter", "WriteSummary", "WriteScalarSummary", "WriteHistogramSummary", "WriteImageSummary",
+    "WriteAudioSummary", "WriteGraphSummary", "WriteRawProtoSummary", "ImportEvent",
+    "Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice", "MergeV2Checkpoints",
+    "LoadAndRemapMatrix", "GenerateVocabRemapping", "InitializeTableFromTextFile", "InitializeTableFromTextFileV2",
+})
+# the checkpoint functions every SavedModel carries: their Save/Restore ops are TensorFlow's own
+_CHECKPOINT_FUNCS = ("_traced_save", "_traced_restore", "saver_", "save_fn", "restore_fn")
+
+
+def risky_ops(path: Path) -> list[str]:
+    """Ops of a SavedModel's graphs that touch files or run Python, as ``op (function)``; read from
+    ``saved_model.pb`` without loading or running anything."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from onnxpipe.core.userfiles import reading
+
+    sm = saved_model_pb2.SavedModel()
+    pb = path / "saved_model.pb"
+    with reading(pb, "SavedModel", hint="re-export it with tf.saved_model.save"):
+        sm.ParseFromString(pb.read_bytes())
+    found: dict[str, None] = {}
+    for mg in sm.meta_graphs:
+        saver = {mg.saver_def.save_tensor_name.split(":")[0], mg.saver_def.restore_op_name.split(":")[0]}
+        for node in mg.graph_def.node:
+            if node.op in RISKY_OPS and not (node.op.startswith(("Save", "Restore", "Merge")) and
+                                              (node.name in saver or node.name.startswith("save"))):
+                found[f"{node.op} ({node.name})"] = None
+        for fn in mg.graph_def.library.function:
+            fname = fn.signature.name
+            checkpoint = any(tag in fname for tag in _CHECKPOINT_FUNCS)
+            for node in fn.node_def:
+                if node.op in RISKY_OPS and not (checkpoint and node.op.startswith(("Save", "Restore", "Merge"))):
+                    found[f"{node.op} (in {fname})"] = None
+    return list(found)
+
+
+def from_path(path: Path, kind: str, specs: Sequence[InputSpec], *, trust: bool = False) -> FrameworkModel:
+    """A SavedModel directory or a ``.keras`` file (Keras' safe mode on unless ``trust``)."""
     tf = _tf()
     if kind == "keras":
         keras = require("keras")
         try:
-            model = keras.saving.load_model(str(path), compile=False)
+            model = keras.saving.load_model(str(path), compile=False, safe_mode=not trust)
         except Exception as exc:
+            if not trust and "safe_mode" in str(exc):
+                raise InputError(f"{path} holds Python code (a lambda layer) that runs when it loads",
+                                 hint="load it only if you trust where it comes from: add --trust "
+                                      "(recipe: trust: true)") from None
             raise InputError(f"{path} is not a loadable Keras model ({first_line(exc)})",
                              hint="save it with model.save('model.keras')") from exc
         tensors = getattr(model, "inputs", None) or []
@@ -132,6 +180,13 @@ def from_path(path: Path, kind: str, specs: Sequence[InputSpec]) -> FrameworkMod
             raise InputError(f"{path} has no input layer shapes", hint="give them with --input NAME:1x8x8x1:float32")
         inputs = _spec_examples([(t.name, t.shape, t.dtype) for t in tensors], specs, path)
         return _framework_model("keras", model, _keras_call(model, False, list(inputs)), inputs)
+    if not trust:
+        ops = risky_ops(path)
+        if ops:
+            raise InputError(f"SavedModel {path} runs ops that touch files or run Python: {', '.join(ops[:4])}"
+                             + (f" and {len(ops) - 4} more" if len(ops) > 4 else ""),
+                             hint="running it for the check would run them; add --trust (recipe: trust: true) "
+                                  "only if you trust where it comes from")
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as exc:

@@ -27,6 +27,8 @@ agreement floor, the budget's score) are in :mod:`onnxpipe.core.agreement`.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -232,8 +234,8 @@ class Tolerance:
             values = [float(p) for p in parts]
         except ValueError:
             raise InputError(f"cannot read tolerance {text!r}", hint="write ATOL or ATOL,RTOL, e.g. 1e-3,1e-2") from None
-        if not 1 <= len(values) <= 2 or any(v < 0 for v in values):
-            raise InputError(f"cannot read tolerance {text!r}", hint="write ATOL or ATOL,RTOL (non-negative)")
+        if not 1 <= len(values) <= 2 or any(not math.isfinite(v) or v < 0 for v in values):
+            raise InputError(f"cannot read tolerance {text!r}", hint="write ATOL or ATOL,RTOL (finite, non-negative)")
         base = base or cls()
         return replace(base, atol=values[0], rtol=values[1] if len(values) > 1 else base.rtol)
 

@@ -9,17 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from onnxpipe.core.errors import InputError
-from onnxpipe.core.userfiles import load_callable
+from onnxpipe.core.userfiles import load_callable, read_npz, user_batches
 
 Batch = dict[str, np.ndarray]
 
 
 def _npz_arrays(path: Path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except Exception as exc:
-        raise InputError(f"cannot read {path} as .npz/.npy ({type(exc).__name__})", hint="check the file") from exc
+    return read_npz(path, what="evaluation data")
 
 
 def calibration_source(spec: str | Path | Callable[[], Iterable[Batch]], *,
@@ -37,7 +33,7 @@ def calibration_source(spec: str | Path | Callable[[], Iterable[Batch]], *,
     text = str(spec)
     if ".py:" in text:
         fn = load_callable(text, what="calibration data")
-        return lambda: fn()
+        return lambda: user_batches(fn, text, what="calibration data")
     path = Path(text)
     if not path.exists():
         raise InputError(f"calibration data: no such file or directory {path}", hint="check the path")
@@ -66,7 +62,14 @@ def evaluation_source(spec: str | Path | tuple, *, model: str | Path | None = No
         return dict(inputs), np.asarray(labels)
     text = str(spec)
     if ".py:" in text:
-        result = load_callable(text, what="evaluation data")()
+        fn = load_callable(text, what="evaluation data")
+        try:
+            result = fn()
+        except Exception as exc:
+            from onnxpipe.core.userfiles import first_line
+
+            raise InputError(f"evaluation data {text} raised {first_line(exc, 200)}",
+                             hint="fix the function (run with --debug for the traceback)") from exc
         if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Mapping)):
             raise InputError(f"evaluation data {text} must return (inputs dict, labels)",
                              hint="return ({'x': array}, labels)")

@@ -93,15 +93,18 @@ def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype, bool]
 
 def _npz_chunks(path: Path, keep: set[str] | None) -> Iterator[Chunk]:
     """Read an .npz member by member in row blocks, all batched members in lockstep."""
-    try:
+    from onnxpipe.core.userfiles import reading
+
+    with reading(path, "data", hint="save it with numpy.savez, numeric arrays only"):
         members = _npz_members(path)
-    except (zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise InputError(f"cannot read {path} as .npz ({exc})", hint="save it with numpy.savez") from exc
+        for n, (_shape, dtype, _slow) in members.items():
+            if dtype.hasobject:
+                raise ValueError(f"array {n!r} holds Python objects, which are not read (no unpickling)")
     _require(members, keep, str(path))
     names = [n for n in members if keep is None or n in keep]
     chunk = split({n: np.empty(members[n][0][:1] if members[n][0] else ()) for n in names},
                   {n: (members[n][0][0] if members[n][0] else None) for n in names})
-    with np.load(path, allow_pickle=False) as z:
+    with reading(path, "data", hint="save it with numpy.savez, numeric arrays only"), np.load(path, allow_pickle=False) as z:
         constant = {n: z[n] for n in chunk.constant}
         slow = [n for n in chunk.batched if members[n][2]]  # Fortran order or objects: read whole
         whole = {n: z[n] for n in slow}
@@ -109,26 +112,30 @@ def _npz_chunks(path: Path, keep: set[str] | None) -> Iterator[Chunk]:
     row_bytes = max(1, sum(int(np.prod(members[n][0][1:], dtype=np.int64)) * members[n][1].itemsize
                            for n in chunk.batched))
     step = max(1, READ_BYTES // row_bytes)
-    with zipfile.ZipFile(path) as z:
+    with reading(path, "data"):
+        z = zipfile.ZipFile(path)
+    with z:
         streams = {}
         try:
             for n in chunk.batched:
                 if n in whole:
                     continue
-                f = z.open(n + ".npy")
-                _header(f)
+                with reading(path, "data"):
+                    f = z.open(n + ".npy")
+                    _header(f)
                 streams[n] = f
             for start in range(0, total, step):
                 rows = min(step, total - start)
                 out = {}
-                for n in chunk.batched:
-                    if n in whole:
-                        out[n] = whole[n][start:start + rows]
-                        continue
-                    shape, dtype, _ = members[n]
-                    need = rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-                    data = streams[n].read(need)
-                    out[n] = np.frombuffer(data, dtype=dtype).reshape((rows, *shape[1:]))
+                with reading(path, "data", hint="the file may be truncated; save it again with numpy.savez"):
+                    for n in chunk.batched:
+                        if n in whole:
+                            out[n] = whole[n][start:start + rows]
+                            continue
+                        shape, dtype, _ = members[n]
+                        need = rows * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+                        data = streams[n].read(need)
+                        out[n] = np.frombuffer(data, dtype=dtype).reshape((rows, *shape[1:]))
                 yield Chunk(out, constant)
         finally:
             for f in streams.values():
@@ -136,7 +143,10 @@ def _npz_chunks(path: Path, keep: set[str] | None) -> Iterator[Chunk]:
 
 
 def _npz_total(path: Path, keep: set[str] | None) -> int:
-    members = _npz_members(path)
+    from onnxpipe.core.userfiles import reading
+
+    with reading(path, "data", hint="save it with numpy.savez, numeric arrays only"):
+        members = _npz_members(path)
     names = [n for n in members if keep is None or n in keep]
     lead = [members[n][0][0] for n in names if members[n][0]]
     return max(sorted(set(lead)), key=lead.count) if lead else 0
@@ -164,7 +174,14 @@ def _directory(path: Path, keep: set[str] | None) -> Source:
     _require({n for g in groups.values() for n in g} if not npz else keep or (), keep, str(path))
 
     def maps(k: int) -> dict[str, np.ndarray]:
-        return {n: np.load(p, mmap_mode="r") for n, p in groups[k].items() if keep is None or n in keep}
+        from onnxpipe.core.userfiles import reading
+
+        out = {}
+        for n, p in groups[k].items():
+            if keep is None or n in keep:
+                with reading(p, "data", hint="save it with numpy.save, numeric arrays only"):
+                    out[n] = np.load(p, mmap_mode="r", allow_pickle=False)
+        return out
 
     total = sum(_npz_total(f, keep) for f in npz) + sum(split(maps(k)).rows for k in groups)
 
@@ -199,8 +216,10 @@ def open_source(data: Any, inputs: list[TensorInfo]) -> Source:
         if ".py:" in text:
             from onnxpipe.core.userfiles import load_callable
 
+            from onnxpipe.core.userfiles import user_batches
+
             fn = load_callable(text, what="inference data")
-            return _iterable(lambda: fn(), None, text, keep)
+            return _iterable(lambda: user_batches(fn, text, what="inference data"), None, text, keep)
         path = Path(text)
         if not path.exists():
             raise InputError(f"no such file or directory: {path}",
@@ -208,8 +227,11 @@ def open_source(data: Any, inputs: list[TensorInfo]) -> Source:
         if path.is_dir():
             return _directory(path, keep)
         if path.suffix == ".npy":
+            from onnxpipe.core.userfiles import reading
+
             name = inputs[0].name if len(inputs) == 1 else path.stem
-            arr = np.load(path, mmap_mode="r")
+            with reading(path, "data", hint="save it with numpy.save, numeric arrays only"):
+                arr = np.load(path, mmap_mode="r", allow_pickle=False)
             return Source(lambda: _array_chunks({name: arr}), int(arr.shape[0]) if arr.ndim else 0, str(path))
         return Source(lambda: _npz_chunks(path, keep), _npz_total(path, keep), str(path))
     if isinstance(data, Iterable):
@@ -232,9 +254,16 @@ def _iterable(make: Callable[[], Iterable[Any]], total: int | None, what: str, k
                 raise InputError(f"{what}: item {i} is a {type(item).__name__}, not a dict of arrays",
                                  hint="yield {input name: array with samples along axis 0}")
             _require(item, keep, f"{what} item {i}")
-            yield split({k: np.asarray(v) for k, v in item.items() if keep is None or k in keep})
+            from onnxpipe.core.userfiles import numeric
+
+            yield split({k: numeric(v, what=f"{what} item {i}", name=k) for k, v in item.items() if keep is None or k in keep})
 
     return Source(chunks, total, what)
+
+
+def name_batched(name: str, chunk: Chunk) -> bool:
+    """Whether input ``name`` rides the sample axis in ``chunk`` (its leading dim is then any size)."""
+    return name in chunk.batched
 
 
 def check_chunk(chunk: Chunk, inputs: list[TensorInfo]) -> None:
@@ -253,6 +282,8 @@ def check_chunk(chunk: Chunk, inputs: list[TensorInfo]) -> None:
         if arr.dtype != info.dtype:
             raise InputError(f"input {info.name!r}: expected dtype {info.dtype}, received {arr.dtype}",
                              hint=f"cast the data to {info.dtype}")
-        if info.shape is not None and arr.ndim != len(info.shape):
+        if info.shape is not None and (arr.ndim != len(info.shape) or any(
+                isinstance(d, int) and d > 0 and d != a for k, (d, a) in enumerate(zip(info.shape, arr.shape))
+                if k > 0 or name_batched(info.name, chunk) is False)):
             raise InputError(f"input {info.name!r}: expected shape {info.shape_str()}, received {list(arr.shape)}",
                              hint="samples go along axis 0, one array per model input")

@@ -359,3 +359,20 @@ def example_inputs(model: onnx.ModelProto, specs: Sequence[InputSpec] = (), *, b
         else:
             out[info.name] = random_input(info, concrete_shape(info, batch, dims), rng, hints.get(info.name))
     return out
+
+
+def tile_batch(sample: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """``sample``'s batched inputs cut or repeated (row by row, cyclically) to ``batch`` rows.
+
+    For timing and checks on the user's own data at any batch size; inputs without the batch
+    axis (a table, an option) are passed unchanged.
+
+    Example:
+        >>> tile_batch({"x": np.arange(3)}, 5)["x"].tolist()
+        [0, 1, 2, 0, 1]
+    """
+    names, rows = batched_inputs(sample)
+    if not rows:
+        return dict(sample)
+    index = np.arange(batch) % rows
+    return {n: (np.ascontiguousarray(a[index]) if n in names else a) for n, a in sample.items()}

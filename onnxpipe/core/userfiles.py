@@ -1,15 +1,20 @@
-"""Import users' Python files by path: factories, data functions and metrics."""
+"""Everything a user hands us, read through one guard: Python files by path (factories, data
+functions, metrics), ``.npz``/``.npy`` arrays, text and JSON files. A file that does not parse is
+one line naming it (:class:`InputError`), never a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from onnxpipe.core.errors import InputError
+import numpy as np
+
+from onnxpipe.core.errors import InputError, OnnxpipeError
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:
@@ -78,3 +83,108 @@ def load_callable(spec: str, *, what: str) -> Callable[..., Any]:
     if not callable(fn):
         raise InputError(f"{path}:{name} is not callable", hint=f"name a function for the {what}")
     return fn
+
+
+# the guarded reader: every file and function a user hands us ------------------------------------
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, what: str, hint: str = "check the file") -> Iterator[None]:
+    """Turn any failure while reading the user's ``path`` into one line naming it.
+
+    Example:
+        >>> with reading("x.npz", "data"):  # doctest: +SKIP
+        ...     np.load("x.npz")
+    """
+    try:
+        yield
+    except OnnxpipeError:
+        raise
+    except MemoryError:
+        raise InputError(f"{what} {path} does not fit in memory", hint="split it into smaller files") from None
+    except RecursionError:
+        raise InputError(f"{what} {path} is nested too deeply to read", hint=hint) from None
+    except Exception as exc:  # a corrupt zip, a bad header, bytes where text belongs: all the file's fault
+        raise InputError(f"cannot read {what} {path}: {first_line(exc, 200)}", hint=hint) from exc
+
+
+def read_npz(path: str | Path, *, what: str = "data") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` (or the one of an ``.npy``, under its stem), never unpickling objects."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what}: no such file {p}", hint="check the path")
+    with reading(p, what, hint="save it with numpy.savez, numeric arrays only"):
+        if p.suffix == ".npy":
+            return {p.stem: np.load(p, allow_pickle=False)}
+        with np.load(p, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("a single array, not an .npz archive")
+            return {k: z[k] for k in z.files}
+
+
+def read_text(path: str | Path, *, what: str) -> str:
+    """A text file (UTF-8); a binary or unreadable file is one line naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"no such {what}: {p}", hint="check the path")
+    with reading(p, what):
+        raw = p.read_bytes()
+        if b"\0" in raw:
+            raise ValueError("it is a binary file, not text")
+        return raw.decode("utf-8")
+
+
+def read_json(path: str | Path, *, what: str) -> Any:
+    """A JSON document from a user's file."""
+    import json
+
+    text = read_text(path, what=what)
+    with reading(path, what, hint="it must be JSON"):
+        return json.loads(text)
+
+
+def numeric(value: Any, *, what: str, name: str) -> np.ndarray:
+    """``value`` as a numeric or boolean array; strings and objects are refused naming ``name``."""
+    try:
+        arr = np.asarray(value)
+    except Exception as exc:
+        raise InputError(f"{what}: {name!r} is not an array ({first_line(exc, 120)})",
+                         hint="give numpy arrays of numbers") from None
+    if arr.dtype.kind not in "biufc":
+        raise InputError(f"{what}: {name!r} holds {arr.dtype} values ({'objects' if arr.dtype.kind == 'O' else 'text'}), "
+                         "not numbers", hint="give numpy arrays of numbers")
+    return arr
+
+
+def user_batches(fn: Callable[[], Any], spec: str, *, what: str) -> Iterator[dict[str, np.ndarray]]:
+    """The batches a user's function returns or yields, every failure one line naming ``spec``.
+
+    Checks: the call does not raise, the result is iterable, each item is a dict of numeric arrays.
+    """
+    try:
+        result = fn()
+    except OnnxpipeError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{what} {spec} raised {first_line(exc, 200)}",
+                         hint="fix the function (run with --debug for the traceback)") from exc
+    if isinstance(result, (str, bytes)) or not hasattr(result, "__iter__"):
+        raise InputError(f"{what} {spec} returned a {type(result).__name__}, not an iterable of input dicts",
+                         hint="return or yield {input name: array} batches")
+    items = iter(result)
+    k = 0
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except OnnxpipeError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{what} {spec} raised {first_line(exc, 200)} at batch {k}",
+                             hint="fix the function (run with --debug for the traceback)") from exc
+        if not isinstance(item, Mapping) or not all(isinstance(n, str) for n in item):
+            raise InputError(f"{what} {spec}: batch {k} is a {type(item).__name__}, not a dict of arrays by input name",
+                             hint="yield {input name: array} batches")
+        yield {n: numeric(v, what=f"{what} {spec} batch {k}", name=n) for n, v in item.items()}
+        k += 1

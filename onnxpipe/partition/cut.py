@@ -200,7 +200,10 @@ def find_cuts(profile: GraphProfile, parts: int, *, balance: str = "flops", cuts
     if parts < 2:
         raise InputError(f"--parts must be >= 2, received {parts}", hint="split into 2 or more parts")
     if parts > n:
-        raise InputError(f"cannot cut a model of {n} node(s) into {parts} parts", hint=f"use --parts {n} or fewer")
+        if n < 2:
+            raise InputError(f"cannot cut a model of {n} node into {parts} parts: there is nothing to split",
+                             hint="run the whole model on one device (onnxpipe infer)")
+        raise InputError(f"cannot cut a model of {n} nodes into {parts} parts", hint=f"use --parts {n} or fewer")
     if allowed is not None and parts - 1 > len(set(allowed)):
         raise InputError(f"only {len(set(allowed))} cut position(s) are allowed, too few for {parts} parts",
                          hint=f"use --parts {len(set(allowed)) + 1} or fewer")

@@ -96,9 +96,9 @@ def check_sequence(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto], pa
         >>> all(c.ok for c in check_sequence(model, [s.model for s in stages], parts, ["y"], batch=2))  # doctest: +SKIP
         True
     """
-    from onnxpipe.core.tensors import example_inputs
     from onnxpipe.core.compare import compare_runs, outputs_on
     from onnxpipe.core.session import Session
+    from onnxpipe.core.tensors import example_inputs
 
     if inputs is None:
         inputs = [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
@@ -120,7 +120,7 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
                 balance: str = "flops", cuts: Sequence[str] = (), batch: int = 1,
                 dims: Mapping[str, int] | None = None, check: bool = True, atol: float = ATOL,
                 rtol: float = RTOL, max_part_bytes: int | None = None, at_layers: bool = False,
-                side_files: Sequence[str | os.PathLike] = ()) -> SplitResult:
+                side_files: Sequence[str | os.PathLike] = (), inputs: Mapping[str, Any] | None = None) -> SplitResult:
     """Cut ``model`` into stages, check them against the whole, and write them with ``pipeline.json``.
 
     Args:
@@ -138,6 +138,7 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
         at_layers: cut only between decoder layers (a model with ``past_key_values.{i}`` inputs),
             so each stage holds whole layers and their KV cache.
         side_files: files copied into the folder beside the parts (a decoder's tokenizer and configs).
+        inputs: a batch of real inputs for that check (default: generated ones).
 
     A model given as a path is read without its external data: weights are copied from file to
     file one tensor at a time and ONNX Runtime memory-maps them for the check, so memory stays
@@ -162,7 +163,11 @@ def split_model(model: str | os.PathLike | onnx.ModelProto, outdir: str | os.Pat
     if folder.exists() and not folder.is_dir():
         raise InputError(f"{folder} is a file", hint="give a folder for the parts with -o")
     check_inputs = None
-    if at_layers:  # a cached decoder step needs consistent inputs (mask over past + new positions)
+    if inputs:  # the user's own data (--data): a batch of it, cut or repeated to the batch size
+        from onnxpipe.core.tensors import tile_batch
+
+        check_inputs = [tile_batch(inputs, batch)]
+    elif at_layers:  # a cached decoder step needs consistent inputs (mask over past + new positions)
         check_inputs = [decoder_feeds(proto, batch=batch, seed=k) for k in range(2)]
     profile = profile_graph(proto, batch=batch, dims=dims,
                             input_shapes={k: v.shape for k, v in check_inputs[0].items()} if check_inputs else None)

@@ -100,7 +100,8 @@ class Pass:
         except ValidationError as exc:
             problems = "; ".join(
                 f"option {'.'.join(str(p) for p in err['loc']) or '(options)'}: "
-                + ("unknown option" if err["type"] == "extra_forbidden" else err["msg"])
+                + ("unknown option" if err["type"] == "extra_forbidden" else err["msg"]
+                   + (f", received {err['input']!r}" if isinstance(err.get("input"), (int, float, str)) else ""))
                 for err in exc.errors())
             known = ", ".join(cls.Config.model_fields)
             raise InputError(f"pass {cls.name!r}, {problems}", hint=f"options of {cls.name}: {known}") from exc

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import onnx
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from onnxpipe.core.errors import InputError
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
@@ -51,9 +51,9 @@ class FixShapes(Pass):
     rtol = 1e-4
 
     class Config(PassConfig):
-        dims: dict[str, int] = Field(default_factory=dict)
+        dims: dict[str, PositiveInt] = Field(default_factory=dict)
         """Symbolic dim name -> value, applied everywhere the name appears."""
-        inputs: dict[str, list[int]] = Field(default_factory=dict)
+        inputs: dict[str, list[PositiveInt]] = Field(default_factory=dict)
         """Input name -> full static shape."""
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
@@ -64,6 +64,11 @@ class FixShapes(Pass):
         if unknown:
             raise InputError(f"fix-shapes: {', '.join(unknown)} not an input of the model",
                              hint=f"inputs: {', '.join(sorted(names))}")
+        symbolic = {d.dim_param for v in model.graph.input for d in v.type.tensor_type.shape.dim if d.dim_param}
+        unknown = sorted(set(self.config.dims) - symbolic)
+        if unknown:
+            raise InputError(f"fix-shapes: the model has no symbolic dim {', '.join(map(repr, unknown))}",
+                             hint=f"its symbolic dims: {', '.join(sorted(symbolic)) or 'none'}")
         out = onnx.ModelProto()
         out.CopyFrom(model)
         g = out.graph

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 
 from onnxpipe.core.compare import outputs_on
+from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.core.modelio import load_model, save_model
 from onnxpipe.core.timing import latency_ms, time_session
 from onnxpipe.passes.base import PassContext
@@ -184,20 +185,36 @@ def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = 
     Example:
         >>> result = onnxpipe.run("models/digits_cnn/pipeline.yaml")  # doctest: +SKIP
     """
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    import shutil
 
-    from onnxpipe.core import data as data_mod
-    from onnxpipe.core.files import write_json, write_text
-    from onnxpipe.pipeline import report
-    from onnxpipe.pipeline.recipe import Recipe, load_recipe, resolve_path
-    from onnxpipe.converter import convert
+    from rich.console import Console
+
+    from onnxpipe.pipeline.recipe import Recipe, load_recipe
 
     r: Recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     console = console or Console(stderr=True)
     default_out = Path("runs") / (Path(recipe).stem if isinstance(recipe, (str, os.PathLike)) else "run")
     out = Path(outdir or r.output or default_out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"the output {out} is a file", hint="give a folder with -o (or the recipe's output:)")
+    fresh = not out.exists()  # created by this run: removed again if the run fails on its input
+    try:
+        return _run(r, out, console)
+    except OnnxpipeError as exc:
+        if fresh and exc.exit_code == 2:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run(r: Any, out: Path, console: Any) -> RunResult:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from onnxpipe.converter import convert
+    from onnxpipe.core import data as data_mod
+    from onnxpipe.core.files import write_json, write_text
+    from onnxpipe.pipeline import report
+    from onnxpipe.pipeline.recipe import resolve_path
+
     calibration = (data_mod.calibration_source(resolve_path(r, r.data.calibration), batch_size=r.data.batch_size)
                    if r.data.calibration else None)
     evaluation = (data_mod.evaluation_source(resolve_path(r, r.data.evaluation), model=resolve_path(r, r.model.source))
@@ -209,7 +226,7 @@ def run(recipe: Any, outdir: str | os.PathLike | None = None, *, console: Any = 
         m = r.model
         conversion = convert(resolve_path(r, m.source), framework=m.framework, inputs=m.inputs,
                              dynamic_batch=m.dynamic_batch, opset=m.opset, atol=m.atol, rtol=m.rtol, check=m.check,
-                             task=m.task)
+                             task=m.task, trust=m.trust)
         progress.advance(task)
 
         def on_event(message: str, stage: Stage | None) -> None:

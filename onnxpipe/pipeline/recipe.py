@@ -36,12 +36,14 @@ class ModelSpec(_Strict):
     framework: str | None = None
     inputs: list[str] = Field(default_factory=list)
     dynamic_batch: bool = True
-    opset: int | None = None
-    atol: float = 1e-4
-    rtol: float = 1e-3
+    opset: int | None = Field(None, ge=7, le=30)
+    atol: float = Field(1e-4, ge=0, allow_inf_nan=False)
+    rtol: float = Field(1e-3, ge=0, allow_inf_nan=False)
     check: bool = True
     task: str | None = None
     """Hugging Face folders (or a ``file.py:function`` returning one): the task to export for."""
+    trust: bool = False
+    """Allow a source that runs code while it loads (a pickled module, a SavedModel with file ops)."""
 
 
 class DataSpec(_Strict):
@@ -49,14 +51,14 @@ class DataSpec(_Strict):
     """``file.py:function`` (iterable of input dicts), a ``.npz``, or a directory of .npy/.npz."""
     evaluation: str | None = None
     """``file.py:function`` returning (inputs, labels), or a ``.npz`` with a ``labels`` array."""
-    batch_size: int = Field(32, ge=1)
-    check_batches: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1, le=1 << 20)
+    check_batches: int = Field(2, ge=1, le=100_000)
 
 
 class ValidateSpec(_Strict):
     providers: list[str] = Field(default_factory=lambda: ["cpu"])
-    atol: float = 1e-4
-    rtol: float = 1e-3
+    atol: float = Field(1e-4, ge=0, allow_inf_nan=False)
+    rtol: float = Field(1e-3, ge=0, allow_inf_nan=False)
     metric: str | None = None
     latency: bool = True
 
@@ -146,7 +148,9 @@ def load_recipe(source: str | os.PathLike | dict[str, Any]) -> Recipe:
         path = Path(source)
         if not path.is_file():
             raise InputError(f"no such recipe file: {path}", hint="give the path of a .yaml recipe")
-        where, text, base = str(path), path.read_text(), path.resolve().parent
+        from onnxpipe.core.userfiles import read_text
+
+        where, text, base = str(path), read_text(path, what="recipe"), path.resolve().parent
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -156,7 +160,8 @@ def load_recipe(source: str | os.PathLike | dict[str, Any]) -> Recipe:
                              hint="fix the YAML syntax") from exc
         lines = _lines(text)
         if not isinstance(data, dict):
-            raise InputError(f"{where}: a recipe is a mapping with model, passes, ...",
+            raise InputError(f"{where}: a recipe is a mapping with model, passes, ... (received "
+                             f"{'an empty file' if data is None else type(data).__name__})",
                              hint="see models/digits_cnn/pipeline.yaml")
     try:
         recipe = Recipe.model_validate(data)

@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ from onnxpipe.core.files import file_digest
 from onnxpipe.runtimes.dispatch import Dispatcher, Plan
 from onnxpipe.runtimes.manifest import ShardWriter
 from onnxpipe.runtimes.providers import Device, parse_devices
-from onnxpipe.core.sources import Source, open_source
+from onnxpipe.core.sources import Source, check_chunk, open_source
 from onnxpipe.core.tensors import graph_inputs, value_infos
 
 __all__ = ["BatchRunner", "SamplesFailedError"]
@@ -236,9 +236,16 @@ class BatchRunner:
         from onnxpipe.runtimes.progress import job_progress
 
         source = open_source(inputs, self.inputs)
+        if source.total == 0:
+            raise InputError(f"{source.description} holds no samples", hint="give data with at least one sample")
+        if isinstance(inputs, (str, os.PathLike, Mapping)):  # read again from the start: a one-shot iterable is not
+            self._precheck(source)
         writer = None
         if outdir is not None:
+            from onnxpipe.runtimes.manifest import data_digest
+
             meta = {"model": self.model_path, "model_sha256": file_digest(self.model_path),
+                    "data_sha256": data_digest(inputs),
                     "shard_size": self.shard_size, "batch_size": self.batch_size,
                     "inputs": [[i.name, str(i.dtype)] for i in self.inputs], "source": source.description}
             writer = ShardWriter(outdir, meta, resume=resume)
@@ -272,6 +279,8 @@ class BatchRunner:
             if started_here:
                 self.close()
         seconds = time.perf_counter() - t0
+        if job.cut == 0:
+            raise InputError(f"{source.description} holds no samples", hint="give data with at least one sample")
         result = InferResult(samples=job.cut, computed=job.cut - job.skipped, skipped=job.skipped, seconds=seconds,
                              devices=list(self.stats), failed=[FailedSample(i, e) for i, e in sorted(failed.items())],
                              outdir=Path(outdir) if outdir is not None else None, backend=self.backend,
@@ -293,6 +302,35 @@ class BatchRunner:
             if ragged:
                 result.notes.append(f"outputs {', '.join(ragged)} change shape between shards: see per_batch")
         return result
+
+    def check_data(self, inputs: Any) -> None:
+        """Read the first chunk of ``inputs`` and check it against the model, before any worker starts:
+        data that cannot be read or does not fit fails in a moment, naming the data.
+
+        Example:
+            >>> BatchRunner("m.onnx").check_data("inputs.npz")  # doctest: +SKIP
+        """
+        source = open_source(inputs, self.inputs)
+        if source.total == 0:
+            raise InputError(f"{source.description} holds no samples", hint="give data with at least one sample")
+        self._precheck(source)
+
+    def _precheck(self, source: Source) -> None:
+        """Read the first chunk before any worker starts: data that cannot be read or does not fit the
+        model fails in a moment, naming the data, and no output folder is created."""
+        chunks = source.chunks()
+        try:
+            first = next(chunks, None)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        if first is None or first.rows == 0:
+            raise InputError(f"{source.description} holds no samples", hint="give data with at least one sample")
+        try:
+            check_chunk(first, self.inputs)
+        except InputError as exc:
+            raise InputError(f"{source.description}: {exc.message}", hint=exc.hint) from None
 
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import onnx
 from rich.table import Table
 
@@ -86,7 +87,8 @@ class BenchReport:
 def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *, batch_sizes: Sequence[int] = (1,),
           threads: Sequence[int | None] = (None,), dims: Mapping[str, int] | None = None, warmup: int = 5,
           min_runs: int = 10, budget_s: float = 1.0, seed: int = 0,
-          on_row: Callable[[BenchRow], None] | None = None) -> BenchReport:
+          on_row: Callable[[BenchRow], None] | None = None,
+          inputs: Mapping[str, np.ndarray] | None = None) -> BenchReport:
     """Latency percentiles, throughput and FLOP/s per device, thread count and batch size.
 
     Load time (session creation) and the first run are reported apart from the steady state;
@@ -105,6 +107,7 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         budget_s: seconds of timed runs per row.
         seed: for the generated inputs.
         on_row: called with every finished row (progress).
+        inputs: a batch of real inputs, cut or repeated to each batch size (default: generated ones).
 
     Example:
         >>> report = bench("model.onnx", ["cpu"], batch_sizes=[1, 32], threads=[1, 4])  # doctest: +SKIP
@@ -116,6 +119,7 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
     from onnxpipe.core.modelio import load_model
     from onnxpipe.runtimes.device_session import DeviceSession
     from onnxpipe.runtimes.providers import Device
+    from onnxpipe.core.tensors import tile_batch
 
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = str(model) if not isinstance(model, onnx.ModelProto) else (proto.graph.name or "model")
@@ -146,7 +150,7 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         load_s = time.perf_counter() - start
         with session:
             for b in batch_sizes:
-                feeds = session.check_feeds(example_inputs(proto, batch=b, seed=seed))
+                feeds = session.check_feeds(tile_batch(inputs, b) if inputs else example_inputs(proto, batch=b, seed=seed))
                 real_batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
                 row = BenchRow(d.label, real_batch, t, load_s=load_s, flops=flops.get(b, 0))
                 row.first_run_ms = time_calls(lambda: session.run(feeds), warmup=0, min_runs=1, budget_s=0).min_ms

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.core.sources import Chunk, Source, check_chunk
 from onnxpipe.core.tensors import TensorInfo
 from onnxpipe.runtimes.batch_result import BatchEvent, DeviceStats
@@ -120,7 +120,10 @@ def cut_tasks(source: Source, plan: Plan, job: Job) -> Iterator[Task]:
     while True:
         chunk = next(chunks, None)
         if chunk is not None and not checked:
-            check_chunk(chunk, list(plan.inputs))
+            try:
+                check_chunk(chunk, list(plan.inputs))
+            except InputError as exc:  # say which data does not fit
+                raise InputError(f"{source.description}: {exc.message}", hint=exc.hint) from None
             checked = True
         if chunk is not None and buf and not _same(chunk.constant, constant):
             flush = have  # inputs shared by a batch changed: no batch may mix the two

@@ -10,6 +10,7 @@ record, and ``resume`` skips every shard it lists.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.files import file_digest
 
 FORMAT = "onnxpipe-infer/1"
 INDEX = "_index"
@@ -37,6 +39,28 @@ class Shard:
     outputs: dict[str, np.ndarray]
     per_batch: dict[str, np.ndarray] = field(default_factory=dict)
     failed: dict[int, str] = field(default_factory=dict)
+
+
+def data_digest(data: Any) -> str | None:
+    """sha256 of what a job reads: a file, every .npy/.npz of a folder (names and contents), or the
+    Python file of ``file.py:function`` (its code, not what it returns); None for in-memory data.
+
+    Example:
+        >>> len(data_digest("inputs.npz"))  # doctest: +SKIP
+        64
+    """
+    if not isinstance(data, (str, os.PathLike)):
+        return None
+    text = str(data)
+    path = Path(text.rpartition(":")[0] if ".py:" in text else text)
+    if path.is_file():
+        return file_digest(path)
+    if path.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p for p in path.iterdir() if p.suffix in (".npy", ".npz")):
+            h.update(f.name.encode() + b"\0" + file_digest(f).encode())
+        return h.hexdigest()
+    return None
 
 
 def _atomic_bytes(path: Path, write: Any) -> None:
@@ -77,20 +101,25 @@ class ShardWriter:
             self._load()
         elif self.outdir.exists() and any(self.outdir.glob("shard-*.npz")) and not resume:
             raise InputError(f"{self.outdir} holds shards but no manifest", hint="choose an empty output folder")
-        self.outdir.mkdir(parents=True, exist_ok=True)
+        # the folder is created with the first shard: a job that fails on its inputs leaves nothing behind
 
     def _load(self) -> None:
         try:
             doc = json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(f"cannot read {self.path} ({exc})", hint="remove the folder and start again") from exc
-        if doc.get("format") != FORMAT:
+        except (OSError, ValueError, RecursionError) as exc:
+            raise InputError(f"cannot read {self.path} ({str(exc)[:120]})", hint="remove the folder and start again") from exc
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise InputError(f"{self.path} is not an onnxpipe inference manifest", hint="choose another output folder")
         for key in ("model_sha256", "shard_size", "inputs"):
             if doc.get(key) != self.meta.get(key):
                 raise InputError(f"cannot resume {self.outdir}: it was written with another {key.replace('_', ' ')} "
                                  f"({doc.get(key)!r}, now {self.meta.get(key)!r})",
                                  hint="resume with the same model, inputs and --shard-size, or use a new folder")
+        if doc.get("data_sha256") != self.meta.get("data_sha256") and "data_sha256" in doc:
+            raise InputError(f"cannot resume {self.outdir}: its outputs were computed from other data "
+                             f"({doc.get('source')}, sha256 {str(doc.get('data_sha256'))[:12]}...; now "
+                             f"{self.meta.get('source')}, sha256 {str(self.meta.get('data_sha256'))[:12]}...)",
+                             hint="resume with the data the job started with, or use a new folder")
         for s in doc.get("shards", []):
             f = self.outdir / s["file"]
             if f.exists() and f.stat().st_size == s["bytes"]:  # a shard lost or cut short is redone
@@ -105,6 +134,7 @@ class ShardWriter:
     def write(self, shard: Shard) -> Path:
         """Write one shard atomically, then the manifest."""
         name = f"shard-{shard.index:05d}.npz"
+        self.outdir.mkdir(parents=True, exist_ok=True)
         path = self.outdir / name
         arrays = {INDEX: shard.indices, **shard.outputs, **shard.per_batch}
         _atomic_bytes(path, lambda f: np.savez(f, **arrays))
@@ -123,6 +153,7 @@ class ShardWriter:
                "failed": [{"index": i, "error": e} for i, e in sorted(self.failed.items())],
                "shards": [self.shards[k] for k in sorted(self.shards)], **(extra or {})}
         text = json.dumps(doc, indent=2).encode()
+        self.outdir.mkdir(parents=True, exist_ok=True)
         _atomic_bytes(self.path, lambda f: f.write(text))
 
 

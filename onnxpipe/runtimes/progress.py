@@ -56,5 +56,7 @@ def job_progress(enabled: bool, total: int | None, description: str = "inference
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _Rate(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("elapsed"), TimeElapsedColumn()]
-    with Progress(*columns, console=console or Console(stderr=True), transient=False, speed_estimate_period=10) as p:
+    console = console or Console(stderr=True)
+    # piped into a log, a bar is only drawn once at the end, where it would sit beside an error line
+    with Progress(*columns, console=console, transient=not console.is_terminal, speed_estimate_period=10) as p:
         yield _Bar(p, p.add_task(description, total=total, completed=done))

@@ -8,6 +8,8 @@ cannot live in shared memory (object dtype) travel pickled instead.
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing import shared_memory
@@ -15,6 +17,25 @@ from multiprocessing import shared_memory
 import numpy as np
 
 ALIGN = 64  # cache line: keeps every array aligned for SIMD loads
+PREFIX = "onnxpipe_"  # /dev/shm/onnxpipe_<pid>_<random>: whose a segment is, should one ever outlive us
+
+
+def _create(size: int) -> shared_memory.SharedMemory:
+    for _ in range(8):
+        try:  # under 31 characters: macOS's limit on a name
+            return shared_memory.SharedMemory(name=f"{PREFIX}{os.getpid()}_{secrets.token_hex(4)}", create=True, size=size)
+        except FileExistsError:
+            continue
+    return shared_memory.SharedMemory(create=True, size=size)
+
+
+def owned_segments(pid: int | None = None) -> set[str]:
+    """Names of the shared-memory segments process ``pid`` (default: this one) created and has not freed."""
+    mark = f"{PREFIX}{os.getpid() if pid is None else pid}_"
+    try:
+        return {n for n in os.listdir("/dev/shm") if n.startswith(mark)}
+    except FileNotFoundError:  # no /dev/shm (macOS, Windows): nothing to list
+        return set()
 
 
 @dataclass(frozen=True)
@@ -74,7 +95,7 @@ class Block:
     """
 
     def __init__(self, capacity: int) -> None:
-        self.shm = shared_memory.SharedMemory(create=True, size=max(int(capacity), ALIGN))
+        self.shm = _create(max(int(capacity), ALIGN))
 
     @property
     def name(self) -> str:
@@ -92,7 +113,7 @@ class Block:
         """Replace the block by a bigger one (25% headroom) when ``nbytes`` does not fit."""
         if nbytes > self.capacity:
             self.close()
-            self.shm = shared_memory.SharedMemory(create=True, size=int(nbytes * 1.25) + ALIGN)
+            self.shm = _create(int(nbytes * 1.25) + ALIGN)
 
     def put(self, arrays: Mapping[str, np.ndarray]) -> Layout:
         """Write ``arrays`` (growing if needed) and return their layout."""

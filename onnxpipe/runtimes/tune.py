@@ -160,7 +160,8 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
          budget_s: float = 120.0, memory_cap: int | None = None, max_batch: int = 4096,
          dims: Mapping[str, int] | None = None, atol: float | None = None, rtol: float | None = None,
          cache_dir: str | os.PathLike | None = None, extra: Sequence[Any] = (), seed: int = 0,
-         on_event: Callable[[str], None] | None = None) -> TuneReport:
+         on_event: Callable[[str], None] | None = None,
+         inputs: Mapping[str, np.ndarray] | None = None) -> TuneReport:
     """Tune every device in ``devices`` for ``model`` within ``budget_s`` seconds in all.
 
     Args:
@@ -178,6 +179,7 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         extra: more setups to try, before the search (specs or :class:`Device`).
         seed: of the generated inputs.
         on_event: called with a line of progress.
+        inputs: a batch of real inputs, cut or repeated to each batch size (default: generated ones).
 
     Example:
         >>> tune(conv_gemm_model(), ["cpu"], budget_s=3).devices[0].chosen  # doctest: +SKIP
@@ -208,7 +210,8 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         results.append(_tune_one(proto, device, facts, objective=objective, batch_sizes=batch_sizes,
                                  budget_s=max(share, 0.0), memory_cap=memory_cap, max_batch=max_batch, dims=dims or {},
                                  atol=atol, rtol=rtol, cache_dir=cache_dir, cores=cpu().cores,
-                                 extra=[e for e in extras if e.label == device.label], seed=seed, notify=notify))
+                                 extra=[e for e in extras if e.label == device.label], seed=seed, notify=notify,
+                                 inputs=inputs))
     name = str(model) if not isinstance(model, onnx.ModelProto) else (proto.graph.name or "model")
     return TuneReport(name, objective, budget_s, time.perf_counter() - start, results)
 
@@ -233,7 +236,13 @@ def _with_cache(device: Device, cache_dir: str | os.PathLike | None, fixed: set[
 def _tune_one(model: onnx.ModelProto, device: Device, facts: ModelFacts, *, objective: str,
               batch_sizes: Sequence[int] | None, budget_s: float, memory_cap: int | None, max_batch: int,
               dims: Mapping[str, int], atol: float | None, rtol: float | None, cache_dir: Any, cores: int,
-              extra: Sequence[Device], seed: int, notify: Callable[[str], None]) -> DeviceTuning:
+              extra: Sequence[Device], seed: int, notify: Callable[[str], None],
+              inputs: Mapping[str, np.ndarray] | None = None) -> DeviceTuning:
+    from onnxpipe.core.tensors import tile_batch
+
+    def feeds(b: int, s: int) -> dict[str, np.ndarray]:
+        return tile_batch(inputs, b) if inputs else _feeds(model, b, dims, s)
+
     t0 = time.perf_counter()
     deadline = t0 + budget_s
     fixed = set(device.options.model_fields_set)
@@ -243,7 +252,7 @@ def _tune_one(model: onnx.ModelProto, device: Device, facts: ModelFacts, *, obje
     batch = sizes[0]
     result = DeviceTuning(default, default, batch)
     notify(f"{device.label}: opening the default setup")
-    live_default = _Live(model, default, _feeds(model, batch, dims, seed))  # fails loudly: nothing to tune
+    live_default = _Live(model, default, feeds(batch, seed))  # fails loudly: nothing to tune
     try:
         # memory bound on the batch
         if dynamic:
@@ -278,13 +287,13 @@ def _tune_one(model: onnx.ModelProto, device: Device, facts: ModelFacts, *, obje
                        else sizes if (len(sizes) > 1 or objective == "throughput") else [])
         if dynamic and curve_sizes:
             notify(f"{device.label}: samples/s over batch sizes")
-            result.curve = batch_curve(live_default.session.run, lambda b: _feeds(model, b, dims, seed), curve_sizes,
+            result.curve = batch_curve(live_default.session.run, lambda b: feeds(b, seed), curve_sizes,
                                        t0 + 0.3 * budget_s)
             result.knee_batch = knee([(b, b / (ms / 1e3)) for b, ms in result.curve])
             if objective == "throughput" and result.knee_batch:
                 batch = result.knee_batch
         result.batch = batch
-        check = [_feeds(model, batch, dims, seed), _feeds(model, batch, dims, seed + 1)]
+        check = [feeds(batch, seed), feeds(batch, seed + 1)]
         live_default.feeds = check[0]
         reference = [live_default.session.run(b) for b in check]
         for _ in range(2):

@@ -153,10 +153,13 @@ def load_tuned(path: str | os.PathLike) -> TunedFile:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"no such tuned config: {p}", hint="write one with `onnxpipe tune MODEL -o tuned.json`")
+    from onnxpipe.core.userfiles import read_text
+
+    text = read_text(p, what="tuned config")
     try:
-        doc = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{p}: not a JSON file ({exc})", hint="give the tuned.json written by `onnxpipe tune`") from None
+        doc = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InputError(f"{p}: not a JSON file ({str(exc)[:120]})", hint="give the tuned.json written by `onnxpipe tune`") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise InputError(f"{p}: not a tuned config (expected format {FORMAT!r}, received "
                          f"{doc.get('format') if isinstance(doc, dict) else type(doc).__name__!r})",

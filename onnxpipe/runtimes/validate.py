@@ -179,9 +179,9 @@ def run_target(model: onnx.ModelProto | str, device: Device, batches: Sequence[M
 
 def load_outputs_npz(path: str | os.PathLike, batches: int) -> list[dict[str, np.ndarray]]:
     """Saved outputs: plain names for one batch, ``b<k>/<name>`` for several."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    return split_batches(arrays, batches, what=f"reference outputs {path}")
+    from onnxpipe.core.userfiles import read_npz
+
+    return split_batches(read_npz(path, what="reference outputs"), batches, what=f"reference outputs {path}")
 
 
 def split_batches(arrays: Mapping[str, np.ndarray], batches: int | None, *, what: str) -> list[dict[str, np.ndarray]]:

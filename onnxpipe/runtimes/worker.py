@@ -303,18 +303,19 @@ class LocalPool:
         why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         return Event("died", wid, running if running in lost else -1, message=why, info={"lost": lost})
 
-    def close(self) -> None:
-        """Stop every worker and free the shared memory."""
+    def close(self, grace: float = 5.0) -> None:
+        """Stop every worker (killed when still running ``grace`` seconds later) and free the shared memory."""
         for w in self.workers:
             if w.alive and w.conn is not None:
                 try:
                     w.conn.send(("stop",))
                 except (BrokenPipeError, OSError):
                     pass
+        deadline = time.monotonic() + grace  # one grace period for all workers, not one each
         for wid, w in enumerate(self.workers):
             self._forget(wid)
             if w.proc is not None:
-                w.proc.join(5)
+                w.proc.join(max(0.0, deadline - time.monotonic()))
                 if w.proc.is_alive():
                     w.proc.kill()
                     w.proc.join(5)

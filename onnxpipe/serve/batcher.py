@@ -8,8 +8,10 @@ first are stacked; others wait for a batch of their own shape, except sequence l
 attention mask, which are padded to the longest and cut back (:mod:`onnxpipe.serve.padding`).
 
 A batch that fails is split: each of its requests runs alone (``solo``), so one bad request
-cannot fail its neighbours, and a request that kills a worker twice is answered with an error
-instead of taking more workers down.
+cannot fail its neighbours, and a request that was running when its worker died twice is answered
+503 with ``Retry-After`` instead of taking more workers down. The batching loop is supervised: an
+error in it is logged and the loop starts again, and every request it held is answered or queued
+again, so no request is ever left waiting on a loop that is gone.
 
 Example:
     >>> batcher = Batcher(entry, pool, max_batch_size=32, max_queue_delay_ms=2)  # doctest: +SKIP
@@ -34,7 +36,21 @@ from onnxpipe.serve.workers import DevicePool, WorkerCrashed, WorkerError
 
 log = logging.getLogger("onnxpipe.serve")
 
-MAX_ATTEMPTS = 2  # a request that was running when its worker died this many times is answered with an error
+MAX_ATTEMPTS = 2  # a request that was running when its worker died this many times is answered 503
+
+
+class Unavailable(ProtocolError):
+    """503: the model cannot take the request now; ``retry_after`` seconds (None: not coming back) go
+    to the ``Retry-After`` header.
+
+    Example:
+        >>> Unavailable("restarting", 2.0).status
+        503
+    """
+
+    def __init__(self, message: str, retry_after: float | None = 1.0) -> None:
+        super().__init__(503, message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -89,20 +105,43 @@ class Batcher:
         self._queue: deque[_Request] = deque()
         self._arrival = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running: dict[asyncio.Task, list[_Request]] = {}  # batches on the workers, by the task awaiting each
+        self._closing = False
+        self.loop_restarts = 0  # times the supervisor restarted a failed loop (tests and logs)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.entry.name}")
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"batcher-{self.entry.name}")
+
+    async def _supervise(self) -> None:
+        """Run the batching loop; when it raises, log it and run it again (requests stay queued)."""
+        while not self._closing:
+            try:
+                await self._loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.loop_restarts += 1
+                log.exception("model %s: the batching loop failed; restarting it", self.entry.name)
+                await asyncio.sleep(0.01)  # never a hot loop, whatever keeps failing
+
+    def _unavailable(self) -> Unavailable:
+        wait = self.pool.retry_after() if hasattr(self.pool, "retry_after") else None
+        if wait is None:
+            return Unavailable(f"model {self.entry.name!r} has no device worker left", None)
+        return Unavailable(f"model {self.entry.name!r}: its device workers are restarting; retry in {wait:.0f} s", wait)
 
     async def stop(self) -> None:
+        self._closing = True
+        held = [r for batch in self._running.values() for r in batch]  # before the cancelled tasks drop them
         for t in [self._task, *self._running]:
             if t is not None:
                 t.cancel()
         await asyncio.gather(*(t for t in [self._task, *self._running] if t is not None), return_exceptions=True)
-        for r in self._queue:
+        for r in [*self._queue, *held]:
             if not r.future.done():
-                r.future.set_exception(ProtocolError(503, "the server is shutting down"))
+                r.future.set_exception(Unavailable("the server is shutting down", None))
         self._queue.clear()
+        self._running.clear()
 
     def pending(self) -> int:
         """Requests queued or in a running batch (a model being unloaded waits for 0)."""
@@ -112,13 +151,16 @@ class Batcher:
         """Queue one request's inputs and wait for its outputs.
 
         Raises:
-            ProtocolError: queue full or no device left (503), the model failing on these inputs (400),
-                the request killing its worker repeatedly (500).
+            ProtocolError: the model failing on these inputs (400).
+            Unavailable: queue full, workers restarting or gone, shutting down, or the request running
+                when its worker died twice (503).
         """
+        if self._closing:
+            raise Unavailable("the server is shutting down", None)
         if len(self._queue) >= self.max_queue:
-            raise ProtocolError(503, f"model {self.entry.name!r}: {len(self._queue)} requests are waiting already; retry later")
+            raise Unavailable(f"model {self.entry.name!r}: {len(self._queue)} requests are waiting already; retry later")
         if not self.pool.alive():
-            raise ProtocolError(503, f"model {self.entry.name!r} has no device worker left")
+            raise self._unavailable()
         if self.batching:
             rows = next(iter(feeds.values())).shape[0]
             key, length = self._key(feeds)
@@ -150,7 +192,7 @@ class Batcher:
                 await self._arrival.wait()
             await self.pool.wait_capacity()
             if not self.pool.alive():
-                self._fail_all(ProtocolError(503, f"model {self.entry.name!r} has no device worker left"))
+                self._fail_all(self._unavailable())
                 continue
             first = self._queue[0]
             if self.batching and not first.solo:
@@ -168,19 +210,30 @@ class Batcher:
             self.metrics.queue_depth.set(len(self._queue), model=self.entry.name)
             if not batch:
                 continue
-            start = time.perf_counter()
-            for r in batch:
-                self.metrics.queue.observe(start - r.arrived, model=self.entry.name)
-            if len(batch) == 1:
-                feeds = batch[0].feeds
-            elif batch[0].length is not None:
-                feeds = self.pad.stack([r.feeds for r in batch])
-            else:
-                feeds = {k: np.concatenate([r.feeds[k] for r in batch]) for k in batch[0].feeds}
-            # submitted here, not in the task: the next wait_capacity() must see this batch's slot taken
-            task = asyncio.get_running_loop().create_task(self._finish(batch, self.pool.submit(feeds)))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            try:
+                self._submit(batch)
+            except WorkerCrashed:  # the free worker died while the batch was cut: wait for the next one
+                self._requeue(batch, solo=False)
+            except BaseException as exc:
+                for r in batch:
+                    _fail(r, ProtocolError(500, f"internal error while batching: {type(exc).__name__}: {exc}"))
+                raise
+
+    def _submit(self, batch: list[_Request]) -> None:
+        start = time.perf_counter()
+        if len(batch) == 1:
+            feeds = batch[0].feeds
+        elif batch[0].length is not None:
+            feeds = self.pad.stack([r.feeds for r in batch])
+        else:
+            feeds = {k: np.concatenate([r.feeds[k] for r in batch]) for k in batch[0].feeds}
+        # submitted here, not in the task: the next wait_capacity() must see this batch's slot taken
+        pending = self.pool.submit(feeds)
+        for r in batch:
+            self.metrics.queue.observe(start - r.arrived, model=self.entry.name)
+        task = asyncio.get_running_loop().create_task(self._finish(batch, pending))
+        self._running[task] = batch
+        task.add_done_callback(lambda t: self._running.pop(t, None))
 
     def _cut(self) -> list[_Request]:
         """The oldest live request and those that may join it, up to ``max_batch_size`` samples."""
@@ -222,6 +275,16 @@ class Batcher:
                 r.future.set_exception(err)
 
     async def _finish(self, batch: list[_Request], pending: asyncio.Future) -> None:
+        try:
+            await self._settle(batch, pending)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: its requests are answered all the same, the log keeps the traceback
+            log.exception("model %s: a batch failed after it ran", self.entry.name)
+            for r in batch:
+                _fail(r, ProtocolError(500, f"internal error after the batch ran: {type(exc).__name__}: {exc}"))
+
+    async def _settle(self, batch: list[_Request], pending: asyncio.Future) -> None:
         name = self.entry.name
         try:
             outputs, seconds, device = await pending
@@ -230,8 +293,8 @@ class Batcher:
             for r in batch:
                 r.attempts += exc.running
                 if r.attempts >= MAX_ATTEMPTS:
-                    _fail(r, ProtocolError(
-                        500, f"model {name!r}: {exc}; the request was tried {r.attempts} times and is not retried"))
+                    _fail(r, Unavailable(f"model {name!r}: {exc}; the request was running when its worker died "
+                                         f"{r.attempts} times (it may be what kills it)", 1.0))
                 else:
                     retry.append(r)
             # a batch that was only queued on the dead worker did nothing wrong: it may batch again

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - exercised only without the serve extra
     orjson = None
 
 HEADER = "Inference-Header-Content-Length"
+MAX_DIMS = 64  # as ONNX Runtime and Triton: more dims than any model has
 
 # protocol datatype <-> numpy; BYTES travels as numpy object arrays of bytes
 DATATYPES: dict[str, np.dtype] = {
@@ -110,6 +111,8 @@ def _json(body: bytes | memoryview) -> Any:
         raise ProtocolError(400, "malformed JSON in the request: nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(400, f"malformed JSON in the request: {exc}") from None
+    except ValueError as exc:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ProtocolError(400, f"a number in the request is out of range: {str(exc)[:120]}") from None
 
 
 def _bytes_elements(raw: bytes | memoryview, name: str) -> list[bytes]:
@@ -182,11 +185,27 @@ def _scalar(v: Any, datatype: str) -> Any:
     return v
 
 
-def _flatten(data: Any) -> list:
-    # JSON tensors may be flat or nested in row-major order; both are allowed by the protocol
-    if isinstance(data, list) and any(isinstance(d, list) for d in data):
-        return [x for d in data for x in (_flatten(d) if isinstance(d, list) else [d])]
-    return data if isinstance(data, list) else [data]
+def _flatten(data: Any, max_depth: int = 64) -> list:
+    # JSON tensors may be flat or nested in row-major order; both are allowed by the protocol.
+    # Iterative, with a depth bound: a client's nesting never reaches Python's recursion limit.
+    if not isinstance(data, list):
+        return [data]
+    if not any(isinstance(d, list) for d in data):
+        return data
+    out: list = []
+    stack = [(iter(data), 1)]
+    while stack:
+        items, depth = stack[-1]
+        for d in items:
+            if isinstance(d, list):
+                if depth >= max_depth:
+                    raise ProtocolError(400, f"tensor data nested deeper than {max_depth} levels")
+                stack.append((iter(d), depth + 1))
+                break
+            out.append(d)
+        else:
+            stack.pop()
+    return out
 
 
 def _tensor(spec: Mapping[str, Any], raw: bytes | memoryview | None) -> tuple[str, np.ndarray]:
@@ -222,6 +241,53 @@ def _tensor(spec: Mapping[str, Any], raw: bytes | memoryview | None) -> tuple[st
     return name, arr.reshape(shape)
 
 
+def check_document(doc: Any) -> None:
+    """The request document's structure, every field's type checked and named (400).
+
+    Example:
+        >>> check_document({"inputs": [{"name": "x", "datatype": ["FP32"], "shape": [1]}]})
+        Traceback (most recent call last):
+        onnxpipe.serve.protocol.ProtocolError: input 'x': 'datatype' must be a string, received a list
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise ProtocolError(400, "the request needs a non-empty 'inputs' list")
+    _optional(doc, "parameters", dict, "the request")
+    _optional(doc, "outputs", list, "the request")
+    if "id" in doc and doc["id"] is not None and not isinstance(doc["id"], str):
+        raise ProtocolError(400, f"'id' must be a string, received {_kind(doc['id'])}")
+    for k, spec in enumerate(doc["inputs"]):
+        if not isinstance(spec, dict):
+            raise ProtocolError(400, f"inputs[{k}] must be an object, received {_kind(spec)}")
+        name = spec.get("name")
+        if not isinstance(name, str):
+            raise ProtocolError(400, f"inputs[{k}]: 'name' must be a string, received {_kind(name)}")
+        what = f"input {name[:100]!r}"
+        if not isinstance(spec.get("datatype"), str):
+            raise ProtocolError(400, f"{what}: 'datatype' must be a string, received {_kind(spec.get('datatype'))}")
+        shape = spec.get("shape")
+        if not isinstance(shape, list):
+            raise ProtocolError(400, f"{what}: 'shape' must be a list of integers, received {_kind(shape)}")
+        if len(shape) > MAX_DIMS:
+            raise ProtocolError(400, f"{what}: {len(shape)} dims, more than the {MAX_DIMS} allowed")
+        _optional(spec, "parameters", dict, what)
+    for k, out in enumerate(doc.get("outputs") or []):
+        if isinstance(out, dict):
+            _optional(out, "parameters", dict, f"outputs[{k}]")
+
+
+def _optional(doc: Mapping[str, Any], key: str, kind: type, what: str) -> None:
+    value = doc.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise ProtocolError(400, f"{what}: {key!r} must be {'an object' if kind is dict else 'a list'}, "
+                                 f"received {_kind(value)}")
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def decode_request(body: bytes, header_length: int | str | None = None) -> InferRequest:
     """Decode an infer request body (JSON, plus binary tensors when ``header_length`` is given).
 
@@ -239,8 +305,7 @@ def decode_request(body: bytes, header_length: int | str | None = None) -> Infer
     else:
         head, tail = body, memoryview(b"")
     doc = _json(head)
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
-        raise ProtocolError(400, "the request needs a non-empty 'inputs' list")
+    check_document(doc)  # every field's type, named, before any tensor is built
     inputs: dict[str, np.ndarray] = {}
     pos = 0
     for spec in doc["inputs"]:

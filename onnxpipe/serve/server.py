@@ -37,7 +37,8 @@ from aiohttp import web
 from onnxpipe._version import __version__
 from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.runtimes.providers import Device
-from onnxpipe.serve.batcher import Batcher
+from onnxpipe.serve.batcher import Batcher, Unavailable
+from onnxpipe.serve.limits import RequestLimits
 from onnxpipe.serve.metrics import Metrics
 from onnxpipe.serve.protocol import (
     HEADER,
@@ -77,13 +78,66 @@ class ServeOptions:
     max_body_bytes: int = 64 << 20
     max_queue: int = 2048
     depth: int = 2
-    max_restarts: int = 5
+    max_restarts: int = 5  # per worker within restart_window_s; past that its restart waits for the window
+    restart_window_s: float = 60.0
+    header_timeout_s: float = 15.0
+    body_timeout_s: float = 60.0
+    request_timeout_s: float = 300.0
+    shutdown_grace_s: float = 1.0  # what in-flight requests and workers get at shutdown before they are cut
     grpc_port: int | None = None  # None: no gRPC; 0: a free port
     api_key: str | None = field(default=None, repr=False)
     insecure: bool = False  # listen beyond loopback without an API key
     model_control: str = "none"  # none | explicit | poll, as Triton names them
     load_models: tuple[str, ...] = ("*",)  # explicit mode: what to load at start ("*": everything)
     poll_seconds: float = 15.0
+
+    @property
+    def limits(self) -> RequestLimits:
+        return RequestLimits(self.max_body_bytes, self.header_timeout_s, self.body_timeout_s, self.request_timeout_s)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytearray:
+    """The body in one buffer of its declared length (``request.read()`` joins chunks: twice the memory)."""
+    # a compressed body is read decompressed: its length is unknown until the end (and bounded by the limit)
+    size = request.content_length if not request.headers.get("Content-Encoding") else None
+    buf = bytearray(size) if size is not None else bytearray()
+    pos = 0
+    async for chunk in request.content.iter_any():
+        end = pos + len(chunk)
+        if end > limit:
+            raise ProtocolError(413, f"the request body is over the limit of {limit} bytes")
+        if size is not None and end > size:
+            raise ProtocolError(400, f"the request body is longer than its Content-Length ({size} bytes)")
+        buf[pos:end] = chunk
+        pos = end
+    if size is not None and pos != size:
+        raise ProtocolError(400, f"the request body has {pos} bytes, not its Content-Length of {size}")
+    return buf
+
+
+def _bad_body(exc: BaseException) -> bool:
+    """A body aiohttp could not read: a false Content-Encoding, a broken chunked encoding."""
+    from aiohttp import http_exceptions
+    from aiohttp.web_protocol import RequestPayloadError
+
+    return isinstance(exc, (http_exceptions.HttpProcessingError, RequestPayloadError))
+
+
+class _ClientMistakes(logging.Filter):
+    """aiohttp logs a request its parser refuses (a false Content-Encoding, a bad chunk) with a traceback
+    at ERROR, though the client got its 400: keep one line at INFO instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and (_bad_body(exc) or _client_gone(exc)):
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_HTTP_LOG = logging.getLogger("onnxpipe.serve.http")
+_HTTP_LOG.addFilter(_ClientMistakes())
 
 
 MODEL_CONTROL = ("none", "explicit", "poll")
@@ -109,8 +163,15 @@ def _stamp(path: Path) -> tuple:
     return tuple(out)
 
 
-def _json(doc: object, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(doc).encode(), status=status, content_type="application/json")
+def _json(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(doc).encode(), status=status, content_type="application/json", headers=headers)
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """A connection the client closed or reset: nothing to answer, nothing to log as an error."""
+    from aiohttp import ClientConnectionResetError
+
+    return isinstance(exc, (ConnectionResetError, BrokenPipeError, ClientConnectionResetError))
 
 
 class InferenceServer:
@@ -140,6 +201,7 @@ class InferenceServer:
         self._runner: web.AppRunner | None = None
         self._grpc = None
         self._loading = True
+        self._closing = False
         self._states: dict[str, tuple[str, str]] = {}  # model -> (state, reason) while loading, unloading, failed
         self._control: asyncio.Lock | None = None  # created on the loop in start()
         self._failed: dict[str, tuple] = {}  # model -> files' stamp when it failed to load (poll retries on change)
@@ -161,13 +223,26 @@ class InferenceServer:
         self._control = asyncio.Lock()
         app = web.Application(client_max_size=o.max_body_bytes, middlewares=[self._auth, self._errors])
         self._routes(app)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # keepalive_timeout is also how long a new connection may take to send its headers: a connection
+        # still waiting for a complete request line and headers then is closed (slow clients)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                     keepalive_timeout=o.header_timeout_s, shutdown_timeout=o.shutdown_grace_s,
+                                     logger=_HTTP_LOG)
         await self._runner.setup()
         site = web.TCPSite(self._runner, o.host, o.port)
         try:
             await site.start()
         except OSError as exc:
+            import errno
+            import socket
+
             await self._runner.cleanup()
+            if isinstance(exc, socket.gaierror) or exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                raise OnnxpipeError(f"cannot listen on {o.host}:{o.port}: {exc.strerror or exc}",
+                                    hint="--host must be an address of this machine, e.g. 127.0.0.1") from None
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise OnnxpipeError(f"cannot listen on {o.host}:{o.port}: {exc.strerror or exc}",
+                                    hint="ports below 1024 need privileges; pick --port 1024 or above") from None
             raise OnnxpipeError(f"cannot listen on {o.host}:{o.port}: {exc.strerror or exc}",
                                 hint="pick another --port (0 picks a free one) or stop what uses it") from None
         host, port = self._runner.addresses[0][:2]
@@ -203,7 +278,7 @@ class InferenceServer:
             for entry in entries:
                 # a split model (pipeline.json) gets one pool per stage, chained
                 pool = pool_for(entry, self.devices, depth=o.depth, max_restarts=o.max_restarts,
-                                on_event=self._worker_event(entry.name))
+                                restart_window_s=o.restart_window_s, on_event=self._worker_event(entry.name))
                 pools.append(pool)
                 pool.launch()  # all models load at once
             for pool in pools:
@@ -230,20 +305,23 @@ class InferenceServer:
         m.pool.close()
 
     async def stop(self) -> None:
-        """Stop listening, answer what is queued with 503, and stop every worker."""
+        """Refuse new requests (503), answer what is queued or running with 503, stop listening and every
+        worker: within ``shutdown_grace_s`` plus a second, whatever the workers are doing."""
+        self._closing = True
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
+        for m in self.models.values():  # first: a handler waiting on a batch returns now, not at the timeout
+            await m.batcher.stop()
         if self._grpc is not None:
-            await self._grpc.stop(grace=1.0)
+            await self._grpc.stop(grace=self.options.shutdown_grace_s)
             self._grpc = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         for m in self.models.values():
-            await m.batcher.stop()
-            m.pool.close()
+            m.pool.close(self.options.shutdown_grace_s)
         self.models.clear()
 
     # model control -------------------------------------------------------------------------
@@ -423,10 +501,16 @@ class InferenceServer:
         The model is looked up here, right before queueing (no await in between): a request
         decoded while its model was unloaded gets 404, never a batcher that stopped.
         """
+        if self._closing:
+            raise Unavailable("the server is shutting down", None)
         m = self.lookup(name, version)
         e = m.entry
         check_inputs(req, e.inputs, e.output_names, e.name)
-        outputs = await m.batcher.infer(req.inputs)
+        timeout = self.options.request_timeout_s
+        try:
+            outputs = await asyncio.wait_for(m.batcher.infer(req.inputs), timeout)
+        except asyncio.TimeoutError:  # a worker that hangs (not dies) must not hang its clients
+            raise Unavailable(f"model {e.name!r} did not answer within {timeout:g} s", 1.0) from None
         self._last[name] = time.time()
         return e, {n: outputs[n] for n in (req.outputs or e.output_names)}
 
@@ -473,10 +557,14 @@ class InferenceServer:
     @web.middleware
     async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
                       ) -> web.StreamResponse:
+        headers = None
         try:
             return await handler(request)
         except ProtocolError as exc:
             status, message = exc.status, exc.message
+            wait = getattr(exc, "retry_after", None)
+            if isinstance(exc, Unavailable) and wait is not None:
+                headers = {"Retry-After": str(max(1, round(wait)))}
         except web.HTTPRequestEntityTooLarge:
             status = 413
             message = f"the request body is over the limit of {self.options.max_body_bytes} bytes"
@@ -487,13 +575,22 @@ class InferenceServer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: the client gets its message, the log the traceback
+            if _client_gone(exc):  # nobody to answer; aiohttp drops the response on the closed connection
+                log.info("%s %s: the client went away", request.method, request.path)
+                return web.Response(status=400)
+            if _bad_body(exc):  # a false Content-Encoding, a truncated chunked body: the client's mistake
+                status, message = 400, f"cannot read the request body: {type(exc).__name__}: {exc}"
+                return self._refusal(request, status, message, headers)
             log.exception("error in %s %s", request.method, request.path)
             status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
+        return self._refusal(request, status, message, headers)
+
+    def _refusal(self, request: web.Request, status: int, message: str, headers: dict[str, str] | None) -> web.Response:
         model = request.match_info.get("model")
         self.metrics.errors.inc(model=model if model in self.models else "", status=str(status))
         if model in self.models and request.path.endswith("/infer"):
             self.metrics.requests.inc(model=model, status="error")
-        return _json({"error": message}, status)
+        return _json({"error": message}, status, headers)
 
     def _model(self, request: web.Request) -> _Model:
         return self.lookup(request.match_info["model"], request.match_info.get("version"))
@@ -567,14 +664,21 @@ class InferenceServer:
         t0 = time.perf_counter()
         name, version = request.match_info["model"], request.match_info.get("version")
         self.lookup(name, version)  # an unknown model is refused before its body is read
-        size = request.content_length
-        if size is not None and size > self.options.max_body_bytes:
-            raise ProtocolError(413, f"the request body ({size} bytes) is over the limit of {self.options.max_body_bytes} bytes")
-        body = await request.read()
+        limits = self.options.limits
+        if self._closing:
+            raise Unavailable("the server is shutting down", None)
+        limits.check_length(request.content_length)
+        try:
+            body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise ProtocolError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s") from None
         loop = asyncio.get_running_loop()
         big = len(body) > OFFLOAD_BYTES
         header = request.headers.get(HEADER)
+        head = body if header is None or not str(header).isdigit() else body[:int(header)]
+        limits.check_json_cost(head)  # declared shapes x datatypes and the JSON's decoding cost, nothing decoded yet
         req = await loop.run_in_executor(None, decode_request, body, header) if big else decode_request(body, header)
+        del body, head
         e, picked = await self.run(name, version, req)
         if big or sum(v.nbytes for v in picked.values()) > OFFLOAD_BYTES:
             payload, head = await loop.run_in_executor(None, encode_response, e.name, e.version, picked, req)

@@ -82,14 +82,14 @@ class StagedPool:
     """
 
     def __init__(self, spec: PipelineSpec, devices: list[Device], *, depth: int = 2, max_restarts: int = 5,
-                 on_event: Callable[[str, str, str], None] | None = None) -> None:
+                 restart_window_s: float = 60.0, on_event: Callable[[str, str, str], None] | None = None) -> None:
         self.spec = spec
         self.parts = spec.parts
         self.max_restarts = max_restarts
         self.on_event = on_event or (lambda kind, device, detail: None)
         groups = _with_threads(stage_devices(devices, len(self.parts)))
         self.stages = [DevicePool(spec.part_path(k), g, depth=depth, max_restarts=max_restarts,
-                                  on_event=self._stage_event(k)) for k, g in enumerate(groups)]
+                                  restart_window_s=restart_window_s, on_event=self._stage_event(k)) for k, g in enumerate(groups)]
         self.devices = [d for g in groups for d in g]
         names = [i["name"] for i in spec.inputs]
         self.outputs = spec.output_names
@@ -135,12 +135,13 @@ class StagedPool:
             stage.attach(loop)
         self._update_capacity()
 
-    def close(self) -> None:
+    def close(self, grace: float = 5.0) -> None:
         for task in list(self._flows):
             task.cancel()
         self._flows.clear()
+        deadline = time.monotonic() + grace
         for stage in self.stages:
-            stage.close()
+            stage.close(max(0.0, deadline - time.monotonic()))
 
     # state ---------------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -156,6 +157,11 @@ class StagedPool:
 
     def restarts(self) -> int:
         return sum(stage.restarts() for stage in self.stages)
+
+    def retry_after(self) -> float | None:
+        """Seconds until every stage has a worker again; None when some stage will not."""
+        waits = [stage.retry_after() for stage in self.stages]
+        return None if any(w is None for w in waits) else max(waits, default=0.0)
 
     def held(self) -> list[int]:
         """Batches each stage holds now (running or queued on its workers)."""

@@ -3,8 +3,9 @@
 The workers are the batch runner's (:class:`onnxpipe.runtimes.worker.LocalPool`: a process per
 device, arrays through shared memory). Instead of a thread polling them, each worker's pipe and
 exit sentinel are watched by the event loop, so a finished batch wakes the loop at once and an
-idle server costs nothing. A worker that dies is restarted (up to ``max_restarts`` times) while
-the others keep serving; the batches it held fail with :class:`WorkerCrashed`, which says whether
+idle server costs nothing. A worker that dies is restarted while the others keep serving; one that
+dies more than ``max_restarts`` times within ``restart_window_s`` seconds is restarted only once the
+oldest of those deaths leaves the window (meanwhile its requests get 503 with ``Retry-After``); the batches it held fail with :class:`WorkerCrashed`, which says whether
 the batch was running (it may be what killed the worker) or only queued.
 
 Example:
@@ -16,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -59,8 +61,9 @@ class DevicePool:
         model: path of the ``.onnx`` file.
         devices: one worker process per device.
         depth: batches a worker holds at once (one running, the rest waiting beside it).
-        max_restarts: restarts per worker before its device is given up.
-        on_event: called with ``(kind, device label, detail)`` for ``restart`` and ``gone`` (metrics, logs).
+        max_restarts: restarts per worker within ``restart_window_s``; past that the next restart waits.
+        restart_window_s: the window the restarts are counted in (a crash loop is slowed, never final).
+        on_event: called with ``(kind, device label, detail)`` for ``restart``, ``paused`` and ``gone``.
 
     Example:
         >>> DevicePool("m.onnx", [Device.parse("cpu")]).devices[0].label  # doctest: +SKIP
@@ -68,7 +71,7 @@ class DevicePool:
     """
 
     def __init__(self, model: str | os.PathLike, devices: list[Device], *, depth: int = 2, max_restarts: int = 5,
-                 on_event: Callable[[str, str, str], None] | None = None) -> None:
+                 restart_window_s: float = 60.0, on_event: Callable[[str, str, str], None] | None = None) -> None:
         from onnxpipe.runtimes.worker import LocalPool
 
         self.devices = devices
@@ -78,6 +81,11 @@ class DevicePool:
         threads = [d.options.threads or (share if d.kind == "cpu" else None) for d in devices]
         self.pool = LocalPool(str(model), devices, threads, [None] * len(devices), depth=depth)
         self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
+        self._deaths = [collections.deque() for _ in devices]  # monotonic times of recent restarts, per worker
+        self._pending: dict[int, asyncio.TimerHandle] = {}  # workers whose restart waits for the window
+        self._gone: set[int] = set()  # workers whose restarted process cannot load the model
+        self._closed = False
         self.on_event = on_event or (lambda kind, device, detail: None)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._jobs: dict[int, _Job] = {}
@@ -123,14 +131,18 @@ class DevicePool:
                 self._watch(wid)
         self._update_capacity()
 
-    def close(self) -> None:
+    def close(self, grace: float = 5.0) -> None:
+        self._closed = True
+        for handle in self._pending.values():
+            handle.cancel()
+        self._pending.clear()
         for wid in list(self._watched):
             self._unwatch(wid)
         for job in self._jobs.values():
             if not job.future.done():
                 job.future.set_exception(WorkerCrashed("the server is shutting down", running=False))
         self._jobs.clear()
-        self.pool.close()
+        self.pool.close(grace)
 
     # state ---------------------------------------------------------------------------------
     def free_slots(self) -> int:
@@ -145,6 +157,15 @@ class DevicePool:
 
     def restarts(self) -> int:
         return sum(w.restarts for w in self.pool.workers)
+
+    def retry_after(self) -> float | None:
+        """Seconds until a worker comes back when none is alive now; None when none will."""
+        if self.alive():
+            return 0.0
+        if not self._pending or self.loop is None:
+            return None
+        now = self.loop.time()
+        return max(1.0, min(h.when() for h in self._pending.values()) - now + 1.0)
 
     async def wait_capacity(self) -> None:
         """Return once a worker has a free slot, or no worker is left (the caller then fails its requests)."""
@@ -201,6 +222,7 @@ class DevicePool:
                 self._died(ev.wid, ev.task, ev.message, ev.info.get("lost", []))
             elif ev.kind == "start_failed":
                 self._unwatch(ev.wid)
+                self._gone.add(ev.wid)
                 log.error("%s: the restarted worker cannot load the model: %s", label, ev.message)
                 self.on_event("gone", label, ev.message)
         self._update_capacity()
@@ -214,15 +236,31 @@ class DevicePool:
                 was_running = task == running
                 what = "running" if was_running else "holding"
                 job.future.set_exception(WorkerCrashed(f"the {label} worker died ({why}) {what} this batch", was_running))
-        w = self.pool.workers[wid]
-        if w.restarts >= self.max_restarts:
-            log.error("%s: the worker died (%s) %d times; giving the device up", label, why, w.restarts + 1)
-            self.on_event("gone", label, why)
+        if self._closed:
+            return
+        deaths = self._deaths[wid]
+        now = time.monotonic()
+        while deaths and now - deaths[0] > self.restart_window_s:
+            deaths.popleft()
+        if len(deaths) >= self.max_restarts:
+            wait = self.restart_window_s - (now - deaths[0])
+            log.error("%s: the worker died (%s) %d times in %.0f s; restarting it in %.0f s",
+                      label, why, len(deaths) + 1, self.restart_window_s, wait)
+            self.on_event("paused", label, why)
+            self._pending[wid] = self.loop.call_later(wait, self._restart, wid, why)
             return
         log.warning("%s: the worker died (%s); restarting it", label, why)
+        self._restart(wid, why)
+
+    def _restart(self, wid: int, why: str) -> None:
+        self._pending.pop(wid, None)
+        if self._closed:
+            return
+        self._deaths[wid].append(time.monotonic())
         self.pool.restart(wid)
         self._watch(wid)
-        self.on_event("restart", label, why)
+        self.on_event("restart", self.devices[wid].label, why)
+        self._update_capacity()
 
     def pids(self) -> list[int | None]:
         """Process ids of the workers (tests kill one to see the pool recover)."""
