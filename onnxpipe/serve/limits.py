@@ -4,9 +4,10 @@ Checked in this order, each before the work it protects:
 
 1. the declared ``Content-Length`` against ``max_body_bytes`` (413, nothing read);
 2. the body read within ``body_timeout_s`` (408; headers have ``header_timeout_s``, see the server);
-3. the JSON part's decoding cost (every JSON value becomes a Python object of ~40 bytes) and the
-   shapes and datatypes it declares, found by a scan of the raw bytes, against the limit (413,
-   nothing decoded);
+3. the JSON part's decoding cost (every JSON value becomes a Python object of ~40 bytes), its
+   nesting (arrays deeper than a tensor's dims, more objects than a request has) and the shapes and
+   datatypes it declares, found by a scan of the raw bytes, against the limit (413/400, nothing
+   decoded, no parser recursing);
 4. then :func:`onnxpipe.serve.protocol.decode_request` checks the decoded document's structure
    (types of ``name``, ``datatype``, ``shape``, ``parameters``, ``id``, at most ``MAX_DIMS`` dims),
    so a client mistake is a 400 naming the field.
@@ -28,6 +29,8 @@ from onnxpipe.serve.protocol import DATATYPES, MAX_DIMS, ProtocolError
 
 PY_OBJECT_BYTES = 40  # what one decoded JSON value costs: the object plus its slot in a list
 
+MAX_OBJECTS = 4096  # JSON objects in one request: one per input and output and their parameters
+_DEEP = re.compile(rb"\[(?:\s*\[){%d}" % (MAX_DIMS + 1))  # more nested arrays than a tensor has dims
 _SHAPE = re.compile(rb'"shape"\s*:\s*\[([^\[\]]*)\]')
 _DATATYPE = re.compile(rb'"datatype"\s*:\s*"([A-Za-z0-9]{1,16})"')
 _NAME = re.compile(rb'"name"\s*:\s*"([^"\\]{0,200})"')
@@ -67,6 +70,11 @@ class RequestLimits:
             raise ProtocolError(413, f"the JSON part of the request ({len(head)} bytes, ~{values} values) would take "
                                      f"~{cost} bytes to decode, over the limit of {self.max_body_bytes} bytes; send "
                                      f"large tensors in binary (parameters.binary_data_size)")
+        objects = head.count(b"{")
+        if objects > MAX_OBJECTS:  # also bounds object nesting, which would otherwise go to the parser's limit
+            raise ProtocolError(400, f"the request's JSON holds {objects} objects, more than the {MAX_OBJECTS} allowed")
+        if _DEEP.search(head):
+            raise ProtocolError(400, f"the request's JSON nests arrays deeper than the {MAX_DIMS} dims a tensor may have")
         shapes = _SHAPE.findall(head)
         types = _DATATYPE.findall(head)
         names = _NAME.findall(head)
