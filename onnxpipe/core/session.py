@@ -15,7 +15,7 @@ from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError, OnnxpipeError, RunFailedError
 from onnxpipe.core.external import has_external_refs, ort_model_path
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
-from onnxpipe.core.tensors import TensorInfo, value_infos
+from onnxpipe.core.tensors import TensorInfo, check_feeds, value_infos
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -90,31 +90,9 @@ class Session:
             self._tmpdir = None
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Return feeds as arrays, or raise naming the expected and received name, shape, dtype."""
-        expected = {i.name for i in self.inputs}
-        unknown = sorted(set(feeds) - expected)
-        if unknown:
-            raise InputError(f"unknown input(s) {', '.join(unknown)}: expected {', '.join(sorted(expected))}",
-                             hint="rename the inputs to the model's input names")
-        out = {}
-        for info in self.inputs:
-            if info.name not in feeds:
-                raise InputError(f"missing input {info.name!r}: expected {info.dtype} {info.shape_str()}",
-                                 hint="give a value for every model input")
-            arr = np.asarray(feeds[info.name])
-            if arr.dtype != info.dtype:
-                raise InputError(
-                    f"input {info.name!r}: expected dtype {info.dtype}, received {arr.dtype}",
-                    hint=f"cast the data to {info.dtype}")
-            if info.shape is not None:
-                ok = len(arr.shape) == len(info.shape) and all(
-                    not isinstance(d, int) or d <= 0 or d == a for d, a in zip(info.shape, arr.shape))
-                if not ok:
-                    raise InputError(
-                        f"input {info.name!r}: expected shape {info.shape_str()}, received {list(arr.shape)}",
-                        hint="reshape the data to the model's input shape")
-            out[info.name] = arr
-        return out
+        """Return feeds as arrays, or raise naming the expected and received name, shape, dtype
+        (:func:`onnxpipe.core.tensors.check_feeds`)."""
+        return check_feeds(feeds, self.inputs)
 
     def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run once; returns ``{output name: array}`` in the model's output order."""

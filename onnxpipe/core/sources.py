@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.core.errors import InputError
-from onnxpipe.core.tensors import TensorInfo
+from onnxpipe.core.tensors import TensorInfo, feed_mismatch
 
 READ_BYTES = 16 << 20  # rows read from an .npz member at a time: about this many bytes
 
@@ -267,23 +267,21 @@ def name_batched(name: str, chunk: Chunk) -> bool:
 
 
 def check_chunk(chunk: Chunk, inputs: list[TensorInfo]) -> None:
-    """Names, dtypes and ranks of a chunk against the model's inputs: "expected X, received Y".
+    """Names, dtypes, ranks and fixed dims of a chunk against the model's inputs: "expected X, received Y".
 
     Example:
         >>> check_chunk(split({"x": np.zeros((2, 3), np.float32)}), [TensorInfo("x", ["N", 3], np.dtype("float32"))])
     """
     arrays = {**chunk.constant, **chunk.batched}
-    missing = [i.name for i in inputs if i.name not in arrays]
-    if missing:
-        raise InputError(f"the data has no {', '.join(missing)}: expected inputs {', '.join(i.name for i in inputs)}, "
+    # a batched array's axis 0 holds the samples (any count); every other fixed dim must match
+    checked = [TensorInfo(i.name, ["N", *i.shape[1:]] if i.shape and name_batched(i.name, chunk) else i.shape, i.dtype)
+               for i in inputs]
+    problem = feed_mismatch(arrays, checked, allow_unknown=True, shapes="dims")
+    if problem is None:
+        return
+    if problem.kind == "missing":
+        raise InputError(f"the data has no {', '.join(problem.names)}: expected inputs {', '.join(i.name for i in inputs)}, "
                          f"received {', '.join(arrays) or 'none'}", hint="name the arrays after the model's inputs")
-    for info in inputs:
-        arr = arrays[info.name]
-        if arr.dtype != info.dtype:
-            raise InputError(f"input {info.name!r}: expected dtype {info.dtype}, received {arr.dtype}",
-                             hint=f"cast the data to {info.dtype}")
-        if info.shape is not None and (arr.ndim != len(info.shape) or any(
-                isinstance(d, int) and d > 0 and d != a for k, (d, a) in enumerate(zip(info.shape, arr.shape))
-                if k > 0 or name_batched(info.name, chunk) is False)):
-            raise InputError(f"input {info.name!r}: expected shape {info.shape_str()}, received {list(arr.shape)}",
-                             hint="samples go along axis 0, one array per model input")
+    if problem.kind == "dtype":
+        raise InputError(str(problem), hint=f"cast the data to {problem.expected}")
+    raise InputError(str(problem), hint="samples go along axis 0, one array per model input")

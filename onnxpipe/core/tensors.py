@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -103,6 +104,127 @@ def graph_inputs(model: onnx.ModelProto) -> list[TensorInfo]:
     """Real inputs of the graph (initializers listed as inputs, as in IR < 4, are left out)."""
     inits = {i.name for i in model.graph.initializer}
     return [i for i in value_infos(model.graph.input) if i.name not in inits]
+
+
+@dataclass(frozen=True)
+class FeedMismatch:
+    """The first thing wrong with a set of feeds, as :func:`feed_mismatch` found it.
+
+    ``kind`` is ``"unknown"`` (names the model does not take, in the feeds' order), ``"missing"``
+    (the model's inputs with no value, in the model's order), ``"dtype"``, ``"shape"`` (rank or a
+    fixed dim) or ``"dims"`` (one symbolic dim given two sizes). ``expected`` and ``received`` are
+    ready to print; ``str()`` is the default one-line message. Callers keep their own wording
+    (a server's 400, a calibration batch's number) by formatting these fields themselves.
+    """
+
+    kind: str
+    names: tuple[str, ...]
+    expected: str
+    received: str
+
+    @property
+    def name(self) -> str:
+        return self.names[0]
+
+    def __str__(self) -> str:
+        if self.kind == "unknown":
+            return f"unknown input(s) {', '.join(sorted(self.names))}: expected {self.expected}"
+        if self.kind == "missing":
+            return f"missing input {self.name!r}: expected {self.expected}"
+        what = {"dtype": "dtype", "shape": "shape"}.get(self.kind, "dims")
+        return f"input {self.name!r}: expected {what} {self.expected}, received {self.received}"
+
+
+def feed_mismatch(
+    feeds: Mapping[str, Any],
+    inputs: Sequence[TensorInfo],
+    *,
+    allow_unknown: bool = False,
+    shapes: str = "dims",
+    batch_multiple: bool = False,
+    same_symbols: bool = False,
+    dtype_name: Callable[[np.dtype], str] = str,
+    shape_name: Callable[[TensorInfo], Any] = TensorInfo.shape_str,
+) -> FeedMismatch | None:
+    """The one feed check behind sessions, the batch runner, calibration data and the server.
+
+    Checks, in this order: names (unknown ones unless ``allow_unknown``, then missing ones), then per
+    input its dtype (equal under ``dtype_name``) and shape: ``shapes="dims"`` checks the rank and
+    every fixed dim (a dim ``<= 0``, ``None`` or a name matches anything), ``"rank"`` only the rank,
+    ``"none"`` nothing. ``batch_multiple`` lets a fixed axis 0 of size ``b`` receive ``k * b``
+    samples. ``same_symbols`` also requires a symbolic dim (``"seq"``) to have one size across all
+    inputs. Returns ``None`` when everything fits.
+
+    Example:
+        >>> x = TensorInfo("x", ["N", 3], np.dtype("float32"))
+        >>> str(feed_mismatch({"x": np.zeros((2, 4), np.float32)}, [x]))
+        "input 'x': expected shape [N, 3], received [2, 4]"
+        >>> feed_mismatch({"x": np.zeros((2, 3), np.float32)}, [x]) is None
+        True
+    """
+    known = {i.name for i in inputs}
+    if not allow_unknown:
+        unknown = tuple(n for n in feeds if n not in known)
+        if unknown:
+            return FeedMismatch("unknown", unknown, ", ".join(sorted(known)), ", ".join(feeds))
+    missing = tuple(i.name for i in inputs if i.name not in feeds)
+    if missing:
+        first = next(i for i in inputs if i.name == missing[0])
+        return FeedMismatch("missing", missing, f"{dtype_name(first.dtype)} {shape_name(first)}",
+                            ", ".join(feeds) or "none")
+    sizes: dict[str, tuple[int, str]] = {}
+    for info in inputs:
+        arr = feeds[info.name]
+        shape = tuple(np.shape(arr))
+        dtype = arr.dtype if hasattr(arr, "dtype") else np.asarray(arr).dtype
+        if dtype_name(dtype) != dtype_name(info.dtype):
+            return FeedMismatch("dtype", (info.name,), str(dtype_name(info.dtype)), str(dtype_name(dtype)))
+        if info.shape is None or shapes == "none":
+            continue
+        bad = len(shape) != len(info.shape)
+        if not bad and shapes == "dims":
+            for axis, (d, got) in enumerate(zip(info.shape, shape)):
+                if not (isinstance(d, int) and d > 0) or d == got:
+                    continue
+                bad = not (batch_multiple and axis == 0 and got % d == 0)
+                if bad:
+                    break
+        if bad:
+            return FeedMismatch("shape", (info.name,), str(shape_name(info)), str(list(shape)))
+        if same_symbols:
+            for d, got in zip(info.shape, shape):
+                if isinstance(d, str) and d:
+                    size, where = sizes.setdefault(d, (got, info.name))
+                    if size != got:
+                        return FeedMismatch("dims", (info.name,), f"{d}={size} (as in input {where!r})",
+                                            f"{d}={got}")
+    return None
+
+
+def check_feeds(feeds: Mapping[str, Any], inputs: Sequence[TensorInfo], **options: Any) -> dict[str, np.ndarray]:
+    """Feeds as arrays in the model's input order, or an :class:`InputError` from :func:`feed_mismatch`
+    (same ``options``) with a hint on the fix.
+
+    Example:
+        >>> x = TensorInfo("x", ["N", 3], np.dtype("float32"))
+        >>> check_feeds({"x": np.zeros((2, 3), np.float64)}, [x])
+        Traceback (most recent call last):
+        onnxpipe.core.errors.InputError: input 'x': expected dtype float32, received float64 (cast the data to float32)
+    """
+    arrays = {k: np.asarray(v) for k, v in feeds.items()}
+    problem = feed_mismatch(arrays, inputs, **options)
+    if problem is not None:
+        raise InputError(str(problem), hint=FEED_HINTS[problem.kind].format(dtype=problem.expected))
+    return {i.name: arrays[i.name] for i in inputs}
+
+
+FEED_HINTS = {
+    "unknown": "rename the inputs to the model's input names",
+    "missing": "give a value for every model input",
+    "dtype": "cast the data to {dtype}",
+    "shape": "reshape the data to the model's input shape",
+    "dims": "give inputs that share a named dim the same size along it",
+}
 
 
 def concrete_shape(info: TensorInfo, batch: int, dims: Mapping[str, int] | None = None) -> tuple[int, ...]:

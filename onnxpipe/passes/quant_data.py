@@ -11,7 +11,7 @@ import numpy as np
 
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
-from onnxpipe.core.tensors import TensorInfo
+from onnxpipe.core.tensors import TensorInfo, feed_mismatch
 
 if TYPE_CHECKING:
     from onnxruntime.quantization import TensorsData
@@ -47,32 +47,18 @@ def check_batch(batch: Any, infos: Sequence[TensorInfo], index: int) -> list[Bat
     if not isinstance(batch, Mapping):
         raise InputError(f"{where} is a {type(batch).__name__}, expected a dict of arrays by input name",
                          hint=f"check {RECIPE_HINT}")
-    names = {i.name for i in infos}
-    unknown = sorted(set(batch) - names)
-    if unknown:
-        raise InputError(f"{where}: unknown input(s) {', '.join(unknown)}: expected {', '.join(sorted(names))}",
-                         hint=f"key the arrays by the model's input names in {RECIPE_HINT}")
-    arrays: Batch = {}
-    splits = 1
-    for info in infos:
-        if info.name not in batch:
-            raise InputError(f"{where}: missing input {info.name!r}: expected {info.dtype} {info.shape_str()}",
-                             hint=f"give every model input in {RECIPE_HINT}")
-        arr = np.asarray(batch[info.name])
-        if arr.dtype != info.dtype:
-            raise InputError(f"{where}: input {info.name!r}: expected dtype {info.dtype}, received {arr.dtype}",
-                             hint=f"cast the calibration data to {info.dtype}")
-        if info.shape is not None:
-            fixed = [(axis, d) for axis, d in enumerate(info.shape) if isinstance(d, int) and d > 0]
-            bad = len(arr.shape) != len(info.shape) or any(arr.shape[a] != d for a, d in fixed if a > 0)
-            lead = info.shape[0] if info.shape else None
-            if not bad and isinstance(lead, int) and lead > 0 and arr.shape[0] != lead:
-                bad = arr.shape[0] % lead != 0  # a fixed batch axis: k * lead samples make k batches
-                splits = max(splits, arr.shape[0] // lead) if not bad else splits
-            if bad:
-                raise InputError(f"{where}: input {info.name!r}: expected shape {info.shape_str()}, "
-                                 f"received {list(arr.shape)}", hint="reshape the calibration data to the model's inputs")
-        arrays[info.name] = arr
+    arrays: Batch = {k: np.asarray(v) for k, v in batch.items()}
+    problem = feed_mismatch(arrays, infos, batch_multiple=True)  # a fixed batch axis: k * b samples make k batches
+    if problem is not None:
+        hint = {"unknown": f"key the arrays by the model's input names in {RECIPE_HINT}",
+                "missing": f"give every model input in {RECIPE_HINT}",
+                "dtype": f"cast the calibration data to {problem.expected}"}.get(
+                    problem.kind, "reshape the calibration data to the model's inputs")
+        raise InputError(f"{where}: {problem}", hint=hint)
+    arrays = {i.name: arrays[i.name] for i in infos}
+    leads = [(i.shape[0], arrays[i.name].shape[0]) for i in infos
+             if i.shape and isinstance(i.shape[0], int) and i.shape[0] > 0]
+    splits = max([1, *(got // lead for lead, got in leads)])
     if splits == 1:
         return [arrays]
     return [{k: v[i * (len(v) // splits):(i + 1) * (len(v) // splits)] for k, v in arrays.items()}

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.core.tensors import TensorInfo
+from onnxpipe.core.tensors import TensorInfo, feed_mismatch
 
 try:  # the fast path (the serve extra installs it); the standard library decodes the same documents
     import orjson
@@ -348,25 +348,15 @@ def check_inputs(req: InferRequest, inputs: Sequence[TensorInfo], outputs: Seque
     Raises:
         ProtocolError: unknown or missing input, wrong datatype or shape, unknown output (status 400).
     """
-    known = {i.name: i for i in inputs}
-    for name in req.inputs:
-        if name not in known:
-            raise ProtocolError(400, f"model {model!r} has no input {name!r}: expected {', '.join(known)}")
-    for info in inputs:
-        if info.name not in req.inputs:
-            raise ProtocolError(400, f"model {model!r}: missing input {info.name!r} "
-                                     f"({datatype_of(info.dtype)} {wire_shape(info)})")
-        arr = req.inputs[info.name]
-        want = datatype_of(info.dtype)
-        got = datatype_of(arr.dtype)
-        if want != got:
-            raise ProtocolError(400, f"input {info.name!r}: expected datatype {want}, received {got}")
-        if info.shape is not None:
-            ok = arr.ndim == len(info.shape) and all(
-                not (isinstance(d, int) and d > 0) or d == a for d, a in zip(info.shape, arr.shape))
-            if not ok:
-                raise ProtocolError(400, f"input {info.name!r}: expected shape {wire_shape(info)}, "
-                                         f"received {list(arr.shape)}")
+    problem = feed_mismatch(req.inputs, inputs, dtype_name=datatype_of, shape_name=wire_shape)
+    if problem is not None:
+        if problem.kind == "unknown":
+            raise ProtocolError(400, f"model {model!r} has no input {problem.name!r}: "
+                                     f"expected {', '.join(i.name for i in inputs)}")
+        if problem.kind == "missing":
+            raise ProtocolError(400, f"model {model!r}: missing input {problem.name!r} ({problem.expected})")
+        what = "datatype" if problem.kind == "dtype" else "shape"
+        raise ProtocolError(400, f"input {problem.name!r}: expected {what} {problem.expected}, received {problem.received}")
     for name in req.outputs or []:
         if name not in outputs:
             raise ProtocolError(400, f"model {model!r} has no output {name!r}: expected {', '.join(outputs)}")
