@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxpipe.core.analysis import NoShape, graph_cost, node_cost
+from onnxpipe.core.cost import NoShape, graph_cost, node_cost
 from onnxpipe.core.shapes import Shape, concrete_inputs, infer_shapes, runtime_shapes
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.external import nbytes as tensor_nbytes
