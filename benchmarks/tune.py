@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxpipe.runtimes.device_session import DeviceSession
-from onnxpipe.runtimes.tune import _feeds, tune
+from onnxpipe.runtimes.tune import tune, tune_feeds
 from onnxpipe.runtimes.tune_measure import duel, median_ms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def models(only: set[str] | None):
 
 def recheck(model: onnx.ModelProto, default, chosen, batch: int, seconds: float):
     """Fresh sessions, alternating rounds: (ratio tuned/default, noise, default ms, tuned ms)."""
-    feeds = _feeds(model, batch, {}, 123)
+    feeds = tune_feeds(model, batch, {}, 123)
     with DeviceSession(model, default) as a, DeviceSession(model, chosen) as b:
         for s in (a, b):
             for _ in range(3):

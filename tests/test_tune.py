@@ -12,7 +12,7 @@ from conftest import conv_gemm_model, run_cli
 
 from onnxpipe.core.errors import InputError
 from onnxpipe.runtimes.providers import Device
-from onnxpipe.runtimes.tune import tune
+from onnxpipe.runtimes.tune import open_session, tune
 from onnxpipe.runtimes.tune_measure import activation_bytes, duel, knee, memory_model
 from onnxpipe.runtimes.tune_space import ModelFacts, space, with_options
 from onnxpipe.runtimes.tuned import TunedEntry, TunedFile, load_tuned, save_tuned
@@ -135,11 +135,7 @@ def test_memory_model_counts_activations_per_sample():
     assert mem.max_batch(mem.fixed + 10 * mem.per_sample) == 10
 
 
-def test_a_candidate_that_changes_results_is_rejected(monkeypatch):
-    import onnxpipe.runtimes.tune as tune_mod
-
-    real_open = tune_mod._open
-
+def test_a_candidate_that_changes_results_is_rejected():
     class Wrong:  # "faster" because it does nothing, and wrong
         def __init__(self, session):
             self.inner = session
@@ -151,11 +147,11 @@ def test_a_candidate_that_changes_results_is_rejected(monkeypatch):
             self.inner.close()
 
     def fake_open(model, device):
-        s = real_open(model, device)
+        s = open_session(model, device)
         return Wrong(s) if device.options.optimization in ("basic", "extended") else s
 
-    monkeypatch.setattr(tune_mod, "_open", fake_open)
-    report = tune(conv_gemm_model(), ["cpu"], budget_s=3, extra=["cpu[optimization=basic,threads=1]"])
+    report = tune(conv_gemm_model(), ["cpu"], budget_s=3, extra=["cpu[optimization=basic,threads=1]"],
+                  open_session=fake_open)
     d = report.devices[0]
     bad = [t for t in d.trials if t.device.options.optimization != "all"]
     assert bad[0].change == "cpu:0[threads=1,optimization=basic]"  # asked-for setups go first
