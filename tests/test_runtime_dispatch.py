@@ -14,7 +14,7 @@ from onnx import helper
 
 from onnxpipe.core.errors import InputError
 from onnxpipe.runtimes.batch import BatchRunner
-from onnxpipe.runtimes.dispatch import Job, cut_tasks
+from onnxpipe.runtimes.tasks import Job, cut_tasks
 from onnxpipe.core.session import Session
 from onnxpipe.runtimes.shm import Attached, Block, layout_of, read
 from onnxpipe.core.sources import open_source, split
