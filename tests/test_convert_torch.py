@@ -69,7 +69,7 @@ def test_dynamo_failure_falls_back_to_torchscript_and_says_why(tmp_path, monkeyp
     def broken(*args, **kwargs):
         raise RuntimeError("dynamo cannot trace this")
 
-    monkeypatch.setattr(pytorch, "_dynamo", broken)
+    monkeypatch.setattr(pytorch, "EXPORTERS", [("dynamo", broken), ("torchscript", pytorch.export_torchscript)])
     path = write_factory(tmp_path, TWO_INPUTS)
     result = convert(f"{path}:build", tmp_path / "m.onnx")
     assert result.exporter == "torch.onnx.export (torchscript)"
@@ -82,8 +82,7 @@ def test_every_exporter_failing_is_one_error(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("nope")
 
-    monkeypatch.setattr(pytorch, "_dynamo", broken)
-    monkeypatch.setattr(pytorch, "_torchscript", broken)
+    monkeypatch.setattr(pytorch, "EXPORTERS", [("dynamo", broken), ("torchscript", broken)])
     path = write_factory(tmp_path, TWO_INPUTS)
     with pytest.raises(ConversionError, match="dynamo: RuntimeError: nope; torchscript: RuntimeError: nope"):
         convert(f"{path}:build", tmp_path / "m.onnx")

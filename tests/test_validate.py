@@ -81,12 +81,12 @@ def test_providers_and_precisions_against_the_first(inputs):
 def test_a_divergent_model_fails_and_localize_finds_the_first_node(inputs, tmp_path, monkeypatch):
     onnx.save(chain(perturb=0.3), tmp_path / "ref.onnx")
     seen = []
-    real = localize_mod._Marked.run
+    real = localize_mod.MarkedModel.run
     def counting(self, feeds, names):
         seen.append(len(names))
         return real(self, feeds, names)
 
-    monkeypatch.setattr(localize_mod._Marked, "run", counting)
+    monkeypatch.setattr(localize_mod.MarkedModel, "run", counting)
     report = validate(chain(), parse_targets("cpu"), inputs=inputs, reference=tmp_path / "ref.onnx",
                       tolerances={"s": Tolerance(1e-3, 1e-3)}, localize=True, chunk=2)
     row = report.rows[0]

@@ -9,7 +9,7 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,7 @@ def _quiet() -> Iterator[io.StringIO]:
 
 
 def export(fm: FrameworkModel, *, opset: int, dynamic_batch: bool) -> ExportOutcome:
-    """Try the dynamo exporter, then the TorchScript exporter; report every attempt."""
+    """Try each of :data:`EXPORTERS` (dynamo, then TorchScript) in turn; report every attempt."""
     torch = require("torch")
     names = list(fm.inputs)
     batched, batch = batched_inputs(fm.inputs) if dynamic_batch else (set(), None)
@@ -236,9 +236,8 @@ def export(fm: FrameworkModel, *, opset: int, dynamic_batch: bool) -> ExportOutc
     else:
         out_batched = set()
     attempts: list[Attempt] = []
-    strategies = [("dynamo", _dynamo), ("torchscript", _torchscript)]
     with tempfile.TemporaryDirectory(prefix="onnxpipe-export-") as tmp:
-        for name, strategy in strategies:
+        for name, strategy in EXPORTERS:
             target = Path(tmp) / f"{name}.onnx"
             start = time.perf_counter()
             try:
@@ -256,7 +255,8 @@ def export(fm: FrameworkModel, *, opset: int, dynamic_batch: bool) -> ExportOutc
                           hint="run with --debug, or simplify the model's forward for export")
 
 
-def _dynamo(fm, args, kwargs, target, *, names, out_names, opset, batched) -> None:
+def export_dynamo(fm, args, kwargs, target, *, names, out_names, opset, batched) -> None:
+    """``torch.onnx.export(dynamo=True)`` with the batch axis as a ``torch.export.Dim``."""
     torch = require("torch")
     model = fm.obj
     dynamic_shapes = None
@@ -269,10 +269,20 @@ def _dynamo(fm, args, kwargs, target, *, names, out_names, opset, batched) -> No
                       external_data=True, report=False, verify=False)
 
 
-def _torchscript(fm, args, kwargs, target, *, names, out_names, opset, batched) -> None:
+def export_torchscript(fm, args, kwargs, target, *, names, out_names, opset, batched) -> None:
+    """``torch.onnx.export(dynamo=False)`` (TorchScript tracing) with ``dynamic_axes`` for the batch."""
     torch = require("torch")
     model = fm.obj.module() if fm.kind == "torch.export" else fm.obj
     dynamic_axes: dict[str, dict[int, str]] = {n: {0: "batch"} for n in names if n in batched}
     dynamic_axes.update({n: {0: "batch"} for n in out_names or [] if n in batched})
     torch.onnx.export(model, args, str(target), kwargs=kwargs, dynamo=False, opset_version=opset,
                       input_names=names, output_names=out_names, dynamic_axes=dynamic_axes or None)
+
+
+Exporter = Callable[..., None]
+"""``exporter(fm, args, kwargs, target, *, names, out_names, opset, batched)`` writes ``target``
+(an .onnx path) or raises; ``batched`` names the inputs and outputs whose axis 0 is the batch."""
+
+EXPORTERS: list[tuple[str, Exporter]] = [("dynamo", export_dynamo), ("torchscript", export_torchscript)]
+"""The exporters :func:`export` tries, in order, by name: the first whose model loads wins, and
+every failure is reported in the conversion's attempts. Replace or reorder entries to change it."""

@@ -13,7 +13,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import onnx
 
@@ -61,6 +61,10 @@ def repair(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto
 class Simplify(Pass):
     """Constant folding, dead-node and identity removal, shape folding and fusions.
 
+    Each backend is a public method, model in, model out: :meth:`onnxsim`, :meth:`onnxslim`,
+    :meth:`ort_basic` (named in :attr:`BACKENDS`). Every backend alone and their chain are candidates;
+    the smallest whose outputs still match wins. A subclass may override a backend method.
+
     Example:
         >>> Simplify({"skip": ["ort"], "skip_fusions": ["FusionGemm"]})
         simplify(skip=['ort'], skip_fusions=['FusionGemm'])
@@ -76,25 +80,30 @@ class Simplify(Pass):
         max_rounds: int = 4
         """Rounds of the chained backends before giving up on a fixpoint."""
 
-    def _backends(self) -> list[tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]]]:
-        all_: list[tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]]] = [
-            ("onnxsim", self._onnxsim), ("onnxslim", self._onnxslim), ("ort", self._ort_basic)]
-        return [(n, f) for n, f in all_ if n not in self.config.skip]
+    BACKENDS: ClassVar[dict[str, str]] = {"onnxsim": "onnxsim", "onnxslim": "onnxslim", "ort": "ort_basic"}
+    """Backend name (as ``skip`` takes it) -> the method that runs it."""
 
-    def _onnxsim(self, model: onnx.ModelProto) -> onnx.ModelProto:
+    def backends(self) -> list[tuple[str, Callable[[onnx.ModelProto], onnx.ModelProto]]]:
+        """The backends this configuration runs, by name, in order."""
+        return [(n, getattr(self, m)) for n, m in self.BACKENDS.items() if n not in self.config.skip]
+
+    def onnxsim(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """onnxsim's simplify (its optimizers in ``skip_fusions`` left out)."""
         onnxsim = require("onnxsim")
         skipped = [f for f in self.config.skip_fusions if not f[:1].isupper()] or None
         out, _ = onnxsim.simplify(model, check_n=0, skipped_optimizers=skipped)
         return out
 
-    def _onnxslim(self, model: onnx.ModelProto) -> onnx.ModelProto:
+    def onnxslim(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """onnxslim's slim on a copy (its fusion patterns in ``skip_fusions`` left out)."""
         onnxslim = require("onnxslim")
         patterns = [f for f in self.config.skip_fusions if f[:1].isupper()] or None
         copy = onnx.ModelProto()
         copy.CopyFrom(model)  # onnxslim edits its input in place
         return onnxslim.slim(copy, skip_fusion_patterns=patterns, model_check=False)
 
-    def _ort_basic(self, model: onnx.ModelProto) -> onnx.ModelProto:
+    def ort_basic(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """The model as ONNX Runtime's basic graph optimizations leave it."""
         ort = require("onnxruntime")
         with tempfile.TemporaryDirectory(prefix="onnxpipe-ort-") as tmp:
             target = Path(tmp) / "basic.onnx"
@@ -106,7 +115,7 @@ class Simplify(Pass):
             return onnx.load(str(target))
 
     def apply(self, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
-        backends = self._backends()
+        backends = self.backends()
         if not backends:
             return PassResult(model, modified=False, notes={"skipped": "every backend is skipped"})
         atol, rtol = self.tolerance

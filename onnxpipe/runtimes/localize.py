@@ -65,8 +65,12 @@ def _candidates(model: onnx.ModelProto, reference: onnx.ModelProto) -> tuple[lis
     return names, producer
 
 
-class _Marked:
-    """One working copy of a model whose extra graph outputs are swapped chunk by chunk."""
+class MarkedModel:
+    """One working copy of a model whose extra graph outputs are swapped chunk by chunk.
+
+    :meth:`run` is the only place :func:`localize` runs a model: one call per round and side, with
+    that round's names marked, so its ``names`` bound how many intermediate values are alive at once.
+    """
 
     def __init__(self, model: onnx.ModelProto, device: Device) -> None:
         self.model = onnx.ModelProto()
@@ -76,6 +80,7 @@ class _Marked:
         self.device = device
 
     def run(self, feeds: Mapping[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """The values of ``names`` (graph outputs or intermediates) on ``feeds``, in a fresh session."""
         from onnxpipe.runtimes.device_session import DeviceSession
 
         del self.model.graph.output[self.base:]
@@ -103,7 +108,7 @@ def localize(model: onnx.ModelProto, device: Device | str, reference: onnx.Model
         'first divergence at node /blocks.3/attn/Softmax (Softmax), output ...'
     """
     names, producer = _candidates(model, reference)
-    work, ref_work = _Marked(model, Device.parse(device)), _Marked(reference, Device.parse(reference_device))
+    work, ref_work = MarkedModel(model, Device.parse(device)), MarkedModel(reference, Device.parse(reference_device))
     compared = 0
     for start in range(0, len(names), max(1, chunk)):
         part = names[start:start + chunk]
