@@ -231,8 +231,8 @@ def test_channel_shuffle_is_followed(rng):
     gone = removed(result, "a")
     assert len(gone) == 4
     local = {p % 4 for p in gone}
-    assert len(local) == 2 and set(gone) == {b * 4 + l for b in (0, 1) for l in local}  # same in both blocks
-    shuffled = sorted(l * 2 + b for l in local for b in (0, 1))  # where they sit after the shuffle
+    assert len(local) == 2 and set(gone) == {b * 4 + c for b in (0, 1) for c in local}  # same in both blocks
+    shuffled = sorted(c * 2 + b for c in local for b in (0, 1))  # where they sit after the shuffle
     assert weight(result.model, "g1").shape == (4, 2, 1, 1) and weight(result.model, "g2").shape == (4, 2, 1, 1)
     ref = zeroed(model, [("out", 1, 1, removed(result, "e"))])
     w2 = weight(ref, "g2").copy()

@@ -28,7 +28,7 @@ from onnxpipe.partition.extract import Stage, build_stages
 from onnxpipe.partition.layers import decoder_feeds, layer_boundaries
 from onnxpipe.partition.memory import report_from_profile
 from onnxpipe.partition.profile import GraphProfile, profile_graph
-from onnxpipe.partition.spec import FILE, PartSpec, PipelineSpec, carried, run_sequence
+from onnxpipe.partition.spec import FILE, PartSpec, PipelineSpec, carried
 from onnxpipe.core.compare import Comparison
 from onnxpipe.core.tensors import graph_inputs, value_infos
 

@@ -77,7 +77,9 @@ class DeviceTuning:
         return self.default_ms / self.tuned_ms if self.tuned_ms and self.significant else 1.0
 
     def entry(self) -> TunedEntry:
-        tput = (lambda ms: self.batch / (ms / 1e3) if ms else 0.0)
+        def tput(ms: float) -> float:
+            return self.batch / (ms / 1e3) if ms else 0.0
+
         return TunedEntry(
             device=str(self.chosen), batch_size=self.batch, default_device=str(self.default),
             tuned=Measured(latency_ms=self.tuned_ms, samples_per_s=tput(self.tuned_ms), batch=self.batch),
