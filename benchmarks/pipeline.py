@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-
 THREAD1 = "cpu:{}[threads=1]"
 
 
@@ -71,11 +70,11 @@ def one_run(runner_factory, data: dict) -> tuple[float, list[int], dict]:
 
 
 def measure(name: str, path: Path, samples: int, rounds: int, work: Path) -> dict:
+    from onnxpipe.core.compare import compare
+    from onnxpipe.core.tensors import graph_inputs, random_input
     from onnxpipe.partition.split import split_model
     from onnxpipe.runtimes.batch import BatchRunner
     from onnxpipe.runtimes.pipeline_parallel import PipelineRunner
-    from onnxpipe.core.compare import compare
-    from onnxpipe.core.tensors import graph_inputs, random_input
 
     model = onnx.load(str(path))
     info = graph_inputs(model)[0]

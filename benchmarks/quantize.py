@@ -181,7 +181,6 @@ def zoo(name: str, tmp: Path) -> tuple[onnx.ModelProto, Callable, tuple[dict, np
 
 def bench_digits(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto], str]]:
     from onnxpipe.core.metrics import evaluate, top1
-
     from onnxpipe.passes.strip import Strip
 
     model, cal, (inputs, labels) = zoo("digits_cnn", tmp)
@@ -237,9 +236,9 @@ def bench_minilm(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto], str
 
 
 def bench_resnet50(tmp: Path) -> tuple[dict, dict, Callable[[onnx.ModelProto], str]]:
+    from onnxpipe.core.session import run_model
     from onnxpipe.passes.simplify import Simplify
     from onnxpipe.pipeline.stages import generated_inputs
-    from onnxpipe.core.session import run_model
 
     path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
     model = onnx.load(str(path))

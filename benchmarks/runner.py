@@ -30,7 +30,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 
-
 def cnn(channels: int = 32, size: int = 32) -> onnx.ModelProto:
     """x[N,3,size,size] -> 2 x (Conv3x3 + Relu) -> GlobalAveragePool -> Gemm(10): ~21 MFLOPs per sample."""
     rng = np.random.default_rng(0)
@@ -111,8 +110,8 @@ def main() -> None:
     from rich.table import Table
 
     from onnxpipe.core.modelio import load_model
-    from onnxpipe.runtimes.batch import BatchRunner
     from onnxpipe.core.tensors import concrete_shape, graph_inputs
+    from onnxpipe.runtimes.batch import BatchRunner
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.model or str(Path(tmp) / "cnn.onnx")

@@ -41,8 +41,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-
-
 ROOT = Path(__file__).resolve().parent.parent
 
 def mlp(width: int = 1024, layers: int = 4, features: int = 256, classes: int = 10) -> onnx.ModelProto:

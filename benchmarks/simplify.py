@@ -19,10 +19,10 @@ import onnx
 from rich.console import Console
 from rich.table import Table
 
+from onnxpipe.core.compare import compare_runs, outputs_on
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.simplify import Simplify, count_nodes
 from onnxpipe.pipeline.stages import generated_inputs
-from onnxpipe.core.compare import compare_runs, outputs_on
 
 ROOT = Path(__file__).resolve().parent.parent
 

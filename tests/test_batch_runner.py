@@ -9,14 +9,13 @@ import signal
 import numpy as np
 import onnx
 import pytest
+from conftest import gather_model
 from onnx import helper
 
 from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.session import Session
 from onnxpipe.runtimes import BatchRunner
 from onnxpipe.runtimes.manifest import load_outputs, read_manifest
-from onnxpipe.core.session import Session
-
-from conftest import gather_model
 
 DEVICES = ["cpu:0[threads=1]", "cpu:1[threads=1]"]
 

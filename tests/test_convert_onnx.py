@@ -7,14 +7,13 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_gemm_model, run_cli
 
 from onnxpipe.converter import convert
-from onnxpipe.core.graph import default_opset
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.graph import default_opset
 from onnxpipe.core.modelio import load_model, save_model
 from onnxpipe.core.session import run_model
-
-from conftest import conv_gemm_model, run_cli
 
 
 def test_onnx_source_is_checked_and_shape_inferred(conv_gemm_path, tmp_path):

@@ -12,11 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
+from conftest import run_cli, write_factory  # noqa: E402
+
 from onnxpipe.converter import convert  # noqa: E402
 from onnxpipe.core.errors import InputError  # noqa: E402
 from onnxpipe.core.session import run_model  # noqa: E402
-
-from conftest import run_cli, write_factory  # noqa: E402
 
 KERAS = """
 import numpy as np

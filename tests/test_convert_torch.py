@@ -8,11 +8,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import run_cli, write_factory  # noqa: E402
+
 from onnxpipe.converter import convert, pytorch  # noqa: E402
 from onnxpipe.core.errors import CheckFailedError, ConversionError, InputError  # noqa: E402
 from onnxpipe.core.session import run_model  # noqa: E402
-
-from conftest import run_cli, write_factory  # noqa: E402
 
 TWO_INPUTS = """
 import torch

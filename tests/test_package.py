@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 HEAVY = ("torch", "tensorflow", "tf2onnx", "keras", "ray", "tensorrt", "onnxruntime", "grpc", "aiohttp")

@@ -11,11 +11,11 @@ import pytest
 from conftest import residual_concat_model, run_cli, with_random_weights
 
 from onnxpipe.core.errors import CheckFailedError, InputError
+from onnxpipe.core.session import Session
 from onnxpipe.partition.cut import find_cuts
 from onnxpipe.partition.profile import profile_graph
 from onnxpipe.partition.spec import PipelineSpec, run_sequence
 from onnxpipe.partition.split import split_model
-from onnxpipe.core.session import Session
 
 
 def if_model() -> onnx.ModelProto:
@@ -141,8 +141,8 @@ def test_a_cut_tensor_that_does_not_exist_is_a_clear_error(tmp_path):
 
 
 def test_failed_check_writes_nothing(tmp_path, monkeypatch):
-    from onnxpipe.partition import split as split_mod
     from onnxpipe.core.compare import Comparison
+    from onnxpipe.partition import split as split_mod
 
     monkeypatch.setattr(split_mod, "check_sequence",
                         lambda *a, **k: [Comparison("y", 0.5, 0.5, False, 1.0)])

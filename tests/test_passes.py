@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_gemm_model
 from onnx import helper, numpy_helper
 
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.session import run_model
 from onnxpipe.passes import available, get_pass
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.simplify import Simplify, count_nodes, repair
 from onnxpipe.pipeline.stages import generated_inputs
-from onnxpipe.core.session import run_model
-
-from conftest import conv_gemm_model
 
 REDUNDANT = """
 <ir_version: 8, opset_import: ["" : 17]>

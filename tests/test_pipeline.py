@@ -7,14 +7,13 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_gemm_model, run_cli
 from onnx import helper
 
-from onnxpipe.pipeline.recipe import load_recipe
 from onnxpipe.core.errors import InputError
 from onnxpipe.passes.base import Pass, PassResult
 from onnxpipe.pipeline import optimize
-
-from conftest import conv_gemm_model, run_cli
+from onnxpipe.pipeline.recipe import load_recipe
 
 
 class ScaleOutput(Pass):

@@ -11,10 +11,10 @@ import pytest
 from conftest import residual_concat_model, run_cli
 
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.session import Session
 from onnxpipe.partition.split import split_model
 from onnxpipe.runtimes.manifest import load_outputs, read_manifest
 from onnxpipe.runtimes.pipeline_parallel import PipelineRunner
-from onnxpipe.core.session import Session
 
 DEVICES = ["cpu:0[threads=1]", "cpu:1[threads=1]", "cpu:2[threads=1]"]
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import conv_gemm_model, run_cli
 
 from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.session import Session
 from onnxpipe.runtimes.device_session import (
     DeviceSession,
     Placement,
@@ -24,7 +25,6 @@ from onnxpipe.runtimes.providers import (
     resolve,
     split_devices,
 )
-from onnxpipe.core.session import Session
 
 HAS_CUDA = "CUDAExecutionProvider" in available()
 

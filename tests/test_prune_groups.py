@@ -12,9 +12,9 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
+from onnxpipe.core.compare import outputs_on
 from onnxpipe.passes.base import PassContext, PassResult
 from onnxpipe.passes.prune import Prune
-from onnxpipe.core.compare import outputs_on
 
 F = onnx.TensorProto.FLOAT
 

@@ -10,7 +10,6 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
-
 from test_prune_groups import assert_same, build, conv, prune, rand, removed, row_of, run, weight, zeroed
 
 

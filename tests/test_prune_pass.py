@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
+from test_prune_groups import assert_same, build, conv, prune, rand, removed, row_of, run, weight, zeroed
 
 from onnxpipe.core.errors import InputError
 from onnxpipe.passes import get_pass
@@ -15,8 +16,6 @@ from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.prune import Prune
 from onnxpipe.passes.pruning.reconstruct import conv_patches
 from onnxpipe.pipeline import optimize
-
-from test_prune_groups import assert_same, build, conv, prune, rand, removed, row_of, run, weight, zeroed
 
 I64 = onnx.TensorProto.INT64
 

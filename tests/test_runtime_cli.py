@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 from conftest import conv_gemm_model, gather_model, run_cli
 
-from onnxpipe.runtimes.manifest import load_outputs, read_manifest
 from onnxpipe.core.session import Session
+from onnxpipe.runtimes.manifest import load_outputs, read_manifest
 
 
 def test_infer_writes_shards_in_order_and_resumes(tmp_path):

@@ -13,11 +13,11 @@ from conftest import conv_gemm_model, write_factory
 from onnx import helper
 
 from onnxpipe.core.errors import InputError
-from onnxpipe.runtimes.batch import BatchRunner
-from onnxpipe.runtimes.tasks import Job, cut_tasks
 from onnxpipe.core.session import Session
-from onnxpipe.runtimes.shm import Attached, Block, layout_of, read
 from onnxpipe.core.sources import open_source, split
+from onnxpipe.runtimes.batch import BatchRunner
+from onnxpipe.runtimes.shm import Attached, Block, layout_of, read
+from onnxpipe.runtimes.tasks import Job, cut_tasks
 from onnxpipe.runtimes.worker import Event
 
 

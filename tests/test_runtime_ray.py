@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import conv_gemm_model
 
+from onnxpipe.core.session import Session
 from onnxpipe.runtimes import BatchRunner
 from onnxpipe.runtimes.manifest import load_outputs
-from onnxpipe.core.session import Session
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow  # a local Ray takes 6-15 s to start

@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_gemm_model, ort_fused_ops
 
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import all_graphs, rename_values
+from onnxpipe.core.session import run_model
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
 from onnxpipe.pipeline import optimize
-from onnxpipe.core.session import run_model
-
-from conftest import conv_gemm_model, ort_fused_ops
 
 # two inputs, three outputs, an If whose branches read outer-scope tensors, an initializer,
 # a node without a name, intermediate shapes, and a graph input that is already called "t0"

@@ -10,11 +10,11 @@ import pytest
 from conftest import run_cli
 from onnx import helper, numpy_helper
 
+from onnxpipe.core.compare import Tolerance, check_output
 from onnxpipe.core.errors import InputError
+from onnxpipe.pipeline.validation import parse_targets, validate
 from onnxpipe.runtimes import localize as localize_mod
 from onnxpipe.runtimes.providers import available
-from onnxpipe.core.compare import Tolerance, check_output
-from onnxpipe.pipeline.validation import parse_targets, validate
 
 
 def chain(perturb: float = 0.0) -> onnx.ModelProto:

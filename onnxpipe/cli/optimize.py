@@ -51,11 +51,11 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print the stages as JSON on stdout.")] = False,
     ) -> None:
         """Run passes over an ONNX model, checking the outputs after each one."""
-        from onnxpipe.core.files import write_json, write_text
-        from onnxpipe.pipeline import report
         from onnxpipe.core.data import calibration_source
+        from onnxpipe.core.files import write_json, write_text
         from onnxpipe.core.modelio import load_model, save_model
         from onnxpipe.pipeline import optimize as do_optimize
+        from onnxpipe.pipeline import report
         from onnxpipe.pipeline.stages import make_pass
 
         console = console_for(json_out)

@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 
 from onnxpipe.converter.base import FrameworkModel
-from onnxpipe.core.session import Session
 from onnxpipe.core.compare import Comparison, compare
+from onnxpipe.core.session import Session
 from onnxpipe.core.tensors import batched_inputs, graph_inputs, random_like
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 
 from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel
-from onnxpipe.core.userfiles import first_line
 from onnxpipe.core.errors import ConversionError
-from onnxpipe.core.modelio import check_model, load_model
 from onnxpipe.core.graph import convert_opset, default_opset
+from onnxpipe.core.modelio import check_model, load_model
 from onnxpipe.core.tensors import InputSpec, example_inputs, graph_inputs
+from onnxpipe.core.userfiles import first_line
 
 
 def load(path: Path, specs: Sequence[InputSpec]) -> FrameworkModel:
@@ -54,9 +54,9 @@ def export(fm: FrameworkModel, *, opset: int | None, dynamic_batch: bool) -> Exp
 
 
 def _static_batch(model: onnx.ModelProto, inputs: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, list[str]]:
-    from onnxpipe.passes.fix_shapes import FixShapes
-    from onnxpipe.passes.base import PassContext
     from onnxpipe.core.tensors import batched_inputs
+    from onnxpipe.passes.base import PassContext
+    from onnxpipe.passes.fix_shapes import FixShapes
 
     batched, batch = batched_inputs(inputs)
     shapes = {}

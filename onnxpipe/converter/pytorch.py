@@ -16,15 +16,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpipe.core.deps import require
 from onnxpipe.converter.base import (
+    Attempt,
+    ExportOutcome,
+    FrameworkModel,
+    default_output_names,
+    flatten_outputs,
     normalize_examples,
-    Attempt, ExportOutcome, FrameworkModel, default_output_names, flatten_outputs,
 )
-from onnxpipe.core.tensors import examples_from_specs
-from onnxpipe.core.userfiles import first_line
+from onnxpipe.core.deps import require
 from onnxpipe.core.errors import ConversionError, InputError
-from onnxpipe.core.tensors import InputSpec, batched_inputs
+from onnxpipe.core.tensors import InputSpec, batched_inputs, examples_from_specs
+from onnxpipe.core.userfiles import first_line
 
 
 def _names_from_signature(model: Any) -> list[str]:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-
 from onnxpipe.converter.base import FrameworkModel
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.tensors import InputSpec

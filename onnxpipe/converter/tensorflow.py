@@ -18,12 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from onnxpipe.core.deps import require
 from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel, default_output_names, normalize_examples
-from onnxpipe.core.tensors import examples_from_specs
-from onnxpipe.core.userfiles import first_line
+from onnxpipe.core.deps import require
 from onnxpipe.core.errors import ConversionError, InputError
-from onnxpipe.core.tensors import InputSpec, batched_inputs
+from onnxpipe.core.tensors import InputSpec, batched_inputs, examples_from_specs
+from onnxpipe.core.userfiles import first_line
 
 
 def _tf():

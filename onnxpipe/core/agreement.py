@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from onnxpipe.core.compare import Comparison, cosine, exact_agreement, last_axis_rows, sample_cosines, top1_agreement
+
+
 @dataclass
 class Agreement:
     """How one output of a quantized model agrees with the float model, over every sample.

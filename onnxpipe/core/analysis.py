@@ -29,8 +29,8 @@ from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import all_graphs, subgraphs
 from onnxpipe.core.modelio import tensor_bytes
 from onnxpipe.core.shapes import Shape, concrete_inputs, infer_shapes, runtime_shapes
-from onnxpipe.core.units import human_bytes, human_count
 from onnxpipe.core.tensors import TensorInfo, graph_inputs, value_infos
+from onnxpipe.core.units import human_bytes, human_count
 
 if TYPE_CHECKING:
     from rich.console import Console

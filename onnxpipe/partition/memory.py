@@ -17,8 +17,8 @@ import onnx
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.core.units import human_bytes
 from onnxpipe.core.graph import subgraphs
+from onnxpipe.core.units import human_bytes
 from onnxpipe.partition.profile import GraphProfile, profile_graph
 
 if TYPE_CHECKING:

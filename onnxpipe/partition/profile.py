@@ -17,12 +17,11 @@ import numpy as np
 import onnx
 
 from onnxpipe.core.cost import NoShape, graph_cost, node_cost
-from onnxpipe.core.shapes import Shape, concrete_inputs, infer_shapes, runtime_shapes
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.external import nbytes as tensor_nbytes
 from onnxpipe.core.graph import subgraph_inputs, subgraphs, toposort
+from onnxpipe.core.shapes import Shape, concrete_inputs, infer_shapes, runtime_shapes
 from onnxpipe.core.tensors import graph_inputs
-
 
 
 @dataclass

@@ -19,18 +19,18 @@ import onnx
 from rich.markup import escape
 from rich.table import Table
 
-from onnxpipe.core.units import human_bytes, human_count
+from onnxpipe.core.compare import Comparison
 from onnxpipe.core.errors import CheckFailedError, InputError, OnnxpipeError
 from onnxpipe.core.files import atomic_output
 from onnxpipe.core.modelio import check_model, load_model, save_model, tensor_bytes
+from onnxpipe.core.tensors import graph_inputs, value_infos
+from onnxpipe.core.units import human_bytes, human_count
 from onnxpipe.partition.cut import find_capped_cuts, find_cuts, part_bytes
 from onnxpipe.partition.extract import Stage, build_stages
 from onnxpipe.partition.layers import decoder_feeds, layer_boundaries
 from onnxpipe.partition.memory import report_from_profile
 from onnxpipe.partition.profile import GraphProfile, profile_graph
 from onnxpipe.partition.spec import FILE, PartSpec, PipelineSpec, carried
-from onnxpipe.core.compare import Comparison
-from onnxpipe.core.tensors import graph_inputs, value_infos
 
 # the tolerance every pass is checked with (onnxpipe.passes.base.Pass)
 ATOL, RTOL = 1e-4, 1e-3

@@ -11,9 +11,8 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from onnxpipe.core.compare import Comparison, compare_runs
 from onnxpipe.core.errors import InputError
-from onnxpipe.core.compare import compare_runs
-from onnxpipe.core.compare import Comparison
 
 
 class PassConfig(BaseModel):

@@ -6,8 +6,8 @@ import onnx
 from pydantic import Field, PositiveInt
 
 from onnxpipe.core.errors import InputError
-from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.core.tensors import graph_inputs
+from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
 
 def _set_dims(values, dims: dict[str, int], shapes: dict[str, list[int]]) -> int:

@@ -17,11 +17,11 @@ from typing import ClassVar, Literal
 
 import onnx
 
-from onnxpipe.core.deps import require
-from onnxpipe.core.userfiles import first_line
-from onnxpipe.core.graph import subgraphs, used_names
-from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.core.compare import compare_runs, outputs_on
+from onnxpipe.core.deps import require
+from onnxpipe.core.graph import subgraphs, used_names
+from onnxpipe.core.userfiles import first_line
+from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
 Backend = Literal["onnxsim", "onnxslim", "ort"]
 

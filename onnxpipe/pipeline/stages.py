@@ -19,8 +19,8 @@ from onnxpipe.core.compare import Comparison, outputs_on
 from onnxpipe.core.errors import InputError, OnnxpipeError, RunFailedError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 from onnxpipe.core.tensors import example_inputs, graph_inputs, input_hints, random_like
-from onnxpipe.passes import get_pass
 from onnxpipe.core.userfiles import first_line
+from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import Pass, PassContext
 from onnxpipe.passes.simplify import count_nodes
 

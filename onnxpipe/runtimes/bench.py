@@ -17,7 +17,6 @@ from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.core.timing import time_calls, time_session
 from onnxpipe.runtimes.peak import Peak, cpu_peak
 
-
 # the suite behind `onnxpipe bench` ---------------------------------------------------------------
 
 @dataclass
@@ -115,8 +114,8 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         [(1, 1, 0.41), (1, 32, 6.2), (4, 1, 0.2), (4, 32, 1.9)]
     """
     from onnxpipe.core.analysis import summarize
-    from onnxpipe.core.tensors import example_inputs
     from onnxpipe.core.modelio import load_model
+    from onnxpipe.core.tensors import example_inputs
     from onnxpipe.runtimes.device_session import DeviceSession
     from onnxpipe.runtimes.providers import Device
     from onnxpipe.core.tensors import tile_batch

@@ -30,6 +30,7 @@ import onnx
 
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import OnnxpipeError
+from onnxpipe.core.session import Session, session_source
 from onnxpipe.runtimes.providers import (
     GPU_HINT,
     PROVIDERS,
@@ -37,7 +38,6 @@ from onnxpipe.runtimes.providers import (
     CudaOptions,
     Device,
 )
-from onnxpipe.core.session import Session, session_source
 
 SHORT = {v: k for k, v in PROVIDERS.items()}
 

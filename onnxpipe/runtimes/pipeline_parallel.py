@@ -28,12 +28,12 @@ import onnx
 from rich.table import Table
 
 from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.sources import Source
 from onnxpipe.partition.spec import PartSpec, PipelineSpec, carried
 from onnxpipe.runtimes.batch import BatchRunner
 from onnxpipe.runtimes.batch_result import BatchEvent, InferResult
 from onnxpipe.runtimes.dispatch import Dispatcher, Task
 from onnxpipe.runtimes.providers import parse_devices
-from onnxpipe.core.sources import Source
 
 __all__ = ["PipelineResult", "PipelineRunner"]
 

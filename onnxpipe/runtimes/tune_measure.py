@@ -25,9 +25,9 @@ import numpy as np
 import onnx
 
 from onnxpipe.core.modelio import tensor_bytes
+from onnxpipe.core.tensors import onnx_elem_to_numpy
 from onnxpipe.core.timing import time_calls
 from onnxpipe.runtimes.providers import Device
-from onnxpipe.core.tensors import onnx_elem_to_numpy
 
 
 def median_ms(fn: Callable[[], object], runs: int) -> float:

@@ -21,9 +21,9 @@ from typing import Any
 
 import onnx
 
+from onnxpipe.core.tensors import graph_inputs
 from onnxpipe.runtimes.device_options import CudaOptions, TensorrtOptions
 from onnxpipe.runtimes.providers import Device
-from onnxpipe.core.tensors import graph_inputs
 
 CONTROL_FLOW = {"If", "Loop", "Scan"}
 

@@ -26,11 +26,11 @@ import onnx
 from rich.markup import escape
 from rich.table import Table
 
+from onnxpipe.core.compare import OutputCheck, Tolerance, check_output
 from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.core.modelio import load_model
-from onnxpipe.runtimes.providers import Device, split_devices
-from onnxpipe.core.compare import OutputCheck, Tolerance, check_output
 from onnxpipe.core.userfiles import first_line
+from onnxpipe.runtimes.providers import Device, split_devices
 
 PRECISIONS = ("fp32", "fp16", "int8")
 

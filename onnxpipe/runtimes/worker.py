@@ -45,8 +45,8 @@ def _main(conn: Connection, model: str, device: str, threads: int | None, cores:
           device_id: int | None, current: Any) -> None:
     """Worker process: open the session, then serve ``run`` messages until ``stop`` or EOF."""
     from onnxpipe.core.errors import OnnxpipeError
-    from onnxpipe.runtimes.device_session import DeviceSession
     from onnxpipe.core.userfiles import first_line
+    from onnxpipe.runtimes.device_session import DeviceSession
 
     # Ctrl-C reaches the whole process group: the dispatcher handles it and stops the workers
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxpipe.passes.pruning.graphview import GraphView
 from onnxpipe.core.session import Session
+from onnxpipe.passes.pruning.graphview import GraphView
 
 Batches = Callable[[], Iterable[dict[str, np.ndarray]]]
 

@@ -15,7 +15,6 @@ import onnx
 from onnxpipe.passes.pruning import layers
 from onnxpipe.passes.pruning.edits import Slice, SplitSizes
 from onnxpipe.passes.pruning.graphview import node_label
-from onnxpipe.passes.pruning.tracer import Tracer
 from onnxpipe.passes.pruning.reshape import flatten, reshape
 from onnxpipe.passes.pruning.rules_common import (
     all_labels,
@@ -25,6 +24,7 @@ from onnxpipe.passes.pruning.rules_common import (
     used,
 )
 from onnxpipe.passes.pruning.shapeops import pad, resize, shape, slice_, tile_expand
+from onnxpipe.passes.pruning.tracer import Tracer
 
 Rule = Callable[[Tracer, int, onnx.NodeProto], None]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import onnx
 
 from onnxpipe.passes.pruning.edits import ShapeEntry
-from onnxpipe.passes.pruning.tracer import Tracer
 from onnxpipe.passes.pruning.rules_common import axes_of, norm_axis, unsafe_all
+from onnxpipe.passes.pruning.tracer import Tracer
 
 
 def pad(t: Tracer, k: int, node: onnx.NodeProto) -> None:
