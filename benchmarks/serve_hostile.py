@@ -46,7 +46,8 @@ def hostile_requests(limit: int) -> list[tuple[str, dict[str, str], bytes, str]]
     deep_data = (b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": '
                  + b"[" * 70 + b"1" + b"]" * 70 + b"}]}")
     digits = b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "INT64", "data": [' + b"9" * 5000 + b', 1, 2, 3]}]}'
-    js = lambda doc: json.dumps(doc).encode()
+    def js(doc):
+        return json.dumps(doc).encode()
     x = {"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
     many_commas = b'{"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [' \
         + b"0," * (limit // 2 - 64) + b"0]}]}"

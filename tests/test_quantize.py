@@ -10,24 +10,22 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from conftest import ROOT, conv_gemm_model, ort_fused_ops, run_cli, write_factory
 from onnx import numpy_helper
 
 from onnxpipe.core import hardware
+from onnxpipe.core.agreement import agreement, judge_cosine
+from onnxpipe.core.compare import outputs_on, sample_cosines
 from onnxpipe.core.data import calibration_source, evaluation_source
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.session import run_model
+from onnxpipe.core.tensors import TensorInfo, graph_inputs
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
-from onnxpipe.core.agreement import agreement, judge_cosine
-from onnxpipe.core.compare import sample_cosines
 from onnxpipe.passes.quant_budget import fit_budget
 from onnxpipe.passes.quant_data import StreamingReader, check_batch
 from onnxpipe.passes.quantize import Quantize
 from onnxpipe.pipeline import optimize
-from onnxpipe.core.session import run_model
-from onnxpipe.core.compare import outputs_on
-from onnxpipe.core.tensors import TensorInfo, graph_inputs
-
-from conftest import ROOT, conv_gemm_model, ort_fused_ops, run_cli, write_factory
 
 DIGITS = ROOT / "models" / "digits_cnn"
 

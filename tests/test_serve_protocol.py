@@ -12,6 +12,7 @@ from conftest import conv_gemm_model
 from onnx import helper
 
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.tensors import TensorInfo
 from onnxpipe.serve.metrics import Metrics
 from onnxpipe.serve.protocol import (
     HEADER,
@@ -22,7 +23,6 @@ from onnxpipe.serve.protocol import (
     encode_response,
 )
 from onnxpipe.serve.repository import discover
-from onnxpipe.core.tensors import TensorInfo
 
 X = TensorInfo("x", ["N", 3], np.dtype("float32"))
 IDS = TensorInfo("ids", ["N", "S"], np.dtype("int64"))

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from onnxpipe_zoo import _common
 from onnxpipe_zoo.digits_cnn import data as _data
 

@@ -4,7 +4,6 @@ numpy / scikit-learn only (no tensorflow): ONNX-only steps use it.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from onnxpipe_zoo.digits_cnn import data as _nchw  # same split, same scaling

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from onnxpipe_zoo import _common
 from onnxpipe_zoo.keras_digits import data as _data
 

@@ -6,12 +6,9 @@ numpy / scikit-learn only (no torch): ONNX-only steps use it.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
-
 from onnxpipe_zoo import _common
-
 
 INPUT_NAME = "tokens"
 VOCAB = 17

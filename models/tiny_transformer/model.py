@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from onnxpipe_zoo import _common
 from onnxpipe_zoo.tiny_transformer import data as _data
 

@@ -35,9 +35,8 @@ def check_table(check, title: str = "check against the framework") -> Table:
 
 def parse_dims(items: list[str] | None) -> dict[str, int]:
     """``--dim seq=128`` options -> ``{"seq": 128}``; a malformed one is a one-line error."""
-    from onnxpipe.core.errors import InputError
-
     from onnxpipe.cli._checks import MAX_BATCH
+    from onnxpipe.core.errors import InputError
 
     dims = {}
     for d in items or []:

@@ -11,7 +11,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from onnxpipe.cli._checks import (
-    MAX_BATCH, batch, count, device_list, number, one_of, output_dir, output_file,
+    MAX_BATCH,
+    batch,
+    count,
+    device_list,
+    number,
+    one_of,
+    output_dir,
+    output_file,
 )
 from onnxpipe.cli._common import check_dims, console_for, model_runs, parse_dims, sample_inputs
 
@@ -37,11 +44,10 @@ def int_list(text: str, what: str, hi: int = MAX_BATCH) -> list[int]:
 def check_inputs(model: Any, *, data: str | None, load: Path | None, batches: int, batch_size: int, seed: int,
                  specs: list[str] | None) -> list[dict]:
     """Validation inputs: saved ones, the first batches of ``data``, or generated ones."""
-    from onnxpipe.core.tensors import example_inputs
     from onnxpipe.core.data import calibration_source, take
     from onnxpipe.core.errors import InputError
+    from onnxpipe.core.tensors import InputSpec, example_inputs
     from onnxpipe.runtimes.validate import split_batches
-    from onnxpipe.core.tensors import InputSpec
 
     if load is not None:
         from onnxpipe.core.userfiles import read_npz
@@ -184,9 +190,9 @@ def register(app: typer.Typer) -> None:
         """Run a model on several providers and precisions and compare every output with a reference."""
         import numpy as np
 
+        from onnxpipe.core.compare import Tolerance
         from onnxpipe.core.errors import CheckFailedError, InputError
         from onnxpipe.core.modelio import load_model
-        from onnxpipe.core.compare import Tolerance
         from onnxpipe.pipeline.validation import validate as do_validate
         from onnxpipe.runtimes.validate import DEFAULTS, parse_targets
 

@@ -28,7 +28,6 @@ agreement floor, the budget's score) are in :mod:`onnxpipe.core.agreement`.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any

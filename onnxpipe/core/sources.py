@@ -214,9 +214,7 @@ def open_source(data: Any, inputs: list[TensorInfo]) -> Source:
     if isinstance(data, (str, Path)):
         text = str(data)
         if ".py:" in text:
-            from onnxpipe.core.userfiles import load_callable
-
-            from onnxpipe.core.userfiles import user_batches
+            from onnxpipe.core.userfiles import load_callable, user_batches
 
             fn = load_callable(text, what="inference data")
             return _iterable(lambda: user_batches(fn, text, what="inference data"), None, text, keep)

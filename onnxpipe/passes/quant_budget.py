@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxpipe.core.agreement import agreement_score
+from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.core.tensors import graph_inputs
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quant_data import RECIPE_HINT, progress_bar, take_batches
-from onnxpipe.core.agreement import agreement_score
-from onnxpipe.core.compare import outputs_on
-from onnxpipe.core.tensors import graph_inputs
 
 # float32 carries about 140 dB of signal; an input no quantizer touched counts as this clean
 EXACT_DB = 140.0

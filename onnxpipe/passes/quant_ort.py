@@ -83,8 +83,7 @@ def ort_quantizer(c: Any, plan: Plan, prepared: Path, work: Path, ctx: PassConte
     """``quantize(excluded=(), fmt=None, only=None) -> model`` by ORT's dynamic or static quantizer for
     ``plan`` and the pass config ``c``; static models calibrate once and reuse the ranges."""
     require("onnxruntime")
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     counter = iter(range(1 << 30))

@@ -20,17 +20,17 @@ import onnx
 from pydantic import Field
 
 from onnxpipe.core import hardware
+from onnxpipe.core.agreement import judge_cosine
+from onnxpipe.core.compare import Comparison
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import name_bytes
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
-from onnxpipe.core.agreement import judge_cosine
 from onnxpipe.passes.quant_budget import changed_nodes, search_budget
 from onnxpipe.passes.quant_data import RECIPE_HINT
-from onnxpipe.passes.quant_ort import Plan, prune_opsets, quiet, registry, ort_quantizer
-from onnxpipe.core.compare import Comparison
-from onnxpipe.core.userfiles import first_line
+from onnxpipe.passes.quant_ort import Plan, ort_quantizer, prune_opsets, quiet, registry
 
 CONV_OPS = ("Conv", "ConvTranspose")
 MIN_OPSET = 13

@@ -30,8 +30,11 @@ import numpy as np
 import onnx
 
 from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.files import file_digest
 from onnxpipe.core.hardware import cpu
 from onnxpipe.core.modelio import load_model, save_model
+from onnxpipe.core.sources import Source, check_chunk, open_source
+from onnxpipe.core.tensors import graph_inputs, value_infos
 from onnxpipe.runtimes.batch_result import (
     BatchEvent,
     DeviceStats,
@@ -39,12 +42,9 @@ from onnxpipe.runtimes.batch_result import (
     InferResult,
     SamplesFailedError,
 )
-from onnxpipe.core.files import file_digest
 from onnxpipe.runtimes.dispatch import Dispatcher, Plan
 from onnxpipe.runtimes.manifest import ShardWriter
 from onnxpipe.runtimes.providers import Device, parse_devices
-from onnxpipe.core.sources import Source, check_chunk, open_source
-from onnxpipe.core.tensors import graph_inputs, value_infos
 
 __all__ = ["BatchRunner", "SamplesFailedError"]
 

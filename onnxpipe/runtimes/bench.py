@@ -115,10 +115,9 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
     """
     from onnxpipe.core.analysis import summarize
     from onnxpipe.core.modelio import load_model
-    from onnxpipe.core.tensors import example_inputs
+    from onnxpipe.core.tensors import example_inputs, tile_batch
     from onnxpipe.runtimes.device_session import DeviceSession
     from onnxpipe.runtimes.providers import Device
-    from onnxpipe.core.tensors import tile_batch
 
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
     name = str(model) if not isinstance(model, onnx.ModelProto) else (proto.graph.name or "model")

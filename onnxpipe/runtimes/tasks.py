@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from onnxpipe.core.errors import InputError
 from onnxpipe.core.sources import Chunk, Source, check_chunk
 from onnxpipe.core.tensors import TensorInfo
 from onnxpipe.runtimes.batch_result import BatchEvent

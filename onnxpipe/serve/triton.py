@@ -22,11 +22,11 @@ import onnx
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.files import atomic_output
 from onnxpipe.core.modelio import load_model, save_model
+from onnxpipe.core.tensors import TensorInfo
 from onnxpipe.runtimes.device_options import CudaOptions, TensorrtOptions
 from onnxpipe.runtimes.providers import Device, parse_devices
 from onnxpipe.serve.protocol import datatype_of
 from onnxpipe.serve.repository import ModelEntry, check_name
-from onnxpipe.core.tensors import TensorInfo
 
 
 class Enum(str):
