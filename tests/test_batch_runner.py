@@ -92,7 +92,10 @@ def test_worker_killed_mid_run_loses_nothing(runner, x):
                 return
 
     runner.on_batch = kill
-    result = runner.run(data)
+    for _ in range(5):  # on a loaded machine the workers may finish between events: run again until one is caught
+        result = runner.run(data)
+        if killed:
+            break
     assert killed, "the hook should have killed a busy worker"
     assert sum(w.restarts for w in runner.pool.workers) == before + 1
     assert not result.failed and np.array_equal(result.indices, np.arange(len(data["x"])))

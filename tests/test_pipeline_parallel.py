@@ -73,7 +73,10 @@ def test_a_worker_killed_in_the_middle_stage_loses_no_output(runner, data, expec
         os.kill(middle.pid, signal.SIGKILL)
 
     runner.on_batch = kill
-    result = runner.run(data)
+    for _ in range(5):  # on a loaded machine the stage may finish between events: run again until one is caught
+        result = runner.run(data)
+        if killed:
+            break
     assert killed, "the hook should have found the middle stage holding a batch"
     assert middle.restarts == before + 1 and [w.restarts for w in runner.pool.workers][::2] == [0, 0]
     assert not result.failed and np.array_equal(result.indices, np.arange(240))
