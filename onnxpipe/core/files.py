@@ -38,6 +38,26 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def scratch_cwd() -> Iterator[Path]:
+    """Run a library call in a temporary working directory, removed afterwards.
+
+    Some of ONNX Runtime's tools write debug files into the current directory (symbolic shape
+    inference leaves ``sym_shape_infer_temp.onnx`` and a random ``.data`` file beside it when it
+    cannot infer every shape); a user's folder must not collect them. Not thread-safe: the
+    working directory belongs to the process.
+    """
+    import tempfile
+
+    before = os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="onnxpipe-cwd-") as tmp:
+        os.chdir(tmp)
+        try:
+            yield Path(tmp)
+        finally:
+            os.chdir(before)
+
+
 def write_json(doc: dict[str, Any], path: str | os.PathLike) -> Path:
     dest = Path(path)
     with atomic_output(dest) as tmp:

@@ -35,6 +35,7 @@ from onnx import numpy_helper
 from onnxpipe.core.compare import Comparison, compare_runs, outputs_on
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.files import scratch_cwd
 from onnxpipe.core.session import Session
 from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
 from onnxpipe.core.timing import time_session
@@ -130,7 +131,8 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     out = None
-    with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()):  # ONNX's is the fallback
+    with contextlib.suppress(Exception), contextlib.redirect_stdout(io.StringIO()), scratch_cwd():
+        # ONNX's inference is the fallback; ORT's drops debug files into the cwd when it fails
         out = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
     if out is not None:
         return out

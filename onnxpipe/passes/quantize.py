@@ -24,6 +24,7 @@ from onnxpipe.core.agreement import judge_cosine
 from onnxpipe.core.compare import Comparison
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.files import scratch_cwd
 from onnxpipe.core.graph import name_bytes
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.core.userfiles import first_line
@@ -234,7 +235,7 @@ class Quantize(Pass):
             failures = []
             for label, opts in (("full", {}), ("without symbolic shapes", {"skip_symbolic_shape": True})):
                 try:
-                    with quiet():
+                    with quiet(), scratch_cwd():  # its shape inference drops debug files into the cwd
                         quant_pre_process(str(source), str(target), save_as_external_data=big,
                                           all_tensors_to_one_file=True, **opts)
                     status = label
