@@ -93,6 +93,28 @@ def time_session(session: Any, feeds: Mapping[str, np.ndarray], **loop: Any) -> 
     return time_calls(lambda: session.run(checked), **loop)
 
 
+def interleaved(sessions: Mapping[str, Any], feeds: Mapping[str, np.ndarray], *, rounds: int = 5,
+                budget_s: float = 1.0) -> dict[str, list[float]]:
+    """Per label, the median ms of each round: the sessions take turns, the order reversed every round.
+
+    Load that comes and goes on a shared machine hits every session alike, so compare per round
+    (paired) or take medians over rounds. The budget is shared by all rounds and sessions; the
+    first round warms each session up.
+
+    Example:
+        >>> ms = interleaved({"before": s0, "after": s1}, feeds)  # doctest: +SKIP
+        >>> statistics.median(a / b for a, b in zip(ms["after"], ms["before"]))  # doctest: +SKIP
+    """
+    order = list(sessions)
+    per_round = budget_s / max(rounds, 1) / max(len(order), 1)
+    out: dict[str, list[float]] = {k: [] for k in order}
+    for r in range(rounds):
+        for label in (order if r % 2 == 0 else order[::-1]):
+            timing = time_session(sessions[label], feeds, warmup=2 if r == 0 else 0, min_runs=3, budget_s=per_round)
+            out[label].append(timing.p50_ms)
+    return out
+
+
 def latency_ms(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray], *,
                warmup: int = 3, min_repeat: int = 10, budget_s: float = 1.0, threads: int | None = None) -> dict:
     """Median, p90, p99, mean and min latency in milliseconds of one run on ``feeds`` (CPU session).

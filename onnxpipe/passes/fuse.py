@@ -38,7 +38,7 @@ from onnxpipe.core.errors import InputError
 from onnxpipe.core.files import scratch_cwd
 from onnxpipe.core.session import Session
 from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
-from onnxpipe.core.timing import time_session
+from onnxpipe.core.timing import interleaved
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
@@ -432,7 +432,7 @@ def _tidy(model: onnx.ModelProto, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-# timing: one minimal interleaved loop (to be replaced by onnxpipe.core.timing) ---------------------
+# timing: the models take turns in core.timing.interleaved ----------------------------------------------
 
 def _providers(target: str) -> list[str]:
     kind = target.split(":")[0].lower()
@@ -463,15 +463,9 @@ def interleaved_ms(models: Mapping[str, onnx.ModelProto], feeds: Mapping[str, np
     providers = _check_target(target)
     device_id = target.split(":")[1] if ":" in target else "0"
     prov: list[Any] = [(p, {"device_id": device_id}) if p == "CUDAExecutionProvider" else p for p in providers]
-    per_round = budget_s / max(rounds, 1) / max(len(models), 1)
-    medians: dict[str, list[float]] = {k: [] for k in models}
-    order = list(models)
     with contextlib.ExitStack() as stack:
         sessions = {k: stack.enter_context(Session(m, providers=prov, threads=threads)) for k, m in models.items()}
-        for r in range(rounds):
-            for label in (order if r % 2 == 0 else order[::-1]):
-                timing = time_session(sessions[label], feeds, warmup=1 if r == 0 else 0, min_runs=1, budget_s=per_round)
-                medians[label].append(timing.p50_ms)
+        medians = interleaved(sessions, feeds, rounds=rounds, budget_s=budget_s)
     return {k: statistics.median(v) for k, v in medians.items()}
 
 

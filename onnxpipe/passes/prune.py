@@ -101,14 +101,12 @@ def side_by_side_ms(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Mapp
     """
     import statistics
 
-    from onnxpipe.core.timing import latency_ms
+    from onnxpipe.core.session import Session
+    from onnxpipe.core.timing import interleaved
 
-    times: dict[int, list[float]] = {0: [], 1: []}
-    models = (before, after)
-    for r in range(rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            times[i].append(latency_ms(models[i], feeds, warmup=2, min_repeat=3, budget_s=budget_s,
-                                       threads=1)["median_ms"])
+    with Session(before, threads=1) as s0, Session(after, threads=1) as s1:
+        ms = interleaved({"before": s0, "after": s1}, feeds, rounds=rounds, budget_s=budget_s * rounds * 2)
+    times = {0: ms["before"], 1: ms["after"]}
     ratio = statistics.median(a / b for a, b in zip(times[1], times[0]))
     return statistics.median(times[0]), statistics.median(times[1]), ratio
 
