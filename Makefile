@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
-EXTRAS ?= cpu,torch,tf,ray,serve,dev
+EXTRAS ?= cpu,torch,tf,ray,serve,llm,dev
 OUT ?= runs/digits
 
 .PHONY: install demo test bench clean grpc-proto
