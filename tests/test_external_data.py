@@ -151,7 +151,7 @@ def test_split_cli_size_options(external_chain, tmp_path):
     assert r.returncode == 2 and "alone holds" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "q").exists()
     r = run_cli("split", str(external_chain), "-o", str(tmp_path / "q"), "--max-part-bytes", "lots")
-    assert r.returncode == 2 and "cannot read the size 'lots'" in r.stderr
+    assert r.returncode == 2 and "cannot read --max-part-bytes 'lots'" in r.stderr
     r = run_cli("split", str(external_chain), "-o", str(tmp_path / "q"), "--max-part-bytes", "10kB", "--parts", "3")
     assert r.returncode == 2 and "give one of them" in r.stderr
 
