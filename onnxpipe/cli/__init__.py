@@ -44,7 +44,7 @@ def _root(
 
 
 # explicit, in the order `onnxpipe --help` lists them
-_COMMANDS = ("convert", "inspect", "optimize", "runtime", "tune", "serve", "split", "generate")
+_COMMANDS = ("convert", "inspect", "optimize", "runtime", "tune", "auto", "serve", "split", "generate")
 
 for _name in _COMMANDS:
     importlib.import_module(f"onnxpipe.cli.{_name}").register(app)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,55 @@ def time_calls(call: Callable[[], Any], *, warmup: int = 3, min_runs: int = 10, 
         times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return Timing(times)
+
+
+def interleaved_ms(calls: Sequence[Callable[[], Any]], *, rounds: int = 5, budget_s: float = 0.05,
+                   min_runs: int = 3, deadline: float | None = None,
+                   stop: Callable[[list[list[float]]], bool] | None = None) -> list[list[float]]:
+    """Per-round median ms of every call, timed in alternating rounds (ABC CBA ABC ...).
+
+    Timing two models minutes apart on a shared machine compares the load, not the models: here
+    every round times each call once with :func:`time_calls` (``budget_s`` each, one untimed call
+    after each switch so the previous session's spinning threads are not billed), and the order
+    reverses every round so drift favours none. Stops after ``rounds``, at ``deadline``
+    (``time.perf_counter()`` seconds) once two rounds are done, or when ``stop(rounds so far)``
+    says the answer is already clear (e.g. a candidate far slower than the reference).
+
+    Example:
+        >>> a, b = interleaved_ms([lambda: None, lambda: None], rounds=3, budget_s=0.0)
+        >>> len(a), len(b)
+        (3, 3)
+    """
+    out: list[list[float]] = [[] for _ in calls]
+    order = list(range(len(calls)))
+    for k in range(rounds):
+        if k >= 2 and deadline is not None and time.perf_counter() >= deadline:
+            break
+        for i in (order if k % 2 == 0 else order[::-1]):
+            out[i].append(time_calls(calls[i], warmup=1, min_runs=min_runs, budget_s=budget_s).median_ms)
+        if stop is not None and stop(out):
+            break
+    return out
+
+
+def ratio_noise(before: Sequence[float], after: Sequence[float]) -> tuple[float, float]:
+    """Median of the per-round ratios after/before and the standard error of that median.
+
+    The error comes from the rounds' spread, robustly: 1.4826 x MAD estimates the standard
+    deviation, x 1.2533 turns a mean's standard error into a median's, / sqrt(rounds).
+
+    Example:
+        >>> ratio_noise([1.0, 1.0, 1.0], [2.0, 2.0, 2.0])
+        (2.0, 0.0)
+    """
+    r = [b / a if a > 0 else float("inf") for a, b in zip(before, after)]
+    if not r:
+        return float("nan"), float("inf")
+    med = statistics.median(r)
+    if len(r) < 2:
+        return med, float("inf")
+    mad = statistics.median(abs(x - med) for x in r)
+    return med, 1.4826 * mad * 1.2533 / len(r) ** 0.5
 
 
 def time_session(session: Any, feeds: Mapping[str, np.ndarray], **loop: Any) -> Timing:

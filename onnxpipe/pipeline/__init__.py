@@ -40,11 +40,13 @@ from onnxpipe.pipeline.stages import (
     make_pass,
     op_delta,
     reference_outputs,
+    split_keep,
     try_pass,
 )
 from onnxpipe.pipeline.validation import validate_providers
 
 if TYPE_CHECKING:
+    from onnxpipe.pipeline.objective import Objective
     from onnxpipe.runtimes.providers import Device
 
 __all__ = ["PipelineResult", "RunResult", "Stage", "optimize", "run", "validate_providers"]
@@ -74,6 +76,7 @@ def optimize(
     measure_latency: bool = True,
     latency_device: Device | str | None = None,
     on_event: Callable[[str, Stage | None], None] | None = None,
+    objective: Objective | str | None = None,
 ) -> PipelineResult:
     """Run ``passes`` in order; after each, compare the model before and after on the same inputs.
 
@@ -95,11 +98,21 @@ def optimize(
         latency_device: the CPU device whose session setup those timings use (a recipe's tuned
             one, e.g. ``cpu:0[threads=2,spinning=false]``); default: ONNX Runtime's defaults.
         on_event: progress callback ``(message, stage or None)``.
+        objective: what the run optimizes (:class:`onnxpipe.pipeline.objective.Objective`, or a goal
+            name for ``cpu`` at batch 1). After a pass passes its check, the model before and after it
+            is measured side by side on the objective's device; a stage that makes the objective worse
+            beyond noise, or drops the metric by more than ``max_drop`` from the input model, is rolled
+            back with both numbers, unless the pass was given ``keep: true``.
     """
     from onnxpipe.core.metrics import bind, evaluate, resolve
 
+    from onnxpipe.pipeline.objective import Objective, judge_stage, measure_one, timing_feeds
+
     current = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    keeps = [split_keep(p)[1] for p in passes]
     pass_objs = [make_pass(p) for p in passes]
+    goal = Objective.parse(objective) if objective is not None else None
+    timed = goal is not None and goal.goal != "size"
     notify = on_event or (lambda msg, stage: None)
     generated = False
     if check_inputs is None:
@@ -113,9 +126,9 @@ def optimize(
     stage_dir = Path(outdir) / "stages" if outdir is not None else None
 
     def score(stage: Stage, m: onnx.ModelProto) -> None:
-        if metric_fn is not None:
+        if metric_fn is not None and stage.metric is None:
             stage.metric = evaluate(m, evaluation[0], evaluation[1], metric_fn)
-        if measure_latency:
+        if measure_latency and not (timed and stage.latency_ms is not None):
             stage.latency_ms = stage_latency_ms(m, inputs[0], latency_device, budget_s=0.5)
 
     def save(stage: Stage, m: onnx.ModelProto, suffix: str = "") -> None:
@@ -127,6 +140,12 @@ def optimize(
     # the reference first: inputs the model cannot run on are the user's to fix, before any timing
     reference = reference_outputs(current, inputs) if generated else outputs_on(current, inputs)
     first = Stage(0, "input", "input model", kept=True)
+    feeds = timing_feeds(current, inputs, goal.batch_size) if goal is not None else {}
+    if goal is not None:
+        value = measure_one(current, feeds, goal)
+        first.objective = {"goal": goal.goal, "unit": goal.unit, "after": value}
+        if goal.goal == "latency":
+            first.latency_ms = value
     fill_stats(first, current)
     score(first, current)
     save(first, current)
@@ -134,7 +153,7 @@ def optimize(
     notify("input model", first)
     with tempfile.TemporaryDirectory(prefix="onnxpipe-pass-") as scratch:
         for index, p in enumerate(pass_objs, start=1):
-            stage = Stage(index, p.name, repr(p), kept=False)
+            stage = Stage(index, p.name, repr(p), kept=False, keep=keeps[index - 1])
             stage.atol, stage.rtol = p.tolerance
             notify(f"running {p!r}", None)
             work = Path(scratch) / f"{index:02d}"
@@ -145,10 +164,17 @@ def optimize(
                               log=lambda line: notify(line, None), measure_latency=measure_latency)
             trial = try_pass(p, stage, current, inputs, reference, ctx)
             candidate = trial.model
+            new_feeds = feeds
+            if stage.reason is None and candidate is not None:
+                stage.why = "passed its check" + (f" (max diff {stage.max_abs:.2g})" if stage.max_abs is not None else "")
+                if goal is not None:
+                    new_feeds = fit_inputs(candidate, [feeds])[0]
+                    judge_stage(stage, goal, current, candidate, feeds, new_feeds, first.metric,
+                                (lambda m: evaluate(m, evaluation[0], evaluation[1], metric_fn)) if metric_fn else None)
             if stage.reason is None and candidate is not None:
                 stage.kept = True
                 stage.op_delta = op_delta(current, candidate)
-                current, inputs, reference = candidate, trial.inputs, trial.outputs
+                current, inputs, reference, feeds = candidate, trial.inputs, trial.outputs, new_feeds
                 fill_stats(stage, current)
                 score(stage, current)
                 save(stage, current)
@@ -159,7 +185,8 @@ def optimize(
             stages.append(stage)
             notify(f"{p.name}: {'kept' if stage.kept else 'rolled back: ' + str(stage.reason)}"
                    + (f" (warning: {stage.notes['warning']})" if stage.notes.get("warning") else ""), stage)
-    return PipelineResult(current, stages, metric if isinstance(metric, str) else getattr(metric, "__name__", None))
+    return PipelineResult(current, stages, metric if isinstance(metric, str) else getattr(metric, "__name__", None),
+                          goal)
 
 
 @dataclass
@@ -246,7 +273,7 @@ def _run(r: Any, out: Path, console: Any) -> RunResult:
         result = optimize(conversion.model, r.passes, check_inputs=check_inputs, calibration=calibration,
                           evaluation=evaluation, metric=r.validate_.metric if evaluation else None,
                           outdir=out, measure_latency=r.validate_.latency, latency_device=tuned_cpu,
-                          on_event=on_event)
+                          on_event=on_event, objective=r.objective_for_run())
         progress.update(task, description="validating on " + ", ".join(r.validate_.providers))
         inputs = check_inputs or generated_inputs(result.model)
         validation = validate_providers(result.model, r.validate_.providers, fit_inputs(result.model, inputs),
@@ -258,7 +285,7 @@ def _run(r: Any, out: Path, console: Any) -> RunResult:
     doc = {"recipe": r.model_dump(mode="json", by_alias=True), "conversion": conversion.as_dict(),
            **result.as_dict(), "validation": validation}
     write_json(doc, out / "report.json")
-    write_text(report.markdown(result.stages, result.metric_name), out / "report.md")
+    write_text(report.markdown(result.stages, result.metric_name, objective=result.objective), out / "report.md")
     report.chart(result.stages, out / "report.png", result.metric_name)
     console.print(report.table(result.stages, result.metric_name, title=f"onnxpipe run -> {out}"))
     for row in validation:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -63,6 +63,24 @@ class ValidateSpec(_Strict):
     latency: bool = True
 
 
+class TargetSpec(_Strict):
+    """Where the objective is measured: any device spec the runtimes accept, and the batch size."""
+
+    device: str = "cpu"
+    batch_size: int = Field(1, ge=1)
+
+
+class ObjectiveSpec(_Strict):
+    """What to optimize; a stage that makes it worse beyond noise is rolled back (see onnxpipe/objective.py)."""
+
+    goal: Literal["latency", "throughput", "size"]
+    max_drop: float | None = Field(None, ge=0.0)
+    """Largest drop of validate.metric from the input model that a stage may cause."""
+    min_change: float = Field(0.02, ge=0.0)
+    rounds: int = Field(7, ge=2)
+    round_s: float = Field(0.05, gt=0.0)
+
+
 class Recipe(_Strict):
     """A whole run: convert, passes, validation and where to write it."""
 
@@ -72,6 +90,9 @@ class Recipe(_Strict):
     validate_: ValidateSpec = Field(default_factory=ValidateSpec, alias="validate")
     runtime: str | None = None
     """A tuned.json from ``onnxpipe tune``: its devices are validated on unless validate.providers is given."""
+    target: TargetSpec | None = None
+    objective: ObjectiveSpec | None = None
+    """``latency``, ``throughput`` or ``size``, or ``{goal: ..., max_drop: ...}``: measured on ``target`` after every pass."""
     output: str | None = None
     base_dir: Path | None = Field(default=None, exclude=True)
 
@@ -82,11 +103,29 @@ class Recipe(_Strict):
     def _model_shorthand(cls, v: Any) -> Any:
         return {"source": v} if isinstance(v, str) else v
 
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective_shorthand(cls, v: Any) -> Any:
+        return {"goal": v} if isinstance(v, str) else v
+
+    def objective_for_run(self) -> Any:
+        """The :class:`onnxpipe.objective.Objective` of this recipe, or None when it states none."""
+        if self.objective is None:
+            return None
+        from onnxpipe.pipeline.objective import Objective
+
+        t = self.target or TargetSpec()
+        return Objective.parse(self.objective.model_dump(), device=t.device, batch_size=t.batch_size)
+
     @model_validator(mode="after")
     def _check_passes(self) -> Recipe:
         from onnxpipe.passes import get_pass
 
         for i, spec in enumerate(self.passes):
+            if isinstance(spec, dict) and "keep" in spec and len(spec) == 2:
+                if not isinstance(spec["keep"], bool):
+                    raise _PassError(i, None, f"keep: must be true or false, received {spec['keep']!r}")
+                spec = {k: v for k, v in spec.items() if k != "keep"}
             if isinstance(spec, str):
                 name, cfg = spec, {}
             elif isinstance(spec, dict) and len(spec) == 1:
@@ -182,6 +221,14 @@ def load_recipe(source: str | os.PathLike | dict[str, Any]) -> Recipe:
         raise InputError(f"{where}{f':{line}' if line else ''}: {dotted}: {msg}", hint=hint) from exc
     recipe.base_dir = base
     _check_files(recipe, where, lines)
+    if recipe.target is not None:
+        from onnxpipe.runtimes.providers import Device
+
+        try:
+            Device.parse(recipe.target.device)
+        except InputError as exc:
+            line = _line_of(lines, ("target", "device"))
+            raise InputError(f"{where}{f':{line}' if line else ''}: target.device: {exc.message}", hint=exc.hint) from None
     if recipe.runtime:
         from onnxpipe.runtimes.tuned import load_tuned
 

@@ -12,31 +12,61 @@ from onnxpipe.core.files import save_figure
 from onnxpipe.core.units import human_bytes
 
 COLUMNS = ("stage", "nodes", "params", "size", "max diff", "metric", "latency", "kept")
+OBJECTIVE_COLUMNS = ("objective", "change")
+
+
+def _columns(stages: list[Any]) -> tuple[str, ...]:
+    if any(getattr(s, "objective", None) for s in stages):
+        return COLUMNS[:-1] + OBJECTIVE_COLUMNS + COLUMNS[-1:]
+    return COLUMNS
+
+
+def _objective_cells(s: Any) -> list[str]:
+    o = getattr(s, "objective", None)
+    if not o:
+        return ["-", "-"]
+    unit, value = o.get("unit"), o.get("after")
+    text = (human_bytes(value) if unit == "bytes" else f"{value:.3f} ms" if unit == "ms"
+            else f"{value:,.1f}/s") if value is not None else "-"
+    text = f"{o['goal']} {text}"
+    if o.get("before") is None:
+        return [text, "(input)"]
+    change = f"x{o['after'] / o['before']:.3f}" if o.get("before") else "-"
+    noise = f" ±{o['noise']:.3f}" if o.get("rounds") else ""
+    return [text, f"{change}{noise} {o.get('verdict', '')}".strip()]
 
 
 def _rows(stages: list[Any], metric_name: str | None) -> list[list[str]]:
+    with_objective = len(_columns(stages)) > len(COLUMNS)
     rows = []
     for s in stages:
         diff = "-" if s.max_abs is None else f"{s.max_abs:.2g}"
         metric = "-" if s.metric is None else f"{s.metric:.4f}"
         latency = "-" if s.latency_ms is None else f"{s.latency_ms:.3f} ms"
-        kept = "yes" if s.kept else f"no: {s.reason}"
+        why = getattr(s, "why", None)
         notes = s.notes or {}
-        if s.kept and notes.get("outcome"):  # a pass's one-line account of what it did (or chose not to)
-            kept = f"yes: {notes['outcome']}"
-        if s.kept and notes.get("warning"):  # kept, but the pass says it did not do its job
-            kept += f"; warning: {notes['warning']}"
-        rows.append([f"{s.index:02d} {s.name}", str(s.nodes), f"{s.params:,}", human_bytes(s.size_bytes),
-                     diff, metric, latency, kept])
+        if s.kept:
+            # a pass's one-line account of what it did (or chose not to), then why the pipeline kept it
+            parts = [p for p in (notes.get("outcome"), why if s.index > 0 else None) if p]
+            kept = "yes: " + "; ".join(parts) if parts else "yes"
+            if notes.get("warning"):  # kept, but the pass says it did not do its job
+                kept += f"; warning: {notes['warning']}"
+        else:
+            kept = f"no: {s.reason}"
+        row = [f"{s.index:02d} {s.name}", str(s.nodes), f"{s.params:,}", human_bytes(s.size_bytes),
+               diff, metric, latency]
+        if with_objective:
+            row += _objective_cells(s)
+        rows.append(row + [kept])
     return rows
 
 
 def table(stages: list[Any], metric_name: str | None = None, title: str = "stages") -> Table:
     """A rich table of the stages, for the terminal."""
     t = Table(title=title)
-    for col in COLUMNS:
+    for col in _columns(stages):
         header = f"{col} ({metric_name})" if col == "metric" and metric_name else col
-        t.add_column(header, justify="left" if col in ("stage", "kept") else "right",
+        t.add_column(header, justify="left" if col in ("stage", "kept", "change") else "right",
                      overflow="fold", no_wrap=col != "kept", max_width=60 if col == "kept" else None)
     for row, s in zip(_rows(stages, metric_name), stages):
         if not s.kept:
@@ -45,10 +75,21 @@ def table(stages: list[Any], metric_name: str | None = None, title: str = "stage
     return t
 
 
-def markdown(stages: list[Any], metric_name: str | None = None, title: str = "onnxpipe report") -> str:
-    """The same table in Markdown, with each stage's notes below it."""
-    header = [f"{c} ({metric_name})" if c == "metric" and metric_name else c for c in COLUMNS]
-    lines = [f"# {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def markdown(stages: list[Any], metric_name: str | None = None, title: str = "onnxpipe report",
+             objective: Any = None) -> str:
+    """The same table in Markdown, with each stage's notes below it (and the objective above it)."""
+    header = [f"{c} ({metric_name})" if c == "metric" and metric_name else c for c in _columns(stages)]
+    lines = [f"# {title}", ""]
+    if objective is not None:
+        how = ("Each stage's size is compared with the one before it; a stage that grows the model is rolled back"
+               if objective.goal == "size" else
+               f"Each stage is timed side by side with the one before it ({objective.rounds} interleaved rounds; "
+               "change = median of the per-round ratios, ± its standard error from their spread); a stage worse "
+               f"by more than max({objective.min_change:.0%}, 2x that noise) is rolled back")
+        lines += [f"Objective: **{objective.describe()}**"
+                  + (f", metric drop at most {objective.max_drop:g}" if objective.max_drop is not None else "")
+                  + f". {how} unless marked `keep: true`.", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in _rows(stages, metric_name):
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")
     lines.append("")

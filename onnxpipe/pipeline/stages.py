@@ -50,6 +50,11 @@ class Stage:
     latency_ms: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    objective: dict[str, Any] | None = None
+    """The objective before and after this stage (:class:`onnxpipe.pipeline.objective.Measurement`), or its value."""
+    why: str | None = None
+    """Why a kept stage was kept (its check, the objective, or ``keep: true``)."""
+    keep: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in self.__dict__.items() if k != "comparisons"}
@@ -76,13 +81,38 @@ class PipelineResult:
     model: onnx.ModelProto
     stages: list[Stage]
     metric_name: str | None = None
+    objective: Any = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric_name, "stages": [s.as_dict() for s in self.stages]}
+        return {"metric": self.metric_name, "objective": self.objective.as_dict() if self.objective else None,
+                "stages": [s.as_dict() for s in self.stages]}
+
+
+def split_keep(spec: PassSpec) -> tuple[PassSpec, bool]:
+    """``{quantize: {...}, keep: true}`` -> ``({quantize: {...}}, True)``; other specs keep ``False``.
+
+    ``keep`` sits beside the pass name, not among its options: the pipeline keeps such a stage
+    whatever the objective says (never when its correctness check fails).
+
+    Example:
+        >>> split_keep({"strip": {}, "keep": True})
+        ({'strip': {}}, True)
+    """
+    if isinstance(spec, Pass):
+        return spec, bool(getattr(spec, "keep", False))
+    if isinstance(spec, Mapping) and "keep" in spec and len(spec) == 2:
+        keep = spec["keep"]
+        rest = {k: v for k, v in spec.items() if k != "keep"}
+        if not isinstance(keep, bool):
+            raise InputError(f"keep: must be true or false, received {keep!r} beside pass {next(iter(rest))!r}",
+                             hint="write - {quantize: {mode: static}, keep: true}")
+        return rest, keep
+    return spec, False
 
 
 def make_pass(spec: PassSpec) -> Pass:
     """``"simplify"``, ``{"fp16": {...}}``, ``("opset", {"version": 17})`` or a Pass -> a Pass."""
+    spec, _ = split_keep(spec)
     if isinstance(spec, Pass):
         return spec
     if isinstance(spec, str):

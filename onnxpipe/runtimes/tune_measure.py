@@ -26,7 +26,7 @@ import onnx
 
 from onnxpipe.core.modelio import tensor_bytes
 from onnxpipe.core.tensors import onnx_elem_to_numpy
-from onnxpipe.core.timing import time_calls
+from onnxpipe.core.timing import ratio_noise, time_calls
 from onnxpipe.runtimes.providers import Device
 
 
@@ -61,12 +61,7 @@ class Duel:
     @property
     def noise(self) -> float:
         """Standard error of that median ratio, from the rounds' spread (robust: 1.4826 MAD)."""
-        r = self.ratios
-        if len(r) < 2:
-            return float("inf")
-        med = statistics.median(r)
-        mad = statistics.median(abs(x - med) for x in r)
-        return 1.4826 * mad * 1.2533 / len(r) ** 0.5  # 1.2533: a median's error over a mean's
+        return ratio_noise(self.a_ms, self.b_ms)[1]
 
     @property
     def wins(self) -> float:
