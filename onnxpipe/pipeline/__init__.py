@@ -179,6 +179,7 @@ def optimize(
                 score(stage, current)
                 save(stage, current)
             else:
+                stage.why = None  # rolled back: stage.reason says why
                 fill_stats(stage, current)
                 if candidate is not None:
                     save(stage, candidate, ".rejected")
