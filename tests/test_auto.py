@@ -36,6 +36,19 @@ def test_singles_follow_the_device_and_the_registry(monkeypatch):
 
     monkeypatch.setitem(passes.PASSES, "fuse", "onnxpipe.passes.strip:Strip")  # a registered fuse pass joins
     assert singles(model, "cpu", has_data=False)[0][0] == "fuse"
+    # a MatMul-heavy model: dynamic int8 first, and int4 when the quantize pass offers it
+    from onnx import helper
+
+    w = onnx.numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    mm = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "mm",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])], [w]))
+    labels = [label for label, _, _ in singles(mm, "cpu", has_data=False)]
+    assert labels[:2] == ["fuse", "int8 dynamic"]
+    from onnxpipe.pipeline.auto import _quantize_accepts
+
+    assert ("int4" in labels) == _quantize_accepts({"mode": "int4"})
 
 
 def test_pareto_front():
