@@ -14,8 +14,9 @@ Cases (each an ``auto`` run on this machine's CPU, then an independent check):
   with mean pooling and L2 norm, sequence 32) at batch 8, ``--objective latency``. Target: >= 1.4x
   faster at mean embedding cosine >= 0.99 on 48 real sentences.
 
-Every case checks the search stayed within ``--budget-s`` (+10%) and that the leaderboard lists
-every candidate. The confirmation times the winner against the simplified float model again in
+Every case checks the search stayed within ``--budget-s`` (+10%; the clock starts once the model is
+converted and the simplified baseline built, ``prepare_s`` beside it) and that the leaderboard
+lists every candidate. The confirmation times the winner against the simplified float model again in
 interleaved rounds (``onnxpipe.core.timing.interleaved_ms``: medians of alternating rounds; the
 machine is shared with other jobs, so single timings are not trusted) and prints the median of the
 per-round ratios with its noise.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -187,10 +187,10 @@ def main() -> None:
             BENCH_FEEDS.clear()
             row = cases[name](Path(d))
             rows.append(row)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
     print()
-    print(f"| case | winner | speedup (search) | speedup (confirm, 9 rounds) | size vs float | metric float -> winner "
-          f"| candidates | elapsed / budget |")
+    print("| case | winner | speedup (search) | speedup (confirm, 9 rounds) | size vs float | metric float -> winner "
+          "| candidates | elapsed / budget |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['winner']} | {r['speedup_search']} | {r['speedup_confirm']} ±{r['confirm_noise']} "

@@ -8,7 +8,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-import pytest
 
 from conftest import conv_gemm_model, run_cli
 from onnxpipe.passes.base import Pass, PassResult
