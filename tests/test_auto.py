@@ -30,9 +30,11 @@ def test_singles_follow_the_device_and_the_registry(monkeypatch):
     assert "int8 static qdq minmax" in cpu and "int8 static qoperator minmax" in cpu and "fp16" not in cpu
     assert not any("static" in label for label, _, _ in singles(model, "cpu", has_data=False))
     assert any("reconstruct" in str(spec) for _, _, spec in singles(model, "cpu", has_data=True))
-    assert "fuse" not in cpu
     from onnxpipe import passes
 
+    assert ("fuse" in cpu) == ("fuse" in passes.PASSES)
+    monkeypatch.delitem(passes.PASSES, "fuse", raising=False)  # without a fuse pass, no fuse candidate
+    assert "fuse" not in [label for label, _, _ in singles(model, "cpu", has_data=False)]
     monkeypatch.setitem(passes.PASSES, "fuse", "onnxpipe.passes.strip:Strip")  # a registered fuse pass joins
     assert singles(model, "cpu", has_data=False)[0][0] == "fuse"
     # a MatMul-heavy model: dynamic int8 first, and int4 when the quantize pass offers it

@@ -92,7 +92,7 @@ def test_a_metric_drop_beyond_max_drop_rolls_back(tmp_path):
     from onnxpipe.core.session import run_model
 
     labels = run_model(model, {"x": x})["y"].argmax(-1)  # the float model scores 1.0
-    result = optimize(model, [{"prune": {"ratio": 0.75, "min_agreement": 0.01}}], evaluation=({"x": x}, labels), metric="top1",
+    result = optimize(model, [{"prune": {"ratio": 0.75, "round_to": 1, "min_agreement": 0.01}}], evaluation=({"x": x}, labels), metric="top1",
                       objective=Objective.parse({"goal": "size", "max_drop": 0.0}), measure_latency=False)
     stage = result.stages[-1]
     assert not stage.kept and "max_drop 0" in stage.reason and "1.0000 ->" in stage.reason

@@ -129,14 +129,19 @@ def _has_pass(name: str) -> bool:
     return name in PASSES
 
 
-def _quantize_accepts(cfg: Mapping[str, Any]) -> bool:
+def _accepts(name: str, cfg: Mapping[str, Any]) -> bool:
+    """Whether pass ``name`` takes these options (so options that land later join without a change here)."""
     from onnxpipe.passes import get_pass
 
     try:
-        get_pass("quantize").parse_config(dict(cfg))
+        get_pass(name).parse_config(dict(cfg))
         return True
     except InputError:
         return False
+
+
+def _quantize_accepts(cfg: Mapping[str, Any]) -> bool:
+    return _accepts("quantize", cfg)
 
 
 def _matmul_heavy(model: onnx.ModelProto) -> bool:
@@ -158,8 +163,8 @@ def singles(model: onnx.ModelProto, device: str, *, has_data: bool) -> list[tupl
     gpu = d.is_gpu
     target = "tensorrt" if d.kind == "tensorrt" else "cuda" if gpu else "cpu"
     out: list[tuple[str, str, Any]] = []
-    if _has_pass("fuse"):
-        out.append(("fuse", "fuse", "fuse"))
+    if _has_pass("fuse"):  # the target where the pass times its fusions, when it takes one
+        out.append(("fuse", "fuse", {"fuse": {"target": device}} if _accepts("fuse", {"target": device}) else "fuse"))
     heavy = _matmul_heavy(model)
     if not gpu and heavy:  # dynamic int8: no data needed, and what MatMul-heavy models run fastest on CPU
         out.append(("int8 dynamic", "precision", {"quantize": {"mode": "dynamic"}}))
