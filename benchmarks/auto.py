@@ -117,8 +117,8 @@ def minilm_calibration():
 
 def confirm(result, rounds: int = 9) -> tuple[float, float]:
     """Winner vs simplified float again: median per-round latency ratio (winner/baseline) and its noise."""
-    from onnxpipe.pipeline.auto import _time
     from onnxpipe.core.timing import ratio_noise
+    from onnxpipe.pipeline.auto import _time
 
     o = result.objective
     winner = onnx.load(str(result.outdir / "model.onnx"))
@@ -208,8 +208,8 @@ def _minilm(tmp: Path, budget_s: float) -> dict:
     row = case("minilm", str(path), tmp, budget_s, objective="latency", batch_size=8,
                data=f"{HERE}:minilm_calibration", max_drop=0.01)
     # the search judged agreement on its check batches; the target is over all 48 sentences
-    from onnxpipe.core.session import run_model
     from onnxpipe.core.compare import sample_cosines
+    from onnxpipe.core.session import run_model
 
     feeds = minilm_feeds()
     ref = list(run_model(onnx.load(str(path)), feeds).values())[0]

@@ -8,8 +8,8 @@ from collections import Counter
 
 import numpy as np
 import onnx
-
 from conftest import conv_gemm_model, run_cli
+
 from onnxpipe.passes.base import Pass, PassResult
 from onnxpipe.pipeline.auto import auto, pareto, singles
 

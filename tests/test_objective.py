@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import conv_gemm_model, run_cli
 from onnx import helper
 
-from conftest import conv_gemm_model, run_cli
-from onnxpipe.pipeline.recipe import load_recipe
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.timing import ratio_noise
-from onnxpipe.pipeline.objective import Objective, timing_feeds
 from onnxpipe.passes.base import Pass, PassResult
 from onnxpipe.pipeline import optimize
+from onnxpipe.pipeline.objective import Objective, timing_feeds
+from onnxpipe.pipeline.recipe import load_recipe
 
 
 class SlowDown(Pass):

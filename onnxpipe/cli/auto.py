@@ -30,8 +30,8 @@ def register(app: typer.Typer) -> None:
         rounds: Annotated[int, typer.Option(help="Interleaved timing rounds per candidate.")] = 5,
     ) -> None:
         """Try pipelines of our passes on the device, measured side by side; write the best and a leaderboard."""
-        from onnxpipe.pipeline.auto import auto as do_auto
         from onnxpipe.core.errors import InputError
+        from onnxpipe.pipeline.auto import auto as do_auto
 
         if batch_size < 1:
             raise InputError(f"--batch-size must be >= 1, received {batch_size}", hint="e.g. --batch-size 8")

@@ -105,7 +105,6 @@ def optimize(
             back with both numbers, unless the pass was given ``keep: true``.
     """
     from onnxpipe.core.metrics import bind, evaluate, resolve
-
     from onnxpipe.pipeline.objective import Objective, judge_stage, measure_one, timing_feeds
 
     current = load_model(model) if not isinstance(model, onnx.ModelProto) else model

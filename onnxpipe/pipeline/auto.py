@@ -247,9 +247,8 @@ class _Metric:
             from onnxpipe.core.metrics import evaluate
 
             return evaluate(model, self.evaluation[0], self.evaluation[1], self.fn)
-        from onnxpipe.core.compare import sample_cosines
+        from onnxpipe.core.compare import outputs_on, sample_cosines
         from onnxpipe.pipeline import fit_inputs
-        from onnxpipe.core.compare import outputs_on
 
         got = outputs_on(model, fit_inputs(model, self.inputs))
         scores = []
@@ -268,8 +267,8 @@ def _time(models: Sequence[onnx.ModelProto], feeds: Mapping[str, np.ndarray], ob
     """Per-round medians (ms) of every model, timed in interleaved rounds on the objective's device."""
     import contextlib
 
-    from onnxpipe.pipeline import fit_inputs
     from onnxpipe.core.timing import interleaved_ms
+    from onnxpipe.pipeline import fit_inputs
     from onnxpipe.runtimes.device_session import DeviceSession
 
     with contextlib.ExitStack() as stack:
@@ -694,8 +693,8 @@ def auto(model: str | os.PathLike, outdir: str | os.PathLike, *, device: str = "
     from rich.console import Console
     from rich.live import Live
 
-    from onnxpipe.core import files, hardware
     from onnxpipe.converter import convert
+    from onnxpipe.core import files, hardware
     from onnxpipe.core.data import calibration_source, evaluation_source
     from onnxpipe.core.modelio import save_model
     from onnxpipe.runtimes.providers import Device
