@@ -144,24 +144,19 @@ def time_session(session: Any, feeds: Mapping[str, np.ndarray], **loop: Any) -> 
 
 def interleaved(sessions: Mapping[str, Any], feeds: Mapping[str, np.ndarray], *, rounds: int = 5,
                 budget_s: float = 1.0) -> dict[str, list[float]]:
-    """Per label, the median ms of each round: the sessions take turns, the order reversed every round.
+    """Per label, the median ms of each round of :func:`interleaved_ms`, for sessions sharing ``feeds``.
 
-    Load that comes and goes on a shared machine hits every session alike, so compare per round
-    (paired) or take medians over rounds. The budget is shared by all rounds and sessions; the
-    first round warms each session up.
+    The budget is shared by all rounds and sessions.
 
     Example:
         >>> ms = interleaved({"before": s0, "after": s1}, feeds)  # doctest: +SKIP
-        >>> statistics.median(a / b for a, b in zip(ms["after"], ms["before"]))  # doctest: +SKIP
+        >>> ratio_noise(ms["before"], ms["after"])  # doctest: +SKIP
     """
     order = list(sessions)
-    per_round = budget_s / max(rounds, 1) / max(len(order), 1)
-    out: dict[str, list[float]] = {k: [] for k in order}
-    for r in range(rounds):
-        for label in (order if r % 2 == 0 else order[::-1]):
-            timing = time_session(sessions[label], feeds, warmup=2 if r == 0 else 0, min_runs=3, budget_s=per_round)
-            out[label].append(timing.p50_ms)
-    return out
+    checked = {k: sessions[k].check_feeds(feeds) for k in order}
+    per_call = budget_s / max(rounds, 1) / max(len(order), 1)
+    runs = interleaved_ms([lambda k=k: sessions[k].run(checked[k]) for k in order], rounds=rounds, budget_s=per_call)
+    return dict(zip(order, runs))
 
 
 def latency_ms(model: onnx.ModelProto | str | os.PathLike, feeds: Mapping[str, np.ndarray], *,
