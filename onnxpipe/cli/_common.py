@@ -89,25 +89,11 @@ def sample_inputs(data: str | None, model, rows: int = 64) -> dict | None:
     """
     if data is None:
         return None
-    from onnxpipe.core.errors import InputError
-    from onnxpipe.core.sources import check_chunk, open_source
+    from onnxpipe.core.sources import first_chunk, open_source
     from onnxpipe.core.tensors import graph_inputs
 
     infos = graph_inputs(model)
-    source = open_source(data, infos)
-    chunks = source.chunks()
-    try:
-        first = next(chunks, None)
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
-    if first is None or first.rows == 0:
-        raise InputError(f"--data {data} yields no samples", hint="give data with at least one sample")
-    try:
-        check_chunk(first, infos)
-    except InputError as exc:
-        raise InputError(f"--data {data}: {exc.message}", hint=exc.hint) from None
+    first = first_chunk(open_source(data, infos), infos, f"--data {data}")
     arrays = {**first.constant, **{k: v[:rows] for k, v in first.batched.items()}}
     return {i.name: arrays[i.name] for i in infos}
 

@@ -283,3 +283,25 @@ def check_chunk(chunk: Chunk, inputs: list[TensorInfo]) -> None:
     if problem.kind == "dtype":
         raise InputError(str(problem), hint=f"cast the data to {problem.expected}")
     raise InputError(str(problem), hint="samples go along axis 0, one array per model input")
+
+
+def first_chunk(source: Source, inputs: list[TensorInfo], what: str) -> Chunk:
+    """The first chunk of ``source``, read before any work starts and checked against ``inputs``.
+
+    Data that cannot be read, holds no sample or does not fit the model fails in a moment with
+    one line that starts with ``what`` (the data's name as the user gave it).
+    """
+    chunks = source.chunks()
+    try:
+        first = next(chunks, None)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if first is None or first.rows == 0:
+        raise InputError(f"{what} holds no samples", hint="give data with at least one sample")
+    try:
+        check_chunk(first, inputs)
+    except InputError as exc:
+        raise InputError(f"{what}: {exc.message}", hint=exc.hint) from None
+    return first

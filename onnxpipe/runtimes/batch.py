@@ -33,7 +33,7 @@ from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.core.files import file_digest
 from onnxpipe.core.hardware import cpu
 from onnxpipe.core.modelio import load_model, save_model
-from onnxpipe.core.sources import Source, check_chunk, open_source
+from onnxpipe.core.sources import Source, first_chunk, open_source
 from onnxpipe.core.tensors import graph_inputs, value_infos
 from onnxpipe.runtimes.batch_result import (
     BatchEvent,
@@ -318,19 +318,7 @@ class BatchRunner:
     def _precheck(self, source: Source) -> None:
         """Read the first chunk before any worker starts: data that cannot be read or does not fit the
         model fails in a moment, naming the data, and no output folder is created."""
-        chunks = source.chunks()
-        try:
-            first = next(chunks, None)
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-        if first is None or first.rows == 0:
-            raise InputError(f"{source.description} holds no samples", hint="give data with at least one sample")
-        try:
-            check_chunk(first, self.inputs)
-        except InputError as exc:
-            raise InputError(f"{source.description}: {exc.message}", hint=exc.hint) from None
+        first_chunk(source, self.inputs, source.description)
 
 
 
