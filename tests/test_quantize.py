@@ -168,6 +168,30 @@ def test_budget_uses_the_task_metric_when_there_is_one():
     assert result.notes["budget_met"] and result.notes["metric_after"] == 0.9 and len(calls) >= 3
 
 
+def test_budget_reads_a_lower_is_better_metric_as_a_relative_increase():
+    model = conv_gemm_model()
+
+    def quantized_nodes(m):
+        return sum(n.op_type == "QuantizeLinear" for n in m.graph.node)
+
+    full = quantized_nodes(Quantize({"mode": "static"}).apply(model, PassContext(calibration=conv_calibration())).model)
+
+    def perplexity_like(m):  # float 10; each quantized activation adds 1 (lower is better)
+        return 10.0 + quantized_nodes(m)
+    perplexity_like.higher_is_better = False
+
+    # taken as higher-is-better, a rising value would look like a gain and pass any budget
+    budget = 0.5 * (full / 10.0)  # half the all-int8 relative increase
+    ctx = PassContext(calibration=conv_calibration(), metric=perplexity_like)
+    result = Quantize({"mode": "static", "max_drop": budget}).apply(model, ctx)
+    notes = result.notes
+    assert full >= 2 and notes["metric_before"] == 10.0 and notes["metric_int8"] == 10.0 + full
+    assert notes["higher_is_better"] is False and notes["budget_met"]
+    assert notes["nodes_kept_float"] and notes["metric_after"] < notes["metric_int8"]
+    assert notes["drop"] == pytest.approx(notes["metric_after"] / 10.0 - 1.0) and notes["drop"] <= budget
+    assert all(t["metric"] >= 10.0 for t in notes["search"])
+
+
 def test_fit_budget_searches_few_counts():
     seen = []
 

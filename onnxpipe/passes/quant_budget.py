@@ -15,6 +15,7 @@ from onnxpipe.core.agreement import agreement_score
 from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.metrics import higher_is_better
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
 from onnxpipe.core.tensors import graph_inputs
 from onnxpipe.passes.base import PassContext
@@ -209,7 +210,8 @@ def search_budget(model: onnx.ModelProto, prepared: onnx.ModelProto, prepared_pa
         quantized: the model to judge first.
         quantize: ``quantize(excluded=(), only=None) -> model``.
         ctx: the pass context (metric, calibration or check inputs, log).
-        max_drop: the budget, in metric units (or 1 - agreement without a metric).
+        max_drop: the budget, in metric units (or 1 - agreement without a metric); for a lower-is-better
+            metric (``higher_is_better = False``, e.g. perplexity) the allowed relative increase.
         agreement: ``cosine`` or ``top1``: the score without a metric.
         n_batches: batches to measure agreement on.
         max_float_nodes: at most this many nodes in float.
@@ -224,20 +226,35 @@ def search_budget(model: onnx.ModelProto, prepared: onnx.ModelProto, prepared_pa
     if not batches:
         raise InputError("max_drop needs data to measure the drop on", hint=f"set {RECIPE_HINT}")
     ref_outputs = outputs_on(model, batches)
+    lower = ctx.metric is not None and not higher_is_better(ctx.metric)
     if ctx.metric is not None:
         metric_name, measure = "metric", ctx.metric
         reference = float(ctx.metric(model))
+        if lower:  # perplexity and friends: the budget is the allowed relative increase
+            metric_name = f"{getattr(ctx.metric, '__name__', 'metric')} (lower is better; drop = relative increase)"
     else:
         metric_name = f"{agreement} agreement with float32"
 
         def measure(m: onnx.ModelProto) -> float:
             return agreement_score(ref_outputs, outputs_on(m, batches), agreement)
         reference = 1.0
-    first = float(measure(quantized))
-    out: dict[str, Any] = {"metric": metric_name, "metric_before": reference, "metric_int8": first,
+    raw = reference
+
+    def score(value: float) -> float:
+        """Higher is better in the search: a lower-is-better metric becomes minus its ratio to the float value."""
+        return -value / raw if lower else value
+
+    def unscore(s: float) -> float:
+        return -s * raw if lower else s
+
+    reference = score(reference)
+    first = score(float(measure(quantized)))
+    out: dict[str, Any] = {"metric": metric_name, "metric_before": raw, "metric_int8": unscore(first),
                            "max_drop": max_drop, "nodes_kept_float": [], "model": quantized}
+    if lower:
+        out["higher_is_better"] = False
     if reference - first <= max_drop:
-        out.update(metric_after=first, drop=reference - first, budget_met=True)
+        out.update(metric_after=unscore(first), drop=reference - first, budget_met=True)
         return out
     ranked = _rank(prepared, prepared_path, twin, quantize, batches, ref_outputs, work, ctx)
     ctx.log(f"quantize: drop {reference - first:.4g} > max_drop {max_drop:g}; searching among "
@@ -248,7 +265,7 @@ def search_budget(model: onnx.ModelProto, prepared: onnx.ModelProto, prepared_pa
 
     def evaluate(groups: list[tuple[str, ...]]) -> tuple[float, onnx.ModelProto]:
         m = quantize(flat(groups))
-        value = float(measure(m))
+        value = score(float(measure(m)))
         ctx.log(f"quantize: {len(flat(groups))} nodes in float -> drop {reference - value:.4g}")
         return value, m
     groups = [r["nodes"] for r in ranked]
@@ -256,8 +273,8 @@ def search_budget(model: onnx.ModelProto, prepared: onnx.ModelProto, prepared_pa
     if max_float_nodes is not None:  # the search counts groups; the option counts nodes
         limit = max((k for k in range(len(groups) + 1) if len(flat(groups[:k])) <= max_float_nodes), default=0)
     result = fit_budget(groups, evaluate, reference, max_drop, limit=limit, baseline=(first, quantized))
-    out.update(metric_after=result.metric, drop=result.drop, budget_met=result.met,
-               nodes_kept_float=flat(result.excluded), search=result.trials,
+    out.update(metric_after=unscore(result.metric), drop=result.drop, budget_met=result.met,
+               nodes_kept_float=flat(result.excluded), search=[{**t, "metric": unscore(t["metric"])} for t in result.trials],
                ranking=[{**r, "nodes": list(r["nodes"])} for r in ranked[:20]], model=result.model)
     return out
 

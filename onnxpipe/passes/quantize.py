@@ -124,7 +124,8 @@ class Quantize(Pass):
         exclude_nodes: list[str] = []
         """Node names kept in float."""
         max_drop: float | None = Field(None, ge=0.0)
-        """Accuracy budget in metric units (or 1 - agreement): more sensitive nodes stay float until it holds."""
+        """Accuracy budget in metric units (or 1 - agreement; for a lower-is-better metric such as perplexity, the
+        allowed relative increase): more sensitive nodes stay float until it holds."""
         agreement: Literal["cosine", "top1"] = "cosine"
         """Without a metric, the budget is measured as mean cosine or top-1 agreement with the float model."""
         budget_batches: int = Field(8, ge=1)
