@@ -51,6 +51,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[bool, typer.Option("--json", help="Print the stages as JSON on stdout.")] = False,
     ) -> None:
         """Run passes over an ONNX model, checking the outputs after each one."""
+        from onnxpipe.converter.hf_common import copy_generation_files
         from onnxpipe.core.data import calibration_source
         from onnxpipe.core.files import write_json, write_text
         from onnxpipe.core.modelio import load_model, save_model
@@ -73,7 +74,10 @@ def register(app: typer.Typer) -> None:
 
         result = do_optimize(proto, specs, calibration=calibration, outdir=report_dir, on_event=on_event)
         save_model(result.model, output)
+        kept = copy_generation_files(model, output)  # a text-generation folder's tokenizer and genai_config.json
         console.print(report.table(result.stages, title=f"onnxpipe optimize -> {output}"))
+        if kept:
+            console.print(f"kept beside it for onnxpipe generate: {', '.join(kept)}")
         if report_dir is not None:
             write_json(result.as_dict(), report_dir / "report.json")
             write_text(report.markdown(result.stages), report_dir / "report.md")

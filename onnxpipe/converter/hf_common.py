@@ -187,6 +187,35 @@ def copy_side_files(folder: Path, dest: Path) -> list[str]:
     return copied
 
 
+def copy_generation_files(model_path: str | os.PathLike, dest_model: str | os.PathLike) -> list[str]:
+    """Keep a text-generation folder generating when one of its models is rewritten elsewhere.
+
+    When ``model_path`` sits in a folder with ``genai_config.json`` (what ``convert --task
+    text-generation`` writes) and ``dest_model`` goes to another folder, the tokenizer, config
+    files and ``genai_config.json`` follow it (its decoder ``filename`` set to the new model's
+    name). Returns the names copied (none for other models).
+    """
+    import json
+
+    src, dest = Path(model_path).resolve().parent, Path(dest_model).resolve()
+    genai = src / "genai_config.json"
+    if not genai.is_file() or dest.parent == src:
+        return []
+    copied = copy_side_files(src, dest.parent)
+    try:
+        config = json.loads(genai.read_text())
+        decoder = config.get("model", {}).get("decoder", {})
+        if decoder.get("filename") == Path(model_path).name:
+            decoder["filename"] = dest.name
+        text = json.dumps(config, indent=2)
+    except (ValueError, AttributeError):  # not ours to fix: copied as it is
+        text = genai.read_text()
+    tmp = dest.parent / ".genai_config.json.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, dest.parent / "genai_config.json")
+    return [*copied, "genai_config.json"]
+
+
 def raise_export_failure(attempts: list[Attempt]) -> None:
     detail = "; ".join(f"{a.strategy}: {a.error}" for a in attempts)
     raise ConversionError(f"every exporter failed for this decoder ({detail})",

@@ -437,6 +437,57 @@ def generated_feeds(model: onnx.ModelProto, batch: int, rng: np.random.Generator
     return {i.name: random_input(i, concrete_shape(i, batch, named), rng, hints.get(i.name)) for i in infos}
 
 
+PAST_INPUT = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+def decoder_feeds(model: onnx.ModelProto, batch: int, past: int, new: int, rng: np.random.Generator,
+                  ) -> dict[str, np.ndarray] | None:
+    """Consistent inputs for a KV-cache decoder (``input_ids`` and ``past_key_values.{i}.key|value``
+    inputs, as the text-generation export and onnxruntime-genai name them), or None for other models.
+
+    ``new`` tokens after a cache of ``past`` (0: an empty cache, the prompt step): the cache axis
+    of every ``past_key_values`` input, the token axis of ``input_ids`` / ``position_ids`` and the
+    mask's axis (``past + new``) agree, as independent random dims cannot. Token ids stay inside
+    the embedding table (:func:`input_hints`); the cache is N(0,1).
+
+    Example:
+        >>> feeds = decoder_feeds(model, 1, 0, 8, np.random.default_rng(0))  # doctest: +SKIP
+    """
+    infos = graph_inputs(model)
+    names = {i.name for i in infos}
+    pasts = [i for i in infos if PAST_INPUT.match(i.name) and i.shape and len(i.shape) == 4]
+    if "input_ids" not in names or not pasts:
+        return None
+    hints = input_hints(model)
+    dims: dict[str, int] = {}
+
+    def name_dim(info: TensorInfo, axis: int, value: int) -> None:
+        if info.shape and len(info.shape) > axis and isinstance(info.shape[axis], str):
+            dims.setdefault(info.shape[axis], value)
+    for info in infos:
+        name_dim(info, 0, batch)
+        if info.name in ("input_ids", "position_ids"):
+            name_dim(info, 1, new)
+        elif info.name == "attention_mask":
+            name_dim(info, 1, past + new)
+    for info in pasts:
+        name_dim(info, 2, past)
+    out: dict[str, np.ndarray] = {}
+    for info in infos:
+        shape = concrete_shape(info, batch, dims)
+        if info.name == "attention_mask":
+            out[info.name] = np.ones(shape, info.dtype)
+        elif info.name == "position_ids":
+            out[info.name] = np.broadcast_to(np.arange(past, past + new, dtype=info.dtype), shape).copy()
+        elif PAST_INPUT.match(info.name) and info.shape and len(info.shape) == 4:
+            size = list(shape)
+            size[2] = past
+            out[info.name] = rng.standard_normal(size=size).astype(info.dtype)
+        else:
+            out[info.name] = random_input(info, shape, rng, hints.get(info.name))
+    return out
+
+
 def batched_inputs(inputs: Mapping[str, np.ndarray]) -> tuple[set[str], int | None]:
     """The inputs that share the leading (batch) axis, and that batch size.
 

@@ -237,6 +237,7 @@ def _run(r: Any, out: Path, console: Any) -> RunResult:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from onnxpipe.converter import convert
+    from onnxpipe.converter.hf_common import copy_generation_files
     from onnxpipe.core import data as data_mod
     from onnxpipe.core.files import write_json, write_text
     from onnxpipe.pipeline import report
@@ -282,6 +283,8 @@ def _run(r: Any, out: Path, console: Any) -> RunResult:
     save_model(result.model, out / "model.onnx")
     if hasattr(conversion, "write_side_files"):  # a Hugging Face source: tokenizer, configs, genai_config.json
         conversion.write_side_files(out)
+    elif str(resolve_path(r, r.model.source)).endswith(".onnx"):  # a model of an already converted generation folder
+        copy_generation_files(resolve_path(r, r.model.source), out / "model.onnx")
     doc = {"recipe": r.model_dump(mode="json", by_alias=True), "conversion": conversion.as_dict(),
            **result.as_dict(), "validation": validation}
     write_json(doc, out / "report.json")

@@ -18,7 +18,7 @@ from onnxpipe.core.analysis import parameter_count
 from onnxpipe.core.compare import Comparison, outputs_on
 from onnxpipe.core.errors import InputError, OnnxpipeError, RunFailedError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
-from onnxpipe.core.tensors import example_inputs, graph_inputs, input_hints, random_like
+from onnxpipe.core.tensors import decoder_feeds, example_inputs, graph_inputs, input_hints, random_like
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import Pass, PassContext
@@ -127,7 +127,15 @@ def make_pass(spec: PassSpec) -> Pass:
 
 
 def generated_inputs(model: onnx.ModelProto, batches: int = 2, batch: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Random inputs of the right shapes and dtypes, for models with no data to check on."""
+    """Random inputs of the right shapes and dtypes, for models with no data to check on.
+
+    A KV-cache decoder gets consistent steps instead (:func:`decoder_feeds`): prompts with an empty
+    cache and single tokens after a filled one, in turn.
+    """
+    rng = np.random.default_rng(seed)
+    steps = [decoder_feeds(model, batch, *((0, 8) if k % 2 == 0 else (8, 1)), rng) for k in range(batches)]
+    if all(s is not None for s in steps):
+        return steps  # type: ignore[return-value]
     return [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]
 
 
