@@ -1,19 +1,23 @@
 """int4 weight-only quantization side by side: float32 vs rtn / hqq / gptq at block 32.
 
-(a) A small Llama (4 layers, hidden 128, BPE vocabulary of 512 trained here) trained for
-    ``--train-seconds`` on stdlib documentation text (pydoc_data.topics; models/tiny_llm is not
-    on main yet, it should replace this model once it lands): perplexity on held-out text, file size (embeddings included: quantize_embeddings), per-token
-    latency at batch 1 on 1 thread.
+(t) The zoo's ``tiny_llm`` (onnxpipe_zoo.tiny_llm: a 4-layer Llama trained on pydoc topics,
+    cached after its first training) converted as ``onnxpipe convert --task text-generation``
+    does: the KV-cache decoder. Perplexity on the held-out topics (windows of 128 tokens, empty
+    cache), file size (embeddings included: quantize_embeddings), which MatMuls stay at higher
+    precision, and greedy decode tokens/s as ``onnxpipe generate`` runs it (KV cache, batch 1,
+    1 thread; onnxruntime-genai and onnxpipe's own ORT loop), medians of interleaved rounds.
+(a) The stand-in when the zoo is not importable: a small Llama (4 layers, hidden 128, BPE
+    vocabulary of 512 trained here) trained for ``--train-seconds``, exported without a cache.
 (b) A random-initialised Llama of >= 100M parameters (8 layers, hidden 1024, MLP 2816, vocab 32000):
     per-token latency at batch 1 on 1 thread, float32 vs int4 rtn (the accuracy_level the pass
     picks for this CPU, and level 0), and the file size.
 
-Both models are plain ``torch.onnx.export`` exports returning logits (no KV cache): a decode step
+(a) and (b) are plain ``torch.onnx.export`` exports returning logits (no KV cache): a decode step
 is timed as one forward pass over one token, which reads every weight once, as a cached decode
-step does (its attention over the cache is small at these lengths). Latencies are medians of
-interleaved rounds; ratios are against float32 of the same run.
+step does. Latencies are medians of interleaved rounds; ratios are against float32 of the same run.
 
-    HF_HUB_OFFLINE=1 python benchmarks/int4.py [--only small,large] [--train-seconds 60] [--rounds 5]
+    HF_HUB_OFFLINE=1 python benchmarks/int4.py [--only tiny,large] [--rounds 5]
+    (--only small: the stand-in; tiny falls back to it when onnxpipe_zoo is missing)
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -184,6 +189,118 @@ def run_small(work: Path, args: argparse.Namespace) -> list[list[str]]:
     return rows
 
 
+def tiny_llm_folder():
+    """The zoo's tiny_llm save_pretrained folder (trained on first use), or None without the zoo."""
+    try:
+        from onnxpipe_zoo.tiny_llm import data as tiny_data
+        from onnxpipe_zoo.tiny_llm import model as tiny_model
+    except ImportError:
+        return None
+    return tiny_model.folder(), tiny_data
+
+
+def decoder_batch(model: onnx.ModelProto, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """A prompt step with an empty cache for the KV-cache decoder (calibration for gptq)."""
+    from onnxpipe.core.tensors import graph_inputs
+
+    b, n = ids.shape
+    feeds: dict[str, np.ndarray] = {}
+    for info in graph_inputs(model):
+        if info.name == "input_ids":
+            feeds[info.name] = ids
+        elif info.name == "attention_mask":
+            feeds[info.name] = np.ones((b, n), np.int64)
+        elif info.name == "position_ids":
+            feeds[info.name] = np.broadcast_to(np.arange(n, dtype=np.int64), (b, n)).copy()
+        else:  # past_key_values.{i}.key|value [batch, kv heads, 0, head dim]
+            feeds[info.name] = np.zeros([b, info.shape[1], 0, info.shape[3]], info.dtype)
+    return feeds
+
+
+def generate_speed(folders: dict[str, Path], engine: str, rounds: int, prompt: str, tokens: int) -> dict[str, Any]:
+    """Median greedy decode tokens/s (batch 1, 1 thread) per folder, interleaved; and the tokens of each."""
+    from onnxpipe.runtimes.generate import TextGenerator
+
+    gens = {k: TextGenerator(f, engine=engine, threads=1) for k, f in folders.items()}
+    speed: dict[str, list[float]] = {k: [] for k in folders}
+    out: dict[str, list[int]] = {}
+    for g in gens.values():
+        g.generate(prompt, max_new_tokens=8)
+    for _ in range(rounds):
+        for k, g in gens.items():
+            r = g.generate(prompt, max_new_tokens=tokens)
+            speed[k].append(r.decode_tokens_per_s)
+            out[k] = r.tokens
+    return {"tokens_per_s": {k: statistics.median(v) for k, v in speed.items()}, "tokens": out}
+
+
+def run_tiny(work: Path, args: argparse.Namespace) -> list[list[str]] | None:
+    found = tiny_llm_folder()
+    if found is None:
+        print("onnxpipe_zoo is not importable: the stand-in small Llama instead")
+        return None
+    src, tiny_data = found
+    from tokenizers import Tokenizer
+
+    from onnxpipe.converter.hf_common import copy_generation_files
+    from onnxpipe.converter.huggingface import convert_folder
+
+    float_dir = work / "tiny" / "float32"
+    convert_folder(src, float_dir, check=False)
+    path = float_dir / "model.onnx"
+    float_model = onnx.load(str(path))
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    train_text, held = tiny_data.split()
+    held_ids = np.asarray(tok.encode("\n".join(held)).ids, dtype=np.int64)
+    evals = held_ids[: min(len(held_ids), 4096) // CONTEXT * CONTEXT].reshape(-1, CONTEXT)
+    train_ids = np.asarray(tok.encode("\n".join(train_text[:20])).ids, dtype=np.int64)
+    train = train_ids[: len(train_ids) // CONTEXT * CONTEXT].reshape(-1, CONTEXT)
+    cal = [decoder_batch(float_model, train[i:i + 4]) for i in range(0, min(len(train), 64), 4)]
+    ctx = PassContext(calibration=lambda: iter(cal), log=lambda line: None)
+    variants, notes = {"float32": float_model}, {}
+    for alg in ("rtn", "hqq", "gptq"):
+        t = time.perf_counter()
+        r = Quantize({"mode": "int4", "algorithm": alg, "block_size": 32, "quantize_embeddings": True}
+                     ).apply(float_model, ctx)
+        variants[f"int4 {alg}"], notes[f"int4 {alg}"] = r.model, {**r.notes, "seconds": time.perf_counter() - t}
+    folders, sizes, ppl = {"float32": float_dir}, {}, {}
+    for k, m in variants.items():
+        if k != "float32":
+            p = work / "tiny" / k.replace(" ", "-") / "model.onnx"
+            p.parent.mkdir(parents=True)
+            save_model(m, p)
+            copy_generation_files(path, p)
+            folders[k] = p.parent
+        sizes[k] = sum(f.stat().st_size for f in folders[k].glob("model.onnx*"))
+        ppl[k] = evaluate_model(str(folders[k] / "model.onnx"), {"input_ids": evals}, evals)
+    prompt = tiny_data.PROMPTS[0]
+    speeds = {e: generate_speed({k: folders[k] for k in ("float32", "int4 rtn", "int4 gptq")}, e, args.rounds,
+                                prompt, 64) for e in ("genai", "ort")}
+    rows = []
+    for k in variants:
+        n = notes.get(k, {})
+        mm = n.get("matmuls", {})
+        higher = (f"{mm.get('int8', 0)} int8, {mm.get('float', 0)} float" if mm else "-")
+        tps = {e: speeds[e]["tokens_per_s"].get(k) for e in speeds}
+        rows.append([k, f"{ppl[k]:.3f}", f"{ppl[k] / ppl['float32'] - 1:+.2%}", f"{sizes[k] / 1e6:.3f}",
+                     f"{sizes[k] / sizes['float32']:.3f}",
+                     " / ".join(f"{v:.0f}" if v else "-" for v in tps.values()),
+                     " / ".join(f"{v / speeds[e]['tokens_per_s']['float32']:.2f}x" if v else "-"
+                                for e, v in tps.items()),
+                     str(n.get("layout_check", {}).get("ok", "")), f"{n.get('seconds', 0):.1f}", higher])
+    for e, sp in speeds.items():
+        same = sp["tokens"]["int4 rtn"][:16] == sp["tokens"]["float32"][:16]
+        print(f"{e}: int4 rtn greedy tokens {'match' if same else 'differ from'} float32 in the first 16")
+    for k, n in notes.items():
+        if n.get("warnings"):
+            print(f"{k}: " + " | ".join(x[:110] for x in n["warnings"]))
+        print(f"{k}: accuracy_level {n.get('accuracy_level')}, embeddings quantized {n.get('embeddings_quantized')}, "
+              f"lm_head {n.get('lm_head')}, MatMuls {n.get('matmuls')}")
+    print(f"tiny_llm: {len(evals)} held-out windows of {CONTEXT} tokens; greedy decode of 64 tokens from "
+          f"{prompt!r}; tokens/s columns: onnxruntime-genai / onnxpipe's ORT loop")
+    return rows
+
+
 def run_large(work: Path, args: argparse.Namespace) -> list[list[str]]:
     folder = work / "large"
     folder.mkdir()
@@ -217,7 +334,7 @@ def run_large(work: Path, args: argparse.Namespace) -> list[list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="small,large")
+    parser.add_argument("--only", default="tiny,large")
     parser.add_argument("--train-seconds", type=float, default=60.0)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -228,12 +345,18 @@ def main() -> None:
     _, _, why = hardware.weight_only_advice(4)
     print(f"CPU: {cpu.model} ({cpu.simd}, int8 dot: {', '.join(cpu.int8_dot) or 'none'}); {why}")
     table = Table(title=f"int4 weight-only, block 32, batch 1, 1 thread - {cpu.model}")
-    for col in ("model / variant", "perplexity", "vs float", "MB", "size ratio", "ms/token", "tokens/s ratio",
+    for col in ("model / variant", "perplexity", "vs float", "MB", "size ratio", "ms/token (tiny: tok/s genai / ort)",
+                "speed vs float32",
                 "layout ok", "quantize s"):
         table.add_column(col, justify="left" if col == "model / variant" else "right")
     with tempfile.TemporaryDirectory(prefix="onnxpipe-int4-") as tmp:
         work = Path(tmp)
-        if "small" in args.only:
+        tiny = run_tiny(work, args) if "tiny" in args.only else None
+        for row in tiny or []:
+            table.add_row("tiny_llm (KV cache): " + row[0], *row[1:9])
+        if tiny:
+            print("higher precision than int4: " + "; ".join(f"{r[0]}: {r[9]}" for r in tiny[1:]))
+        if "small" in args.only or ("tiny" in args.only and tiny is None):
             for row in run_small(work, args):
                 table.add_row("small Llama: " + row[0], *row[1:])
         if "large" in args.only:
