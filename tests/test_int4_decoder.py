@@ -61,7 +61,7 @@ def test_int4_decoder_folder_still_generates_on_both_engines(llama, tmp_path):
 
     _, folder = llama
     out = tmp_path / "int4" / "model.onnx"
-    r = run_cli("optimize", str(folder / "model.onnx"), "-o", str(out), "--pass", "quantize:{mode: int4}",
+    r = run_cli("optimize", str(folder / "model.onnx"), "-o", str(out), "--pass", "quantize:{mode: int4, exclude_lm_head: true}",
                 "--report", str(tmp_path / "report"))
     assert r.returncode == 0, r.stderr + r.stdout
     for name in ("genai_config.json", "tokenizer.json", "config.json"):
@@ -69,8 +69,11 @@ def test_int4_decoder_folder_still_generates_on_both_engines(llama, tmp_path):
     stage = json.loads((tmp_path / "report" / "report.json").read_text())["stages"][1]
     assert stage["kept"], stage
     notes = stage["notes"]
-    assert notes["layout_check"]["ok"] and notes["matmuls"] == {"int4": 15, "int8": 0, "float": 0}
-    assert sum(n.op_type == "MatMulNBits" for n in load_model(out).graph.node) == 15
+    assert notes["layout_check"]["ok"] and notes["matmuls"] == {"int4": 14, "int8": 0, "float": 1}
+    assert sum(n.op_type == "MatMulNBits" for n in load_model(out).graph.node) == 14
+    assert stage["tokens_per_s"] > 0 and notes["size_bytes"]["after"] < 0.6 * notes["size_bytes"]["before"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "kept in float: /inner/lm_head/MatMul" in md and "layout check: ok" in md and "tokens/s" in md
 
     tokens = {}
     for engine in ("genai", "ort"):

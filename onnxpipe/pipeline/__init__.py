@@ -28,6 +28,7 @@ import onnx
 from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.core.modelio import load_model, save_model
+from onnxpipe.core.tensors import decoder_feeds
 from onnxpipe.core.timing import latency_ms, time_session
 from onnxpipe.passes.base import PassContext
 from onnxpipe.pipeline.stages import (
@@ -50,6 +51,9 @@ if TYPE_CHECKING:
     from onnxpipe.runtimes.providers import Device
 
 __all__ = ["PipelineResult", "RunResult", "Stage", "optimize", "run", "validate_providers"]
+
+
+DECODE_CONTEXT = 64  # a KV-cache decoder's tokens/s: one token at batch 1 after this many cached ones
 
 
 def stage_latency_ms(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray], device: Device | str | None = None, *,
@@ -129,6 +133,9 @@ def optimize(
             stage.metric = evaluate(m, evaluation[0], evaluation[1], metric_fn)
         if measure_latency and not (timed and stage.latency_ms is not None):
             stage.latency_ms = stage_latency_ms(m, inputs[0], latency_device, budget_s=0.5)
+            step = decoder_feeds(m, 1, DECODE_CONTEXT, 1, np.random.default_rng(0))
+            if step is not None:  # a KV-cache decoder: one generated token per run, as generate decodes
+                stage.tokens_per_s = 1000.0 / stage_latency_ms(m, step, latency_device, budget_s=0.5)
 
     def save(stage: Stage, m: onnx.ModelProto, suffix: str = "") -> None:
         if stage_dir is not None:

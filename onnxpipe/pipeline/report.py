@@ -95,10 +95,14 @@ def markdown(stages: list[Any], metric_name: str | None = None, title: str = "on
     lines.append("")
     for s in stages:
         if s.index == 0:
+            if getattr(s, "tokens_per_s", None):
+                lines.append(f"- **00 {s.name}**: decode {s.tokens_per_s:.0f} tokens/s (KV cache, batch 1, "
+                             "one token after 64 cached)")
             continue
         lines.append(f"- **{s.index:02d} {s.name}** `{s.description}`: {s.seconds:.2f} s"
                      + (f", tolerance atol={s.atol:g} rtol={s.rtol:g}" if s.atol is not None else "")
-                     + (f", ops {', '.join(f'{k} {v:+d}' for k, v in sorted(s.op_delta.items()))}" if s.op_delta else ""))
+                     + (f", ops {', '.join(f'{k} {v:+d}' for k, v in sorted(s.op_delta.items()))}" if s.op_delta else "")
+                     + (f", decode {s.tokens_per_s:.0f} tokens/s" if getattr(s, "tokens_per_s", None) else ""))
         lines.extend(f"  - {line}" for line in (s.notes or {}).get("summary", []))
     return "\n".join(lines) + "\n"
 

@@ -48,6 +48,7 @@ class Stage:
     comparisons: list[Comparison] = field(default_factory=list)
     metric: float | None = None
     latency_ms: float | None = None
+    tokens_per_s: float | None = None  # KV-cache decoders: one-token steps at batch 1 after a 64-token cache
     notes: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
     objective: dict[str, Any] | None = None
