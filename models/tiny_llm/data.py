@@ -49,3 +49,18 @@ def decoder_feeds(n: int = 4, seed: int = 0) -> list[dict]:
                 d[f"past_key_values.{layer}.{kv}"] = rng.standard_normal((1, heads, past, size)).astype(np.float32)
         feeds.append(d)
     return feeds
+
+
+def held_out_windows(max_tokens: int = 4096, context: int = 128):
+    """``({"input_ids": [windows, context]}, labels)``: the held-out topics tokenized with tiny_llm's
+    tokenizer, for ``metric: perplexity`` (the decoder's cache is filled in empty)."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from onnxpipe_zoo.tiny_llm.model import folder
+
+    tok = Tokenizer.from_file(str(folder() / "tokenizer.json"))
+    _, held = split()
+    ids = np.asarray(tok.encode("\n".join(held)).ids[:max_tokens], dtype=np.int64)
+    windows = ids[: len(ids) // context * context].reshape(-1, context)
+    return {"input_ids": windows}, windows.copy()
