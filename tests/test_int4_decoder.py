@@ -86,3 +86,25 @@ def test_int4_decoder_folder_still_generates_on_both_engines(llama, tmp_path):
     ppl_float = evaluate_model(folder / "model.onnx", {"input_ids": ids}, ids)
     ppl_int4 = evaluate_model(out, {"input_ids": ids}, ids)
     assert ppl_int4 != ppl_float and abs(ppl_int4 / ppl_float - 1) < 0.05  # random weights: near-uniform logits
+
+
+def test_a_recipe_on_a_converted_decoder_keeps_the_generation_files(llama, tmp_path):
+    _, folder = llama
+    recipe = tmp_path / "int4.yaml"
+    recipe.write_text(f"model: {{source: {folder / 'model.onnx'}}}\n"
+                      "passes:\n  - quantize: {mode: int4}\n"
+                      f"validate: {{providers: [cpu], atol: 0.5, rtol: 0.1, latency: false}}\noutput: {tmp_path / 'out'}\n")
+    r = run_cli("run", str(recipe))
+    assert r.returncode == 0, r.stderr + r.stdout
+    for name in ("genai_config.json", "tokenizer.json", "config.json", "model.onnx"):
+        assert (tmp_path / "out" / name).is_file(), name
+
+
+def test_optimize_to_another_file_name_points_genai_config_at_it(llama, tmp_path):
+    _, folder = llama
+    out = tmp_path / "q" / "decoder_int4.onnx"
+    r = run_cli("optimize", str(folder / "model.onnx"), "-o", str(out), "--pass", "quantize:{mode: int4}")
+    assert r.returncode == 0, r.stderr + r.stdout
+    config = json.loads((out.parent / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "decoder_int4.onnx"
+    assert json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "model.onnx"

@@ -512,8 +512,16 @@ def examples_from_specs(specs: Sequence[InputSpec], rng: np.random.Generator) ->
 
 def example_inputs(model: onnx.ModelProto, specs: Sequence[InputSpec] = (), *, batch: int = 1,
                    seed: int = 0) -> dict[str, np.ndarray]:
-    """Inputs for every graph input: from ``--input`` specs where given, generated elsewhere."""
+    """Inputs for every graph input: from ``--input`` specs where given, generated elsewhere.
+
+    A KV-cache decoder with no specs gets a consistent prompt step (:func:`decoder_feeds`: 8 tokens,
+    an empty cache), which independent random dims would not be.
+    """
     rng = np.random.default_rng(seed)
+    if not specs:
+        step = decoder_feeds(model, batch, 0, 8, rng)
+        if step is not None:
+            return step
     given = examples_from_specs(specs, rng)
     infos = graph_inputs(model)
     unknown = sorted(set(given) - {i.name for i in infos})
