@@ -56,3 +56,19 @@ def test_recipe_runs_and_generates(tmp_path):
     assert all(row["ok"] for row in result.validation)
     out = generate(tmp_path / "run", "The for statement is used to", max_new_tokens=16)
     assert out.tokens and out.text.strip()
+
+
+@pytest.mark.slow
+def test_int4_recipe_holds_perplexity_and_size_and_generates(tmp_path):
+    from onnxpipe.pipeline import run
+    from onnxpipe.runtimes.generate import generate
+
+    result = run(ROOT / "models" / "tiny_llm" / "int4.yaml", tmp_path / "run")
+    before, after = result.pipeline.stages
+    assert after.kept and after.notes["budget_met"] and after.notes["layout_check"]["ok"]
+    assert after.metric <= 1.05 * before.metric  # perplexity: lower is better
+    assert after.size_bytes <= 0.3 * before.size_bytes and after.notes["embeddings_quantized"] == 1
+    assert before.tokens_per_s and after.tokens_per_s
+    for engine in ("genai", "ort"):
+        out = generate(tmp_path / "run", "The for statement is used to", max_new_tokens=16, engine=engine)
+        assert len(out.tokens) == 16 and out.text.strip()
