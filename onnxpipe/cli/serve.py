@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         max_body_mb: Annotated[float, typer.Option("--max-body-mb", callback=number(0, 1 << 20, lo_open=True), help="Largest request body, in MiB (also "
                                                    "bounds what decoding it may take).")] = 64.0,
         max_queue: Annotated[int, typer.Option("--max-queue", callback=count(1, 1 << 24), help="Requests waiting per model before new ones get 503.")] = 2048,
+        workers: Annotated[int | None, typer.Option("--workers", callback=count(1, 4096), help="With --devices cpu: worker processes "
+                                                    "per model (default: sized to the cores, one wide worker or one per "
+                                                    "core, whichever serves the model faster; cpu[threads=N] sets threads).")] = None,
         config: Annotated[Path | None, typer.Option("--config", help=CONFIG_HELP + " They replace --devices.")] = None,
         grpc_port: Annotated[int | None, typer.Option("--grpc-port", callback=count(0, 65535), help="Also serve the protocol over gRPC on this port "
                                                                           "(0 picks a free one; default: HTTP only).")] = None,
@@ -98,7 +101,7 @@ def register(app: typer.Typer) -> None:
                                api_key=api_key, insecure=insecure, model_control=model_control,
                                load_models=tuple(load_model or ["*"]) if model_control != "explicit" else tuple(load_model or ()),
                                poll_seconds=poll_secs, header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
-                               max_restarts=max_restarts, restart_window_s=restart_window_s)
+                               max_restarts=max_restarts, restart_window_s=restart_window_s, cpu_workers=workers)
         table = Table(title=f"models on {', '.join(d.label for d in devs)}")
         for col in ("model", "version", "inputs", "outputs", "dynamic batching"):
             table.add_column(col)
@@ -117,6 +120,9 @@ def register(app: typer.Typer) -> None:
                               + ("" if api_key else " [bold]without an API key[/] (--insecure)"))
             if server.grpc_address:
                 print(f"grpc on {server.grpc_address}", flush=True)
+            for m in server.models.values():
+                if m.layout is not None:
+                    print(f"{m.entry.name}: CPU pool of {m.layout.describe()}", flush=True)
             # one plain line that scripts (and tests) wait for
             print(f"serving on {url} (metrics: {url}/metrics; Ctrl-C stops)", flush=True)
 

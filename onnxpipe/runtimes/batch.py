@@ -31,7 +31,6 @@ import onnx
 
 from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.core.files import file_digest
-from onnxpipe.core.hardware import cpu
 from onnxpipe.core.modelio import load_model, save_model
 from onnxpipe.core.sources import Source, first_chunk, open_source
 from onnxpipe.core.tensors import graph_inputs, value_infos
@@ -42,6 +41,7 @@ from onnxpipe.runtimes.batch_result import (
     InferResult,
     SamplesFailedError,
 )
+from onnxpipe.runtimes.cpu_pool import cpu_share
 from onnxpipe.runtimes.dispatch import Dispatcher, Plan
 from onnxpipe.runtimes.manifest import ShardWriter
 from onnxpipe.runtimes.providers import Device, parse_devices
@@ -100,7 +100,7 @@ class BatchRunner:
                                                                      and o.shape[0] != self.fixed_batch))}
         self.backend, self.address, self.depth = backend, address, depth
         self.max_attempts, self.max_restarts, self.on_batch = max(1, max_attempts), max_restarts, on_batch
-        share = max(1, cpu().cores // len(self.devices))
+        share = cpu_share(len(self.devices))
         self.threads = [d.options.threads or share for d in self.devices]
         self._pool: Any = None
         self.stats: list[DeviceStats] = []

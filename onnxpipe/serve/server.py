@@ -36,6 +36,8 @@ from aiohttp import web
 
 from onnxpipe._version import __version__
 from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.hardware import cpu
+from onnxpipe.runtimes.cpu_pool import CpuLayout, choose_layout, cpu_share, probe_feeds
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.serve.batcher import Batcher, Unavailable
 from onnxpipe.serve.limits import RequestLimits
@@ -90,6 +92,7 @@ class ServeOptions:
     model_control: str = "none"  # none | explicit | poll, as Triton names them
     load_models: tuple[str, ...] = ("*",)  # explicit mode: what to load at start ("*": everything)
     poll_seconds: float = 15.0
+    cpu_workers: int | None = None  # one cpu device: its worker count (None: sized to the cores, see cpu_pool)
 
     @property
     def limits(self) -> RequestLimits:
@@ -145,8 +148,9 @@ DRAIN_SECONDS = 60.0  # longest wait for a retired model's queued requests befor
 
 
 class _Model:
-    def __init__(self, entry: ModelEntry, pool: DevicePool | StagedPool, batcher: Batcher) -> None:
-        self.entry, self.pool, self.batcher = entry, pool, batcher
+    def __init__(self, entry: ModelEntry, pool: DevicePool | StagedPool, batcher: Batcher,
+                 layout: CpuLayout | None = None) -> None:
+        self.entry, self.pool, self.batcher, self.layout = entry, pool, batcher, layout
         self.stamp = _stamp(entry.path)
 
 
@@ -193,6 +197,9 @@ class InferenceServer:
         if self.options.model_control not in MODEL_CONTROL:
             raise OnnxpipeError(f"unknown model control mode {self.options.model_control!r}",
                                 hint=f"use one of {', '.join(MODEL_CONTROL)}")
+        if self.options.cpu_workers is not None and (len(devices) != 1 or devices[0].kind != "cpu"):
+            raise InputError("--workers sizes the pool of a single cpu device",
+                             hint="leave --workers out with other devices, or list them: cpu:0,cpu:1,...")
         self.source = Path(source) if source is not None else None  # the repository load/unload reads
         self.metrics = Metrics(self.options.max_batch_size)
         self.models: dict[str, _Model] = {}
@@ -274,27 +281,45 @@ class InferenceServer:
         o = self.options
         loop = asyncio.get_running_loop()
         pools: list[DevicePool | StagedPool] = []
+        layouts: list[CpuLayout | None] = []
         try:
             for entry in entries:
+                layout = await loop.run_in_executor(None, self.cpu_layout, entry)
+                layouts.append(layout)
+                devices = layout.devices(self.devices[0]) if layout is not None else self.devices
                 # a split model (pipeline.json) gets one pool per stage, chained
-                pool = pool_for(entry, self.devices, depth=o.depth, max_restarts=o.max_restarts,
+                pool = pool_for(entry, devices, depth=o.depth, max_restarts=o.max_restarts,
                                 restart_window_s=o.restart_window_s, on_event=self._worker_event(entry.name))
                 pools.append(pool)
                 pool.launch()  # all models load at once
             for pool in pools:
                 await loop.run_in_executor(None, pool.wait_ready)
             out = []
-            for entry, pool in zip(entries, pools):
+            for entry, pool, layout in zip(entries, pools, layouts):
                 pool.attach(loop)
                 batcher = Batcher(entry, pool, max_batch_size=o.max_batch_size, max_queue_delay_ms=o.max_queue_delay_ms,
                                   max_queue=o.max_queue, metrics=self.metrics)
                 batcher.start()
-                out.append(_Model(entry, pool, batcher))
+                if layout is not None:
+                    log.info("%s: CPU pool of %s", entry.name, layout.describe())
+                out.append(_Model(entry, pool, batcher, layout))
             return out
         except BaseException:
             for pool in pools:
                 pool.close()
             raise
+
+    def cpu_layout(self, entry: ModelEntry) -> CpuLayout | None:
+        """The worker pool of ``entry`` when the server runs on one ``cpu`` device (None otherwise: the
+        devices as listed, one worker each). Sized to the cores less one for this process's event loop;
+        ``threads`` on the device and ``cpu_workers`` force it (see :mod:`onnxpipe.runtimes.cpu_pool`)."""
+        o = self.options
+        if len(self.devices) != 1 or self.devices[0].kind != "cpu" or entry.pipeline is not None:
+            return None  # a split model's stages share the cores as listed (see staged.py)
+        batch = o.max_batch_size if entry.batchable else 1
+        cores = cpu().cores
+        return choose_layout(entry.path, lambda: probe_feeds(entry.path, batch), budget=cpu_share(1, cores=cores, reserve=1),
+                             workers=o.cpu_workers, threads=self.devices[0].options.threads, cores=cores)
 
     async def _retire(self, m: _Model) -> None:
         """Stop a model nobody can reach any more, once the requests it holds are answered."""
@@ -459,7 +484,7 @@ class InferenceServer:
     def config_of(self, m: _Model) -> dict:
         """Triton's model configuration of a served model (JSON field names)."""
         try:
-            return model_config(m.entry, self.devices, max_batch_size=self.options.max_batch_size,
+            return model_config(m.entry, m.pool.devices if m.layout else self.devices, max_batch_size=self.options.max_batch_size,
                                 max_queue_delay_ms=self.options.max_queue_delay_ms)
         except OnnxpipeError as exc:
             raise ProtocolError(400, exc.message) from None
@@ -638,13 +663,17 @@ class InferenceServer:
         return _json({})
 
     async def model_metadata(self, request: web.Request) -> web.Response:
-        e = self._model(request).entry
+        m = self._model(request)
+        e = m.entry
 
         def tensors(infos: list) -> list[dict]:
             return [{"name": t.name, "datatype": datatype_of(t.dtype), "shape": wire_shape(t)} for t in infos]
 
-        return _json({"name": e.name, "versions": [e.version], "platform": "onnxruntime_onnx",
-                      "inputs": tensors(e.inputs), "outputs": tensors(e.outputs)})
+        doc = {"name": e.name, "versions": [e.version], "platform": "onnxruntime_onnx",
+               "inputs": tensors(e.inputs), "outputs": tensors(e.outputs)}
+        if m.layout is not None:  # an extension field: clients of the protocol ignore what they do not know
+            doc["cpu_pool"] = m.layout.as_dict()
+        return _json(doc)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         m = self._model(request)

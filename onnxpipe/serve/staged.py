@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.core.errors import OnnxpipeError
-from onnxpipe.core.hardware import cpu
 from onnxpipe.partition.spec import PipelineSpec, carried
+from onnxpipe.runtimes.cpu_pool import cpu_share
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.serve.repository import ModelEntry
 from onnxpipe.serve.workers import DevicePool, WorkerCrashed, WorkerError
@@ -60,7 +60,7 @@ def _with_threads(groups: list[list[Device]]) -> list[list[Device]]:
     # each stage's DevicePool would give its CPU workers the machine's cores as if it were alone;
     # the stages run at once, so the cores are shared over every stage's workers
     workers = sum(len(g) for g in groups)
-    share = max(1, (cpu().cores - 1) // workers)
+    share = cpu_share(workers, reserve=1)
     return [[Device.parse(d, threads=share) if d.kind == "cpu" and not d.options.threads else d for d in g]
             for g in groups]
 

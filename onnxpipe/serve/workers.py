@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.core.errors import OnnxpipeError
-from onnxpipe.core.hardware import cpu
+from onnxpipe.runtimes.cpu_pool import cpu_share
 from onnxpipe.runtimes.providers import Device
 
 log = logging.getLogger("onnxpipe.serve")
@@ -77,7 +77,7 @@ class DevicePool:
         self.devices = devices
         # one core stays with the HTTP process: ORT's spinning intra-op threads on every core starve
         # the event loop that decodes requests, and throughput drops under load
-        share = max(1, (cpu().cores - 1) // len(devices))
+        share = cpu_share(len(devices), reserve=1)
         threads = [d.options.threads or (share if d.kind == "cpu" else None) for d in devices]
         self.pool = LocalPool(str(model), devices, threads, [None] * len(devices), depth=depth)
         self.max_restarts = max_restarts
