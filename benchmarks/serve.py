@@ -17,6 +17,13 @@ one sample costs about as much as its HTTP round trip, and batching gains less. 
 ``tritonclient.grpc`` and ``tritonclient.http`` clients check the answers against ONNX Runtime
 (1e-5) for both, the mlp quantized to int8, and the mlp split in two stages.
 
+The worker pool: two more batching servers serve cnn and mlp on ``--pool-cores`` cores (default:
+all of them), one as ONE wide worker (``--devices cpu[threads=C]``), one as C single-thread workers
+(``--workers C --devices cpu[threads=1]``), in the same rounds; beside them, the layout the
+server's own load-time measurement picks for C cores (:func:`onnxpipe.runtimes.cpu_pool.choose_layout`),
+to see whether it agrees with the load. The default server (``--devices cpu``) sizes its pool itself
+from the cores less one; its startup lines are printed.
+
 Outcomes to reach (printed with the ratios): JSON >= 0.3x binary (cnn); batched >= 1.8x one at
 a time (mlp, binary); batched >= 0.6x ORT in-process with 16 threads (mlp).
 
@@ -84,11 +91,15 @@ def build_repo(root: Path, width: int) -> Path:
     return repo
 
 
-def start_server(repo: Path, max_batch: int, delay_ms: float, devices: str) -> tuple[subprocess.Popen, str, str]:
+POOL_LINES: list[str] = []  # the servers' "NAME: CPU pool of ..." startup lines
+
+
+def start_server(repo: Path, max_batch: int, delay_ms: float, devices: str,
+                 *extra: str) -> tuple[subprocess.Popen, str, str]:
     """``onnxpipe serve`` on free loopback ports; returns the process, its URL and its gRPC address."""
     proc = subprocess.Popen([sys.executable, "-m", "onnxpipe", "serve", str(repo), "--port", "0", "--grpc-port", "0",
                              "--max-batch-size", str(max_batch), "--max-queue-delay-ms", str(delay_ms),
-                             "--devices", devices],
+                             "--devices", devices, *extra],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT)))
     deadline = time.monotonic() + 180
@@ -97,6 +108,8 @@ def start_server(repo: Path, max_batch: int, delay_ms: float, devices: str) -> t
         line = proc.stdout.readline()
         if line.startswith("grpc on "):
             grpc_at = line.split()[2]
+        if ": CPU pool of " in line:
+            POOL_LINES.append(f"{' '.join(['--devices', devices, *extra])}: {line.strip()}")
         if line.startswith("serving on "):
             return proc, line.split()[2], grpc_at
         if not line and proc.poll() is not None:
@@ -259,6 +272,14 @@ def ort_load(path: Path, samples: list[np.ndarray], clients: int, seconds: float
     return sum(counts) / (time.perf_counter() - t0)
 
 
+def load_time_choice(repo: Path, cores: int, batch: int) -> dict:
+    """The layout :func:`choose_layout` picks per model on ``cores`` cores (measured here, in this process)."""
+    from onnxpipe.runtimes.cpu_pool import choose_layout, probe_feeds
+
+    return {name: choose_layout(repo / f"{name}.onnx", probe_feeds(repo / f"{name}.onnx", batch), budget=cores,
+                                cores=cores) for name in ("cnn", "mlp")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients")
@@ -268,17 +289,21 @@ def main() -> None:
     ap.add_argument("--devices", default="cpu", help="--devices of both servers")
     ap.add_argument("--mlp-width", type=int, default=2048,
                     help="width of the mlp's 4 layers (2048: 64 MiB of weights, more than a CPU cache holds)")
+    ap.add_argument("--pool-cores", type=int, default=0,
+                    help="cores of the wide-worker vs worker-pool comparison (default: all of this machine's)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if not 0.2 <= args.seconds <= 60 or not 1 <= args.clients <= 128 or not 1 <= args.rounds <= 20:
         ap.error("keep the load bounded: --seconds 0.2..60, --clients 1..128, --rounds 1..20")
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from onnxpipe.core.hardware import cpu
 
     info = cpu()
+    pc = args.pool_cores or info.cores
     console = Console(stderr=args.json)
     tmp = tempfile.TemporaryDirectory(prefix="onnxpipe-bench-serve-")
     servers = {}
@@ -287,8 +312,18 @@ def main() -> None:
             repo = build_repo(Path(tmp.name), args.mlp_width)
             servers["batched"] = start_server(repo, 32, args.delay_ms, args.devices)
             servers["unbatched"] = start_server(repo, 1, args.delay_ms, args.devices)
+            pair = Path(tmp.name) / "pair"  # the pool comparison serves only cnn and mlp
+            pair.mkdir()
+            for name in ("cnn", "mlp"):
+                os.link(repo / f"{name}.onnx", pair / f"{name}.onnx")
+            servers["wide"] = start_server(pair, 32, args.delay_ms, f"cpu[threads={pc}]")
+            servers["pool"] = start_server(pair, 32, args.delay_ms, "cpu[threads=1]", "--workers", str(pc))
+        with console.status("the load-time measurement of each layout"):
+            chosen = load_time_choice(pair, pc, 32)
         b_url, b_grpc = servers["batched"][1:]
         u_url = servers["unbatched"][1]
+        w_url, p_url = servers["wide"][1], servers["pool"][1]
+        wide_v, pool_v = f"HTTP binary, batched, 1 worker x {pc} threads", f"HTTP binary, batched, {pc} workers x 1 thread"
         with console.status("checking answers through tritonclient.grpc and .http"):
             errors = check_answers(repo, b_url, b_grpc)
         rng = np.random.default_rng(0)
@@ -301,6 +336,10 @@ def main() -> None:
             ("cnn", "HTTP JSON, batched"): lambda: asyncio.run(_http_load(b_url, "cnn", cnn_json, c, s)),
             ("cnn", "gRPC raw, batched"): lambda: asyncio.run(_grpc_load(b_grpc, "cnn", cnn_x, c, s)),
             ("cnn", f"ORT in-process, {c} threads"): lambda: ort_load(repo / "cnn.onnx", cnn_x, c, s),
+            ("cnn", wide_v): lambda: asyncio.run(_http_load(w_url, "cnn", cnn_bin, c, s)),
+            ("cnn", pool_v): lambda: asyncio.run(_http_load(p_url, "cnn", cnn_bin, c, s)),
+            ("mlp", wide_v): lambda: asyncio.run(_http_load(w_url, "mlp", mlp_bin, c, s)),
+            ("mlp", pool_v): lambda: asyncio.run(_http_load(p_url, "mlp", mlp_bin, c, s)),
             ("mlp", "HTTP binary, batched"): lambda: asyncio.run(_http_load(b_url, "mlp", mlp_bin, c, s)),
             ("mlp", "HTTP binary, one at a time"): lambda: asyncio.run(_http_load(u_url, "mlp", mlp_bin, c, s)),
             ("mlp", "gRPC raw, batched"): lambda: asyncio.run(_grpc_load(b_grpc, "mlp", mlp_x, c, s)),
@@ -331,13 +370,16 @@ def main() -> None:
         f"mlp: batched HTTP / {ort_key}": (ratio(("mlp", "HTTP binary, batched"), ("mlp", ort_key)), 0.6),
         f"mlp: batched gRPC / {ort_key}": (ratio(("mlp", "gRPC raw, batched"), ("mlp", ort_key)), 0.6),
         "mlp: gRPC / HTTP binary": (ratio(("mlp", "gRPC raw, batched"), ("mlp", "HTTP binary, batched")), None),
+        f"cnn: {pc} workers x 1 thread / 1 worker x {pc} threads": (ratio(("cnn", pool_v), ("cnn", wide_v)), None),
+        f"mlp: {pc} workers x 1 thread / 1 worker x {pc} threads": (ratio(("mlp", pool_v), ("mlp", wide_v)), None),
     }
     cpu_name = f"{info.model} ({info.cores} cores, {info.simd})"
     if args.json:
         print(json.dumps({"cpu": cpu_name, "requests_per_s": {f"{m} | {v}": x for (m, v), x in rps.items()},
                           "rounds": {f"{m} | {v}": x for (m, v), x in runs.items()},
                           "ratios": {k: {"value": v, "target": t} for k, (v, t) in ratios.items()},
-                          "max_abs_error_vs_ort": errors}, indent=2))
+                          "max_abs_error_vs_ort": errors, "server_pools": POOL_LINES,
+                          "load_time_choice": {k: v.as_dict() for k, v in chosen.items()}}, indent=2))
         return
     table = Table(title=f"one sample per request, {args.clients} concurrent clients, loopback, median of "
                         f"{args.rounds} interleaved rounds of {args.seconds:g} s, on {cpu_name}")
@@ -359,6 +401,15 @@ def main() -> None:
     for k, v in errors.items():
         t3.add_row(k, f"{v:.2e}", "yes" if v <= 1e-5 else "[red]no[/]")
     console.print(t3)
+    t4 = Table(title=f"the load-time measurement on {pc} cores (batch of 32, what `onnxpipe serve` runs at load)")
+    for col in ("model", "chosen", "served: pool / wide"):
+        t4.add_column(col)
+    for k, v in chosen.items():
+        served = ratios[f"{k}: {pc} workers x 1 thread / 1 worker x {pc} threads"][0]
+        t4.add_row(k, escape(v.describe()), f"{served:.2f}")
+    console.print(t4)
+    for line in POOL_LINES:
+        console.print(escape(line))
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def test_rules_when_measuring_is_pointless_or_unaffordable(tmp_path):
 def test_forced_layouts_and_no_oversubscription():
     assert choose_layout("m.onnx", _never, budget=3, cores=4, workers=2, measure=_never).threads == 1
     t = choose_layout("m.onnx", _never, budget=7, cores=8, threads=2, measure=_never)
-    assert (t.workers, t.threads, t.chosen_by) == (1, 2, "user")
+    assert (t.workers, t.threads, t.chosen_by) == (1, 2, "user") and t.describe() == "1 worker x 2 threads (user: threads=2)"
     assert choose_layout("m.onnx", _never, budget=3, cores=4, workers=2, threads=2, measure=_never).workers == 2
     with pytest.raises(InputError, match="6 threads on 4 cores"):
         choose_layout("m.onnx", _never, budget=3, cores=4, workers=3, threads=2, measure=_never)

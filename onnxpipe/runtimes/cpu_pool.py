@@ -120,7 +120,8 @@ def choose_layout(model: str | os.PathLike, feeds: Mapping[str, np.ndarray] | Ca
         if w * t > cores:
             raise InputError(f"{w} CPU workers x {t} threads is {w * t} threads on {cores} cores",
                              hint=f"keep workers x threads <= {cores} (e.g. --workers {max(1, cores // t)})")
-        return CpuLayout(w, t, "user", "--workers" if threads is None else "threads=" if workers is None else "both")
+        forced = ([f"--workers {workers}"] if workers is not None else []) + ([f"threads={threads}"] if threads else [])
+        return CpuLayout(w, t, "user", ", ".join(forced))
     if budget == 1:
         return CpuLayout(1, 1, "rule", "one core for the workers")
     wide, pool = (1, budget), (budget, 1)
