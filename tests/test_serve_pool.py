@@ -75,8 +75,12 @@ def test_forced_layouts_and_no_oversubscription():
 
 
 def test_layout_devices_keep_the_device_options():
-    devs = CpuLayout(3, 1, "user").devices(Device.parse("cpu[spinning=false]"))
-    assert [str(d) for d in devs] == [f"cpu:{k}[threads=1,spinning=false]" for k in range(3)]
+    devs = CpuLayout(3, 1, "user").devices(Device.parse("cpu[spinning=false,arena=false]"))
+    assert [str(d) for d in devs] == [f"cpu:{k}[threads=1,spinning=false,arena=false]" for k in range(3)]
+    assert str(CpuLayout(3, 1, "user").devices(Device.parse("cpu"))[0]) == "cpu:0[threads=1]"
+    # a wide worker does not spin its threads on the cores the server decodes on, unless told to
+    assert CpuLayout(1, 4, "rule").devices(Device.parse("cpu"))[0].options.spinning is False
+    assert CpuLayout(1, 4, "rule").devices(Device.parse("cpu[spinning=true]"))[0].options.spinning is True
 
 
 def test_measurement_runs_the_model_on_both_layouts(conv_gemm_path):

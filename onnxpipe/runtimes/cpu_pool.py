@@ -10,7 +10,10 @@ core at once, while a small model at a batch of a few samples leaves intra-op th
 each other and does better as independent workers. So it is measured when it is cheap: the model at
 the largest batch on both layouts, in this process (one ONNX Runtime session per worker, threads
 running them at once: ORT releases the GIL), rounds interleaved with the order reversed each round,
-the median samples/s per layout. The pool wins only when it is at least ``MARGIN`` faster (a pool
+the median samples/s per layout. A worker of several threads does not spin them (ORT's
+``allow_spinning``) unless the device says ``spinning=true``: its threads spinning between runs take
+the cores the server's own process decodes requests on (benchmarks/serve.py measured a wide worker on
+2 cores at about half the requests/s with spinning, on a par with the pool without). The pool wins only when it is at least ``MARGIN`` faster (a pool
 costs a process and a copy of the weights per worker). A model too slow to measure in the budget, or
 too big to hold once per core in memory, gets one wide worker (the rule). The user forces a layout
 with ``threads`` and/or ``workers``; workers x threads never exceeds the cores.
@@ -37,7 +40,7 @@ import numpy as np
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.hardware import cpu
 
-__all__ = ["MARGIN", "CpuLayout", "choose_layout", "cpu_share", "measure_layouts", "probe_feeds"]
+__all__ = ["MARGIN", "CpuLayout", "choose_layout", "cpu_share", "measure_layouts", "probe_feeds", "worker_options"]
 
 MARGIN = 1.10  # how much faster a pool of workers must be than one wide worker to be chosen
 MEASURE_BUDGET_S = 1.5  # the whole measurement, all layouts and rounds
@@ -83,12 +86,21 @@ class CpuLayout:
         """``base`` (a cpu :class:`~onnxpipe.runtimes.providers.Device`) once per worker, with the threads set."""
         from onnxpipe.runtimes.providers import Device
 
-        return [Device.parse(f"cpu:{k}", **{**base.options.model_dump(exclude_defaults=True), "threads": self.threads})
-                for k in range(self.workers)]
+        opts = worker_options(base.options.model_dump(exclude_unset=True), self.threads)
+        return [Device.parse(f"cpu:{k}", **opts) for k in range(self.workers)]
 
     def as_dict(self) -> dict[str, Any]:
         return {"workers": self.workers, "threads": self.threads, "chosen_by": self.chosen_by,
                 "reason": self.reason, "samples_per_s": dict(self.rates)}
+
+
+def worker_options(options: Mapping[str, Any], threads: int) -> dict[str, Any]:
+    """A serving worker's cpu options: ``options`` with ``threads`` set, and no spinning threads when it
+    has several and ``options`` leave spinning unsaid (see the module)."""
+    out = {**options, "threads": threads}
+    if threads > 1:
+        out.setdefault("spinning", False)
+    return out
 
 
 def _key(layout: tuple[int, int]) -> str:
@@ -187,7 +199,7 @@ def measure_layouts(model: str, feeds: Mapping[str, np.ndarray], layouts: list[t
     batch = max((len(v) for v in feeds.values() if getattr(v, "ndim", 0)), default=1)
     sessions: dict[tuple[int, int], list[Any]] = {}
     for w, t in layouts:
-        opts = Device.parse("cpu", threads=t).session_options()
+        opts = Device.parse("cpu", **worker_options({}, t)).session_options()
         opts.log_severity_level = 4
         sessions[(w, t)] = [ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]) for _ in range(w)]
     for group in sessions.values():  # warm-up, and the cost of one run
