@@ -18,8 +18,9 @@ one sample costs about as much as its HTTP round trip, and batching gains less. 
 (1e-5) for both, the mlp quantized to int8, and the mlp split in two stages.
 
 The worker pool: two more batching servers serve cnn and mlp on ``--pool-cores`` cores (default:
-all of them), one as ONE wide worker (``--devices cpu[threads=C]``), one as C single-thread workers
-(``--workers C --devices cpu[threads=1]``), in the same rounds; beside them, the layout the
+all of them), one as ONE wide worker (``--devices cpu[threads=C]``: its threads do not spin), one
+as C single-thread workers (``--workers C --devices cpu[threads=1]``), and a third as the wide worker
+with spinning threads (``spinning=true``, what a wide worker was before), in the same rounds; beside them, the layout the
 server's own load-time measurement picks for C cores (:func:`onnxpipe.runtimes.cpu_pool.choose_layout`),
 to see whether it agrees with the load. The default server (``--devices cpu``) sizes its pool itself
 from the cores less one; its startup lines are printed.
@@ -318,12 +319,14 @@ def main() -> None:
                 os.link(repo / f"{name}.onnx", pair / f"{name}.onnx")
             servers["wide"] = start_server(pair, 32, args.delay_ms, f"cpu[threads={pc}]")
             servers["pool"] = start_server(pair, 32, args.delay_ms, "cpu[threads=1]", "--workers", str(pc))
+            servers["spin"] = start_server(pair, 32, args.delay_ms, f"cpu[threads={pc},spinning=true]")
         with console.status("the load-time measurement of each layout"):
             chosen = load_time_choice(pair, pc, 32)
         b_url, b_grpc = servers["batched"][1:]
         u_url = servers["unbatched"][1]
-        w_url, p_url = servers["wide"][1], servers["pool"][1]
+        w_url, p_url, sp_url = servers["wide"][1], servers["pool"][1], servers["spin"][1]
         wide_v, pool_v = f"HTTP binary, batched, 1 worker x {pc} threads", f"HTTP binary, batched, {pc} workers x 1 thread"
+        spin_v = f"{wide_v}, spinning"
         with console.status("checking answers through tritonclient.grpc and .http"):
             errors = check_answers(repo, b_url, b_grpc)
         rng = np.random.default_rng(0)
@@ -338,8 +341,10 @@ def main() -> None:
             ("cnn", f"ORT in-process, {c} threads"): lambda: ort_load(repo / "cnn.onnx", cnn_x, c, s),
             ("cnn", wide_v): lambda: asyncio.run(_http_load(w_url, "cnn", cnn_bin, c, s)),
             ("cnn", pool_v): lambda: asyncio.run(_http_load(p_url, "cnn", cnn_bin, c, s)),
+            ("cnn", spin_v): lambda: asyncio.run(_http_load(sp_url, "cnn", cnn_bin, c, s)),
             ("mlp", wide_v): lambda: asyncio.run(_http_load(w_url, "mlp", mlp_bin, c, s)),
             ("mlp", pool_v): lambda: asyncio.run(_http_load(p_url, "mlp", mlp_bin, c, s)),
+            ("mlp", spin_v): lambda: asyncio.run(_http_load(sp_url, "mlp", mlp_bin, c, s)),
             ("mlp", "HTTP binary, batched"): lambda: asyncio.run(_http_load(b_url, "mlp", mlp_bin, c, s)),
             ("mlp", "HTTP binary, one at a time"): lambda: asyncio.run(_http_load(u_url, "mlp", mlp_bin, c, s)),
             ("mlp", "gRPC raw, batched"): lambda: asyncio.run(_grpc_load(b_grpc, "mlp", mlp_x, c, s)),
@@ -372,6 +377,8 @@ def main() -> None:
         "mlp: gRPC / HTTP binary": (ratio(("mlp", "gRPC raw, batched"), ("mlp", "HTTP binary, batched")), None),
         f"cnn: {pc} workers x 1 thread / 1 worker x {pc} threads": (ratio(("cnn", pool_v), ("cnn", wide_v)), None),
         f"mlp: {pc} workers x 1 thread / 1 worker x {pc} threads": (ratio(("mlp", pool_v), ("mlp", wide_v)), None),
+        f"cnn: 1 worker x {pc} threads, spinning / not": (ratio(("cnn", spin_v), ("cnn", wide_v)), None),
+        f"mlp: 1 worker x {pc} threads, spinning / not": (ratio(("mlp", spin_v), ("mlp", wide_v)), None),
     }
     cpu_name = f"{info.model} ({info.cores} cores, {info.simd})"
     if args.json:
