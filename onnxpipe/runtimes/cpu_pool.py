@@ -130,7 +130,7 @@ def choose_layout(model: str | os.PathLike, feeds: Mapping[str, np.ndarray] | Ca
         w = workers or 1
         t = threads or max(1, budget // w)
         if w * t > cores:
-            raise InputError(f"{w} CPU workers x {t} threads is {w * t} threads on {cores} cores",
+            raise InputError(f"{w} CPU workers x {t} thread{'s' if t > 1 else ''} is {w * t} threads on {cores} cores",
                              hint=f"keep workers x threads <= {cores} (e.g. --workers {max(1, cores // t)})")
         forced = ([f"--workers {workers}"] if workers is not None else []) + ([f"threads={threads}"] if threads else [])
         return CpuLayout(w, t, "user", ", ".join(forced))
