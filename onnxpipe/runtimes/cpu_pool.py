@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -190,50 +189,37 @@ def measure_layouts(model: str, feeds: Mapping[str, np.ndarray], layouts: list[t
     """Samples/s of ``feeds`` on each ``(workers, threads)`` layout: the median of interleaved rounds.
 
     Each worker is an ONNX Runtime session of ``threads`` intra-op threads (the options the serving
-    workers get) run by its own Python thread, all at once, for an equal share of ``budget_s``.
-    None when one warm-up run takes over a tenth of the budget (the caller falls back to its rule).
+    workers get); one timed call runs every worker's session once, all at once, from a thread each
+    (ORT releases the GIL), so ``workers x batch`` samples per call. The rounds alternate through
+    :func:`onnxpipe.core.timing.interleaved_ms`, the one alternating-rounds loop. None when one
+    warm-up run takes over a tenth of the budget (the caller falls back to its rule).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from onnxpipe.core.timing import interleaved_ms
     from onnxpipe.runtimes.providers import Device
 
     ort = __import__("onnxruntime")
     batch = max((len(v) for v in feeds.values() if getattr(v, "ndim", 0)), default=1)
-    sessions: dict[tuple[int, int], list[Any]] = {}
+    feed = dict(feeds)
+    sessions: list[list[Any]] = []
     for w, t in layouts:
         opts = Device.parse("cpu", **worker_options({}, t)).session_options()
         opts.log_severity_level = 4
-        sessions[(w, t)] = [ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]) for _ in range(w)]
-    for group in sessions.values():  # warm-up, and the cost of one run
+        sessions.append([ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"]) for _ in range(w)])
+    for group in sessions:  # the cost of one run decides whether measuring fits the budget
         start = time.perf_counter()
-        group[0].run(None, dict(feeds))
+        group[0].run(None, feed)
         if time.perf_counter() - start > budget_s / 10:
             return None
-        for s in group[1:]:
-            s.run(None, dict(feeds))
-    per_turn = budget_s / max(1, rounds * len(layouts))
-    out: dict[tuple[int, int], list[float]] = {k: [] for k in sessions}
-    for r in range(rounds):
-        for key in (layouts if r % 2 == 0 else layouts[::-1]):
-            out[key].append(_rate(sessions[key], feeds, per_turn) * batch)
-    return {k: statistics.median(v) for k, v in out.items()}
+    with ThreadPoolExecutor(max(w for w, _ in layouts)) as runner:
+        def call(group: list[Any]) -> Callable[[], None]:
+            def run_all() -> None:
+                for f in [runner.submit(s.run, None, feed) for s in group]:
+                    f.result()
+            return run_all
 
-
-def _rate(group: list[Any], feeds: Mapping[str, np.ndarray], seconds: float) -> float:
-    """Runs per second of the sessions in ``group`` running at once for ``seconds``."""
-    counts = [0] * len(group)
-    deadline = time.perf_counter() + seconds
-    feed = dict(feeds)
-
-    def work(k: int) -> None:
-        while True:
-            group[k].run(None, feed)
-            counts[k] += 1
-            if time.perf_counter() >= deadline:
-                return
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(group))]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return sum(counts) / (time.perf_counter() - start)
+        per_call = budget_s / max(1, rounds * len(layouts))
+        ms = interleaved_ms([call(g) for g in sessions], rounds=rounds, budget_s=per_call, min_runs=2,
+                            deadline=time.perf_counter() + budget_s)
+    return {lay: len(g) * batch * 1e3 / max(statistics.median(m), 1e-9) for lay, g, m in zip(layouts, sessions, ms)}
