@@ -156,37 +156,48 @@ def test_split_cli_size_options(external_chain, tmp_path):
     assert r.returncode == 2 and "give one of them" in r.stderr
 
 
-def toy_decoder(layers: int = 3, d: int = 8) -> onnx.ModelProto:
-    """A decoder-shaped graph: per layer a KV cache (past_key_values.{i} -> present.{i}) and an MLP."""
+def toy_decoder(layers: int = 3, d: int = 8, vocab: int = 16) -> onnx.ModelProto:
+    """A decoder-shaped graph: token ids, an embedding, per layer a KV cache (past_key_values.{i} ->
+    present.{i}, [batch, 1 head, positions, d]) and an MLP, then logits."""
     rng = np.random.default_rng(0)
     nodes, inits = [], []
-    inputs = [oh.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["B", "S", d])]
+    inputs = [oh.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["B", "S"]),
+              oh.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["B", "T"])]
     outputs = []
 
     def w(name: str, shape: tuple[int, ...]) -> str:
         inits.append(onnx.numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name))
         return name
 
+    nodes += [oh.make_node("Gather", [w("embed", (vocab, d)), "input_ids"], ["h"]),
+              oh.make_node("Cast", ["attention_mask"], ["maskf"], to=onnx.TensorProto.FLOAT),
+              oh.make_node("ReduceMean", ["maskf"], ["mscale"], keepdims=0)]
     h = "h"
     for i in range(layers):
+        nodes.append(oh.make_node("Unsqueeze", [h, "one"], [f"h4_{i}"]))
         for kind in ("key", "value"):
-            inputs.append(oh.make_tensor_value_info(f"past_key_values.{i}.{kind}", onnx.TensorProto.FLOAT, ["B", "T", d]))
-            outputs.append(oh.make_tensor_value_info(f"present.{i}.{kind}", onnx.TensorProto.FLOAT, ["B", "U", d]))
-            nodes += [oh.make_node("MatMul", [h, w(f"W{kind[0]}{i}", (d, d))], [f"{kind}{i}"]),
-                      oh.make_node("Concat", [f"past_key_values.{i}.{kind}", f"{kind}{i}"], [f"present.{i}.{kind}"], axis=1)]
+            inputs.append(oh.make_tensor_value_info(f"past_key_values.{i}.{kind}", onnx.TensorProto.FLOAT,
+                                                    ["B", 1, "P", d]))
+            outputs.append(oh.make_tensor_value_info(f"present.{i}.{kind}", onnx.TensorProto.FLOAT, ["B", 1, "U", d]))
+            nodes += [oh.make_node("MatMul", [f"h4_{i}", w(f"W{kind[0]}{i}", (d, d))], [f"{kind}{i}"]),
+                      oh.make_node("Concat", [f"past_key_values.{i}.{kind}", f"{kind}{i}"], [f"present.{i}.{kind}"],
+                                   axis=2)]
         nodes += [
-            oh.make_node("ReduceMean", [f"present.{i}.key"], [f"km{i}"], axes=[1], keepdims=1),
-            oh.make_node("ReduceMean", [f"present.{i}.value"], [f"vm{i}"], axes=[1], keepdims=1),
+            oh.make_node("ReduceMean", [f"present.{i}.key"], [f"km{i}"], axes=[1, 2], keepdims=0),
+            oh.make_node("ReduceMean", [f"present.{i}.value"], [f"vm{i}"], axes=[1, 2], keepdims=0),
             oh.make_node("Mul", [f"km{i}", f"vm{i}"], [f"kv{i}"]),
-            oh.make_node("Add", [h, f"kv{i}"], [f"a{i}"]),
+            oh.make_node("Unsqueeze", [f"kv{i}", "one"], [f"kvu{i}"]),
+            oh.make_node("Mul", [f"kvu{i}", "mscale"], [f"kvm{i}"]),
+            oh.make_node("Add", [h, f"kvm{i}"], [f"a{i}"]),
             oh.make_node("MatMul", [f"a{i}", w(f"W1_{i}", (d, 4 * d))], [f"u{i}"]),
             oh.make_node("Relu", [f"u{i}"], [f"r{i}"]),
             oh.make_node("MatMul", [f"r{i}", w(f"W2_{i}", (4 * d, d))], [f"m{i}"]),
             oh.make_node("Add", [f"a{i}", f"m{i}"], [f"h{i}"]),
         ]
         h = f"h{i}"
-    nodes.append(oh.make_node("MatMul", [h, w("lm_head", (d, 16))], ["logits"]))
-    outputs.insert(0, oh.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["B", "S", 16]))
+    inits.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "one"))
+    nodes.append(oh.make_node("MatMul", [h, w("lm_head", (d, vocab))], ["logits"]))
+    outputs.insert(0, oh.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["B", "S", vocab]))
     graph = oh.make_graph(nodes, "toy_decoder", inputs, outputs, inits)
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
 
@@ -209,7 +220,7 @@ def test_decoders_split_between_layers_and_each_stage_keeps_its_cache(tmp_path):
         assert {t for t in part.outputs if t.startswith("present")} == {f"present.{k}.key", f"present.{k}.value"}
     with pytest.raises(InputError, match="too few for 5 parts"):
         split_model(model, tmp_path / "dec5", parts=5, at_layers=True)
-    with pytest.raises(InputError, match="no decoder layers"):
+    with pytest.raises(InputError, match="not a KV-cache decoder|no decoder layers"):
         split_model(chain_model(), tmp_path / "x", parts=2, at_layers=True)
 
 

@@ -67,35 +67,21 @@ def layer_boundaries(profile: GraphProfile) -> list[int]:
 
 def decoder_feeds(model: onnx.ModelProto, *, batch: int = 1, past: int = 3, seq: int = 2,
                   seed: int = 0) -> dict[str, np.ndarray]:
-    """Consistent inputs for one cached decoder step: ``past`` cached positions and ``seq`` new tokens.
+    """Consistent inputs for one cached decoder step (``past`` cached positions, ``seq`` new tokens).
 
     Random generated inputs do not fit a decoder: its mask must span the cached and the new
-    positions and its positions continue the cache. Token ids stay inside the embedding table
-    (the logits' last dim where it is static).
-    """
-    from onnxpipe.core.tensors import example_inputs, graph_inputs
+    positions and its positions continue the cache (:func:`onnxpipe.core.tensors.decoder_feeds`).
 
-    rng = np.random.default_rng(seed)
-    infos = {i.name: i for i in graph_inputs(model)}
-    vocab = 2
-    for out in model.graph.output:
-        dims = out.type.tensor_type.shape.dim
-        if out.name == "logits" and dims and dims[-1].HasField("dim_value"):
-            vocab = dims[-1].dim_value
-    feeds: dict[str, np.ndarray] = {}
-    for name, info in infos.items():
-        if name == "input_ids":
-            feeds[name] = rng.integers(0, vocab, (batch, seq)).astype(info.dtype)
-        elif name == "attention_mask":
-            feeds[name] = np.ones((batch, past + seq), dtype=info.dtype)
-        elif name == "position_ids":
-            feeds[name] = np.broadcast_to(np.arange(past, past + seq), (batch, seq)).astype(info.dtype)
-        elif PAST.match(name):
-            feeds[name] = rng.standard_normal(past_shape(name, info.shape, batch, past)).astype(info.dtype)
-    rest = [n for n in infos if n not in feeds]
-    if rest:
-        generated = example_inputs(model, batch=batch, seed=seed)
-        feeds.update({n: generated[n] for n in rest})
+    Raises:
+        InputError: the model is not a KV-cache decoder (``input_ids`` and 4-D ``past_key_values``).
+    """
+    from onnxpipe.core.tensors import decoder_feeds as feeds_for
+
+    feeds = feeds_for(model, batch, past, seq, np.random.default_rng(seed))
+    if feeds is None:
+        raise InputError("the model is not a KV-cache decoder (input_ids and past_key_values.{i}.key|value "
+                         "[batch, heads, positions, head size] inputs)",
+                         hint="split a decoder written by onnxpipe convert --task text-generation")
     return feeds
 
 
