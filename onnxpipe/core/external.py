@@ -147,13 +147,6 @@ def tensor_array(t: onnx.TensorProto, base_dir: str | os.PathLike | None = None)
     return mm.reshape(tuple(t.dims))
 
 
-def strip_basepath(model: onnx.ModelProto) -> None:
-    """Remove the in-memory ``basepath`` entries (ONNX Runtime rejects unknown keys)."""
-    for t in initializers(model):
-        if is_external(t) and any(e.key == BASEPATH for e in t.external_data):
-            _set_info(t, {k: v for k, v in _info(t).items() if k != BASEPATH})
-
-
 def write_streaming(model: onnx.ModelProto, dest: str | os.PathLike, *, data_name: str | None = None,
                     inline_below: int = INLINE_BELOW) -> Path:
     """Write ``model`` to ``dest`` with its weights in ``<dest>.data``, one tensor at a time.

@@ -102,13 +102,12 @@ def side_by_side_ms(before: onnx.ModelProto, after: onnx.ModelProto, feeds: Mapp
     import statistics
 
     from onnxpipe.core.session import Session
-    from onnxpipe.core.timing import interleaved
+    from onnxpipe.core.timing import interleaved, ratio_noise
 
     with Session(before, threads=1) as s0, Session(after, threads=1) as s1:
         ms = interleaved({"before": s0, "after": s1}, feeds, rounds=rounds, budget_s=budget_s * rounds * 2)
-    times = {0: ms["before"], 1: ms["after"]}
-    ratio = statistics.median(a / b for a, b in zip(times[1], times[0]))
-    return statistics.median(times[0]), statistics.median(times[1]), ratio
+    ratio, _ = ratio_noise(ms["before"], ms["after"])
+    return statistics.median(ms["before"]), statistics.median(ms["after"]), ratio
 
 
 class Prune(Pass):
