@@ -63,3 +63,16 @@ def decoder(family: str, path: Path, *, layers: int = 2, hidden: int = 64, vocab
     if with_tokenizer:
         tokenizer(path, vocab)
     return path
+
+
+def converted(family: str, tmp: Path, *, layers: int = 2, dest: Path | None = None) -> tuple[Path, Path]:
+    """``(save_pretrained folder, converted text-generation folder)`` of a random ``family`` decoder.
+
+    The converter's own check is skipped: the tests that use this compare with transformers themselves.
+    """
+    from onnxpipe.converter.huggingface import convert_folder
+
+    src = decoder(family, tmp / "hf", layers=layers)
+    out = dest or tmp / "onnx"
+    convert_folder(src, out, check=False)
+    return src, out

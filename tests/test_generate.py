@@ -16,11 +16,8 @@ PROMPT = [5, 17, 33, 44, 91, 100, 7, 8, 120, 3]
 def _converted(family: str, tmp):
     from transformers import AutoModelForCausalLM
 
-    from onnxpipe.converter.huggingface import convert_folder
-
-    src = hf_tiny.decoder(family, tmp / "hf", layers=3)
-    convert_folder(src, tmp / "onnx", check=False)
-    return AutoModelForCausalLM.from_pretrained(str(src)).eval(), tmp / "onnx"
+    src, folder = hf_tiny.converted(family, tmp, layers=3)
+    return AutoModelForCausalLM.from_pretrained(str(src)).eval(), folder
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "phi", "gpt2", "phi3", "mistral"])

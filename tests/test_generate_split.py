@@ -16,14 +16,11 @@ PROMPT = [5, 17, 33, 44, 91, 100, 7, 8, 120, 3]
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     """(whole decoder folder, the same split in two between layers) of a 4-layer random Llama."""
-    from onnxpipe.converter.huggingface import convert_folder
-
     tmp = tmp_path_factory.mktemp("split_llama")
-    src = hf_tiny.decoder("llama", tmp / "hf", layers=4)
-    convert_folder(src, tmp / "onnx", check=False)
-    r = run_cli("split", str(tmp / "onnx"), "--parts", "2", "-o", str(tmp / "parts"), "--json")
+    _, whole = hf_tiny.converted("llama", tmp, layers=4)
+    r = run_cli("split", str(whole), "--parts", "2", "-o", str(tmp / "parts"), "--json")
     assert r.returncode == 0, r.stderr
-    return tmp / "onnx", tmp / "parts"
+    return whole, tmp / "parts"
 
 
 def test_split_decoder_keeps_whole_layers_and_their_cache(folders):

@@ -19,12 +19,8 @@ def llama(tmp_path_factory):
     """(transformers model, converted text-generation folder) of a 2-layer random Llama."""
     from transformers import AutoModelForCausalLM
 
-    from onnxpipe.converter.huggingface import convert_folder
-
-    tmp = tmp_path_factory.mktemp("llama")
-    src = hf_tiny.decoder("llama", tmp / "hf", layers=2)
-    convert_folder(src, tmp / "onnx", check=False)
-    return AutoModelForCausalLM.from_pretrained(str(src)).eval(), tmp / "onnx"
+    src, folder = hf_tiny.converted("llama", tmp_path_factory.mktemp("llama"), layers=2)
+    return AutoModelForCausalLM.from_pretrained(str(src)).eval(), folder
 
 
 def test_generated_check_inputs_of_a_decoder_are_consistent_steps(llama):

@@ -18,11 +18,8 @@ PROMPTS = ["The for statement", "A class definition", "Exceptions are raised", "
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    from onnxpipe.converter.huggingface import convert_folder
-
     tmp = tmp_path_factory.mktemp("gen")
-    src = hf_tiny.decoder("llama", tmp / "hf")
-    convert_folder(src, tmp / "repo" / "tiny", check=False)
+    hf_tiny.converted("llama", tmp, dest=tmp / "repo" / "tiny")
     return tmp / "repo"
 
 
