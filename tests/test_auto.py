@@ -11,7 +11,9 @@ import onnx
 from conftest import conv_gemm_model, run_cli
 
 from onnxpipe.passes.base import Pass, PassResult
-from onnxpipe.pipeline.auto import auto, pareto, singles
+from onnxpipe.pipeline.auto import auto
+from onnxpipe.pipeline.auto_candidates import singles
+from onnxpipe.pipeline.auto_report import pareto
 
 
 def _onnx(tmp_path):
@@ -47,7 +49,7 @@ def test_singles_follow_the_device_and_the_registry(monkeypatch):
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])], [w]))
     labels = [label for label, _, _ in singles(mm, "cpu", has_data=False)]
     assert labels[:2] == ["fuse", "int8 dynamic"]
-    from onnxpipe.pipeline.auto import _quantize_accepts
+    from onnxpipe.pipeline.auto_candidates import _quantize_accepts
 
     assert ("int4" in labels) == _quantize_accepts({"mode": "int4"})
 

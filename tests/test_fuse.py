@@ -16,7 +16,8 @@ from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.errors import InputError
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import PassContext
-from onnxpipe.passes.fuse import Fuse, detect, expand_ort_only_ops, fused_counts, gemm_to_matmul, timing_feeds
+from onnxpipe.passes.fuse import Fuse, timing_feeds
+from onnxpipe.passes.fuse_graph import detect, expand_ort_only_ops, fused_counts, gemm_to_matmul
 
 LAYERS, HIDDEN, HEADS = 2, 64, 4
 KINDS = ("bert", "vit", "gpt2", "llama")

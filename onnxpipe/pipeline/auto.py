@@ -34,6 +34,10 @@ Example:
     >>> result = auto("model.onnx", "out", objective="latency", budget_s=60)  # doctest: +SKIP
     >>> result.winner.name  # doctest: +SKIP
     'simplify + quantize(static qdq minmax)'
+
+The candidates and what to try are in :mod:`onnxpipe.pipeline.auto_candidates`, the metric and the
+timing in :mod:`onnxpipe.pipeline.auto_measure`, the leaderboard, chart and recipe in
+:mod:`onnxpipe.pipeline.auto_report`; this module holds the search loop and :func:`auto`.
 """
 
 from __future__ import annotations
@@ -43,251 +47,28 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
 from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.pipeline.auto_candidates import (
+    FAMILY_ORDER,
+    AutoResult,
+    Candidate,
+    _label,
+    _pass_name,
+    fallbacks,
+    singles,
+)
+from onnxpipe.pipeline.auto_measure import _Metric, _time
+from onnxpipe.pipeline.auto_report import _live_table, _pyplot, _recipe_yaml, chart, leaderboard_md
 from onnxpipe.pipeline.objective import GOALS, Objective, model_bytes, ratio_noise, timing_feeds
 
-FAMILY_ORDER = ("fuse", "prune", "precision", "strip")
-PRUNE_RATIOS = (0.25, 0.5)
-CLEARLY_SLOWER = 1.5  # a candidate this much slower than the baseline after two rounds is not timed further
 TUNE_SHARE = 0.15
 ABANDON_GRACE = 0.05  # of the budget: how long past its end the search waits for a pass still building  # of the budget kept for the tuner's session settings
 MIN_TUNE_S = 3.0
-
-
-@dataclass
-class Candidate:
-    """One pipeline tried: its passes (after the input), what it measured, and its fate."""
-
-    name: str
-    passes: list[Any]
-    family: str = "baseline"
-    parent: str | None = None
-    status: str = "pending"  # pending, measured, failed, skipped
-    kept: bool = False
-    why: str = ""
-    latency_ms: float | None = None
-    throughput: float | None = None
-    size_bytes: int | None = None
-    metric: float | None = None
-    ratio: float | None = None
-    """Median per-round latency ratio against the baseline (below 1: faster)."""
-    noise: float | None = None
-    parent_ratio: float | None = None
-    parent_noise: float | None = None
-    build_s: float = 0.0
-    measure_s: float = 0.0
-    model: onnx.ModelProto | None = field(default=None, repr=False)
-
-    def objective_value(self, goal: str) -> float | None:
-        return {"latency": self.latency_ms, "throughput": self.throughput, "size": self.size_bytes}[goal]
-
-    def as_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in self.__dict__.items() if k != "model"}
-        d["passes"] = [p if isinstance(p, (str, Mapping)) else repr(p) for p in self.passes]
-        d["speedup"] = (1 / self.ratio) if self.ratio else None
-        return d
-
-
-@dataclass
-class AutoResult:
-    """Every candidate, the winner, and where the files went."""
-
-    outdir: Path
-    objective: Objective
-    candidates: list[Candidate]
-    winner: Candidate
-    baseline: Candidate
-    metric_name: str
-    elapsed_s: float
-    budget_s: float
-    machine: dict[str, Any] = field(default_factory=dict)
-    tuned_device: str | None = None
-    conversion_s: float = 0.0
-    prepare_s: float = 0.0
-    """Checks, conversion, reading the data and building the baseline: before the budget's clock starts."""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"objective": self.objective.as_dict(), "metric": self.metric_name, "budget_s": self.budget_s,
-                "elapsed_s": round(self.elapsed_s, 3), "conversion_s": round(self.conversion_s, 3),
-                "prepare_s": round(self.prepare_s, 3), "machine": self.machine, "winner": self.winner.name,
-                "baseline": self.baseline.name, "tuned_device": self.tuned_device,
-                "candidates": [c.as_dict() for c in self.candidates]}
-
-
-# -- what to try ---------------------------------------------------------------------------------
-
-def _has_pass(name: str) -> bool:
-    from onnxpipe.passes import PASSES
-
-    return name in PASSES
-
-
-def _accepts(name: str, cfg: Mapping[str, Any]) -> bool:
-    """Whether pass ``name`` takes these options (so options that land later join without a change here)."""
-    from onnxpipe.passes import get_pass
-
-    try:
-        get_pass(name).parse_config(dict(cfg))
-        return True
-    except InputError:
-        return False
-
-
-def _quantize_accepts(cfg: Mapping[str, Any]) -> bool:
-    return _accepts("quantize", cfg)
-
-
-def _matmul_heavy(model: onnx.ModelProto) -> bool:
-    from onnxpipe.passes.quantize import _conv_share
-
-    ops = {n.op_type for n in model.graph.node}
-    return bool(ops & {"MatMul", "Gemm"}) and _conv_share(model) < 0.5
-
-
-def singles(model: onnx.ModelProto, device: str, *, has_data: bool) -> list[tuple[str, str, Any]]:
-    """``(label, family, pass spec)`` of every variant worth trying alone on this model and device.
-
-    Availability comes from the pass registry and the quantize pass's own options, so passes that
-    land later (``fuse``, ``quantize: {mode: int4}``) join the search without a change here.
-    """
-    from onnxpipe.runtimes.providers import Device
-
-    d = Device.parse(device)
-    gpu = d.is_gpu
-    target = "tensorrt" if d.kind == "tensorrt" else "cuda" if gpu else "cpu"
-    out: list[tuple[str, str, Any]] = []
-    if _has_pass("fuse"):  # the target where the pass times its fusions, when it takes one
-        out.append(("fuse", "fuse", {"fuse": {"target": device}} if _accepts("fuse", {"target": device}) else "fuse"))
-    heavy = _matmul_heavy(model)
-    if not gpu and heavy:  # dynamic int8: no data needed, and what MatMul-heavy models run fastest on CPU
-        out.append(("int8 dynamic", "precision", {"quantize": {"mode": "dynamic"}}))
-    if has_data:  # one variant per format first: formats change speed; calibrators only accuracy (fallbacks)
-        # on CPU, QOperator first: the kernels (QLinearConv, QGemm) ORT's CPU provider runs as they are;
-        # QDQ runs fast only where ORT fuses each group back into them
-        for fmt in ("qoperator", "qdq") if target == "cpu" else ("qdq",):
-            out.append((f"int8 static {fmt} minmax", "precision",
-                        {"quantize": {"mode": "static", "target": target, "format": fmt, "calibration": "minmax"}}))
-    if heavy and _quantize_accepts({"mode": "int4"}):
-        out.append(("int4", "precision", {"quantize": {"mode": "int4"}}))
-    if gpu:
-        out.append(("fp16", "precision", {"fp16": {}}))
-    for r in PRUNE_RATIOS:
-        cfg: dict[str, Any] = {"ratio": r, "round_to": 8}
-        if has_data:
-            cfg["reconstruct"] = True
-        out.append((f"prune {r:g}", "prune", {"prune": cfg}))
-    out.append(("strip", "strip", "strip"))
-    if not gpu and not heavy:  # ConvInteger seldom pays on CPU: last, and stopped early when clearly slower
-        out.append(("int8 dynamic", "precision", {"quantize": {"mode": "dynamic"}}))
-    return out
-
-
-def fallbacks(label: str, spec: Any, device: str, max_drop: float) -> list[tuple[str, Any]]:
-    """Variants of a quantize candidate that was fast enough but over the metric budget.
-
-    Another calibrator (percentile on CPU, entropy on GPUs) for static models, then the pass's own
-    ``max_drop`` search, which keeps the most sensitive nodes in float until the budget holds.
-
-    Example:
-        >>> [lbl for lbl, _ in fallbacks("int8 dynamic", {"quantize": {"mode": "dynamic"}}, "cpu", 0.01)]
-        ['int8 dynamic max_drop']
-    """
-    from onnxpipe.runtimes.providers import Device
-
-    if not (isinstance(spec, Mapping) and "quantize" in spec):
-        return []
-    cfg = dict(spec["quantize"])
-    out = []
-    if cfg.get("mode") == "static" and cfg.get("calibration", "minmax") == "minmax":
-        cal = "entropy" if Device.parse(device).is_gpu else "percentile"
-        out.append((label.replace("minmax", cal), {"quantize": {**cfg, "calibration": cal}}))
-    out.append((f"{label} max_drop", {"quantize": {**cfg, "max_drop": max_drop}}))
-    return out
-
-
-def _pass_name(spec: Any) -> str:
-    if isinstance(spec, str):
-        return spec
-    return next(iter(spec)) if isinstance(spec, Mapping) else getattr(spec, "name", type(spec).__name__)
-
-
-def _label(passes: Sequence[str]) -> str:
-    return " + ".join(passes)
-
-
-# -- measuring -----------------------------------------------------------------------------------
-
-class _Metric:
-    """The task metric on evaluation data, or mean cosine agreement with the float model's outputs."""
-
-    def __init__(self, reference: onnx.ModelProto, inputs: list[dict[str, np.ndarray]],
-                 evaluation: tuple[dict[str, np.ndarray], np.ndarray] | None, metric: Any) -> None:
-        from onnxpipe.core.metrics import resolve
-
-        self.evaluation = evaluation
-        if evaluation is not None:
-            self.fn = resolve(metric or "top1")
-            self.name = metric if isinstance(metric, str) else getattr(self.fn, "__name__", "metric")
-            return
-        from onnxpipe.core.compare import outputs_on
-
-        self.name = "cosine vs float"
-        self.inputs = inputs
-        self.reference = outputs_on(reference, inputs)
-
-    def __call__(self, model: onnx.ModelProto) -> float:
-        if self.evaluation is not None:
-            from onnxpipe.core.metrics import evaluate
-
-            return evaluate(model, self.evaluation[0], self.evaluation[1], self.fn)
-        from onnxpipe.core.compare import outputs_on, sample_cosines
-        from onnxpipe.pipeline import fit_inputs
-
-        got = outputs_on(model, fit_inputs(model, self.inputs))
-        scores = []
-        for ref, out in zip(self.reference, got):
-            for name, r in ref.items():
-                if name in out and np.issubdtype(r.dtype, np.floating):
-                    a = np.asarray(out[name], dtype=np.float64)
-                    if a.shape != r.shape:
-                        a = a[: len(r)]
-                    scores.append(sample_cosines(r.astype(np.float64), a))
-        return float(np.mean(np.concatenate(scores))) if scores else 1.0
-
-
-def _time(models: Sequence[onnx.ModelProto], feeds: Mapping[str, np.ndarray], objective: Objective,
-          deadline: float | None) -> list[list[float]]:
-    """Per-round medians (ms) of every model, timed in interleaved rounds on the objective's device."""
-    import contextlib
-
-    from onnxpipe.core.timing import interleaved_ms
-    from onnxpipe.pipeline import fit_inputs
-    from onnxpipe.runtimes.device_session import DeviceSession
-
-    with contextlib.ExitStack() as stack:
-        runs, slowest = [], 0.0
-        for m in models:
-            s = stack.enter_context(DeviceSession(m, objective.device))
-            f = s.check_feeds(fit_inputs(m, [feeds])[0])
-            runs.append(lambda s=s, f=f: s.run(f))
-            t0 = time.perf_counter()
-            runs[-1]()  # a probe: slow models get fewer runs per round, not a blown budget
-            slowest = max(slowest, time.perf_counter() - t0)
-        repeat = 3 if slowest < objective.round_s / 3 else 1
-        return interleaved_ms(runs, rounds=objective.rounds, budget_s=objective.round_s, deadline=deadline,
-                              min_runs=repeat, stop=_clearly_slower)
-
-
-def _clearly_slower(rounds: list[list[float]]) -> bool:
-    """After two rounds, the last model (the candidate) at 1.5x the first (the baseline) or worse: stop timing."""
-    return len(rounds[0]) >= 2 and ratio_noise(rounds[0], rounds[-1])[0] > CLEARLY_SLOWER
 
 
 # -- the search ----------------------------------------------------------------------------------
@@ -535,137 +316,6 @@ class _Search:
         pool = [c for c in pool if c.status == "measured" and self.within_budget(c)]
         return min(pool, key=self._key) if pool else None
 
-
-# -- outputs -------------------------------------------------------------------------------------
-
-def pareto(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point beats on both (lower x, higher y), by ascending x.
-
-    Example:
-        >>> pareto([(1.0, 0.9), (2.0, 0.95), (3.0, 0.94), (0.5, 0.5)])
-        [3, 0, 1]
-    """
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -float("inf")
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
-
-
-def leaderboard_md(result: AutoResult) -> str:
-    o = result.objective
-    lines = [f"# onnxpipe auto: {o.describe()}", "",
-             f"Machine: {result.machine.get('cpu', '?')}. Budget {result.budget_s:g} s, used {result.elapsed_s:.1f} s "
-             f"(after {result.prepare_s:.1f} s of conversion and baseline, not counted). "
-             f"Metric: {result.metric_name} (max drop {o.max_drop:g}). Latency: median ms of one run at batch "
-             f"{o.batch_size}, each candidate timed in {o.rounds} interleaved rounds with the baseline "
-             f"({result.baseline.name}); speedup = 1 / median per-round ratio (± its noise).",
-             f"Winner: **{result.winner.name}**" + (f", session {result.tuned_device}" if result.tuned_device else ""), "",
-             "| # | candidate | latency | speedup | throughput | size | metric | kept / why not |",
-             "|---|---|---|---|---|---|---|---|"]
-    from onnxpipe.core.units import human_bytes
-
-    for i, c in enumerate(result.candidates):
-        lat = f"{c.latency_ms:.3f} ms" if c.latency_ms is not None else "-"
-        sp = f"{1 / c.ratio:.2f}x ±{c.noise:.2f}" if c.ratio else "-"
-        tp = f"{c.throughput:,.0f}/s" if c.throughput else "-"
-        size = human_bytes(c.size_bytes) if c.size_bytes else "-"
-        met = f"{c.metric:.4f}" if c.metric is not None else "-"
-        fate = ("**winner**: " if c is result.winner else "yes: " if c.kept else f"{c.status}: " if c.status !=
-                "measured" else "no: ") + c.why
-        lines.append(f"| {i} | {c.name} | {lat} | {sp} | {tp} | {size} | {met} | {fate.replace('|', '/')} |")
-    return "\n".join(lines) + "\n"
-
-
-def _pyplot(warm: bool = False) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if warm:  # the first figure loads the fonts: seconds on a loaded machine
-        import io
-
-        fig, ax = plt.subplots(figsize=(1, 1))
-        ax.set_title("warm-up")
-        fig.savefig(io.BytesIO(), format="png")
-        plt.close(fig)
-    return plt
-
-
-def chart(result: AutoResult, path: str | os.PathLike) -> Path:
-    """Metric against latency for every measured candidate, the Pareto front marked (PNG, atomic)."""
-    plt = _pyplot()
-
-    from onnxpipe.core.files import save_figure
-
-    pts = [c for c in result.candidates if c.status == "measured" and c.latency_ms is not None and c.metric is not None]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    xs, ys = [c.latency_ms for c in pts], [c.metric for c in pts]
-    ax.scatter(xs, ys, c=["#C44E52" if c is result.winner else "#4C72B0" for c in pts], s=28, zorder=3)
-    front = pareto(list(zip(xs, ys)))
-    if front:
-        ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", color="#55A868", lw=1.5,
-                label="Pareto front", zorder=2)
-        ax.scatter([xs[i] for i in front], [ys[i] for i in front], facecolors="none", edgecolors="#55A868", s=90,
-                   zorder=4)
-    for c, x, y in zip(pts, xs, ys):
-        ax.annotate(c.name.replace("simplify + ", ""), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
-    floor = result.baseline.metric
-    if floor is not None:
-        ax.axhline(floor - result.objective.max_drop, color="grey", ls=":", lw=1, label="metric budget")
-    ax.set_xlabel(f"latency (ms, median, batch {result.objective.batch_size}, {result.objective.device})")
-    ax.set_ylabel(result.metric_name)
-    ax.set_title(f"onnxpipe auto ({result.objective.goal}): winner {result.winner.name}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-def _live_table(candidates: list[Candidate], title: str) -> Any:
-    from rich.table import Table
-
-    from onnxpipe.core.units import human_bytes
-
-    t = Table(title=title)
-    for col in ("candidate", "latency", "speedup", "size", "metric", "status"):
-        t.add_column(col, justify="left" if col in ("candidate", "status") else "right", overflow="fold")
-    for c in candidates:
-        t.add_row(c.name, f"{c.latency_ms:.3f} ms" if c.latency_ms is not None else "-",
-                  f"{1 / c.ratio:.2f}x" if c.ratio else "-", human_bytes(c.size_bytes) if c.size_bytes else "-",
-                  f"{c.metric:.4f}" if c.metric is not None else "-",
-                  ("[green]kept[/] " if c.kept else "") + (c.why if c.status != "pending" else "measuring"))
-    return t
-
-
-def _recipe_yaml(result: AutoResult, source: str, data: str | None, evaluation: str | None, metric: str | None,
-                 batch_size: int) -> str:
-    import yaml
-
-    o = result.objective
-    passes = [{**({p: {}} if isinstance(p, str) else p), "keep": True} for p in result.winner.passes]
-    doc: dict[str, Any] = {"model": {"source": source}}
-    if data or evaluation:
-        doc["data"] = {k: v for k, v in (("calibration", data), ("evaluation", evaluation)) if v}
-        doc["data"]["batch_size"] = batch_size
-    doc["target"] = {"device": o.device, "batch_size": o.batch_size}
-    doc["objective"] = {"goal": o.goal, **({"max_drop": o.max_drop} if evaluation else {})}
-    doc["passes"] = passes
-    if result.tuned_device:
-        doc["runtime"] = "tuned.json"
-    doc["validate"] = {"providers": [o.device], **({"metric": metric} if evaluation and metric else {})}
-    w, b = result.winner, result.baseline
-    head = [f"# Written by `onnxpipe auto`: the winner of {len(result.candidates)} candidates "
-            f"({result.objective.describe()}, {result.machine.get('cpu', '')}).",
-            f"# {w.name}: " + (f"{1 / w.ratio:.2f}x the speed of {b.name}" if w.ratio else "")
-            + (f", {w.size_bytes / b.size_bytes:.2f}x its size" if w.size_bytes and b.size_bytes else "")
-            + (f", {result.metric_name} {w.metric:.4f} (float {b.metric:.4f})" if w.metric is not None and
-               b.metric is not None else "") + ".",
-            "# Every pass is `keep: true`: auto already measured them side by side; `onnxpipe run` reproduces",
-            "# the model and reports the objective per stage again."]
-    return "\n".join(head) + "\n" + yaml.safe_dump(doc, sort_keys=False)
 
 
 def auto(model: str | os.PathLike, outdir: str | os.PathLike, *, device: str = "cpu", batch_size: int = 1,
