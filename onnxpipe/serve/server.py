@@ -24,44 +24,33 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiohttp import web
 
-from onnxpipe._version import __version__
 from onnxpipe.core.errors import InputError, OnnxpipeError
 from onnxpipe.core.hardware import cpu
 from onnxpipe.runtimes.cpu_pool import CpuLayout, choose_layout, cpu_share, probe_feeds
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.serve.batcher import Batcher, Unavailable
+from onnxpipe.serve.control import MODEL_CONTROL, ModelControl, _Model
+from onnxpipe.serve.http_io import _HTTP_LOG
 from onnxpipe.serve.limits import RequestLimits
 from onnxpipe.serve.metrics import Metrics
-from onnxpipe.serve.protocol import (
-    HEADER,
-    InferRequest,
-    ProtocolError,
-    check_inputs,
-    datatype_of,
-    decode_request,
-    encode_response,
-    error_body,
-    wire_shape,
-)
-from onnxpipe.serve.repository import ModelEntry, scan
-from onnxpipe.serve.security import OPEN_PATHS, authorized, check_bind
+from onnxpipe.serve.protocol import InferRequest, ProtocolError, check_inputs
+from onnxpipe.serve.repository import ModelEntry
+from onnxpipe.serve.routes import HttpRoutes
+from onnxpipe.serve.security import check_bind
 from onnxpipe.serve.staged import StagedPool, pool_for
 from onnxpipe.serve.triton import model_config
 from onnxpipe.serve.workers import DevicePool
 
 log = logging.getLogger("onnxpipe.serve")
-
-OFFLOAD_BYTES = 256 << 10  # bodies bigger than this are decoded and encoded off the event loop
 
 
 @dataclass(frozen=True)
@@ -99,86 +88,7 @@ class ServeOptions:
         return RequestLimits(self.max_body_bytes, self.header_timeout_s, self.body_timeout_s, self.request_timeout_s)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytearray:
-    """The body in one buffer of its declared length (``request.read()`` joins chunks: twice the memory)."""
-    # a compressed body is read decompressed: its length is unknown until the end (and bounded by the limit)
-    size = request.content_length if not request.headers.get("Content-Encoding") else None
-    buf = bytearray(size) if size is not None else bytearray()
-    pos = 0
-    async for chunk in request.content.iter_any():
-        end = pos + len(chunk)
-        if end > limit:
-            raise ProtocolError(413, f"the request body is over the limit of {limit} bytes")
-        if size is not None and end > size:
-            raise ProtocolError(400, f"the request body is longer than its Content-Length ({size} bytes)")
-        buf[pos:end] = chunk
-        pos = end
-    if size is not None and pos != size:
-        raise ProtocolError(400, f"the request body has {pos} bytes, not its Content-Length of {size}")
-    return buf
-
-
-def _bad_body(exc: BaseException) -> bool:
-    """A body aiohttp could not read: a false Content-Encoding, a broken chunked encoding."""
-    from aiohttp import http_exceptions
-    from aiohttp.web_protocol import RequestPayloadError
-
-    return isinstance(exc, (http_exceptions.HttpProcessingError, RequestPayloadError))
-
-
-class _ClientMistakes(logging.Filter):
-    """aiohttp logs a request its parser refuses (a false Content-Encoding, a bad chunk) with a traceback
-    at ERROR, though the client got its 400: keep one line at INFO instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and (_bad_body(exc) or _client_gone(exc)):
-            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            record.args, record.exc_info, record.exc_text = (), None, None
-            record.levelno, record.levelname = logging.INFO, "INFO"
-        return True
-
-
-_HTTP_LOG = logging.getLogger("onnxpipe.serve.http")
-_HTTP_LOG.addFilter(_ClientMistakes())
-
-
-MODEL_CONTROL = ("none", "explicit", "poll")
-DRAIN_SECONDS = 60.0  # longest wait for a retired model's queued requests before it stops
-
-
-class _Model:
-    def __init__(self, entry: ModelEntry, pool: DevicePool | StagedPool, batcher: Batcher,
-                 layout: CpuLayout | None = None) -> None:
-        self.entry, self.pool, self.batcher, self.layout = entry, pool, batcher, layout
-        self.stamp = _stamp(entry.path)
-
-
-def _stamp(path: Path) -> tuple:
-    """What tells a changed model file (or split model folder) in poll mode: sizes and mtimes."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    out = []
-    for f in files:
-        try:
-            st = f.stat()
-        except OSError:
-            continue
-        out.append((str(f), st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
-def _json(doc: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(body=json.dumps(doc).encode(), status=status, content_type="application/json", headers=headers)
-
-
-def _client_gone(exc: BaseException) -> bool:
-    """A connection the client closed or reset: nothing to answer, nothing to log as an error."""
-    from aiohttp import ClientConnectionResetError
-
-    return isinstance(exc, (ConnectionResetError, BrokenPipeError, ClientConnectionResetError))
-
-
-class InferenceServer:
+class InferenceServer(ModelControl, HttpRoutes):
     """Serve ``entries`` on ``devices`` (every model gets a worker per device).
 
     Args:
@@ -321,14 +231,6 @@ class InferenceServer:
         return choose_layout(entry.path, lambda: probe_feeds(entry.path, batch), budget=cpu_share(1, cores=cores, reserve=1),
                              workers=o.cpu_workers, threads=self.devices[0].options.threads, cores=cores)
 
-    async def _retire(self, m: _Model) -> None:
-        """Stop a model nobody can reach any more, once the requests it holds are answered."""
-        deadline = time.monotonic() + DRAIN_SECONDS
-        while m.batcher.pending() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        await m.batcher.stop()
-        m.pool.close()
-
     async def stop(self) -> None:
         """Refuse new requests (503), answer what is queued or running with 503, stop listening and every
         worker: within ``shutdown_grace_s`` plus a second, whatever the workers are doing."""
@@ -349,130 +251,7 @@ class InferenceServer:
             m.pool.close(self.options.shutdown_grace_s)
         self.models.clear()
 
-    # model control -------------------------------------------------------------------------
-    def _check_control(self, action: str) -> None:
-        if self.options.model_control == "none":
-            raise ProtocolError(400, f"cannot {action} models: the server runs with --model-control none "
-                                     "(start it with --model-control explicit or poll)")
-        if self.source is None or not self.source.exists():
-            raise ProtocolError(400, f"cannot {action} models: the server has no model repository to read")
-
-    async def _scan(self) -> dict[str, tuple[str, Path]]:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(None, scan, self.source)
-        except OnnxpipeError as exc:  # two models with one name: the repository needs fixing
-            raise ProtocolError(400, f"the model repository cannot be read: {exc.message}") from None
-
-    async def load_model(self, name: str) -> None:
-        """Load (or reload) model ``name`` from the repository; the old copy serves until the new one is ready.
-
-        Raises:
-            ProtocolError: model control is off (400), no such model in the repository (404), it fails to load (400).
-        """
-        self._check_control("load")
-        async with self._control:
-            found = await self._scan()
-            if name not in found:
-                raise ProtocolError(404, f"no model {name!r} in the repository: it has {', '.join(found) or 'none'}")
-            await self._load(name, *found[name])
-
-    async def _load(self, name: str, version: str, path: Path) -> None:
-        loop = asyncio.get_running_loop()
-        self._states[name] = ("LOADING", "")
-        try:
-            entry = await loop.run_in_executor(None, ModelEntry.open, path, name, version)
-            (new,) = await self._open([entry])
-        except OnnxpipeError as exc:
-            self._states[name] = ("UNAVAILABLE", exc.message)
-            self._failed[name] = _stamp(path)
-            raise ProtocolError(400, f"model {name!r} failed to load: {exc.message}") from None
-        except BaseException:
-            self._states.pop(name, None)
-            raise
-        if self._runner is None:  # the server stopped while this model loaded: nobody will serve it
-            await self._retire(new)
-            self._states.pop(name, None)
-            raise ProtocolError(503, "the server is shutting down")
-        old = self.models.get(name)
-        self.models[name] = new  # new requests go to the new copy from here on
-        self._states.pop(name, None)
-        self._failed.pop(name, None)
-        if old is not None:
-            await self._retire(old)
-
-    async def unload_model(self, name: str) -> None:
-        """Stop serving ``name``: new requests get 404, the queued ones are answered first.
-
-        Raises:
-            ProtocolError: model control is off (400), the model is not loaded (404).
-        """
-        self._check_control("unload")
-        async with self._control:
-            await self._unload(name)
-
-    async def _unload(self, name: str) -> None:
-        m = self.models.pop(name, None)
-        if m is None:
-            raise ProtocolError(404, f"model {name!r} is not loaded")
-        self._states[name] = ("UNLOADING", "")
-        try:
-            await self._retire(m)
-        finally:
-            self._states[name] = ("UNAVAILABLE", "unloaded")
-
-    async def _poll(self) -> None:
-        """Poll mode: load new and changed models, unload removed ones, every ``poll_seconds``."""
-        while True:
-            await asyncio.sleep(self.options.poll_seconds)
-            try:
-                await self.sync_repository()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a broken file in the repository must not stop the polling
-                log.warning("repository poll: %s", exc)
-
-    async def sync_repository(self) -> list[str]:
-        """Bring the served models in line with the repository now; returns what changed (``+name``, ``~name``, ``-name``)."""
-        changes = []
-        async with self._control:
-            found = await self._scan()
-            for name in [n for n in self.models if n not in found]:
-                await self._unload(name)
-                changes.append(f"-{name}")
-            for name, (version, path) in found.items():
-                m = self.models.get(name)
-                if m is not None and m.entry.version == version and m.entry.path == path and m.stamp == _stamp(path):
-                    continue
-                if m is None and self._failed.get(name) == _stamp(path):
-                    continue  # failed to load before and unchanged since: not retried every poll
-                try:
-                    await self._load(name, version, path)
-                    changes.append(f"{'~' if m is not None else '+'}{name}")
-                except ProtocolError as exc:
-                    log.warning("repository poll: %s", exc.message)
-        return changes
-
-    async def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
-        """Every model of the repository (or only those served, without one) with its state."""
-        found = await self._scan() if self.source is not None and self.source.is_dir() else {}
-        rows = []
-        busy = {n for n, (state, _) in self._states.items() if state in ("LOADING", "UNLOADING")}
-        for name in sorted(set(found) | set(self.models) | busy):
-            m = self.models.get(name)
-            if m is not None:
-                state, reason = ("READY", "") if m.pool.ready_workers() else ("UNAVAILABLE", "no device worker ready")
-                version = m.entry.version
-            else:
-                state, reason = self._states.get(name, ("UNAVAILABLE", "not loaded"))
-                version = found[name][0] if name in found else ""
-            if ready_only and state != "READY":
-                continue
-            row = {"name": name, "version": version, "state": state}
-            if reason:
-                row["reason"] = reason
-            rows.append(row)
-        return rows
+    # model control (load, unload, poll): onnxpipe.serve.control; HTTP routes and handlers: onnxpipe.serve.routes
 
     # what HTTP and gRPC both answer ----------------------------------------------------------
     def is_ready(self) -> bool:
@@ -544,181 +323,6 @@ class InferenceServer:
             if kind == "restart":
                 self.metrics.restarts.inc(model=model, device=device)
         return on_event
-
-    # routing -------------------------------------------------------------------------------
-    def _routes(self, app: web.Application) -> None:
-        r = app.router
-        r.add_get("/v2/health/live", self.live)
-        r.add_get("/v2/health/ready", self.ready)
-        r.add_get("/v2", self.server_metadata)
-        r.add_get("/metrics", self.prometheus)
-        r.add_post("/v2/repository/index", self.index)
-        r.add_get("/v2/repository/index", self.index)
-        r.add_post("/v2/repository/models/{model}/load", self.load)
-        r.add_post("/v2/repository/models/{model}/unload", self.unload)
-        r.add_get("/v2/models/stats", self.stats)  # before /v2/models/{model}: routes match in order
-        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            r.add_get(base, self.model_metadata)
-            r.add_get(base + "/ready", self.model_ready)
-            r.add_get(base + "/config", self.model_config)
-            r.add_post(base + "/infer", self.infer)
-            r.add_get(base + "/stats", self.stats)
-        from onnxpipe.serve.generate import install  # text-generation folders: Triton's generate extension
-
-        install(app, self)
-
-    @web.middleware
-    async def _auth(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                    ) -> web.StreamResponse:
-        # before the body is read: a request without the key costs its headers, nothing more
-        key = self.options.api_key
-        if key is not None and request.path not in OPEN_PATHS and not authorized(request.headers.get("Authorization"), key):
-            self.metrics.errors.inc(model="", status="401")
-            return web.Response(body=error_body("missing or wrong API key: send 'Authorization: Bearer <key>'"),
-                                status=401, content_type="application/json",
-                                headers={"WWW-Authenticate": 'Bearer realm="onnxpipe"'})
-        return await handler(request)
-
-    @web.middleware
-    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                      ) -> web.StreamResponse:
-        headers = None
-        try:
-            return await handler(request)
-        except ProtocolError as exc:
-            status, message = exc.status, exc.message
-            wait = getattr(exc, "retry_after", None)
-            if isinstance(exc, Unavailable) and wait is not None:
-                headers = {"Retry-After": str(max(1, round(wait)))}
-        except web.HTTPRequestEntityTooLarge:
-            status = 413
-            message = f"the request body is over the limit of {self.options.max_body_bytes} bytes"
-        except web.HTTPException as exc:  # no such route, wrong method
-            if exc.status < 400:
-                raise
-            status, message = exc.status, f"{exc.reason}: {request.method} {request.path}"
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug: the client gets its message, the log the traceback
-            if _client_gone(exc):  # nobody to answer; aiohttp drops the response on the closed connection
-                log.info("%s %s: the client went away", request.method, request.path)
-                return web.Response(status=400)
-            if _bad_body(exc):  # a false Content-Encoding, a truncated chunked body: the client's mistake
-                status, message = 400, f"cannot read the request body: {type(exc).__name__}: {exc}"
-                return self._refusal(request, status, message, headers)
-            log.exception("error in %s %s", request.method, request.path)
-            status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
-        return self._refusal(request, status, message, headers)
-
-    def _refusal(self, request: web.Request, status: int, message: str, headers: dict[str, str] | None) -> web.Response:
-        model = request.match_info.get("model")
-        self.metrics.errors.inc(model=model if model in self.models else "", status=str(status))
-        if model in self.models and request.path.endswith("/infer"):
-            self.metrics.requests.inc(model=model, status="error")
-        return _json({"error": message}, status, headers)
-
-    def _model(self, request: web.Request) -> _Model:
-        return self.lookup(request.match_info["model"], request.match_info.get("version"))
-
-    # handlers ------------------------------------------------------------------------------
-    async def live(self, request: web.Request) -> web.Response:
-        return _json({"live": True})
-
-    async def ready(self, request: web.Request) -> web.Response:
-        ok = self.is_ready()
-        return _json({"ready": ok}, 200 if ok else 503)
-
-    async def server_metadata(self, request: web.Request) -> web.Response:
-        return _json({"name": "onnxpipe", "version": __version__, "extensions": self.extensions()})
-
-    async def index(self, request: web.Request) -> web.Response:
-        ready = False
-        if request.method == "POST" and request.can_read_body:
-            doc = await request.read()
-            if doc.strip():
-                try:
-                    ready = bool(json.loads(doc).get("ready", False))
-                except (ValueError, AttributeError):
-                    raise ProtocolError(400, 'the index request must be a JSON object like {"ready": true}') from None
-        return _json(await self.repository_index(ready))
-
-    async def stats(self, request: web.Request) -> web.Response:
-        names = [self._model(request).entry.name] if "model" in request.match_info else list(self.models)
-        rows = []
-        for name in names:
-            st = self.statistics(name)
-            rows.append({"name": name, "version": self.models[name].entry.version,
-                         "last_inference": st["last_inference_ms"], "inference_count": st["inference_count"],
-                         "execution_count": st["execution_count"],
-                         "inference_stats": {k: {"count": int(st[k][0]), "ns": int(st[k][1] * 1e9)}
-                                             for k in ("success", "fail", "queue", "compute_infer")}})
-        return _json({"model_stats": rows})
-
-    async def load(self, request: web.Request) -> web.Response:
-        await self.load_model(request.match_info["model"])
-        return _json({})
-
-    async def unload(self, request: web.Request) -> web.Response:
-        await self.unload_model(request.match_info["model"])
-        return _json({})
-
-    async def model_metadata(self, request: web.Request) -> web.Response:
-        m = self._model(request)
-        e = m.entry
-
-        def tensors(infos: list) -> list[dict]:
-            return [{"name": t.name, "datatype": datatype_of(t.dtype), "shape": wire_shape(t)} for t in infos]
-
-        doc = {"name": e.name, "versions": [e.version], "platform": "onnxruntime_onnx",
-               "inputs": tensors(e.inputs), "outputs": tensors(e.outputs)}
-        if m.layout is not None:  # an extension field: clients of the protocol ignore what they do not know
-            doc["cpu_pool"] = m.layout.as_dict()
-        return _json(doc)
-
-    async def model_ready(self, request: web.Request) -> web.Response:
-        m = self._model(request)
-        ok = m.pool.ready_workers() > 0
-        return _json({"name": m.entry.name, "ready": ok}, 200 if ok else 503)
-
-    async def model_config(self, request: web.Request) -> web.Response:
-        return _json(self.config_of(self._model(request)))
-
-    async def prometheus(self, request: web.Request) -> web.Response:
-        for m in self.models.values():
-            self.metrics.workers_ready.set(m.pool.ready_workers(), model=m.entry.name)
-        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Prometheus-Format": "0.0.4"})
-
-    async def infer(self, request: web.Request) -> web.Response:
-        t0 = time.perf_counter()
-        name, version = request.match_info["model"], request.match_info.get("version")
-        self.lookup(name, version)  # an unknown model is refused before its body is read
-        limits = self.options.limits
-        if self._closing:
-            raise Unavailable("the server is shutting down", None)
-        limits.check_length(request.content_length)
-        try:
-            body = await asyncio.wait_for(_read_body(request, limits.max_body_bytes), limits.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise ProtocolError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s") from None
-        loop = asyncio.get_running_loop()
-        big = len(body) > OFFLOAD_BYTES
-        header = request.headers.get(HEADER)
-        head = body if header is None or not str(header).isdigit() else body[:int(header)]
-        limits.check_json_cost(head)  # declared shapes x datatypes and the JSON's decoding cost, nothing decoded yet
-        req = await loop.run_in_executor(None, decode_request, body, header) if big else decode_request(body, header)
-        del body, head
-        e, picked = await self.run(name, version, req)
-        if big or sum(v.nbytes for v in picked.values()) > OFFLOAD_BYTES:
-            payload, head = await loop.run_in_executor(None, encode_response, e.name, e.version, picked, req)
-        else:
-            payload, head = encode_response(e.name, e.version, picked, req)
-        self.metrics.requests.inc(model=e.name, status="success")
-        self.metrics.latency.observe(time.perf_counter() - t0, model=e.name)
-        if head is None:
-            return web.Response(body=payload, content_type="application/json")
-        return web.Response(body=payload, content_type="application/octet-stream", headers={HEADER: str(head)})
-
 
 class BackgroundServer:
     """Run an :class:`InferenceServer` on an event loop in a thread (tests, benchmarks, notebooks).
