@@ -21,9 +21,7 @@ import contextlib
 import difflib
 import io
 import logging
-import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -41,14 +39,11 @@ from onnxpipe.core.tensors import graph_inputs
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.passes.quant_budget import fit_budget
 from onnxpipe.passes.quant_data import RECIPE_HINT, StreamingReader, take_batches
+from onnxpipe.passes.quant_layout import LayoutCheck, check_layout, node_attr, read_blocks
+from onnxpipe.passes.quant_mix import assemble, hide_weights, same_weights, suffix_new_tensors, unhide_weights
 
 MODES = {"int4": 4, "int8-weight-only": 8}
 ALGORITHMS = ("rtn", "hqq", "gptq")
-# a block holds at most this many quantization steps of error (per algorithm) before the layout check fails
-RTN_STEPS = {False: 0.5, True: 1.0}  # asymmetric rounds to nearest; symmetric may clip one step at the far end
-SEARCH_STEPS = 2.0  # hqq and gptq move values off the nearest grid point on purpose, never by whole blocks
-RMS_STEPS = 0.75  # a block's rms error in steps: uniform rounding gives 0.29; a misread layout gives several
-LAYOUT_ROWS = 48  # one-hot rows of K read back through ONNX Runtime's kernel, per node
 SHAPE_OPS = {"Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Add", "Mul", "Div",
              "Tanh", "Softcap", "Slice", "Gather", "Concat", "Split"}
 
@@ -64,12 +59,6 @@ def _quiet() -> Iterator[None]:
     finally:
         logging.disable(previous)
 
-
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 # -- what to quantize --------------------------------------------------------------------
@@ -128,267 +117,7 @@ def _name_nodes(model: onnx.ModelProto) -> None:
             graphs.extend(subgraphs(node))
 
 
-# -- the layout check --------------------------------------------------------------------
-
-def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """Unsigned values from bytes, low bits first (the MatMulNBits packing), the last axis cut to ``count``."""
-    packed = np.asarray(packed, dtype=np.uint8)
-    if bits == 8:
-        vals = packed
-    elif bits == 4:
-        vals = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    else:
-        vals = np.stack([(packed >> s) & 0x03 for s in (0, 2, 4, 6)], axis=-1).reshape(*packed.shape[:-1], -1)
-    return vals[..., :count]
-
-
-@dataclass
-class Blocks:
-    """A MatMulNBits weight as stored: values [N, blocks, block_size], scales and zero points [N, blocks]."""
-
-    k: int
-    n: int
-    bits: int
-    block_size: int
-    values: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray
-
-    def dequantize(self) -> np.ndarray:
-        """The weight [K, N] the spec defines: ``(value - zero point) * scale`` per block."""
-        w = (self.values.astype(np.float64) - self.zero_points[..., None]) * self.scales[..., None]
-        return w.reshape(self.n, -1)[:, : self.k].T
-
-
-def read_blocks(node: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> Blocks:
-    """A MatMulNBits node's stored blocks, read as its spec says (B [N, blocks, blob], scales [N * blocks],
-    zero points packed per row of N like B, or float [N * blocks]; default zero point 2^(bits-1))."""
-    k, n, bits, bs = (int(_attr(node, a)) for a in ("K", "N", "bits", "block_size"))
-    blocks = -(-k // bs)
-    b = np.asarray(inits[node.input[1]]).reshape(n, blocks, -1)
-    values = _unpack(b, bits, bs)
-    scales = np.asarray(inits[node.input[2]], dtype=np.float64).reshape(n, blocks)
-    if len(node.input) > 3 and node.input[3]:
-        zp = np.asarray(inits[node.input[3]])
-        if np.issubdtype(zp.dtype, np.floating):
-            zero = zp.astype(np.float64).reshape(n, blocks)
-        else:
-            zero = _unpack(zp.reshape(n, -1), bits, blocks).astype(np.float64)
-    else:
-        zero = np.full((n, blocks), 2.0 ** (bits - 1))
-    return Blocks(k, n, bits, bs, values, scales, zero)
-
-
-@dataclass
-class LayoutCheck:
-    """How the stored blocks of every quantized MatMul agree with the original weights."""
-
-    ok: bool = True
-    nodes: int = 0
-    worst_steps: float = 0.0
-    worst_rms_steps: float = 0.0
-    worst_node: str | None = None
-    runtime_max_diff: float = 0.0
-    relative_error: float = 0.0
-    failures: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "nodes": self.nodes, "worst_block_error_steps": round(self.worst_steps, 3),
-                "worst_block_rms_steps": round(self.worst_rms_steps, 3), "worst_node": self.worst_node,
-                "runtime_readback_max_diff": self.runtime_max_diff,
-                "weight_relative_error": round(self.relative_error, 5), "failures": self.failures[:10]}
-
-
-def _readback(node: onnx.NodeProto, inits: Mapping[str, np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Rows of the weight as ONNX Runtime's MatMulNBits kernel sees it: the node times one-hot rows."""
-    from onnxpipe.core.session import Session
-
-    k = int(_attr(node, "K"))
-    single = helper.make_node("MatMulNBits", ["a", *node.input[1:]], ["y"], domain="com.microsoft",
-                              **{a.name: helper.get_attribute_value(a) for a in node.attribute})
-    tensors = [numpy_helper.from_array(np.asarray(inits[name]), name) for name in node.input[1:] if name]
-    graph = helper.make_graph([single], "readback", [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], tensors)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    model.ir_version = 10
-    eye = np.zeros((len(rows), k), np.float32)
-    eye[np.arange(len(rows)), rows] = 1.0
-    with Session(model, optimization="disable") as s:
-        return s.run({"a": eye})["y"]
-
-
-def check_layout(float_model: onnx.ModelProto, quantized: onnx.ModelProto, algorithm: str, symmetric: bool,
-                 *, bits: int = 4, runtime: bool = True) -> LayoutCheck:
-    """Dequantize every MatMulNBits node's blocks and compare them with the float model's weights block by block.
-
-    A block passes when its largest error is within what its scale allows (half a step for
-    round-to-nearest, one for symmetric, ``SEARCH_STEPS`` for hqq/gptq, which trade single values
-    for a lower total error) and its rms error is under ``RMS_STEPS`` steps. ONNX Runtime's kernel
-    then reads back ``LAYOUT_ROWS`` rows of each weight: they must equal our dequantization.
-    """
-    floats = {n.name: n for n in float_model.graph.node}
-    f_inits = {i.name: i for i in float_model.graph.initializer}
-    q_inits_proto = {i.name: i for i in quantized.graph.initializer}
-    out = LayoutCheck()
-    err_sq = ref_sq = 0.0
-    for node in quantized.graph.node:
-        if node.op_type != "MatMulNBits":
-            continue
-        base = node.name.rsplit("_Q", 1)[0]
-        original = floats.get(base)
-        if original is None or original.input[1] not in f_inits:
-            continue
-        node_bits = int(_attr(node, "bits"))
-        # nodes at another width than the pass's come from the rtn quantizer (the budget's 8-bit ones)
-        limit = RTN_STEPS[symmetric] if algorithm == "rtn" or node_bits != bits else SEARCH_STEPS
-        inits = {name: numpy_helper.to_array(q_inits_proto[name]) for name in node.input[1:] if name in q_inits_proto}
-        w = numpy_helper.to_array(f_inits[original.input[1]]).astype(np.float64)
-        w = w.reshape(w.shape[-2], w.shape[-1])
-        blocks = read_blocks(node, inits)
-        if (blocks.k, blocks.n) != w.shape:
-            out.failures.append(f"{node.name}: K x N {blocks.k}x{blocks.n} where the weight is {w.shape[0]}x{w.shape[1]}")
-            continue
-        deq = blocks.dequantize()
-        pad = blocks.values.shape[1] * blocks.block_size - blocks.k
-        diff = np.pad(np.abs(deq - w).T, ((0, 0), (0, pad))).reshape(blocks.n, -1, blocks.block_size)
-        step = np.maximum(np.abs(blocks.scales), np.finfo(np.float32).tiny)
-        # values within float32 rounding of a grid point count as exact
-        slack = 1e-5 * np.abs(w).max(initial=0.0)
-        steps = np.maximum(diff.max(axis=-1) - slack, 0.0) / step
-        counts = np.minimum(blocks.block_size, blocks.k - np.arange(diff.shape[1]) * blocks.block_size)
-        rms = np.sqrt((diff ** 2).sum(axis=-1) / counts) / step
-        out.nodes += 1
-        err_sq += float(((deq - w) ** 2).sum())
-        ref_sq += float((w ** 2).sum())
-        worst, worst_rms = float(steps.max()), float(rms.max())
-        if worst > out.worst_steps:
-            out.worst_steps, out.worst_node = worst, node.name
-        out.worst_rms_steps = max(out.worst_rms_steps, worst_rms)
-        bad = int((steps > limit + 1e-3).sum() + (rms > RMS_STEPS).sum())
-        if bad:
-            out.failures.append(f"{node.name} ({node_bits}-bit): {bad} of {steps.size} blocks off the original weights "
-                                f"(worst {worst:.2f} steps, rms {worst_rms:.2f} steps; allowed {limit:g}, {RMS_STEPS:g})")
-        if runtime:
-            rows = np.unique(np.linspace(0, blocks.k - 1, min(LAYOUT_ROWS, blocks.k)).astype(int))
-            got = _readback(node, inits, rows)
-            gap = float(np.abs(got - deq[rows]).max())
-            out.runtime_max_diff = max(out.runtime_max_diff, gap)
-            allowed = 1e-3 * float(np.abs(deq[rows]).max(initial=0.0)) + 1e-6
-            if gap > allowed:
-                out.failures.append(f"{node.name}: ONNX Runtime reads the weight differently from the stored "
-                                    f"layout (max difference {gap:.3g})")
-    out.relative_error = math.sqrt(err_sq / ref_sq) if ref_sq else 0.0
-    out.ok = not out.failures
-    return out
-
-
-# -- mixed precision: assembling a model from per-node choices -----------------------------
-
-def _quantized_nodes(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
-    """``{original node name: nodes that replace it}`` in a weight-only quantized model (``<name>_Q<bits>...``)."""
-    out: dict[str, list[onnx.NodeProto]] = {}
-    heads = [n for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
-    for head in heads:
-        base, _, bits = head.name.rpartition("_Q")
-        if not base or not bits.isdigit():
-            continue
-        prefix = head.name + "_"
-        out[base] = [n for n in model.graph.node if n is head or n.name.startswith(prefix)]
-    return out
-
-
-def assemble(float_model: onnx.ModelProto, variants: Mapping[int, onnx.ModelProto], levels: Mapping[str, int | None],
-             default: int) -> onnx.ModelProto:
-    """A model whose node ``n`` comes from ``variants[levels[n]]`` (None: float), others from ``variants[default]``.
-
-    Each variant is a whole-model quantization of ``float_model`` at one bit width; the quantizers
-    treat every MatMul on its own, so picking nodes across variants gives the same nodes as
-    quantizing with those bit widths directly.
-    """
-    base = variants[default]
-    replaced = {bits: _quantized_nodes(m) for bits, m in variants.items()}
-    inits: dict[str, onnx.TensorProto] = {i.name: i for i in float_model.graph.initializer}
-    for m in variants.values():
-        for i in m.graph.initializer:
-            inits.setdefault(i.name, i)
-    base_nodes = {n.name: n for n in base.graph.node}
-    nodes: list[onnx.NodeProto] = []
-    for node in float_model.graph.node:
-        level = levels.get(node.name, default)
-        if level is None:
-            nodes.append(node)
-        elif node.name in replaced.get(level, {}):
-            nodes.extend(replaced[level][node.name])
-        elif node.name in replaced[default]:
-            nodes.extend(replaced[default][node.name])
-        else:  # untouched by the quantizer, or a subgraph holder the quantizer rewrote inside
-            nodes.append(base_nodes.get(node.name, node))
-    used: set[str] = set()
-    stack = list(nodes)
-    while stack:
-        n = stack.pop()
-        used.update(n.input)
-        for g in subgraphs(n):
-            stack.extend(g.node)
-    out = onnx.ModelProto()
-    out.CopyFrom(base)
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    del out.graph.initializer[:]
-    out.graph.initializer.extend(inits[name] for name in sorted(used) if name in inits)
-    return out
-
-
-HIDE = "__onnxpipe_hidden"
-
-
-def _hide_weights(model: onnx.ModelProto, nodes: set[str]) -> None:
-    """Feed the weights of ``nodes`` through an Identity, so a quantizer that looks for initializer weights skips them."""
-    inits = {i.name for i in model.graph.initializer}
-    hiders = []
-    for node in model.graph.node:
-        if node.name in nodes and node.op_type == "MatMul" and node.input[1] in inits:
-            hidden = f"{node.input[1]}{HIDE}_{len(hiders)}"
-            hiders.append(helper.make_node("Identity", [node.input[1]], [hidden], name=hidden))
-            node.input[1] = hidden
-    for k, h in enumerate(hiders):
-        model.graph.node.insert(k, h)
-
-
-def _unhide_weights(model: onnx.ModelProto) -> None:
-    """Undo :func:`_hide_weights`: the Identity nodes go, their consumers read the weights again."""
-    back = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and HIDE in n.name}
-    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in back)]
-    for n in keep:
-        for k, name in enumerate(n.input):
-            if name in back:
-                n.input[k] = back[name]
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-
-
-def _same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
-    """Whether two weight-only quantizations dequantize to the same weights, node for node."""
-    def weights(m: onnx.ModelProto) -> dict[str, np.ndarray]:
-        inits = {i.name: i for i in m.graph.initializer}
-        return {n.name: read_blocks(n, {i: numpy_helper.to_array(inits[i]) for i in n.input[1:] if i in inits}).dequantize()
-                for n in m.graph.node if n.op_type == "MatMulNBits"}
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(np.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
-
-
-def _suffix_new_tensors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, suffix: str) -> onnx.ModelProto:
-    """Rename the initializers a quantizer added (``<weight>_scales`` ...) so that two variants never share a name."""
-    old = {i.name for i in float_model.graph.initializer}
-    new = {i.name: i.name + suffix for i in quantized.graph.initializer if i.name not in old}
-    for i in quantized.graph.initializer:
-        i.name = new.get(i.name, i.name)
-    for n in quantized.graph.node:
-        for k, name in enumerate(n.input):
-            if name in new:
-                n.input[k] = new[name]
-    return quantized
-
+# -- mixed precision: how much each MatMul loses ----------------------------------------------
 
 def _activations(model: onnx.ModelProto, nodes: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]
                  ) -> dict[str, list[np.ndarray]]:
@@ -445,7 +174,7 @@ def summary(notes: Mapping[str, Any], quantized: onnx.ModelProto, weighted: set[
              f"{notes['embeddings_quantized']}; size {size['before'] / 1e6:.3g} MB -> {size['after'] / 1e6:.3g} MB "
              f"({size['after'] / max(size['before'], 1):.2f}x)"]
     int8 = sorted(n.name.rsplit("_Q", 1)[0] for n in quantized.graph.node
-                  if n.op_type == "MatMulNBits" and _attr(n, "bits") == 8 and notes["weight_bits"] == 4)
+                  if n.op_type == "MatMulNBits" and node_attr(n, "bits") == 8 and notes["weight_bits"] == 4)
     floats = sorted(n.name for n in quantized.graph.node if n.op_type == "MatMul" and n.name in weighted)
     for label, names in (("in int8", int8), ("in float", floats)):
         if names:
@@ -642,14 +371,14 @@ class WeightOnlyQuantize(Pass):
         work = onnx.ModelProto()
         work.CopyFrom(model)
         if algorithm == "gptq":  # ORT's GPTQ ignores nodes_to_exclude: it skips weights that are no initializer
-            _hide_weights(work, set(first_exclude))
+            hide_weights(work, set(first_exclude))
         with _quiet():
             q = mnq.MatMulNBitsQuantizer(work, bits=bits, block_size=block, is_symmetric=c.symmetric,
                                          accuracy_level=level, nodes_to_exclude=first_exclude, algo_config=algo)
             q.process()
         out = q.model.model if hasattr(q.model, "model") else q.model
         if algorithm == "gptq":
-            _unhide_weights(out)
+            unhide_weights(out)
         # a second run of the default (rtn) quantizer for what the chosen algorithm cannot take:
         # embeddings (hqq, gptq), and for asymmetric gptq the MatMuls with an odd number of blocks per
         # column, whose zero points ORT's GPTQ packs across columns (then fails to reshape them)
@@ -669,7 +398,7 @@ class WeightOnlyQuantize(Pass):
             out.opset_import.append(helper.make_opsetid("com.microsoft", 1))
         if level:  # ORT's HQQ leaves accuracy_level unset: the same compute type for every MatMulNBits
             for node in out.graph.node:
-                if node.op_type == "MatMulNBits" and _attr(node, "accuracy_level") is None:
+                if node.op_type == "MatMulNBits" and node_attr(node, "accuracy_level") is None:
                     node.attribute.append(helper.make_attribute("accuracy_level", level))
         return out
 
@@ -776,7 +505,7 @@ class WeightOnlyQuantize(Pass):
         skip = plan["excluded"]
         quantized = self.quantize(prepared, bits, c.algorithm, plan, skip, ctx)
         variants = {bits: quantized}
-        if c.algorithm == "gptq" and _same_weights(quantized, self.quantize(prepared, bits, "rtn", plan, skip, ctx)):
+        if c.algorithm == "gptq" and same_weights(quantized, self.quantize(prepared, bits, "rtn", plan, skip, ctx)):
             plan["warnings"].append("ONNX Runtime's GPTQ gave exactly the rtn weights: its error compensation updates "
                                     "along a column of an upper-triangular factor (zero below the diagonal), so "
                                     "nothing is compensated in this onnxruntime version")
@@ -790,7 +519,7 @@ class WeightOnlyQuantize(Pass):
         }
         if c.max_drop is not None:
             if bits == 4:
-                variants[8] = _suffix_new_tensors(
+                variants[8] = suffix_new_tensors(
                     prepared, self.quantize(prepared, 8, "rtn", {**plan, "op_types": ["MatMul"]}, skip, ctx), "_int8")
             budget = self._budget(model, prepared, variants, plan, ctx)
             best = budget.pop("model")
@@ -802,7 +531,7 @@ class WeightOnlyQuantize(Pass):
             quantized = best
         self._layout = check_layout(prepared, quantized, c.algorithm, c.symmetric, bits=bits)
         notes["layout_check"] = self._layout.as_dict()
-        counts = {b: sum(n.op_type == "MatMulNBits" and _attr(n, "bits") == b for n in quantized.graph.node)
+        counts = {b: sum(n.op_type == "MatMulNBits" and node_attr(n, "bits") == b for n in quantized.graph.node)
                   for b in (4, 8)}
         weighted = set(weight_matmuls(prepared))
         notes["matmuls"] = {"int4": counts[4], "int8": counts[8],

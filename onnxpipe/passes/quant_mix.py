@@ -1,0 +1,123 @@
+"""Mixed precision for weight-only quantization: one model assembled from per-node bit widths.
+
+The budget quantizes the whole model once per bit width and picks each MatMul's nodes from the
+variant it chose; these helpers assemble that model, hide weights from a quantizer, and compare or
+rename what the quantizers produced. Split out of ``quant_weight_only`` (the pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxpipe.core.graph import subgraphs
+from onnxpipe.passes.quant_layout import read_blocks
+
+
+def quantized_nodes(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    """``{original node name: nodes that replace it}`` in a weight-only quantized model (``<name>_Q<bits>...``)."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    heads = [n for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")]
+    for head in heads:
+        base, _, bits = head.name.rpartition("_Q")
+        if not base or not bits.isdigit():
+            continue
+        prefix = head.name + "_"
+        out[base] = [n for n in model.graph.node if n is head or n.name.startswith(prefix)]
+    return out
+
+
+def assemble(float_model: onnx.ModelProto, variants: Mapping[int, onnx.ModelProto], levels: Mapping[str, int | None],
+             default: int) -> onnx.ModelProto:
+    """A model whose node ``n`` comes from ``variants[levels[n]]`` (None: float), others from ``variants[default]``.
+
+    Each variant is a whole-model quantization of ``float_model`` at one bit width; the quantizers
+    treat every MatMul on its own, so picking nodes across variants gives the same nodes as
+    quantizing with those bit widths directly.
+    """
+    base = variants[default]
+    replaced = {bits: quantized_nodes(m) for bits, m in variants.items()}
+    inits: dict[str, onnx.TensorProto] = {i.name: i for i in float_model.graph.initializer}
+    for m in variants.values():
+        for i in m.graph.initializer:
+            inits.setdefault(i.name, i)
+    base_nodes = {n.name: n for n in base.graph.node}
+    nodes: list[onnx.NodeProto] = []
+    for node in float_model.graph.node:
+        level = levels.get(node.name, default)
+        if level is None:
+            nodes.append(node)
+        elif node.name in replaced.get(level, {}):
+            nodes.extend(replaced[level][node.name])
+        elif node.name in replaced[default]:
+            nodes.extend(replaced[default][node.name])
+        else:  # untouched by the quantizer, or a subgraph holder the quantizer rewrote inside
+            nodes.append(base_nodes.get(node.name, node))
+    used: set[str] = set()
+    stack = list(nodes)
+    while stack:
+        n = stack.pop()
+        used.update(n.input)
+        for g in subgraphs(n):
+            stack.extend(g.node)
+    out = onnx.ModelProto()
+    out.CopyFrom(base)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits[name] for name in sorted(used) if name in inits)
+    return out
+
+
+HIDE = "__onnxpipe_hidden"
+
+
+def hide_weights(model: onnx.ModelProto, nodes: set[str]) -> None:
+    """Feed the weights of ``nodes`` through an Identity, so a quantizer that looks for initializer weights skips them."""
+    inits = {i.name for i in model.graph.initializer}
+    hiders = []
+    for node in model.graph.node:
+        if node.name in nodes and node.op_type == "MatMul" and node.input[1] in inits:
+            hidden = f"{node.input[1]}{HIDE}_{len(hiders)}"
+            hiders.append(helper.make_node("Identity", [node.input[1]], [hidden], name=hidden))
+            node.input[1] = hidden
+    for k, h in enumerate(hiders):
+        model.graph.node.insert(k, h)
+
+
+def unhide_weights(model: onnx.ModelProto) -> None:
+    """Undo :func:`hide_weights`: the Identity nodes go, their consumers read the weights again."""
+    back = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity" and HIDE in n.name}
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in back)]
+    for n in keep:
+        for k, name in enumerate(n.input):
+            if name in back:
+                n.input[k] = back[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Whether two weight-only quantizations dequantize to the same weights, node for node."""
+    def weights(m: onnx.ModelProto) -> dict[str, np.ndarray]:
+        inits = {i.name: i for i in m.graph.initializer}
+        return {n.name: read_blocks(n, {i: numpy_helper.to_array(inits[i]) for i in n.input[1:] if i in inits}).dequantize()
+                for n in m.graph.node if n.op_type == "MatMulNBits"}
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(np.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+
+
+def suffix_new_tensors(float_model: onnx.ModelProto, quantized: onnx.ModelProto, suffix: str) -> onnx.ModelProto:
+    """Rename the initializers a quantizer added (``<weight>_scales`` ...) so that two variants never share a name."""
+    old = {i.name for i in float_model.graph.initializer}
+    new = {i.name: i.name + suffix for i in quantized.graph.initializer if i.name not in old}
+    for i in quantized.graph.initializer:
+        i.name = new.get(i.name, i.name)
+    for n in quantized.graph.node:
+        for k, name in enumerate(n.input):
+            if name in new:
+                n.input[k] = new[name]
+    return quantized
