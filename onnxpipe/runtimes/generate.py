@@ -24,45 +24,24 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
+from onnxpipe.runtimes.generate_engines import (  # Sampling: the engines' input, imported from here by users
+    MODEL_FILE,
+    GenaiEngine,
+    OrtEngine,
+    Sampling,
+    SplitDecoderEngine,
+    choose_token,
+)
 
 ENGINES = ("auto", "genai", "ort")
-MODEL_FILE = "model.onnx"
-
-
-@dataclass
-class Sampling:
-    """How the next token is chosen: greedy unless ``do_sample``.
-
-    Attributes:
-        do_sample: sample from the (tempered, truncated) distribution instead of taking the argmax.
-        temperature: divides the logits before sampling (> 0).
-        top_k: keep the k most likely tokens (0: all).
-        top_p: keep the smallest set whose probability reaches p (1.0: all).
-        seed: seed of the sampler; None draws one.
-    """
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def validate(self) -> None:
-        if self.temperature <= 0:
-            raise InputError(f"temperature must be > 0, got {self.temperature:g}", hint="use e.g. --temperature 0.8")
-        if self.top_k < 0:
-            raise InputError(f"top-k must be >= 0, got {self.top_k}", hint="0 keeps every token")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top-p must be in (0, 1], got {self.top_p:g}", hint="1.0 keeps every token")
 
 
 @dataclass
@@ -129,26 +108,26 @@ class TextGenerator:
         self.context_length = int(model_cfg.get("context_length", 0) or 0)
         self.threads = threads
         self.why_not_genai = ""
-        self._impl: _GenaiEngine | _OrtEngine
+        self._impl: GenaiEngine | OrtEngine
         if (self.path / "pipeline.json").is_file():  # split between layers: one stage per device
             if engine not in ("auto", "ort"):
                 raise InputError(f"{self.path} is a split decoder: onnxruntime-genai cannot run it",
                                  hint="leave --engine at auto; the stages run on onnxpipe's own loop")
-            self._impl = _SplitDecoderEngine(self.path, self.config, devices, backend, threads, address)
+            self._impl = SplitDecoderEngine(self.path, self.config, devices, backend, threads, address)
         elif devices is not None and len(str(devices).split(",")) > 1:
             raise InputError(f"{self.path} is one decoder: several devices need a split folder",
                              hint=f"split it first: onnxpipe split {self.path} --parts 2 -o PARTS")
         elif engine in ("auto", "genai"):
             try:
-                self._impl = _GenaiEngine(self.path, self.config, threads)
+                self._impl = GenaiEngine(self.path, self.config, threads)
             except Exception as exc:
                 if engine == "genai":
                     raise InputError(f"onnxruntime-genai cannot run {self.path}: {str(exc).strip()}",
                                      hint="pip install onnxruntime-genai, or use --engine ort") from exc
                 self.why_not_genai = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self._impl = _OrtEngine(self.path, self.config, threads)
+                self._impl = OrtEngine(self.path, self.config, threads)
         else:
-            self._impl = _OrtEngine(self.path, self.config, threads)
+            self._impl = OrtEngine(self.path, self.config, threads)
         self.engine = self._impl.name
 
     def encode(self, text: str) -> list[int]:
@@ -260,121 +239,6 @@ class TextStream:
         return new
 
 
-# ----------------------------------------------------------------------------- engines
-
-class _GenaiEngine:
-    name = "onnxruntime-genai"
-
-    def __init__(self, path: Path, config: dict[str, Any], threads: int | None) -> None:
-        og = require("onnxruntime_genai")
-        self.vocab_size = int(config["model"].get("vocab_size") or 1 << 20)
-        config = og.Config(str(path))
-        config.clear_providers()
-        if threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
-        self._og = og
-        self.model = og.Model(config)
-        self.tokenizer = og.Tokenizer(self.model)
-
-    def encode(self, text: str) -> list[int]:
-        return [int(t) for t in self.tokenizer.encode(text)]
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(np.asarray(tokens, dtype=np.int32)) if tokens else ""
-
-    def tokens(self, ids: list[int], max_new: int, s: Sampling, min_new: int) -> Iterator[int]:
-        og = self._og
-        params = og.GeneratorParams(self.model)
-        options: dict[str, Any] = {"max_length": len(ids) + max_new, "do_sample": s.do_sample,
-                                   "min_length": len(ids) + min_new}
-        if s.do_sample:
-            options.update(temperature=float(s.temperature), top_p=float(s.top_p))
-            if s.top_k:
-                options["top_k"] = int(s.top_k)
-            else:
-                options["top_k"] = self.vocab_size  # genai's default would cut to 50; 0 means "all" here
-            options["random_seed"] = int(s.seed) if s.seed is not None else int(np.random.SeedSequence().entropy % (1 << 31))
-        else:
-            options.update(top_k=1)
-        params.set_search_options(**options)
-        generator = og.Generator(self.model, params)
-        generator.append_tokens(np.asarray(ids, dtype=np.int32))
-        while not generator.is_done():
-            generator.generate_next_token()
-            yield int(generator.get_next_tokens()[0])
-
-
-class _OwnLoop:
-    """What onnxpipe's own loops share: the folder's tokenizer, its EOS ids, how a token is picked."""
-
-    def __init__(self, path: Path, config: dict[str, Any]) -> None:
-        self.tokenizer = _hf_tokenizer(path)
-        eos = config["model"].get("eos_token_id", [])
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text).ids)
-
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
-
-    def pick(self, logits: np.ndarray, step: int, min_new: int, s: Sampling, rng: np.random.Generator) -> int:
-        """The next token from the last position's logits; EOS is forbidden before ``min_new`` tokens."""
-        if step < min_new and self.eos_ids:
-            logits = logits.copy()
-            logits[sorted(self.eos_ids)] = -np.inf
-        return _choose(logits, s, rng)
-
-
-class _OrtEngine(_OwnLoop):
-    name = "onnxruntime"
-
-    def __init__(self, path: Path, config: dict[str, Any], threads: int | None) -> None:
-        super().__init__(path, config)
-        ort = require("onnxruntime")
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path / MODEL_FILE), opts, providers=["CPUExecutionProvider"])
-        dec = config["model"]["decoder"]
-        self.layers = int(dec["num_hidden_layers"])
-        self.kv_heads = int(dec["num_key_value_heads"])
-        self.head_size = int(dec["head_size"])
-        self.past = [n for i in range(self.layers) for n in (f"past_key_values.{i}.key", f"past_key_values.{i}.value")]
-        self.present = [n for i in range(self.layers) for n in (f"present.{i}.key", f"present.{i}.value")]
-
-    def tokens(self, ids: list[int], max_new: int, s: Sampling, min_new: int) -> Iterator[int]:
-        rng = np.random.default_rng(s.seed)
-        binding = self.session.io_binding()
-        n = len(ids)
-        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
-                 "position_ids": np.arange(n, dtype=np.int64)[None]}
-        empty = np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        for name in self.past:
-            binding.bind_cpu_input(name, empty)
-        for name in ["logits", *self.present]:
-            binding.bind_output(name, "cpu")
-        total = n
-        for step in range(max_new):
-            self.session.run_with_iobinding(binding)
-            outputs = binding.get_outputs()
-            token = self.pick(outputs[0].numpy()[0, -1], step, min_new, s, rng)
-            yield token
-            total += 1
-            binding = self.session.io_binding()
-            binding.bind_cpu_input("input_ids", np.asarray([[token]], np.int64))
-            binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-            binding.bind_cpu_input("position_ids", np.asarray([[total - 1]], np.int64))
-            for name, value in zip(self.past, outputs[1:]):
-                binding.bind_ortvalue_input(name, value)  # the cache stays in ORT's buffers
-            for name in ["logits", *self.present]:
-                binding.bind_output(name, "cpu")
-
 
 class BatchDecoder:
     """Several prompts decoded together in one ORT session: left-padded, one step for all rows.
@@ -390,7 +254,7 @@ class BatchDecoder:
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
         folder = Path(path)
-        self.engine = _OrtEngine(folder, read_folder(folder), threads)
+        self.engine = OrtEngine(folder, read_folder(folder), threads)
 
     def run(self, prompts: list[list[int]], max_new: list[int], *, on_token: Callable[[int, int], None],
             samplings: list[Sampling] | None = None) -> list[list[int]]:
@@ -414,7 +278,7 @@ class BatchDecoder:
             logits, *present = e.session.run(None, feeds)
             keep, next_ids = [], []
             for b, req in enumerate(rows):
-                token = _choose(logits[b, -1], samplings[req], rngs[req])
+                token = choose_token(logits[b, -1], samplings[req], rngs[req])
                 out[req].append(token)
                 on_token(req, token)
                 if token not in e.eos_ids and len(out[req]) < max_new[req]:
@@ -429,64 +293,3 @@ class BatchDecoder:
             ids = np.asarray(next_ids, np.int64)[:, None]
             past = [p[idx] for p in present]
         return out
-
-
-class _SplitDecoderEngine(_OwnLoop):
-    """The own loop over a decoder split between layers: each stage and its cache on its device."""
-
-    name = "onnxruntime (split)"
-
-    def __init__(self, path: Path, config: dict[str, Any], devices: Any, backend: str, threads: int | None,
-                 address: str | None) -> None:
-        from onnxpipe.runtimes.generate_split import SplitEngine
-
-        if devices is None:
-            raise InputError(f"{path} is a split decoder: give one device per stage",
-                             hint="e.g. --devices cpu:0,cpu:1")
-        super().__init__(path, config)
-        self.split = SplitEngine(path, devices, backend=backend, threads=threads, address=address)
-
-    def tokens(self, ids: list[int], max_new: int, s: Sampling, min_new: int) -> Iterator[int]:
-        rng = np.random.default_rng(s.seed)
-        self.split.reset(1)
-        n = len(ids)
-        feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
-                 "position_ids": np.arange(n, dtype=np.int64)[None]}
-        for step in range(max_new):
-            logits = self.split.step({k: v for k, v in feeds.items() if k in self.split.inputs})[0, -1]
-            token = self.pick(logits, step, min_new, s, rng)
-            yield token
-            n += 1
-            feeds = {"input_ids": np.asarray([[token]], np.int64), "attention_mask": np.ones((1, n), np.int64),
-                     "position_ids": np.asarray([[n - 1]], np.int64)}
-
-    def close(self) -> None:
-        self.split.close()
-
-
-def _hf_tokenizer(path: Path) -> Any:
-    tokenizers = require("tokenizers")
-    file = path / "tokenizer.json"
-    if not file.is_file():
-        raise InputError(f"{path} has no tokenizer.json", hint="convert a folder that holds its tokenizer")
-    return tokenizers.Tokenizer.from_file(str(file))
-
-
-def _choose(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    """Greedy argmax, or a sample after temperature, top-k and top-p."""
-    if not s.do_sample:
-        return int(np.argmax(logits))
-    x = logits.astype(np.float64) / s.temperature
-    if s.top_k and s.top_k < x.size:
-        cut = np.partition(x, -s.top_k)[-s.top_k]
-        x = np.where(x < cut, -np.inf, x)
-    p = np.exp(x - x.max())
-    p /= p.sum()
-    if s.top_p < 1.0:
-        order = np.argsort(-p)
-        keep = np.cumsum(p[order]) - p[order] < s.top_p
-        mask = np.zeros_like(p, dtype=bool)
-        mask[order[keep]] = True
-        p = np.where(mask, p, 0.0)
-        p /= p.sum()
-    return int(rng.choice(p.size, p=p))
