@@ -71,7 +71,8 @@ def one_run(runner_factory, data: dict) -> tuple[float, list[int], dict]:
 
 def measure(name: str, path: Path, samples: int, rounds: int, work: Path) -> dict:
     from onnxpipe.core.compare import compare
-    from onnxpipe.core.tensors import graph_inputs, random_input
+    from onnxpipe.core.inputs import random_input
+    from onnxpipe.core.tensors import graph_inputs
     from onnxpipe.partition.split import split_model
     from onnxpipe.runtimes.batch import BatchRunner
     from onnxpipe.runtimes.pipeline_parallel import PipelineRunner

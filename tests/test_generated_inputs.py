@@ -8,7 +8,7 @@ import pytest
 
 from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.errors import InputError
-from onnxpipe.core.tensors import example_inputs, input_hints
+from onnxpipe.core.inputs import example_inputs, input_hints
 from onnxpipe.pipeline import optimize
 
 

@@ -46,7 +46,8 @@ def check_inputs(model: Any, *, data: str | None, load: Path | None, batches: in
     """Validation inputs: saved ones, the first batches of ``data``, or generated ones."""
     from onnxpipe.core.data import calibration_source, take
     from onnxpipe.core.errors import InputError
-    from onnxpipe.core.tensors import InputSpec, example_inputs
+    from onnxpipe.core.inputs import example_inputs
+    from onnxpipe.core.tensors import InputSpec
     from onnxpipe.runtimes.validate import split_batches
 
     if load is not None:

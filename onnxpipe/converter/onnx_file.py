@@ -12,8 +12,9 @@ import onnx
 from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel
 from onnxpipe.core.errors import ConversionError
 from onnxpipe.core.graph import convert_opset, default_opset
+from onnxpipe.core.inputs import example_inputs
 from onnxpipe.core.modelio import check_model, load_model
-from onnxpipe.core.tensors import InputSpec, example_inputs, graph_inputs
+from onnxpipe.core.tensors import InputSpec, graph_inputs
 from onnxpipe.core.userfiles import first_line
 
 

@@ -26,7 +26,8 @@ from onnxpipe.converter.base import (
 )
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import ConversionError, InputError
-from onnxpipe.core.tensors import InputSpec, batched_inputs, examples_from_specs
+from onnxpipe.core.inputs import examples_from_specs
+from onnxpipe.core.tensors import InputSpec, batched_inputs
 from onnxpipe.core.userfiles import first_line
 
 

@@ -21,7 +21,8 @@ import numpy as np
 from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel, default_output_names, normalize_examples
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import ConversionError, InputError
-from onnxpipe.core.tensors import InputSpec, batched_inputs, examples_from_specs
+from onnxpipe.core.inputs import examples_from_specs
+from onnxpipe.core.tensors import InputSpec, batched_inputs
 from onnxpipe.core.userfiles import first_line
 
 

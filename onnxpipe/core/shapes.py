@@ -16,7 +16,8 @@ import onnx
 
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.graph import all_graphs
-from onnxpipe.core.tensors import concrete_shape, graph_inputs, input_hints, random_input
+from onnxpipe.core.inputs import input_hints, random_input
+from onnxpipe.core.tensors import concrete_shape, graph_inputs
 
 Shape = tuple[int, ...]
 

@@ -53,8 +53,8 @@ def _declared_types(profile: GraphProfile) -> dict[str, onnx.ValueInfoProto]:
 
 def _runtime_types(profile: GraphProfile, names: Sequence[str]) -> dict[str, onnx.ValueInfoProto]:
     """Element types and ranks of ``names`` from one ORT run on random inputs (dims left unnamed)."""
+    from onnxpipe.core.inputs import generated_feeds
     from onnxpipe.core.session import Session
-    from onnxpipe.core.tensors import generated_feeds
 
     model = onnx.ModelProto()
     model.CopyFrom(profile.model)

@@ -70,12 +70,12 @@ def decoder_feeds(model: onnx.ModelProto, *, batch: int = 1, past: int = 3, seq:
     """Consistent inputs for one cached decoder step (``past`` cached positions, ``seq`` new tokens).
 
     Random generated inputs do not fit a decoder: its mask must span the cached and the new
-    positions and its positions continue the cache (:func:`onnxpipe.core.tensors.decoder_feeds`).
+    positions and its positions continue the cache (:func:`onnxpipe.core.inputs.decoder_feeds`).
 
     Raises:
         InputError: the model is not a KV-cache decoder (``input_ids`` and 4-D ``past_key_values``).
     """
-    from onnxpipe.core.tensors import decoder_feeds as feeds_for
+    from onnxpipe.core.inputs import decoder_feeds as feeds_for
 
     feeds = feeds_for(model, batch, past, seq, np.random.default_rng(seed))
     if feeds is None:

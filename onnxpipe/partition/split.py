@@ -97,8 +97,8 @@ def check_sequence(model: onnx.ModelProto, stages: Sequence[onnx.ModelProto], pa
         True
     """
     from onnxpipe.core.compare import compare_runs, outputs_on
+    from onnxpipe.core.inputs import example_inputs
     from onnxpipe.core.session import Session
-    from onnxpipe.core.tensors import example_inputs
 
     if inputs is None:
         inputs = [example_inputs(model, batch=batch, seed=seed + k) for k in range(batches)]

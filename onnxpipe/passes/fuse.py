@@ -34,8 +34,9 @@ import onnx
 from onnxpipe.core.compare import Comparison, compare_runs, outputs_on
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.inputs import random_input
 from onnxpipe.core.session import Session
-from onnxpipe.core.tensors import concrete_shape, graph_inputs, random_input
+from onnxpipe.core.tensors import concrete_shape, graph_inputs
 from onnxpipe.core.timing import interleaved
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult

@@ -27,8 +27,8 @@ import onnx
 
 from onnxpipe.core.compare import outputs_on
 from onnxpipe.core.errors import InputError, OnnxpipeError
+from onnxpipe.core.inputs import decoder_feeds
 from onnxpipe.core.modelio import load_model, save_model
-from onnxpipe.core.tensors import decoder_feeds
 from onnxpipe.core.timing import latency_ms, time_session
 from onnxpipe.passes.base import PassContext
 from onnxpipe.pipeline.stages import (

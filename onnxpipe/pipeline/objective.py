@@ -161,7 +161,8 @@ def timing_feeds(model: onnx.ModelProto, batches: Sequence[Mapping[str, np.ndarr
     Inputs whose first axis is symbolic get ``batch_size`` rows (the check batches joined, repeated
     when too few); a fixed first axis keeps its size.
     """
-    from onnxpipe.core.tensors import example_inputs, graph_inputs
+    from onnxpipe.core.inputs import example_inputs
+    from onnxpipe.core.tensors import graph_inputs
 
     generated = example_inputs(model, batch=batch_size, seed=0)
     if not batches:

@@ -17,8 +17,9 @@ import onnx
 from onnxpipe.core.analysis import parameter_count
 from onnxpipe.core.compare import Comparison, outputs_on
 from onnxpipe.core.errors import InputError, OnnxpipeError, RunFailedError
+from onnxpipe.core.inputs import decoder_feeds, example_inputs, input_hints
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
-from onnxpipe.core.tensors import decoder_feeds, example_inputs, graph_inputs, input_hints, random_like
+from onnxpipe.core.tensors import graph_inputs, random_like
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import Pass, PassContext

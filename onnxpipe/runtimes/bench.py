@@ -114,8 +114,9 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
         [(1, 1, 0.41), (1, 32, 6.2), (4, 1, 0.2), (4, 32, 1.9)]
     """
     from onnxpipe.core.analysis import summarize
+    from onnxpipe.core.inputs import example_inputs
     from onnxpipe.core.modelio import load_model
-    from onnxpipe.core.tensors import example_inputs, tile_batch
+    from onnxpipe.core.tensors import tile_batch
     from onnxpipe.runtimes.device_session import DeviceSession
     from onnxpipe.runtimes.providers import Device
 

@@ -177,8 +177,8 @@ def _free_memory() -> int:
 
 def probe_feeds(model: str | os.PathLike, batch: int) -> dict[str, np.ndarray]:
     """Random inputs for ``model`` at ``batch`` samples (the measurement's batch)."""
+    from onnxpipe.core.inputs import generated_feeds
     from onnxpipe.core.modelio import load_model
-    from onnxpipe.core.tensors import generated_feeds
 
     proto = load_model(model, load_external_data=False)
     return generated_feeds(proto, batch, np.random.default_rng(0))

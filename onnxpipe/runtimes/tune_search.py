@@ -131,7 +131,7 @@ def dynamic_batch(model: onnx.ModelProto) -> bool:
 
 def tune_feeds(model: onnx.ModelProto, batch: int, dims: Mapping[str, int], seed: int) -> dict[str, np.ndarray]:
     """Random inputs of ``batch`` samples, named dims from ``dims``, reproducible by ``seed``."""
-    from onnxpipe.core.tensors import generated_feeds
+    from onnxpipe.core.inputs import generated_feeds
 
     return generated_feeds(model, batch, np.random.default_rng(seed), dims)
 
