@@ -25,8 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -48,6 +49,19 @@ def initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     for g in all_graphs(model.graph):
         yield from g.initializer
         for node in g.node:  # Constant nodes may hold external tensors too
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+
+
+def _inner_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """The tensors of subgraphs and of Constant nodes: every initializer but the top graph's own."""
+    from onnxpipe.core.graph import all_graphs
+
+    for depth, g in enumerate(all_graphs(model.graph)):
+        if depth:  # all_graphs yields the top graph first
+            yield from g.initializer
+        for node in g.node:
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     yield attr.t
@@ -147,6 +161,37 @@ def tensor_array(t: onnx.TensorProto, base_dir: str | os.PathLike | None = None)
     return mm.reshape(tuple(t.dims))
 
 
+def _move_out(t: onnx.TensorProto, out: BinaryIO, data_name: str) -> None:
+    """Append the bytes of ``t`` (in memory, or copied in chunks from its file) to ``out`` at a page-aligned
+    offset, and point ``t`` there: its in-memory bytes are released."""
+    pad = (-out.tell()) % ALIGN
+    out.write(b"\0" * pad)
+    offset = out.tell()
+    if is_external(t) and not t.raw_data:
+        src_offset, length = _span(t)
+        length = nbytes(t) if length is None else length
+        with open(source_file(t), "rb") as src:
+            src.seek(src_offset)
+            left = length
+            while left:
+                chunk = src.read(min(CHUNK, left))
+                if not chunk:
+                    raise InputError(f"tensor {t.name!r}: its data file ends early",
+                                     hint="the external data file is truncated; re-export the model")
+                out.write(chunk)
+                left -= len(chunk)
+    else:
+        raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
+        out.write(raw)
+        length = len(raw)
+        del raw
+        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                      "uint64_data", "string_data"):
+            t.ClearField(field)
+    t.data_location = onnx.TensorProto.EXTERNAL
+    _set_info(t, {"location": data_name, "offset": str(offset), "length": str(length)})
+
+
 def write_streaming(model: onnx.ModelProto, dest: str | os.PathLike, *, data_name: str | None = None,
                     inline_below: int = INLINE_BELOW) -> Path:
     """Write ``model`` to ``dest`` with its weights in ``<dest>.data``, one tensor at a time.
@@ -158,38 +203,10 @@ def write_streaming(model: onnx.ModelProto, dest: str | os.PathLike, *, data_nam
     """
     dest = Path(dest)
     data_name = data_name or f"{dest.name}.data"
-    data_path = dest.parent / data_name
-    with open(data_path, "wb") as out:
+    with open(dest.parent / data_name, "wb") as out:
         for t in initializers(model):
-            external = is_external(t) and not t.raw_data
-            if not external and nbytes(t) < inline_below:
-                continue
-            pad = (-out.tell()) % ALIGN
-            out.write(b"\0" * pad)
-            offset = out.tell()
-            if external:
-                src_offset, length = _span(t)
-                length = nbytes(t) if length is None else length
-                with open(source_file(t), "rb") as src:
-                    src.seek(src_offset)
-                    left = length
-                    while left:
-                        chunk = src.read(min(CHUNK, left))
-                        if not chunk:
-                            raise InputError(f"tensor {t.name!r}: its data file ends early",
-                                             hint="the external data file is truncated; re-export the model")
-                        out.write(chunk)
-                        left -= len(chunk)
-            else:
-                raw = t.raw_data if t.HasField("raw_data") else onnx.numpy_helper.to_array(t).tobytes()
-                out.write(raw)
-                length = len(raw)
-                del raw
-                for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
-                              "uint64_data", "string_data"):
-                    t.ClearField(field)
-            t.data_location = onnx.TensorProto.EXTERNAL
-            _set_info(t, {"location": data_name, "offset": str(offset), "length": str(length)})
+            if (is_external(t) and not t.raw_data) or nbytes(t) >= inline_below:
+                _move_out(t, out, data_name)
     with open(dest, "wb") as f:
         f.write(model.SerializeToString())
     base = str(dest.resolve().parent)
@@ -199,19 +216,198 @@ def write_streaming(model: onnx.ModelProto, dest: str | os.PathLike, *, data_nam
     return dest
 
 
+# -- weights that a pass made in memory go to disk; weights a pass needs come back ----------------------
+
+_spill_dir: Path | None = None
+
+
+def spill_folder() -> Path:
+    """This process's folder for weights moved out of memory (removed when the process exits)."""
+    global _spill_dir
+    if _spill_dir is None or not _spill_dir.is_dir():
+        import atexit
+        import tempfile
+
+        _spill_dir = Path(tempfile.mkdtemp(prefix="onnxpipe-weights-"))
+        atexit.register(shutil.rmtree, _spill_dir, ignore_errors=True)
+    return _spill_dir
+
+
+class SpillFile:
+    """A new data file in :func:`spill_folder` (or ``folder``) that tensors are moved into one by one.
+
+    Example:
+        >>> with SpillFile() as spill:  # doctest: +SKIP
+        ...     spill.put(tensor)  # tensor now refers to the file; its bytes left memory
+    """
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        import uuid
+
+        self.folder = Path(folder) if folder is not None else spill_folder()
+        self.name = f"spill-{uuid.uuid4().hex[:12]}.data"
+        self._base = str(self.folder.resolve())
+        self._file: BinaryIO | None = None
+        self.moved = 0
+
+    def put(self, t: onnx.TensorProto) -> None:
+        """Move ``t``'s in-memory bytes to the file; ``t`` then refers to them there."""
+        if self._file is None:
+            self._file = open(self.folder / self.name, "wb")  # noqa: SIM115 - closed by close()
+        self.moved += nbytes(t)
+        _move_out(t, self._file, self.name)
+        self._file.flush()  # readable at once (ORT, memory maps) while more tensors are appended
+        _set_info(t, {**_info(t), BASEPATH: self._base})
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> SpillFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def spill(model: onnx.ModelProto, folder: str | os.PathLike | None = None, *,
+          min_bytes: int = INLINE_BELOW) -> onnx.ModelProto:
+    """The model with every in-memory initializer of at least ``min_bytes`` moved into a new data file in
+    ``folder`` (default :func:`spill_folder`): it then reads them from disk like a lazily loaded model,
+    and ONNX Runtime memory-maps them. ``model`` itself is emptied of those bytes; the returned model is
+    a new message, so that the memory of the moved bytes goes back once ``model`` is dropped (protobuf
+    keeps a message's memory until the message is freed). Returns ``model`` when nothing is moved.
+
+    A large model whose pass made new weights in memory (quantized blocks, pruned layers) keeps
+    only one copy of any weight in memory at a time this way.
+    """
+    big = [t for t in initializers(model) if not is_external(t) and nbytes(t) >= min_bytes]
+    if not big:
+        return model
+    with SpillFile(folder) as out:
+        for t in big:
+            out.put(t)
+    fresh = onnx.ModelProto()
+    fresh.ParseFromString(model.SerializeToString())  # the weights are out: a small message
+    return fresh
+
+
+def load_tensor(t: onnx.TensorProto) -> None:
+    """Read an external tensor's bytes into the proto, in place (it is no longer external)."""
+    if not (is_external(t) and not t.raw_data):
+        return
+    offset, length = _span(t)
+    length = nbytes(t) if length is None else length
+    with open(source_file(t), "rb") as f:
+        f.seek(offset)
+        raw = f.read(length)
+    if len(raw) != length:
+        raise InputError(f"tensor {t.name!r}: its data file ends early",
+                         hint="the external data file is truncated; re-export the model")
+    t.raw_data = raw
+    del raw
+    del t.external_data[:]
+    t.data_location = onnx.TensorProto.DEFAULT
+
+
+def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a lazily loaded model with every weight read into memory (for code that needs the bytes:
+    ONNX Runtime's quantizers, onnxconverter's float16, the pruner). The model itself is unchanged."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # external tensors hold no bytes: a cheap copy
+    for t in initializers(copy):
+        load_tensor(t)
+    return copy
+
+
+def lazy_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of the weights that stay on disk (0 for a model held in memory)."""
+    return sum(nbytes(t) for t in initializers(model) if is_external(t) and not t.raw_data)
+
+
+# -- a skeleton: the graph with its large weights as inputs, for tools that would copy them ----------
+
+HOLLOW_ABOVE = 64 << 10  # weights at least this big become inputs of the skeleton; smaller ones stay (shapes, scales)
+
+
+def _copy_fields(src: Any, dst: Any, *, skip: str) -> None:
+    """Copy every set field of a message but ``skip`` (repeated fields extended, messages merged)."""
+    for fd, value in src.ListFields():
+        if fd.name == skip:
+            continue
+        target = getattr(dst, fd.name)
+        if hasattr(target, "extend"):  # a repeated field
+            target.extend(value)
+        elif hasattr(target, "CopyFrom"):
+            target.CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+
+
+def hollow(model: onnx.ModelProto, *, min_bytes: int = HOLLOW_ABOVE) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """The model with its top graph's large initializers turned into graph inputs of the same type and
+    shape, and those initializers, by name. Nothing of the weights is copied: a graph tool (onnxsim,
+    onnxslim, ORT's optimizer) works on the skeleton in little memory, and cannot fold through the
+    weights (which would make new copies of them). Small external tensors (shapes, scales) are read
+    into the skeleton, so folding through them still works. :func:`fill` puts the weights back.
+    """
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip="graph")  # everything but the graph's initializers
+    g = skeleton.graph
+    _copy_fields(model.graph, g, skip="initializer")
+    taken: dict[str, onnx.TensorProto] = {}
+    declared = {i.name for i in g.input}
+    for t in model.graph.initializer:
+        if nbytes(t) >= min_bytes and t.data_type != onnx.TensorProto.STRING:
+            taken[t.name] = t
+            if t.name not in declared:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.initializer.append(t)
+            load_tensor(g.initializer[-1])
+    for t in initializers(skeleton):  # subgraphs keep their tensors; a tool needs their bytes
+        load_tensor(t)
+    return skeleton, taken
+
+
+def fill(skeleton: onnx.ModelProto, taken: Mapping[str, onnx.TensorProto], original: onnx.ModelProto) -> onnx.ModelProto:
+    """Put the weights :func:`hollow` took back into a (transformed) skeleton, in place: each one a
+    node or output still reads becomes an initializer again (its input declaration goes, unless the
+    original model declared it too); the ones nothing reads any more are dropped."""
+    from onnxpipe.core.graph import used_names
+
+    g = skeleton.graph
+    declared = {i.name for i in original.graph.input}
+    used = used_names(g, set()) | {o.name for o in g.output}
+    keep = [i for i in g.input if i.name not in taken or i.name in declared]
+    if len(keep) != len(g.input):
+        del g.input[:]
+        g.input.extend(keep)
+    present = {t.name for t in g.initializer}
+    for name, t in taken.items():
+        if name in used and name not in present:
+            g.initializer.append(t)
+    return skeleton
+
+
 def ort_model_path(model: onnx.ModelProto, folder: str | os.PathLike, *, placeholders: bool = False) -> Path:
     """A file ONNX Runtime can load for a lazily loaded model: the header in ``folder``, data linked.
 
     Each distinct data file gets a hard link (a copy where links are not possible) in ``folder``;
     the header refers to those names. Nothing of the weights is read into memory. With
     ``placeholders`` the data files are sparse files of the same size instead (for ``onnx.checker``,
-    which checks locations and sizes but refuses hard links).
+    which checks locations and sizes but refuses hard links). Tensors of subgraphs (If, Loop, Scan
+    bodies) and Constant nodes are read into the header: ONNX Runtime checks their data files for
+    hard links and refuses them.
     """
     folder = Path(folder)
     header = onnx.ModelProto()
     header.CopyFrom(model)  # external tensors hold no bytes: a cheap copy
     names: dict[Path, str] = {}
-    for t in initializers(header):
+    for t in _inner_tensors(header):  # ORT refuses hard-linked data for these: read in (small, as a rule)
+        load_tensor(t)
+    for t in header.graph.initializer:
         if not (is_external(t) and not t.raw_data):
             continue
         src = source_file(t)

@@ -61,9 +61,11 @@ def _graph_constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto | onn
 def _const_value(c: onnx.TensorProto | onnx.NodeProto) -> np.ndarray | None:
     from onnx import numpy_helper
 
+    from onnxpipe.core.external import tensor_array
+
     try:
         if isinstance(c, onnx.TensorProto):
-            return numpy_helper.to_array(c)
+            return tensor_array(c)  # memory-mapped when its weights stay on disk
         attr = c.attribute[0]
         if attr.type == onnx.AttributeProto.TENSOR:
             return numpy_helper.to_array(attr.t)

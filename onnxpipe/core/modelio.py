@@ -55,17 +55,26 @@ def load_model(path: str | os.PathLike, *, load_external_data: bool = True) -> o
     return model
 
 
-def check_model(model: onnx.ModelProto, *, what: str = "model") -> None:
-    """Run ``onnx.checker`` with full checks; large models are checked without serializing."""
-    try:
-        if external.has_external_refs(model):  # the checker finds data files from a path, not a proto
-            import tempfile
+def run_checker(model: onnx.ModelProto) -> None:
+    """``onnx.checker`` on any model: a lazily loaded one through a header beside sparse placeholders of its
+    data files (no weight is read), one over protobuf's limit not at all (it cannot be serialized).
 
-            with tempfile.TemporaryDirectory(prefix="onnxpipe-check-") as tmp:
-                onnx.checker.check_model(str(external.ort_model_path(model, tmp, placeholders=True)),
-                                         full_check=False)
-        elif model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(model, full_check=False)
+    Raises:
+        onnx.checker.ValidationError: the graph is not valid ONNX.
+    """
+    if external.has_external_refs(model):  # the checker finds data files from a path, not a proto
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="onnxpipe-check-") as tmp:
+            onnx.checker.check_model(str(external.ort_model_path(model, tmp, placeholders=True)), full_check=False)
+    elif model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model, full_check=False)
+
+
+def check_model(model: onnx.ModelProto, *, what: str = "model") -> None:
+    """Run ``onnx.checker`` (:func:`run_checker`); an invalid graph is one line naming ``what``."""
+    try:
+        run_checker(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0]
         raise InputError(f"{what} is not a valid ONNX model: {first}", hint="re-export it or fix the graph") from exc
