@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         not_the_input(model, output)
         specs = [make_pass(parse_pass(p)) for p in passes]  # bad names fail before any work
         calibration = calibration_source(data) if data else None
-        proto = load_model(model)
+        proto = load_model(model, load_external_data=False)  # weights in external data stay on disk
         sample_inputs(data, proto)  # the first batch fits the model, or one line naming the data
 
         def on_event(message: str, stage) -> None:

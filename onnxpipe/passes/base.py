@@ -39,6 +39,8 @@ class PassContext:
         workdir: a scratch directory private to this pass run.
         log: a callable taking one line of text for the report and the live view.
         measure_latency: whether a pass may time models (off in quick runs and tests).
+        reference: the input model's outputs on ``check_inputs``, when the pipeline has them (a pass
+            that checks candidates itself need not run the input model again).
     """
 
     check_inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
@@ -48,6 +50,7 @@ class PassContext:
     workdir: Path | None = None
     log: Callable[[str], None] = lambda line: None
     measure_latency: bool = True
+    reference: list[dict[str, np.ndarray]] | None = None
 
 
 @dataclass
@@ -79,6 +82,9 @@ class Pass:
     name: ClassVar[str] = "pass"
     structural: ClassVar[bool] = False
     """A pass that rewrites layers (prune): the pipeline rolls it back if it adds parameters."""
+    lazy: ClassVar[bool] = False
+    """The pass takes a model whose weights stay on disk (external data not loaded) and reads only what it
+    changes. Other passes get such a model with its weights read into memory (a copy) first."""
     atol: ClassVar[float] = 1e-4
     rtol: ClassVar[float] = 1e-3
 

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxpipe.core.external import tensor_array
+
 # a block holds at most this many quantization steps of error (per algorithm) before the layout check fails
 RTN_STEPS = {False: 0.5, True: 1.0}  # asymmetric rounds to nearest; symmetric may clip one step at the far end
 SEARCH_STEPS = 2.0  # hqq and gptq move values off the nearest grid point on purpose, never by whole blocks
@@ -143,8 +145,8 @@ def check_layout(float_model: onnx.ModelProto, quantized: onnx.ModelProto, algor
         node_bits = int(node_attr(node, "bits"))
         # nodes at another width than the pass's come from the rtn quantizer (the budget's 8-bit ones)
         limit = RTN_STEPS[symmetric] if algorithm == "rtn" or node_bits != bits else SEARCH_STEPS
-        inits = {name: numpy_helper.to_array(q_inits_proto[name]) for name in node.input[1:] if name in q_inits_proto}
-        w = numpy_helper.to_array(f_inits[original.input[1]]).astype(np.float64)
+        inits = {name: tensor_array(q_inits_proto[name]) for name in node.input[1:] if name in q_inits_proto}
+        w = tensor_array(f_inits[original.input[1]]).astype(np.float64)
         w = w.reshape(w.shape[-2], w.shape[-1])
         blocks = read_blocks(node, inits)
         if (blocks.k, blocks.n) != w.shape:

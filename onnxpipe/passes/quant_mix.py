@@ -11,8 +11,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
+from onnxpipe.core.external import tensor_array
 from onnxpipe.core.graph import subgraphs
 from onnxpipe.passes.quant_layout import read_blocks
 
@@ -104,7 +105,7 @@ def same_weights(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     """Whether two weight-only quantizations dequantize to the same weights, node for node."""
     def weights(m: onnx.ModelProto) -> dict[str, np.ndarray]:
         inits = {i.name: i for i in m.graph.initializer}
-        return {n.name: read_blocks(n, {i: numpy_helper.to_array(inits[i]) for i in n.input[1:] if i in inits}).dequantize()
+        return {n.name: read_blocks(n, {i: tensor_array(inits[i]) for i in n.input[1:] if i in inits}).dequantize()
                 for n in m.graph.node if n.op_type == "MatMulNBits"}
     wa, wb = weights(a), weights(b)
     return wa.keys() == wb.keys() and all(np.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)

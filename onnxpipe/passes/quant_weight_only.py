@@ -26,18 +26,20 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 from pydantic import Field
 
-from onnxpipe.core import hardware
+from onnxpipe.core import external, hardware
 from onnxpipe.core.agreement import agreement_score, judge_cosine
 from onnxpipe.core.compare import Comparison
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
+from onnxpipe.core.external import tensor_array
 from onnxpipe.core.graph import name_bytes, subgraphs
 from onnxpipe.core.tensors import graph_inputs
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.passes.quant_budget import fit_budget
+from onnxpipe.passes.quant_by_weight import quantize_by_weight
 from onnxpipe.passes.quant_data import RECIPE_HINT, StreamingReader, take_batches
 from onnxpipe.passes.quant_layout import LayoutCheck, check_layout, node_attr, read_blocks
 from onnxpipe.passes.quant_mix import assemble, hide_weights, same_weights, suffix_new_tensors, unhide_weights
@@ -152,8 +154,8 @@ def sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes:
     out = {}
     for name, a_list in acts.items():
         node = q_nodes[name]
-        deq = read_blocks(node, {i: numpy_helper.to_array(q_inits[i]) for i in node.input[1:] if i in q_inits}).dequantize()
-        w = numpy_helper.to_array(f_inits[weights[name]]).astype(np.float64)
+        deq = read_blocks(node, {i: tensor_array(q_inits[i]) for i in node.input[1:] if i in q_inits}).dequantize()
+        w = tensor_array(f_inits[weights[name]]).astype(np.float64)
         w = w.reshape(w.shape[-2], w.shape[-1])
         a = np.concatenate(a_list).astype(np.float64)
         if len(a) > 4096:
@@ -203,6 +205,7 @@ class WeightOnlyQuantize(Pass):
     """
 
     name = "quantize"
+    lazy = True  # rtn and hqq quantize a model on disk weight by weight
 
     class Config(PassConfig):
         mode: Literal["int4", "int8-weight-only"]
@@ -359,6 +362,21 @@ class WeightOnlyQuantize(Pass):
         c = self.config
         block, level = plan["block_size"], plan["accuracy_level"]
         op_types = tuple(t for t in plan["op_types"] if bits == 4 or t == "MatMul")
+        if external.lazy_bytes(model):  # weights on disk: never all of them in memory
+            if algorithm == "gptq":
+                ctx.log("quantize: gptq runs the whole model on calibration data: its weights are read into memory")
+                model = external.materialize(model)
+            else:
+                # what the whole-model quantizer would be offered: every MatMul with a constant weight (and
+                # Gather with a constant table) not excluded; it may still leave some as they are
+                skip = set(exclude)
+                tables = {i.name for i in model.graph.initializer}
+                targets = {n: w for n, w in weight_matmuls(model).items() if "MatMul" in op_types and n not in skip}
+                targets.update({n.name: n.input[0] for n in model.graph.node
+                                if "Gather" in op_types and n.op_type == "Gather" and n.input[0] in tables
+                                and n.name not in skip})
+                return quantize_by_weight(model, targets,
+                                          lambda tiny: self.quantize(tiny, bits, algorithm, plan, [], ctx), ctx.log)
         first_exclude = [*exclude, *(plan.get("gptq_odd", []) if algorithm == "gptq" else [])]
         if algorithm == "hqq":
             algo: Any = mnq.HQQWeightOnlyQuantConfig(block_size=block, bits=bits, op_types_to_quantize=("MatMul",))
@@ -536,8 +554,8 @@ class WeightOnlyQuantize(Pass):
         weighted = set(weight_matmuls(prepared))
         notes["matmuls"] = {"int4": counts[4], "int8": counts[8],
                             "float": sum(n.op_type == "MatMul" and n.name in weighted for n in quantized.graph.node)}
-        size = quantized.ByteSize()
-        notes["size_bytes"] = {"before": model.ByteSize(), "after": size}
+        size = quantized.ByteSize() + external.lazy_bytes(quantized)
+        notes["size_bytes"] = {"before": model.ByteSize() + external.lazy_bytes(model), "after": size}
         notes["name_bytes"] = name_bytes(quantized)
         notes["summary"] = summary(notes, quantized, weighted)
         ctx.log(f"quantize: {counts[4]} MatMuls in int4, {counts[8]} in int8, {notes['matmuls']['float']} in float; "

@@ -17,9 +17,12 @@ from typing import ClassVar, Literal
 
 import onnx
 
+from onnxpipe.core import external
 from onnxpipe.core.compare import compare_runs, outputs_on
 from onnxpipe.core.deps import require
 from onnxpipe.core.graph import subgraphs, used_names
+from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from onnxpipe.core.units import human_bytes
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
@@ -71,6 +74,7 @@ class Simplify(Pass):
     """
 
     name = "simplify"
+    lazy = True
 
     class Config(PassConfig):
         skip: list[Backend] = []
@@ -119,8 +123,14 @@ class Simplify(Pass):
         if not backends:
             return PassResult(model, modified=False, notes={"skipped": "every backend is skipped"})
         atol, rtol = self.tolerance
-        reference = outputs_on(model, ctx.check_inputs) if ctx.check_inputs else None
+        reference = ctx.reference or (outputs_on(model, ctx.check_inputs) if ctx.check_inputs else None)
         failures: dict[str, str] = {}
+        original, taken = model, {}
+        if external.lazy_bytes(model) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+            # a large model: the backends work on its skeleton (big weights as inputs), never on copies of them
+            model, taken = external.hollow(model)
+            ctx.log(f"simplify: {len(taken)} weights ({human_bytes(sum(external.nbytes(t) for t in taken.values()))}) "
+                    "stay out of the backends (no folding through them)")
 
         def attempt(label: str, fn: Callable[[onnx.ModelProto], onnx.ModelProto],
                     m: onnx.ModelProto) -> onnx.ModelProto | None:
@@ -160,8 +170,11 @@ class Simplify(Pass):
         for label in order:
             m = candidates[label]
             if label == "unchanged":
-                return PassResult(model, modified=False, notes={"chosen": None, "nodes_by_candidate": sizes,
-                                                                "backend_failures": failures, "rejected": rejected})
+                return PassResult(original, modified=False, notes={"chosen": None, "nodes_by_candidate": sizes,
+                                                                   "backend_failures": failures, "rejected": rejected,
+                                                                   "weights_kept_out": len(taken)})
+            if taken:
+                m = external.fill(m, taken, original)
             if reference is not None:
                 try:
                     worst = compare_runs(reference, outputs_on(m, ctx.check_inputs), atol=atol, rtol=rtol)
@@ -173,8 +186,8 @@ class Simplify(Pass):
                     rejected[label] = f"{bad[0].name}: max abs diff {bad[0].max_abs:.3g}"
                     continue
             notes = {"chosen": label, "nodes_by_candidate": sizes, "chain_rounds": rounds,
-                     "backend_failures": failures, "rejected": rejected}
-            modified = sizes[label] != count_nodes(model) or m.ByteSize() != model.ByteSize()
+                     "backend_failures": failures, "rejected": rejected, "weights_kept_out": len(taken)}
+            modified = sizes[label] != count_nodes(model) or m.ByteSize() != original.ByteSize()
             ctx.log(f"simplify: {count_nodes(model)} -> {sizes[label]} nodes ({label})")
             return PassResult(m, modified=modified, notes=notes)
         raise AssertionError("unreachable: the unchanged model is always a candidate")

@@ -111,7 +111,8 @@ def optimize(
     from onnxpipe.core.metrics import bind, evaluate, resolve
     from onnxpipe.pipeline.objective import Objective, judge_stage, measure_one, timing_feeds
 
-    current = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    # a model with external data stays on disk: passes read (and sessions memory-map) only what they need
+    current = load_model(model, load_external_data=False) if not isinstance(model, onnx.ModelProto) else model
     keeps = [split_keep(p)[1] for p in passes]
     pass_objs = [make_pass(p) for p in passes]
     goal = Objective.parse(objective) if objective is not None else None
@@ -167,7 +168,8 @@ def optimize(
             ctx = PassContext(check_inputs=inputs, calibration=calibration, evaluation=evaluation,
                               metric=bind(metric_fn, evaluation[0], evaluation[1]) if metric_fn else None,
                               workdir=work,
-                              log=lambda line: notify(line, None), measure_latency=measure_latency)
+                              log=lambda line: notify(line, None), measure_latency=measure_latency,
+                              reference=reference)
             trial = try_pass(p, stage, current, inputs, reference, ctx)
             candidate = trial.model
             new_feeds = feeds
@@ -190,6 +192,7 @@ def optimize(
                 if candidate is not None:
                     save(stage, candidate, ".rejected")
             stages.append(stage)
+            trial = candidate = None  # a rolled-back model goes before the next pass runs
             notify(f"{p.name}: {'kept' if stage.kept else 'rolled back: ' + str(stage.reason)}"
                    + (f" (warning: {stage.notes['warning']})" if stage.notes.get("warning") else ""), stage)
     return PipelineResult(current, stages, metric if isinstance(metric, str) else getattr(metric, "__name__", None),

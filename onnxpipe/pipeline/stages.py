@@ -14,12 +14,14 @@ from typing import Any
 import numpy as np
 import onnx
 
+from onnxpipe.core import external
 from onnxpipe.core.analysis import parameter_count
 from onnxpipe.core.compare import Comparison, outputs_on
 from onnxpipe.core.errors import InputError, OnnxpipeError, RunFailedError
 from onnxpipe.core.inputs import decoder_feeds, example_inputs, input_hints
-from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, tensor_bytes
+from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, run_checker, tensor_bytes
 from onnxpipe.core.tensors import graph_inputs, random_like
+from onnxpipe.core.units import human_bytes
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes import get_pass
 from onnxpipe.passes.base import Pass, PassContext
@@ -192,7 +194,9 @@ def fill_stats(stage: Stage, model: onnx.ModelProto) -> None:
     """Nodes, parameters and bytes of ``model`` into ``stage``."""
     stage.nodes = count_nodes(model)
     stage.params = parameter_count(model)
-    stage.size_bytes = model.ByteSize() if tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD else tensor_bytes(model)
+    on_disk = external.lazy_bytes(model)
+    stage.size_bytes = (model.ByteSize() + on_disk if on_disk or tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD
+                        else tensor_bytes(model))
 
 
 def same_inputs(a: list[dict[str, np.ndarray]], b: list[dict[str, np.ndarray]]) -> bool:
@@ -219,19 +223,27 @@ def try_pass(p: Pass, stage: Stage, current: onnx.ModelProto, inputs: list[dict[
     ORT refusing the result) propagates: bad options are the user's to fix."""
     start = time.perf_counter()
     trial = Trial()
+    on_disk = external.lazy_bytes(current)
     try:
+        source = current
+        if on_disk and not p.lazy:  # the pass needs the weights' bytes: it gets a copy with them read in
+            ctx.log(f"{p.name}: reading {human_bytes(on_disk)} of weights into memory (the pass needs their bytes)")
+            source = external.materialize(current)
         with contextlib.redirect_stdout(io.StringIO()):
-            result = p.apply(current, ctx)
-        trial.model = result.model
+            result = p.apply(source, ctx)
         stage.notes = dict(result.notes)
-        if trial.model.ByteSize() < EXTERNAL_DATA_THRESHOLD:  # protobuf cannot check bigger ones
-            onnx.checker.check_model(trial.model)
+        rejected = result.rejected
+        trial.model = current if result.model is source else result.model
+        del source, result
+        if on_disk:  # weights the pass made stay on disk too: one copy of a weight in memory at a time
+            trial.model = external.spill(trial.model)
+        run_checker(trial.model)
         trial.inputs = fit_inputs(trial.model, inputs)
         before = reference if same_inputs(trial.inputs, inputs) else outputs_on(current, trial.inputs)
         trial.outputs = outputs_on(trial.model, trial.inputs)
         stage.comparisons = p.compare(before, trial.outputs)
-        if result.rejected:
-            stage.reason = result.rejected
+        if rejected:
+            stage.reason = rejected
         elif p.structural and parameter_count(trial.model) > parameter_count(current):
             stage.reason = (f"{p.name} would add parameters ({parameter_count(current):,} -> "
                             f"{parameter_count(trial.model):,}); a structural pass never grows the model")
