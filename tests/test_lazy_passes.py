@@ -1,0 +1,158 @@
+"""Passes on a model whose weights stay on disk: the same results as in memory, the weights never all read."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+from conftest import run_cli
+from onnx import numpy_helper
+
+import onnxpipe
+from onnxpipe.core import external
+from onnxpipe.core.modelio import load_model, save_model
+from onnxpipe.core.session import run_model
+from onnxpipe.passes.base import PassContext
+from onnxpipe.passes.quant_weight_only import WeightOnlyQuantize
+
+D = 128  # each weight 128 x 128 float32 = 64 KiB: big enough to stay out of the simplifier's skeleton
+V = 300  # embedding rows
+
+
+def llm_like_model() -> onnx.ModelProto:
+    """ids -> Gather(table) -> MatMul chain with Tanh, an Identity copy, a Reshape whose shape is computed
+    (Shape -> Gather -> Concat: for the simplifier to fold), a MatMul reusing the first weight (tied) and
+    one excluded later, and an If whose branches read a weight (a subgraph)."""
+    rng = np.random.default_rng(0)
+
+    def w(name: str, shape: tuple[int, ...]) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32), name)
+
+    inits = [w("table", (V, D)), w("w0", (D, D)), w("w1", (D, D)), w("w2", (D, D)),
+             numpy_helper.from_array(np.array([-1], np.int64), "minus1"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array(True), "flag")]
+    branch_w = w("wb", (D, D))
+    then = oh.make_graph([oh.make_node("MatMul", ["h2", "wb"], ["br"], name="branch_mm")], "then", [],
+                         [oh.make_tensor_value_info("br", onnx.TensorProto.FLOAT, None)], [branch_w])
+    other = oh.make_graph([oh.make_node("Identity", ["h2"], ["br2"])], "else", [],
+                          [oh.make_tensor_value_info("br2", onnx.TensorProto.FLOAT, None)])
+    nodes = [
+        oh.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        oh.make_node("MatMul", ["e", "w0"], ["m0"], name="mm0"), oh.make_node("Tanh", ["m0"], ["h0"]),
+        oh.make_node("Identity", ["h0"], ["h0c"]),
+        oh.make_node("MatMul", ["h0c", "w1"], ["m1"], name="mm1"), oh.make_node("Tanh", ["m1"], ["h1"]),
+        oh.make_node("MatMul", ["h1", "w0"], ["m2"], name="mm_tied"), oh.make_node("Tanh", ["m2"], ["h2"]),
+        oh.make_node("If", ["flag"], ["hb"], then_branch=then, else_branch=other, name="branch"),
+        oh.make_node("MatMul", ["hb", "w2"], ["m3"], name="mm_last"),
+        oh.make_node("Shape", ["m3"], ["s"]), oh.make_node("Gather", ["s", "zero"], ["s0"], axis=0),
+        oh.make_node("Concat", ["s0", "minus1"], ["shape"], axis=0),
+        oh.make_node("Reshape", ["m3", "shape"], ["logits"]),
+    ]
+    graph = oh.make_graph(nodes, "llm_like", [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["B", 5])],
+                          [oh.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["B", None])], inits)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def on_disk(tmp_path):
+    return save_model(llm_like_model(), tmp_path / "src" / "model.onnx", external_data=True)
+
+
+def ids(batch: int = 2) -> dict[str, np.ndarray]:
+    return {"ids": np.random.default_rng(1).integers(0, V, (batch, 5)).astype(np.int64)}
+
+
+PASSES = ["simplify", {"quantize": {"mode": "int4", "exclude_nodes": ["mm_last"], "quantize_embeddings": True}}, "strip"]
+
+
+def test_optimize_on_disk_gives_the_in_memory_result_without_reading_the_weights(on_disk, monkeypatch):
+    in_memory = onnxpipe.optimize(load_model(on_disk), PASSES, check_inputs=[ids()], measure_latency=False)
+
+    def refuse(model):
+        raise AssertionError("a lazy pass read every weight into memory")
+
+    monkeypatch.setattr(external, "materialize", refuse)
+    lazy = onnxpipe.optimize(on_disk, PASSES, check_inputs=[ids()], measure_latency=False)
+    assert [(s.name, s.kept, s.reason) for s in lazy.stages] == [(s.name, s.kept, s.reason) for s in in_memory.stages]
+    assert all(s.kept for s in lazy.stages), [s.reason for s in lazy.stages]
+    assert [s.nodes for s in lazy.stages] == [s.nodes for s in in_memory.stages]
+    simplify = lazy.stages[1]
+    assert simplify.nodes < lazy.stages[0].nodes and simplify.notes["weights_kept_out"] >= 4
+    ops = {n.op_type for n in lazy.model.graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops and "Identity" not in ops
+    # the same numbers: every weight quantized on its own equals the whole-model quantizer's result
+    np.testing.assert_allclose(run_model(lazy.model, ids(3))["logits"], run_model(in_memory.model, ids(3))["logits"],
+                               rtol=0, atol=1e-6)
+    # the weights stay on disk: the model in memory is a header, the blocks the pass made were moved out
+    assert external.lazy_bytes(lazy.model) > 0 and lazy.model.ByteSize() < 20_000
+    assert lazy.stages[2].size_bytes == pytest.approx(in_memory.stages[2].size_bytes, rel=0.05)
+    # the excluded MatMul still reads its float weight (w2); the tied w0 went once both its readers were quantized
+    floats = [t for t in lazy.model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and list(t.dims) == [D, D]]
+    assert len(floats) == 1 and external.is_external(floats[0])
+    assert sum(n.op_type == "MatMul" for n in lazy.model.graph.node) == 1
+
+
+def test_a_pass_that_needs_the_bytes_gets_them_and_its_weights_go_back_to_disk(on_disk):
+    lines = []
+    ref = onnxpipe.optimize(load_model(on_disk), ["fp16"], check_inputs=[ids()], measure_latency=False)
+    got = onnxpipe.optimize(on_disk, ["fp16"], check_inputs=[ids()], measure_latency=False,
+                            on_event=lambda message, stage: lines.append(message))
+    assert got.stages[1].kept and ref.stages[1].kept
+    assert any("reading" in line and "into memory" in line for line in lines)
+    np.testing.assert_array_equal(run_model(got.model, ids())["logits"], run_model(ref.model, ids())["logits"])
+    assert external.has_external_refs(got.model)  # the fp16 weights were moved out of memory after the pass
+    assert got.model.ByteSize() < 20_000
+
+
+def test_quantize_by_weight_equals_the_whole_model_quantizer_for_hqq_too(on_disk):
+    for algorithm in ("rtn", "hqq"):
+        cfg = {"mode": "int4", "algorithm": algorithm}
+        whole = WeightOnlyQuantize(cfg).apply(load_model(on_disk), PassContext(check_inputs=[ids()])).model
+        lazy = WeightOnlyQuantize(cfg).apply(load_model(on_disk, load_external_data=False),
+                                             PassContext(check_inputs=[ids()])).model
+        assert sorted(n.op_type for n in lazy.graph.node) == sorted(n.op_type for n in whole.graph.node)
+        a = {t.name: external.tensor_array(t) for t in lazy.graph.initializer}
+        b = {t.name: numpy_helper.to_array(t) for t in whole.graph.initializer}
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name], err_msg=f"{algorithm}: {name}")
+
+
+def test_hollow_and_fill_give_back_the_weights_the_graph_still_reads(on_disk):
+    lazy = load_model(on_disk, load_external_data=False)
+    skeleton, taken = external.hollow(lazy)
+    assert {"table", "w0", "w1", "w2"} <= set(taken) and "minus1" not in taken
+    # top-level weights are out; the If branch's weight is read in (tools need subgraphs whole)
+    assert skeleton.ByteSize() < D * D * 4 + 20_000 and not external.has_external_refs(skeleton)
+    assert {i.name for i in skeleton.graph.input} >= {"table", "w0", "w1", "w2"}
+    skeleton.graph.node[4].input[1] = "w0"  # a tool rewired mm1 to w0: w1 is read by nothing any more
+    filled = external.fill(skeleton, taken, lazy)
+    assert [i.name for i in filled.graph.input] == ["ids"]
+    names = {t.name for t in filled.graph.initializer}
+    assert {"table", "w0", "w2", "minus1"} <= names and "w1" not in names
+    assert all(external.is_external(t) for t in filled.graph.initializer if t.name in taken)
+
+
+def test_spill_moves_weights_out_and_returns_a_small_model(tmp_path):
+    model = llm_like_model()
+    before = run_model(model, ids())["logits"]
+    spilled = external.spill(model, tmp_path)
+    assert spilled is not model and spilled.ByteSize() < 20_000
+    assert len(list(tmp_path.glob("spill-*.data"))) == 1
+    np.testing.assert_array_equal(run_model(spilled, ids())["logits"], before)
+    assert external.spill(spilled, tmp_path) is spilled  # nothing left in memory to move
+
+
+def test_cli_optimize_keeps_external_data_and_matches(on_disk, tmp_path):
+    out = tmp_path / "out" / "model.onnx"
+    r = run_cli("optimize", str(on_disk), "-o", str(out), "--pass", "simplify", "--pass", "quantize:mode=int4",
+                "--pass", "strip")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "model.onnx.data").is_file()
+    assert not list((tmp_path / "out").glob("spill-*"))
+    ref = run_model(str(on_disk), ids())["logits"]
+    got = run_model(str(out), ids())["logits"]
+    cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
+    assert cos > 0.98
