@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -53,6 +54,7 @@ class HFConversionResult:
     model: Any = field(default=None, repr=False)  # the onnx.ModelProto
     source: Path | None = None
     side_files: dict[str, str] = field(default_factory=dict, repr=False)  # generated files: name -> text
+    scratch: Any = field(default=None, repr=False)  # a TemporaryDirectory holding the model's weights, if no output does
 
     def write_side_files(self, dest: str | os.PathLike) -> list[str]:
         """Copy the tokenizer and config files, and write ``genai_config.json``, beside a model in ``dest``.
@@ -97,26 +99,36 @@ def load_pretrained(folder: Path, auto_class: str) -> Any:
 # ----------------------------------------------------------------------------- shared by the decoder
 
 def export_with_fallback(wrapper: Any, args: tuple, in_names: list[str], out_names: list[str],
-                         axes: dict[str, dict[int, str]], opset: int) -> tuple[Any, str, list[Attempt]]:
+                         axes: dict[str, dict[int, str]], opset: int, *,
+                         workdir: str | os.PathLike | None = None) -> tuple[Any, str, list[Attempt]]:
     """Export ``wrapper`` with the TorchScript exporter, else the dynamo one; report every attempt.
 
     ``axes`` names the dynamic axes of inputs and outputs (``{"input_ids": {0: "batch_size"}}``).
     TorchScript goes first: it exports every family covered here in about a second, where
     dynamo takes ten times longer on the same decoder (both verified to agree).
+
+    With ``workdir`` (a folder the caller keeps), the export stays there and weights the exporter
+    wrote to external data (a model over 2 GB) are not read back: the model returned refers to
+    them on disk (see :mod:`onnxpipe.core.external`). Without it, the model is loaded whole.
     """
     import onnx
 
     from onnxpipe.converter.pytorch import _quiet
+    from onnxpipe.core.modelio import load_model
 
     attempts: list[Attempt] = []
-    with tempfile.TemporaryDirectory(prefix="onnxpipe-hf-") as tmp:
+    with contextlib.ExitStack() as stack:
+        base = Path(workdir) if workdir is not None else \
+            Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxpipe-hf-")))
         for name, strategy in (("torchscript", _torchscript), ("dynamo", _dynamo)):
-            target = Path(tmp) / f"{name}.onnx"
+            folder = base / name
+            folder.mkdir(parents=True, exist_ok=True)
+            target = folder / MODEL_FILE
             start = time.perf_counter()
             try:
                 with _quiet():
                     strategy(wrapper, args, target, in_names, out_names, axes, opset)
-                exported = onnx.load(str(target))
+                exported = onnx.load(str(target)) if workdir is None else load_model(target, load_external_data=False)
                 got_in = [i.name for i in exported.graph.input]
                 got_out = [o.name for o in exported.graph.output]
                 if got_in != in_names or got_out != out_names:
@@ -124,6 +136,7 @@ def export_with_fallback(wrapper: Any, args: tuple, in_names: list[str], out_nam
                                      f"expected {in_names} / {out_names}")
             except Exception as exc:  # noqa: BLE001 - each failure is recorded; the next strategy is tried
                 attempts.append(Attempt(name, time.perf_counter() - start, first_line(exc)))
+                shutil.rmtree(folder, ignore_errors=True)
                 continue
             attempts.append(Attempt(name, time.perf_counter() - start))
             return exported, f"torch.onnx.export ({name})", attempts

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -92,8 +93,13 @@ def _trace_inputs(vocab: int, n_layers: int, heads: int, size: int) -> tuple[Any
     return (ids, mask, pos, *kv)
 
 
-def export(model: Any, *, opset: int) -> tuple[onnx.ModelProto, str, list[Attempt]]:
-    """Export ``model`` (a ``*ForCausalLM``) to a flat-KV decoder; every strategy tried is reported."""
+def export(model: Any, *, opset: int, workdir: str | os.PathLike | None = None
+           ) -> tuple[onnx.ModelProto, str, list[Attempt]]:
+    """Export ``model`` (a ``*ForCausalLM``) to a flat-KV decoder; every strategy tried is reported.
+
+    With ``workdir``, weights the exporter wrote to external data stay there, on disk
+    (:func:`~onnxpipe.converter.hf_common.export_with_fallback`).
+    """
     n_layers, heads, size = _kv_geometry(model)
     past, present = kv_names(n_layers)
     in_names = ["input_ids", "attention_mask", "position_ids"] + past
@@ -107,42 +113,71 @@ def export(model: Any, *, opset: int) -> tuple[onnx.ModelProto, str, list[Attemp
     axes.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past})
     axes.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present})
     args = _trace_inputs(int(model.config.vocab_size), n_layers, heads, size)
-    return export_with_fallback(_wrapper(model, n_layers), args, in_names, out_names, axes, opset)
+    return export_with_fallback(_wrapper(model, n_layers), args, in_names, out_names, axes, opset, workdir=workdir)
 
 
-def check_decoder(model: Any, onnx_path: Path, *, atol: float, rtol: float, steps: int = DECODE_STEPS,
-          prompt_len: int = 12, batch: int = 2, seed: int = 0) -> CheckReport:
-    """Logits of ONNX against transformers on a random prompt, then on ``steps`` cached greedy steps."""
+Reference = list[tuple[str, dict[str, np.ndarray], np.ndarray]]
+"""The decoder check's steps as transformers ran them: ``(label, feeds without the cache, logits)``."""
+
+
+def decoder_reference(model: Any, *, steps: int = DECODE_STEPS, prompt_len: int = 12, batch: int = 2,
+                      seed: int = 0) -> Reference:
+    """transformers' logits on a random prompt, then on ``steps`` cached greedy steps.
+
+    Computed before ONNX Runtime runs, so the torch weights can be freed before the session
+    loads its own copy (a converter that holds both needs twice the weights' memory).
+    """
     torch = require("torch")
-    from onnxpipe.core.session import Session
-
-    report = CheckReport(atol, rtol)
-    n_layers, heads, size = _kv_geometry(model)
-    past_names, present_names = kv_names(n_layers)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, int(model.config.vocab_size), size=(batch, prompt_len), dtype=np.int64)
-    with Session(onnx_path) as session, torch.no_grad(), warnings.catch_warnings():
+    steps_out: Reference = []
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids),
                  "position_ids": np.broadcast_to(np.arange(prompt_len, dtype=np.int64), ids.shape).copy()}
-        feeds.update({n: np.zeros((batch, heads, 0, size), np.float32) for n in past_names})
         ref = model(input_ids=torch.from_numpy(ids), use_cache=True)
+        steps_out.append(("prompt", feeds, ref.logits.numpy()))
         cache = ref.past_key_values
-        got = session.run(feeds)
-        report.runs.append(logits_run("prompt", got["logits"], ref.logits.numpy(), atol=atol, rtol=rtol))
         total = prompt_len
         for step in range(steps):
             nxt = ref.logits[:, -1:].argmax(-1).numpy().astype(np.int64)
             total += 1
             feeds = {"input_ids": nxt, "attention_mask": np.ones((batch, total), np.int64),
                      "position_ids": np.full((batch, 1), total - 1, np.int64)}
-            feeds.update({p: got[q] for p, q in zip(past_names, present_names)})
             ref = model(input_ids=torch.from_numpy(nxt), attention_mask=torch.from_numpy(feeds["attention_mask"]),
                         past_key_values=cache, use_cache=True)
             cache = ref.past_key_values
+            steps_out.append((f"decode {step + 1}", feeds, ref.logits.numpy()))
+    return steps_out
+
+
+def check_onnx(onnx_path: Path, reference: Reference, geometry: tuple[int, int, int], *, atol: float,
+               rtol: float) -> CheckReport:
+    """Run the ONNX decoder on the reference's steps (its own cache fed back) and compare the logits."""
+    from onnxpipe.core.session import Session
+
+    n_layers, heads, size = geometry
+    past_names, present_names = kv_names(n_layers)
+    report = CheckReport(atol, rtol)
+    with Session(onnx_path) as session:
+        got: dict[str, np.ndarray] | None = None
+        for label, step_feeds, expected in reference:
+            feeds = dict(step_feeds)
+            if got is None:
+                batch = step_feeds["input_ids"].shape[0]
+                feeds.update({n: np.zeros((batch, heads, 0, size), np.float32) for n in past_names})
+            else:
+                feeds.update({p: got[q] for p, q in zip(past_names, present_names)})
             got = session.run(feeds)
-            report.runs.append(logits_run(f"decode {step + 1}", got["logits"], ref.logits.numpy(), atol=atol, rtol=rtol))
+            report.runs.append(logits_run(label, got["logits"], expected, atol=atol, rtol=rtol))
     return report
+
+
+def check_decoder(model: Any, onnx_path: Path, *, atol: float, rtol: float, steps: int = DECODE_STEPS,
+                  prompt_len: int = 12, batch: int = 2, seed: int = 0) -> CheckReport:
+    """Logits of ONNX against transformers on a random prompt, then on ``steps`` cached greedy steps."""
+    reference = decoder_reference(model, steps=steps, prompt_len=prompt_len, batch=batch, seed=seed)
+    return check_onnx(onnx_path, reference, _kv_geometry(model), atol=atol, rtol=rtol)
 
 
 def genai_config(config: Any, generation: dict[str, Any], n_layers: int, heads: int, size: int) -> dict[str, Any]:
@@ -186,47 +221,76 @@ def genai_config(config: Any, generation: dict[str, Any], n_layers: int, heads: 
 
 def convert(folder: Path, config: dict[str, Any], output: Any, *, opset: int, atol: float, rtol: float,
             check: bool, external_data_threshold: int | None) -> HFConversionResult:
-    """Export, write the output folder (atomically) and check it; see :func:`convert_folder`."""
-    from onnxpipe.core.modelio import check_model, save_model
+    """Export, write the output folder (atomically) and check it; see :func:`convert_folder`.
+
+    Memory stays near what the weights need once at a time: transformers' reference logits are
+    computed first; the exporter's weights stay in its external data files (never read back),
+    are streamed into the output, and the torch model is freed before ONNX Runtime loads the
+    written model to compare. A model over ``external_data_threshold`` that the exporter kept
+    in memory (the TorchScript exporter keeps anything under 2 GB) is moved to disk first, so it
+    takes the large models' path.
+    """
+    import gc
+
+    from onnxpipe.core import external
+    from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, check_model, save_model, tensor_bytes
 
     model = load_pretrained(folder, "AutoModelForCausalLM")
-    exported, exporter, attempts = export(model, opset=opset)
-    check_model(exported, what="the exported decoder")
-    arch = (config.get("architectures") or [type(model).__name__])[0]
-    result = HFConversionResult(None, "text-generation", False, arch, str(config.get("model_type", "")), exporter,
-                                attempts, model=exported)
-    n_layers, heads, size = _kv_geometry(model)
+    geometry = _kv_geometry(model)
+    reference = decoder_reference(model) if check else None
     generation = {}
     if (folder / "generation_config.json").is_file():
         try:
             generation = json.loads((folder / "generation_config.json").read_text())
         except ValueError:
             generation = {}
-    dest = Path(output) if output is not None else None
-    parent = dest.parent if dest is not None else None
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".onnxpipe-decoder-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    genai_text = json.dumps(genai_config(model.config, generation, *geometry), indent=2)
+    arch = (config.get("architectures") or [type(model).__name__])[0]
+    work = tempfile.TemporaryDirectory(prefix="onnxpipe-export-")
+    keep_work = False
     try:
-        save_model(exported, tmp / MODEL_FILE, threshold=external_data_threshold)
-        files = sorted(p.name for p in tmp.iterdir())
-        files += copy_side_files(folder, tmp)
-        genai_text = json.dumps(genai_config(model.config, generation, n_layers, heads, size), indent=2)
+        exported, exporter, attempts = export(model, opset=opset, workdir=Path(work.name) / "export")
+        del model
+        gc.collect()  # the torch weights go before anything else loads a copy
+        limit = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
+        if not external.has_external_refs(exported) and tensor_bytes(exported) > limit:
+            external.write_streaming(exported, Path(work.name) / "export" / "exported.onnx")  # as a big export is
+        check_model(exported, what="the exported decoder")
+        result = HFConversionResult(None, "text-generation", False, arch, str(config.get("model_type", "")),
+                                    exporter, attempts, model=exported)
         result.side_files = {"genai_config.json": genai_text}
-        (tmp / "genai_config.json").write_text(genai_text)
-        files.append("genai_config.json")
-        result.files = files
-        if check:
-            result.check = check_decoder(model, tmp / MODEL_FILE, atol=atol, rtol=rtol)
+        dest = Path(output) if output is not None else None
         if dest is not None:
-            replace_dir(tmp, dest)
-            result.path = dest
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".onnxpipe-decoder-", dir=dest.parent))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+        else:  # nothing to keep but the model in memory, which may read its weights from here
+            tmp = Path(work.name) / "model"
+            tmp.mkdir()
+        try:
+            save_model(exported, tmp / MODEL_FILE, threshold=external_data_threshold)
+            files = sorted(p.name for p in tmp.iterdir())
+            files += copy_side_files(folder, tmp)
+            (tmp / "genai_config.json").write_text(genai_text)
+            files.append("genai_config.json")
+            result.files = files
+            if reference is not None:
+                result.check = check_onnx(tmp / MODEL_FILE, reference, geometry, atol=atol, rtol=rtol)
+            if dest is not None:
+                replace_dir(tmp, dest)
+                result.path = dest
+                if external.has_external_refs(exported):
+                    external.remember_folder(exported, dest / MODEL_FILE)  # the result reads the written weights
+            else:
+                keep_work = external.has_external_refs(exported)
+        finally:
+            if dest is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        if keep_work:
+            result.scratch = work  # removed with the result
+        else:
+            work.cleanup()
     return result
