@@ -13,6 +13,7 @@ beside the issue's target:
 | ``infer`` with one worker | <= 1.3x |
 | ``infer`` of the parts on ``cpu:0,cpu:1`` | same outputs as the whole model |
 | ``optimize`` with simplify, quantize int4 and strip | <= 1.5x |
+| ``convert`` of a transformers decoder folder (``benchmarks/memory_convert.py``, ``--convert-gb 2.6``) | <= 2.5x, the ONNX model loads and matches |
 
 ``optimize`` loads the model without its weights: simplify works on the graph with the large
 weights as inputs, int4 quantizes one weight at a time, strip renames, and the check after each
