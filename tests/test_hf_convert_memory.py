@@ -110,3 +110,51 @@ def test_large_model_path_without_output_keeps_a_usable_model(llama):
     with Session(result.model) as session:
         got = session.run(_feeds(result.model))
     assert got["logits"].shape == (2, 5, hf_tiny.VOCAB) and np.isfinite(got["logits"]).all()
+
+
+def test_single_file_task_takes_the_large_model_path_too(tmp_path, monkeypatch):
+    import onnxruntime as ort
+    import torch
+    import transformers as tf
+
+    from onnxpipe.converter import check as check_mod
+    from onnxpipe.converter import huggingface
+    from onnxpipe.core import external
+
+    torch.manual_seed(0)
+    cfg = tf.BertConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_labels=3)
+    tf.BertForSequenceClassification(cfg).eval().save_pretrained(str(tmp_path / "bert"))
+    usual = huggingface.convert_folder(tmp_path / "bert", tmp_path / "usual.onnx")
+
+    loaded: list[weakref.ref] = []
+    freed_before_check: list[bool] = []
+    real_load, real_compare = huggingface.load_pretrained, check_mod.compare_outputs
+
+    def load(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    def compare(*args, **kwargs):
+        gc.collect()
+        freed_before_check.append(loaded[-1]() is None)
+        return real_compare(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface, "load_pretrained", load)
+    monkeypatch.setattr(check_mod, "compare_outputs", compare)
+    bounded = huggingface.convert_folder(tmp_path / "bert", tmp_path / "bounded.onnx", external_data_threshold=1)
+    assert freed_before_check == [True]
+    assert bounded.files == ["bounded.onnx", "bounded.onnx.data"] and usual.files == ["usual.onnx"]
+    assert external.has_external_refs(onnx.load(str(tmp_path / "bounded.onnx"), load_external_data=False))
+    assert bounded.check.ok and [r.label for r in bounded.check.runs] == [r.label for r in usual.check.runs]
+    for a, b in zip(bounded.check.worst(), usual.check.worst()):
+        assert a.max_abs == pytest.approx(b.max_abs, abs=1e-6)
+    ids = np.array([[5, 7, 9, 11]] * 3, np.int64)
+    outs = []
+    for name in ("bounded.onnx", "usual.onnx"):
+        sess = ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+        feeds = {i.name: (ids if i.name == "input_ids" else np.ones_like(ids) if i.name == "attention_mask"
+                          else np.zeros_like(ids)) for i in sess.get_inputs()}
+        outs.append(sess.run(None, feeds)[0])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-6, rtol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,36 +65,56 @@ def _dynamic_first_axis(model: onnx.ModelProto, names: set[str]) -> bool:
     return True
 
 
+Feeds = list[tuple[str, int | None, dict[str, np.ndarray]]]
+"""The check's input sets: ``(label, batch, feeds)``."""
+
+
+def check_feeds(model: onnx.ModelProto, fm: FrameworkModel, *, random_batches: int = 2, seed: int = 0) -> Feeds:
+    """The example inputs, then ``random_batches`` random batches drawn from the examples' value
+    ranges, at another batch size when the model's first axis is dynamic (only the model's
+    inputs are read, so a model whose weights stay on disk will do)."""
+    rng = np.random.default_rng(seed)
+    batched, batch = batched_inputs(fm.inputs)
+    feeds_list: Feeds = [("example", batch, dict(fm.inputs))]
+    other = batch
+    if batched and _dynamic_first_axis(model, batched):
+        other = batch + 2
+    for k in range(random_batches):
+        feeds = {}
+        for name, arr in fm.inputs.items():
+            shape = ((other,) + arr.shape[1:]) if name in batched else arr.shape
+            feeds[name] = random_like(arr, shape, rng)
+        feeds_list.append((f"random #{k + 1}", other, feeds))
+    return feeds_list
+
+
+def compare_outputs(model: str | os.PathLike | onnx.ModelProto, feeds_list: Feeds, expected: list[list[np.ndarray]],
+                    *, atol: float, rtol: float) -> CheckReport:
+    """Run ``model`` (ONNX Runtime, CPU) on each input set and compare with the framework's ``expected``
+    outputs, computed beforehand (so the framework's model may be gone by now)."""
+    report = CheckReport(atol, rtol)
+    with Session(model) as session:
+        onnx_names = session.output_names
+        for (label, b, feeds), exp_outputs in zip(feeds_list, expected):
+            got = session.run(feeds)
+            comps = []
+            if len(exp_outputs) != len(onnx_names):
+                comps.append(Comparison("(outputs)", float("inf"), float("inf"), False, 1.0,
+                                        f"ONNX model has {len(onnx_names)} outputs, framework {len(exp_outputs)}"))
+            for name, exp in zip(onnx_names, exp_outputs):
+                comps.append(compare(name, got[name], exp, atol=atol, rtol=rtol))
+            report.runs.append(CheckRun(label, b, comps))
+    return report
+
+
 def verify(model: onnx.ModelProto, fm: FrameworkModel, *, atol: float, rtol: float,
            random_batches: int = 2, seed: int = 0) -> CheckReport:
     """Compare every output of ``model`` (ONNX Runtime, CPU) with the framework's own.
 
     Runs the example inputs, then ``random_batches`` random batches drawn from the examples'
-    value ranges, at another batch size when the model's first axis is dynamic.
+    value ranges, at another batch size when the model's first axis is dynamic
+    (:func:`check_feeds`, :func:`compare_outputs`).
     """
-    report = CheckReport(atol, rtol)
-    rng = np.random.default_rng(seed)
-    batched, batch = batched_inputs(fm.inputs)
-    with Session(model) as session:
-        onnx_names = session.output_names
-        feeds_list = [("example", batch, dict(fm.inputs))]
-        other = batch
-        if batched and _dynamic_first_axis(model, batched):
-            other = batch + 2
-        for k in range(random_batches):
-            feeds = {}
-            for name, arr in fm.inputs.items():
-                shape = ((other,) + arr.shape[1:]) if name in batched else arr.shape
-                feeds[name] = random_like(arr, shape, rng)
-            feeds_list.append((f"random #{k + 1}", other, feeds))
-        for label, b, feeds in feeds_list:
-            expected = fm.reference(feeds)
-            got = session.run(feeds)
-            comps = []
-            if len(expected) != len(onnx_names):
-                comps.append(Comparison("(outputs)", float("inf"), float("inf"), False, 1.0,
-                                        f"ONNX model has {len(onnx_names)} outputs, framework {len(expected)}"))
-            for name, exp in zip(onnx_names, expected):
-                comps.append(compare(name, got[name], exp, atol=atol, rtol=rtol))
-            report.runs.append(CheckRun(label, b, comps))
-    return report
+    feeds_list = check_feeds(model, fm, random_batches=random_batches, seed=seed)
+    expected = [fm.reference(feeds) for _, _, feeds in feeds_list]
+    return compare_outputs(model, feeds_list, expected, atol=atol, rtol=rtol)

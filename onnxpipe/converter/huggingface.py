@@ -183,10 +183,15 @@ def _example_image_inputs(config: dict[str, Any]) -> dict[str, np.ndarray]:
 
 def _convert_single(folder: Path, config: dict[str, Any], task: str, output: Any, *, opset: int, atol: float,
                     rtol: float, check: bool, external_data_threshold: int | None) -> HFConversionResult:
+    """Export, check and write one ``.onnx``, in bounded memory as the decoder is (:mod:`.hf_decoder`)."""
     torch = require("torch")
+    import gc
+    import tempfile
+
     from onnxpipe.converter import pytorch
-    from onnxpipe.converter.check import verify
-    from onnxpipe.core.modelio import check_model, save_model
+    from onnxpipe.converter.check import check_feeds, compare_outputs
+    from onnxpipe.core import external
+    from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, check_model, save_model, tensor_bytes
 
     model = load_pretrained(folder, _AUTO[task])
     out_name = _OUTPUT[task]
@@ -220,15 +225,33 @@ def _convert_single(folder: Path, config: dict[str, Any], task: str, output: Any
         axes = {n: {0: "batch_size", 1: "sequence_length"} for n in inputs}
         axes[out_name] = {0: "batch_size"} if out_name == "logits" else {0: "batch_size", 1: "sequence_length"}
     args = tuple(torch.from_numpy(v) for v in inputs.values())
-    onnx_model, exporter, attempts = export_with_fallback(wrapper, args, list(inputs), [out_name], axes, opset)
-    check_model(onnx_model, what="the exported model")
     arch = (config.get("architectures") or [type(model).__name__])[0]
-    result = HFConversionResult(None, task, False, arch, str(config.get("model_type", "")), exporter, attempts,
-                                model=onnx_model)
-    if check:
-        result.check = verify(onnx_model, fm, atol=atol, rtol=rtol)
-    if output is not None:
-        result.path = save_model(onnx_model, output, threshold=external_data_threshold)
-        result.files = [result.path.name]
+    work = tempfile.TemporaryDirectory(prefix="onnxpipe-export-")
+    keep_work = False
+    try:
+        onnx_model, exporter, attempts = export_with_fallback(wrapper, args, list(inputs), [out_name], axes, opset,
+                                                              workdir=Path(work.name) / "export")
+        # the framework's outputs first: the torch model goes before ONNX Runtime loads the weights again
+        feeds = check_feeds(onnx_model, fm) if check else []
+        expected = [fm.reference(f) for _, _, f in feeds]
+        del fm, wrapper, model, args
+        gc.collect()
+        limit = EXTERNAL_DATA_THRESHOLD if external_data_threshold is None else external_data_threshold
+        if not external.has_external_refs(onnx_model) and tensor_bytes(onnx_model) > limit:
+            external.write_streaming(onnx_model, Path(work.name) / "export" / "exported.onnx")  # as a big export is
+        check_model(onnx_model, what="the exported model")
+        result = HFConversionResult(None, task, False, arch, str(config.get("model_type", "")), exporter, attempts,
+                                    model=onnx_model)
+        if output is not None:
+            result.path = save_model(onnx_model, output, threshold=external_data_threshold)
+            data = result.path.with_name(f"{result.path.name}.data")
+            result.files = [result.path.name] + ([data.name] if data.is_file() else [])
+        elif external.has_external_refs(onnx_model):  # no output: the model keeps reading from the export
+            keep_work = True
+            result.scratch = work
+        if check:
+            result.check = compare_outputs(result.path or onnx_model, feeds, expected, atol=atol, rtol=rtol)
+    finally:
+        if not keep_work:
+            work.cleanup()
     return result
-
