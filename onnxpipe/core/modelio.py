@@ -67,8 +67,8 @@ def run_checker(model: onnx.ModelProto) -> None:
 
         with tempfile.TemporaryDirectory(prefix="onnxpipe-check-") as tmp:
             onnx.checker.check_model(str(external.ort_model_path(model, tmp, placeholders=True)), full_check=False)
-    elif model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
-        onnx.checker.check_model(model, full_check=False)
+    elif tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD and model.ByteSize() < EXTERNAL_DATA_THRESHOLD:
+        onnx.checker.check_model(model, full_check=False)  # tensor_bytes first: ByteSize raises over 2 GB
 
 
 def check_model(model: onnx.ModelProto, *, what: str = "model") -> None:
