@@ -156,3 +156,28 @@ def test_cli_optimize_keeps_external_data_and_matches(on_disk, tmp_path):
     got = run_model(str(out), ids())["logits"]
     cos = float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got))
     assert cos > 0.98
+
+
+# -- commands on a model with external data: weights stay on disk in, external data out -------------------
+
+def test_commands_take_external_data_and_write_it_the_same_way(on_disk, tmp_path, monkeypatch):
+    out = tmp_path / "converted" / "model.onnx"
+    r = run_cli("convert", str(on_disk), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "converted" / "model.onnx.data").is_file()  # written the way it came: weights beside it
+    np.testing.assert_array_equal(run_model(str(out), ids())["logits"], run_model(str(on_disk), ids())["logits"])
+    repo = tmp_path / "repo"
+    r = run_cli("export-triton", str(on_disk), "-o", str(repo), "--name", "m")
+    assert r.returncode == 0, r.stderr
+    assert (repo / "m" / "1" / "model.onnx.data").is_file()
+    r = run_cli("validate", str(on_disk), "--providers", "cpu", "--precisions", "fp32,fp16,int8", "--json")
+    assert r.returncode == 0, r.stderr
+
+
+def test_validate_builds_precision_variants_of_a_model_on_disk(on_disk):
+    from onnxpipe.pipeline.validation import validate
+    from onnxpipe.runtimes.validate import parse_targets
+
+    report = validate(str(on_disk), parse_targets("cpu", ["fp32", "fp16", "int8"]), inputs=[ids()])
+    assert [r.error for r in report.rows] == [None, None, None]
+    assert all(r.ok for r in report.rows), [(r.target, [o.detail for o in r.outputs]) for r in report.rows]

@@ -199,7 +199,7 @@ def register(app: typer.Typer) -> None:
 
         console = console_for(json_out)
         targets = parse_targets(providers, precisions.split(",") if precisions else ())
-        proto = load_model(model)
+        proto = load_model(model, load_external_data=False)  # sessions memory-map the weights
         default = None
         if atol is not None or rtol is not None:
             default = Tolerance(atol if atol is not None else DEFAULTS["fp32"].atol,
@@ -281,7 +281,7 @@ def register(app: typer.Typer) -> None:
             devices = tuned.devices()  # type: ignore[assignment]
             default_sizes = ",".join(str(b) for b in sorted({e.batch_size for e in tuned.entries}))
         sizes = int_list(batch_sizes or default_sizes, "--batch-sizes")
-        proto = load_model(model)
+        proto = load_model(model, load_external_data=False)  # sessions memory-map the weights
         dims = parse_dims(dim)
         check_dims(proto, dims)
         sample = sample_inputs(data, proto)

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         cap = parse_bytes(memory_cap, "--memory-cap") if memory_cap else None
         parsed = [Device.parse(d) for d in split_devices(devices)]
         extra = [Device.parse(t) for t in try_ or []]
-        proto = load_model(model)
+        proto = load_model(model, load_external_data=False)  # sessions memory-map the weights
         dims = parse_dims(dim)
         check_dims(proto, dims)
         sample = sample_inputs(data, proto)

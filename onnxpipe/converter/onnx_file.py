@@ -19,7 +19,7 @@ from onnxpipe.core.userfiles import first_line
 
 
 def load(path: Path, specs: Sequence[InputSpec]) -> FrameworkModel:
-    model = load_model(path)
+    model = load_model(path, load_external_data=False)  # weights in external data stay on disk
     check_model(model, what=str(path))
     inputs = example_inputs(model, specs)
 
@@ -46,7 +46,14 @@ def export(fm: FrameworkModel, *, opset: int | None, dynamic_batch: bool) -> Exp
         return ExportOutcome(model, "onnx (" + ("; ".join(steps) or "unchanged") + ")", [])
     start = time.perf_counter()
     try:
-        converted = convert_opset(model, opset)
+        try:
+            converted = convert_opset(model, opset)
+        except Exception:
+            from onnxpipe.core import external
+
+            if not external.lazy_bytes(model):
+                raise
+            converted = convert_opset(external.materialize(model), opset)  # an adapter that reads a weight
     except Exception as exc:
         raise ConversionError(f"cannot convert the model from opset {current} to {opset} ({first_line(exc)})",
                               hint="keep its opset (omit --opset) or pick another") from exc

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from onnxpipe.core import external
 from onnxpipe.core.compare import Comparison, compare_runs
 from onnxpipe.core.errors import InputError
 
@@ -135,3 +136,11 @@ class Pass:
     def __repr__(self) -> str:
         opts = self.config.model_dump(exclude_defaults=True)
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in opts.items())})"
+
+
+def apply_pass(p: Pass, model: onnx.ModelProto, ctx: PassContext) -> PassResult:
+    """``p.apply(model, ctx)`` for any model: a pass that needs the weights' bytes (not :attr:`Pass.lazy`) is
+    given a model whose weights stay on disk with them read in (a copy; ``model`` stays as it is)."""
+    if not p.lazy and external.lazy_bytes(model):
+        model = external.materialize(model)
+    return p.apply(model, ctx)

@@ -47,6 +47,7 @@ class FixShapes(Pass):
     """
 
     name = "fix-shapes"
+    lazy = True  # declarations and shape inference only
     atol = 1e-5
     rtol = 1e-4
 

@@ -24,7 +24,7 @@ from onnxpipe.core.tensors import graph_inputs, random_like
 from onnxpipe.core.units import human_bytes
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes import get_pass
-from onnxpipe.passes.base import Pass, PassContext
+from onnxpipe.passes.base import Pass, PassContext, apply_pass
 from onnxpipe.passes.simplify import count_nodes
 
 PassSpec = str | Pass | Mapping[str, Any] | tuple[str, Mapping[str, Any]]
@@ -225,16 +225,15 @@ def try_pass(p: Pass, stage: Stage, current: onnx.ModelProto, inputs: list[dict[
     trial = Trial()
     on_disk = external.lazy_bytes(current)
     try:
-        source = current
-        if on_disk and not p.lazy:  # the pass needs the weights' bytes: it gets a copy with them read in
+        if on_disk and not p.lazy:  # apply_pass gives it a copy with the weights read in
             ctx.log(f"{p.name}: reading {human_bytes(on_disk)} of weights into memory (the pass needs their bytes)")
-            source = external.materialize(current)
         with contextlib.redirect_stdout(io.StringIO()):
-            result = p.apply(source, ctx)
+            result = apply_pass(p, current, ctx)
         stage.notes = dict(result.notes)
         rejected = result.rejected
-        trial.model = current if result.model is source else result.model
-        del source, result
+        # a pass that changed nothing leaves the model on disk as it is (not a copy with the weights read in)
+        trial.model = current if (on_disk and not result.modified) else result.model
+        del result
         if on_disk:  # weights the pass made stay on disk too: one copy of a weight in memory at a time
             trial.model = external.spill(trial.model)
         run_checker(trial.model)

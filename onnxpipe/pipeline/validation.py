@@ -20,7 +20,7 @@ import onnx
 
 from onnxpipe.core.compare import Tolerance
 from onnxpipe.core.errors import InputError
-from onnxpipe.passes.base import PassContext
+from onnxpipe.passes.base import PassContext, apply_pass
 from onnxpipe.runtimes.providers import Device
 from onnxpipe.runtimes.validate import QUANTIZED_OPS, Target, ValidationReport, device_variant, parse_targets
 from onnxpipe.runtimes.validate import validate as validate_on_devices
@@ -42,13 +42,13 @@ def precision_model(model: onnx.ModelProto, target: Target, workdir: Path) -> tu
     if p == "fp16":
         from onnxpipe.passes.fp16 import Fp16
 
-        return Fp16({}).apply(model, PassContext()).model, dev
+        return apply_pass(Fp16({}), model, PassContext()).model, dev
     if any(n.op_type in QUANTIZED_OPS for n in model.graph.node):
         return model, dev  # already int8
     from onnxpipe.passes.quantize import Quantize
 
     try:
-        return Quantize({"mode": "dynamic"}).apply(model, PassContext(workdir=workdir)).model, dev
+        return apply_pass(Quantize({"mode": "dynamic"}), model, PassContext(workdir=workdir)).model, dev
     except InputError as exc:
         if not exc.message.startswith("nothing to quantize"):
             raise

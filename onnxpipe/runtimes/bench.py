@@ -120,7 +120,7 @@ def bench(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
     from onnxpipe.runtimes.device_session import DeviceSession
     from onnxpipe.runtimes.providers import Device
 
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external_data=False)
     name = str(model) if not isinstance(model, onnx.ModelProto) else (proto.graph.name or "model")
     if any(b < 1 for b in batch_sizes):
         raise InputError(f"batch sizes must be >= 1, received {list(batch_sizes)}", hint="e.g. --batch-sizes 1,8,32")

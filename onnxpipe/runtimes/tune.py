@@ -108,7 +108,7 @@ def tune(model: onnx.ModelProto | str | os.PathLike, devices: Sequence[Any], *,
     if batch_sizes is not None and (not batch_sizes or any(b < 1 for b in batch_sizes)):
         raise InputError(f"batch sizes must be >= 1, received {list(batch_sizes)}", hint="e.g. --batch-sizes 1,8,32")
     start = time.perf_counter()
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external_data=False)
     parsed = [Device.parse(d) for d in devices]
     if not parsed:
         raise InputError("no devices to tune", hint="give at least one, e.g. --devices cpu")

@@ -233,7 +233,7 @@ def validate(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[Targe
         >>> [(row.target, row.ok) for row in r.rows]  # doctest: +SKIP
         [('cpu:0 (reference)', True), ('cuda:0', True), ('cuda:0/fp16', True)]
     """
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external_data=False)
     for t in targets:
         t.device.check_available()
     tolerances = dict(tolerances or {})
@@ -245,7 +245,7 @@ def validate(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[Targe
             first = rest.pop(0)
             ref_label = first.label
             m, ref_device = variant(proto, first, Path(tmp))
-            ref_model = m if isinstance(m, onnx.ModelProto) else load_model(m)
+            ref_model = m if isinstance(m, onnx.ModelProto) else load_model(m, load_external_data=False)
             expected, placed = run_target(m, ref_device, inputs)
             rows = [Row(f"{first.label} (reference)", placement=placed.summary() if placed else None,
                         placement_counts=placed.as_dict() if placed else None)]
@@ -253,7 +253,7 @@ def validate(model: onnx.ModelProto | str | os.PathLike, targets: Sequence[Targe
             ref_label = str(reference)
             expected, rows = load_outputs_npz(reference, len(inputs)), []
         else:
-            ref_model = load_model(reference)
+            ref_model = load_model(reference, load_external_data=False)
             ref_label = f"{reference} on cpu"
             expected, _ = run_target(ref_model, ref_device, inputs)
             rows = []
@@ -291,7 +291,7 @@ def _localize(model: Any, device: Device, ref_model: onnx.ModelProto | None, ref
     if ref_model is None:
         return {"found": False, "why": "saved outputs have no intermediate tensors: give --reference MODEL.onnx"}
     bad = next(o for o in row.outputs if not o.ok)
-    m = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    m = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external_data=False)
     found = localize(m, device, ref_model, ref_device, feeds, bad.tolerance, chunk=chunk)
     return found.as_dict() if found else {"found": False, "why": "every intermediate tensor matches; only the "
                                                                   "outputs differ (or the graphs share no names)"}

@@ -186,7 +186,7 @@ def export_triton(model: str | os.PathLike | onnx.ModelProto, repo: str | os.Pat
         raise InputError(f"version must be >= 1, received {version}", hint="use e.g. --version 1")
     if max_batch_size < 0 or instances < 1:
         raise InputError("max batch size must be >= 0 and instances >= 1", hint="e.g. --max-batch-size 32")
-    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model, load_external_data=False)
     if any(not o.type.tensor_type.HasField("shape") for o in proto.graph.output):
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
         shapes = {o.name: o for o in inferred.graph.output}
