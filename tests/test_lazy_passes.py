@@ -94,15 +94,29 @@ def test_optimize_on_disk_gives_the_in_memory_result_without_reading_the_weights
     assert sum(n.op_type == "MatMul" for n in lazy.model.graph.node) == 1
 
 
+def test_fp16_on_disk_converts_weight_by_weight_to_the_in_memory_result(on_disk, monkeypatch):
+    ref = onnxpipe.optimize(load_model(on_disk), ["fp16"], check_inputs=[ids()], measure_latency=False)
+    monkeypatch.setattr(external, "materialize", lambda model: pytest.fail("fp16 read every weight into memory"))
+    got = onnxpipe.optimize(on_disk, ["fp16"], check_inputs=[ids()], measure_latency=False)
+    assert got.stages[1].kept and got.stages[1].notes["weights_converted_one_by_one"] == 4
+    a = {t.name: external.tensor_array(t) for t in ref.model.graph.initializer}
+    b = {t.name: external.tensor_array(t) for t in got.model.graph.initializer}
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name
+    assert external.lazy_bytes(got.model) >= 4 * D * D * 2  # the float16 weights are on disk, not in memory
+
+
 def test_a_pass_that_needs_the_bytes_gets_them_and_its_weights_go_back_to_disk(on_disk):
     lines = []
-    ref = onnxpipe.optimize(load_model(on_disk), ["fp16"], check_inputs=[ids()], measure_latency=False)
-    got = onnxpipe.optimize(on_disk, ["fp16"], check_inputs=[ids()], measure_latency=False,
+    spec = [{"quantize": {"mode": "dynamic"}}]
+    ref = onnxpipe.optimize(load_model(on_disk), spec, check_inputs=[ids()], measure_latency=False)
+    got = onnxpipe.optimize(on_disk, spec, check_inputs=[ids()], measure_latency=False,
                             on_event=lambda message, stage: lines.append(message))
     assert got.stages[1].kept and ref.stages[1].kept
     assert any("reading" in line and "into memory" in line for line in lines)
     np.testing.assert_array_equal(run_model(got.model, ids())["logits"], run_model(ref.model, ids())["logits"])
-    assert external.has_external_refs(got.model)  # the fp16 weights were moved out of memory after the pass
+    assert external.has_external_refs(got.model)  # the int8 weights were moved out of memory after the pass
     assert got.model.ByteSize() < 20_000
 
 
