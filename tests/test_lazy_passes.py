@@ -109,15 +109,33 @@ def test_fp16_on_disk_converts_weight_by_weight_to_the_in_memory_result(on_disk,
 
 def test_a_pass_that_needs_the_bytes_gets_them_and_its_weights_go_back_to_disk(on_disk):
     lines = []
-    spec = [{"quantize": {"mode": "dynamic"}}]
+    spec = [{"opset": {"version": 18}}]
     ref = onnxpipe.optimize(load_model(on_disk), spec, check_inputs=[ids()], measure_latency=False)
     got = onnxpipe.optimize(on_disk, spec, check_inputs=[ids()], measure_latency=False,
                             on_event=lambda message, stage: lines.append(message))
     assert got.stages[1].kept and ref.stages[1].kept
     assert any("reading" in line and "into memory" in line for line in lines)
     np.testing.assert_array_equal(run_model(got.model, ids())["logits"], run_model(ref.model, ids())["logits"])
-    assert external.has_external_refs(got.model)  # the int8 weights were moved out of memory after the pass
+    assert external.has_external_refs(got.model)  # the weights were moved out of memory after the pass
     assert got.model.ByteSize() < 20_000
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_int8_on_disk_streams_through_onnx_runtime_to_the_in_memory_result(on_disk, monkeypatch, mode):
+    spec = [{"quantize": {"mode": mode}}]
+    data = [ids(4), ids(3)]
+    ref = onnxpipe.optimize(load_model(on_disk), spec, check_inputs=data, calibration=lambda: iter(data),
+                            measure_latency=False)
+    monkeypatch.setattr(external, "materialize", lambda model: pytest.fail("int8 read every weight into memory"))
+    got = onnxpipe.optimize(on_disk, spec, check_inputs=data, calibration=lambda: iter(data), measure_latency=False)
+    assert got.stages[1].kept and ref.stages[1].kept, got.stages[1].reason
+    assert got.stages[1].notes["nodes_quantized"] == ref.stages[1].notes["nodes_quantized"] > 0
+    np.testing.assert_allclose(run_model(got.model, ids())["logits"], run_model(ref.model, ids())["logits"],
+                               rtol=0, atol=1e-6)
+    assert external.lazy_bytes(got.model) > 0 and got.model.ByteSize() < 30_000
+    for t in got.model.graph.initializer:  # every data file it reads outlives the pass's work folder
+        if external.is_external(t):
+            assert external.source_file(t).parent == external.spill_folder()
 
 
 def test_quantize_by_weight_equals_the_whole_model_quantizer_for_hqq_too(on_disk):

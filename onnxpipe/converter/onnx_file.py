@@ -46,14 +46,7 @@ def export(fm: FrameworkModel, *, opset: int | None, dynamic_batch: bool) -> Exp
         return ExportOutcome(model, "onnx (" + ("; ".join(steps) or "unchanged") + ")", [])
     start = time.perf_counter()
     try:
-        try:
-            converted = convert_opset(model, opset)
-        except Exception:
-            from onnxpipe.core import external
-
-            if not external.lazy_bytes(model):
-                raise
-            converted = convert_opset(external.materialize(model), opset)  # an adapter that reads a weight
+        converted = convert_opset(model, opset)
     except Exception as exc:
         raise ConversionError(f"cannot convert the model from opset {current} to {opset} ({first_line(exc)})",
                               hint="keep its opset (omit --opset) or pick another") from exc

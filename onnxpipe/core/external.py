@@ -271,6 +271,29 @@ class SpillFile:
         self.close()
 
 
+def adopt(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make a lazily loaded model independent of the folder its data files are in (a tool's scratch folder
+    about to be removed): each data file gets a hard link (a copy where links are impossible) in
+    :func:`spill_folder`, and the model refers to that, in place. Returns ``model``."""
+    import uuid
+
+    folder = spill_folder()
+    moved: dict[Path, str] = {}
+    for t in initializers(model):
+        if not (is_external(t) and not t.raw_data):
+            continue
+        src = source_file(t)
+        if src not in moved:
+            name = f"adopted-{uuid.uuid4().hex[:12]}-{src.name}"
+            try:
+                os.link(src, folder / name)
+            except OSError:
+                shutil.copyfile(src, folder / name)
+            moved[src] = name
+        _set_info(t, {**_info(t), "location": moved[src], BASEPATH: str(folder.resolve())})
+    return model
+
+
 def spill(model: onnx.ModelProto, folder: str | os.PathLike | None = None, *,
           min_bytes: int = INLINE_BELOW) -> onnx.ModelProto:
     """The model with every in-memory initializer of at least ``min_bytes`` moved into a new data file in

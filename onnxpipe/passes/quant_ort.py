@@ -58,7 +58,9 @@ def registry(mode: str, fmt: str) -> list[str]:
 
 def load_sorted(path: Path) -> onnx.ModelProto:
     """Load a quantizer's output, nodes sorted again (ORT sorts them without the outer-scope inputs of If/Loop bodies)."""
-    model = onnx.load(str(path))
+    from onnxpipe.core.modelio import load_model
+
+    model = load_model(path, load_external_data=False)  # a big output's weights stay in its data file
     toposort(model.graph)
     return model
 

@@ -19,14 +19,14 @@ import numpy as np
 import onnx
 from pydantic import Field
 
-from onnxpipe.core import hardware
+from onnxpipe.core import external, hardware
 from onnxpipe.core.agreement import judge_cosine
 from onnxpipe.core.compare import Comparison
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
 from onnxpipe.core.files import scratch_cwd
 from onnxpipe.core.graph import name_bytes
-from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, save_model, tensor_bytes
+from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, load_model, save_model, tensor_bytes
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.passes.quant_budget import changed_nodes, search_budget
@@ -70,6 +70,7 @@ class Quantize(Pass):
     """
 
     name = "quantize"
+    lazy = True  # file to file through ONNX Runtime's quantizer: a model on disk is streamed there, not read in
 
     def __new__(cls, config: Mapping[str, Any] | PassConfig | None = None) -> Any:
         # weight-only modes are their own pass (passes/quant_weight_only.py) behind the same name
@@ -245,7 +246,7 @@ class Quantize(Pass):
                     failures.append(f"{label}: {first_line(exc)}")
             else:
                 status = "failed (" + "; ".join(failures) + ")"
-        prepared = onnx.load(str(target if target.exists() else source))
+        prepared = load_model(target if target.exists() else source, load_external_data=not big)
         seen = {n.name for n in prepared.graph.node if n.name}
         for i, node in enumerate(prepared.graph.node):  # nodes_to_exclude works by name
             if not node.name:
@@ -283,11 +284,12 @@ class Quantize(Pass):
         ctx.log(f"quantize: {plan.mode} ({plan.reason}); {plan.hardware}")
         for w in plan.warnings:
             ctx.log(f"quantize: warning: {w}")
-        big = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        on_disk = external.lazy_bytes(model)
+        big = bool(on_disk) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
         with contextlib.ExitStack() as stack:
             work = ctx.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxpipe-quant-")))
             prepared_path, pre_status = self._prepare(model, work, big)
-            prepared = onnx.load(str(prepared_path))
+            prepared = load_model(prepared_path, load_external_data=not on_disk)
             warnings = plan.warnings + self._check_exclusions(model, prepared)
             quantize, calib = ort_quantizer(c, plan, prepared_path, work, ctx, big)
             quantized = quantize()
@@ -317,9 +319,11 @@ class Quantize(Pass):
                     return PassResult(model, modified=False, notes=notes)
                 quantized = best
                 notes["nodes_quantized"] = len(changed_nodes(prepared, quantized))
+            if external.lazy_bytes(quantized):  # its data file is in the work folder, removed after the pass
+                quantized = external.adopt(quantized)
         quantized = prune_opsets(quantized)
-        size = quantized.ByteSize()
-        notes["size_bytes"] = {"before": model.ByteSize(), "after": size}
+        size = quantized.ByteSize() + external.lazy_bytes(quantized)
+        notes["size_bytes"] = {"before": model.ByteSize() + on_disk, "after": size}
         notes["name_bytes"] = name_bytes(quantized)
         if notes["name_bytes"] > NAMES_WORTH_STRIPPING * size:  # small models: names are a real share of the file
             ctx.log(f"quantize: tensor and node names are {notes['name_bytes'] / size:.0%} of this {size:,}-byte "
