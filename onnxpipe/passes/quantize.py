@@ -227,9 +227,18 @@ class Quantize(Pass):
             except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; the user gets one line
                 raise InputError(f"int8 quantization needs opset >= {MIN_OPSET} and converting this opset {opset} "
                                  f"model failed: {first_line(exc)}", hint="export the model at opset 13 or later") from exc
-        source = work / "float.onnx"
-        save_model(model, source, external_data=big)
         target, status = work / "prepared.onnx", "skipped"
+        taken: dict[str, onnx.TensorProto] = {}
+        if self.config.preprocess and external.lazy_bytes(model):
+            # weights on disk: pre-processing (shape inference, ORT's basic optimizations) runs on the skeleton,
+            # the large weights as inputs, instead of loading them all (and keeping copies) in ONNX Runtime
+            skeleton, taken = external.hollow(model)
+            source = work / "skeleton.onnx"
+            save_model(skeleton, source, external_data=False)
+            big = False
+        else:
+            source = work / "float.onnx"
+            save_model(model, source, external_data=big)
         if self.config.preprocess:
             require("onnxruntime")
             from onnxruntime.quantization import quant_pre_process
@@ -247,6 +256,9 @@ class Quantize(Pass):
             else:
                 status = "failed (" + "; ".join(failures) + ")"
         prepared = load_model(target if target.exists() else source, load_external_data=not big)
+        if taken:
+            prepared = external.fill(prepared, taken, model)
+            big = True
         seen = {n.name for n in prepared.graph.node if n.name}
         for i, node in enumerate(prepared.graph.node):  # nodes_to_exclude works by name
             if not node.name:
