@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,8 @@ from onnxpipe.core.tensors import TensorInfo, check_feeds, value_infos
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+SCRATCH_MODEL = "ort-model"  # the folder session_source writes a model for ONNX Runtime into
 
 OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
               "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
@@ -68,7 +71,17 @@ class Session:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise OnnxpipeError(f"ONNX Runtime cannot load the model: {msg}",
                                 hint="check the model with `onnxpipe inspect`") from exc
+        finally:
+            self.close_scratch()
         self._describe_io()
+
+    def close_scratch(self) -> None:
+        """Remove the scratch copy or links ONNX Runtime loaded the model from: it has read (memory-mapped) the
+        weights, and a hard link to a user's data file must not outlive that (ONNX Runtime refuses to load a
+        model whose subgraph weights are in a file with several links)."""
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
 
     def _describe_io(self) -> None:
         self.inputs: list[TensorInfo] = [
@@ -85,9 +98,7 @@ class Session:
 
     def close(self) -> None:
         self.session = None  # type: ignore[assignment]
-        if self._tmpdir is not None:
-            self._tmpdir.cleanup()
-            self._tmpdir = None
+        self.close_scratch()
 
     def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Return feeds as arrays, or raise naming the expected and received name, shape, dtype
@@ -111,13 +122,22 @@ def session_source(model: str | os.PathLike | onnx.ModelProto, scratch: Callable
     data, a header there linking the data files (no weight is read)."""
     if isinstance(model, onnx.ModelProto):
         if has_external_refs(model):  # weights left on disk: a header in scratch, the data files linked
-            return str(ort_model_path(model, scratch()))
+            folder = scratch() / SCRATCH_MODEL
+            folder.mkdir()
+            return str(ort_model_path(model, folder))
         if tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
-            return str(save_model(model, scratch() / "model.onnx"))
+            return str(save_model(model, scratch() / SCRATCH_MODEL / "model.onnx"))
         return model.SerializeToString()
     if not Path(model).exists():
         raise InputError(f"no such file: {model}", hint="check the path")
     return str(model)
+
+
+def release_source(source: str | bytes) -> None:
+    """After ONNX Runtime loaded ``source``: remove it if :func:`session_source` made it in a scratch folder
+    (a header with hard links to the data files, or a copy), keeping the rest of that folder."""
+    if isinstance(source, str) and Path(source).parent.name == SCRATCH_MODEL:
+        shutil.rmtree(Path(source).parent, ignore_errors=True)
 
 
 def _ort_dtype(type_str: str) -> np.dtype:

@@ -30,7 +30,7 @@ import onnx
 
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import OnnxpipeError
-from onnxpipe.core.session import Session, session_source
+from onnxpipe.core.session import Session, release_source, session_source
 from onnxpipe.runtimes.providers import (
     GPU_HINT,
     PROVIDERS,
@@ -149,6 +149,9 @@ class DeviceSession(Session):
             self.session = ort_mod.InferenceSession(source, opts, providers=providers)
         except Exception as exc:
             raise _load_error(self.device, exc) from exc
+        finally:
+            if self.device.kind != "tensorrt":  # TensorRT may parse the model (and its weights) again to rebuild
+                release_source(source)
         got = list(self.session.get_providers())
         if self.device.provider not in got:
             hint = TRT_HINT if self.device.kind == "tensorrt" else GPU_HINT
