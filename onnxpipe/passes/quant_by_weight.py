@@ -50,8 +50,8 @@ def quantize_by_weight(model: onnx.ModelProto, targets: Mapping[str, str],
     """``model`` with the nodes of ``targets`` (``{node name: weight initializer}``) quantized by ``quantize``,
     which is given one small model per weight and returns it quantized.
 
-    The result is a copy; ``model`` is unchanged. Weights no node reads any more are dropped; a weight
-    that another node still reads (an excluded MatMul sharing it) stays.
+    The result is a copy; ``model`` is unchanged. Initializers no node reads any more are dropped (as
+    ORT's quantizer does); a weight that another node still reads (an excluded MatMul sharing it) stays.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)  # weights on disk hold no bytes: a cheap copy
@@ -97,7 +97,7 @@ def quantize_by_weight(model: onnx.ModelProto, targets: Mapping[str, str],
     toposort(out.graph)
     out.graph.initializer.extend(added)
     used = used_names(out.graph, set()) | {o.name for o in out.graph.output}
-    for t in [t for t in out.graph.initializer if t.name in by_weight and t.name not in used]:
+    for t in [t for t in out.graph.initializer if t.name not in used]:  # as ORT's quantizer cleans up
         out.graph.initializer.remove(t)
     del out.opset_import[:]
     out.opset_import.extend(helper.make_opsetid(d, v) for d, v in opsets.items())

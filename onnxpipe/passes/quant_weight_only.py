@@ -101,6 +101,14 @@ def lm_head(model: onnx.ModelProto) -> str | None:
     return None
 
 
+def _nested_matmuls(model: onnx.ModelProto) -> int:
+    """MatMul and Gather nodes inside subgraphs (ORT's quantizer takes them; quantizing by weight does not)."""
+    from onnxpipe.core.graph import all_graphs
+
+    return sum(n.op_type in ("MatMul", "Gather") for depth, g in enumerate(all_graphs(model.graph)) if depth
+               for n in g.node)
+
+
 def _name_nodes(model: onnx.ModelProto) -> None:
     """Every node gets a unique name: exclusions, the quantizer's ``<name>_Q4`` and the budget work by name."""
     graphs = [model.graph]
@@ -363,8 +371,11 @@ class WeightOnlyQuantize(Pass):
         block, level = plan["block_size"], plan["accuracy_level"]
         op_types = tuple(t for t in plan["op_types"] if bits == 4 or t == "MatMul")
         if external.lazy_bytes(model):  # weights on disk: never all of them in memory
-            if algorithm == "gptq":
-                ctx.log("quantize: gptq runs the whole model on calibration data: its weights are read into memory")
+            nested = _nested_matmuls(model)
+            if algorithm == "gptq" or nested:
+                ctx.log("quantize: " + ("gptq runs the whole model on calibration data" if algorithm == "gptq" else
+                                        f"{nested} MatMul/Gather node(s) inside If/Loop bodies")
+                        + ": the weights are read into memory for ONNX Runtime's whole-model quantizer")
                 model = external.materialize(model)
             else:
                 # what the whole-model quantizer would be offered: every MatMul with a constant weight (and
