@@ -13,6 +13,8 @@ beside the issue's target:
 | ``infer`` with one worker | <= 1.3x |
 | ``infer`` of the parts on ``cpu:0,cpu:1`` | same outputs as the whole model |
 | ``optimize`` with simplify, quantize int4 and strip | <= 1.5x |
+| ``optimize`` with fp16 | <= 1.5x |
+| ``optimize`` with quantize dynamic (int8) | none: ONNX Runtime's quantizer holds about 3 copies |
 | ``convert`` of a transformers decoder folder (``benchmarks/memory_convert.py``, ``--convert-gb 2.6``) | <= 2.5x, the ONNX model loads and matches |
 
 ``optimize`` loads the model without its weights: simplify works on the graph with the large
@@ -159,6 +161,9 @@ def main() -> None:
         ("optimize simplify, int4, strip", py + ["optimize", str(model), "-o", str(work / "opt.onnx"), "--pass", "simplify",
                                                  "--pass", "quantize:mode=int4,min_cosine=0.9", "--pass", "strip",
                                                  "--report", str(work / "opt-report")], 1.5),
+        ("optimize fp16", py + ["optimize", str(model), "-o", str(work / "fp16.onnx"), "--pass", "fp16"], 1.5),
+        ("optimize quantize dynamic (int8)", py + ["optimize", str(model), "-o", str(work / "int8.onnx"),
+                                                   "--pass", "quantize:mode=dynamic"], None),
     ]
     rows = []
     for name, cmd, target in runs:

@@ -20,7 +20,7 @@ D = 128  # each weight 128 x 128 float32 = 64 KiB: big enough to stay out of the
 V = 300  # embedding rows
 
 
-def llm_like_model() -> onnx.ModelProto:
+def llm_like_model(branch: bool = True) -> onnx.ModelProto:
     """ids -> Gather(table) -> MatMul chain with Tanh, an Identity copy, a Reshape whose shape is computed
     (Shape -> Gather -> Concat: for the simplifier to fold), a MatMul reusing the first weight (tied) and
     one excluded later, and an If whose branches read a weight (a subgraph)."""
@@ -44,7 +44,8 @@ def llm_like_model() -> onnx.ModelProto:
         oh.make_node("Identity", ["h0"], ["h0c"]),
         oh.make_node("MatMul", ["h0c", "w1"], ["m1"], name="mm1"), oh.make_node("Tanh", ["m1"], ["h1"]),
         oh.make_node("MatMul", ["h1", "w0"], ["m2"], name="mm_tied"), oh.make_node("Tanh", ["m2"], ["h2"]),
-        oh.make_node("If", ["flag"], ["hb"], then_branch=then, else_branch=other, name="branch"),
+        oh.make_node("If", ["flag"], ["hb"], then_branch=then, else_branch=other, name="branch") if branch
+        else oh.make_node("Identity", ["h2"], ["hb"], name="branch"),
         oh.make_node("MatMul", ["hb", "w2"], ["m3"], name="mm_last"),
         oh.make_node("Shape", ["m3"], ["s"]), oh.make_node("Gather", ["s", "zero"], ["s0"], axis=0),
         oh.make_node("Concat", ["s0", "minus1"], ["shape"], axis=0),
@@ -58,6 +59,12 @@ def llm_like_model() -> onnx.ModelProto:
 @pytest.fixture
 def on_disk(tmp_path):
     return save_model(llm_like_model(), tmp_path / "src" / "model.onnx", external_data=True)
+
+
+@pytest.fixture
+def flat_on_disk(tmp_path):
+    """The model without its If: every MatMul in the top graph (a weight-only quantizer's by-weight path)."""
+    return save_model(llm_like_model(branch=False), tmp_path / "flat" / "model.onnx", external_data=True)
 
 
 def ids(batch: int = 2) -> dict[str, np.ndarray]:
@@ -138,7 +145,9 @@ def test_int8_on_disk_streams_through_onnx_runtime_to_the_in_memory_result(on_di
             assert external.source_file(t).parent == external.spill_folder()
 
 
-def test_quantize_by_weight_equals_the_whole_model_quantizer_for_hqq_too(on_disk):
+def test_quantize_by_weight_equals_the_whole_model_quantizer_for_hqq_too(flat_on_disk, monkeypatch):
+    on_disk = flat_on_disk
+    monkeypatch.setattr(external, "materialize", lambda model: pytest.fail("int4 read every weight into memory"))
     for algorithm in ("rtn", "hqq"):
         cfg = {"mode": "int4", "algorithm": algorithm}
         whole = WeightOnlyQuantize(cfg).apply(load_model(on_disk), PassContext(check_inputs=[ids()])).model
@@ -213,3 +222,80 @@ def test_validate_builds_precision_variants_of_a_model_on_disk(on_disk):
     report = validate(str(on_disk), parse_targets("cpu", ["fp32", "fp16", "int8"]), inputs=[ids()])
     assert [r.error for r in report.rows] == [None, None, None]
     assert all(r.ok for r in report.rows), [(r.target, [o.detail for o in r.outputs]) for r in report.rows]
+
+
+def test_a_real_decoder_export_on_disk_optimizes_like_in_memory(tmp_path, monkeypatch):
+    """A transformers Llama export (rotary caches, shape arithmetic, GQA reshapes, KV cache): the skeleton
+    simplifies it to the same graph and int4 by weight gives the same numbers as the whole-model quantizer."""
+    from hf_tiny import decoder
+
+    from onnxpipe.converter.huggingface import convert_folder
+    from onnxpipe.core.inputs import decoder_feeds
+
+    src = decoder("llama", tmp_path / "hf", layers=2, hidden=128, with_tokenizer=False)
+    out = tmp_path / "onnx"
+    convert_folder(src, out, check=False, external_data_threshold=0)
+    path = out / "model.onnx"
+    assert (out / "model.onnx.data").is_file()
+    spec = ["simplify", {"quantize": {"mode": "int4", "exclude_lm_head": True}}, "strip"]
+    ref = onnxpipe.optimize(load_model(path), spec, measure_latency=False)
+    monkeypatch.setattr(external, "materialize", lambda model: pytest.fail("a lazy pass read every weight"))
+    got = onnxpipe.optimize(path, spec, measure_latency=False)
+    assert [(s.name, s.kept, s.nodes) for s in got.stages] == [(s.name, s.kept, s.nodes) for s in ref.stages]
+    assert all(s.kept for s in got.stages), [s.reason for s in got.stages]
+    feeds = decoder_feeds(got.model, 2, 5, 1, np.random.default_rng(0))
+    a, b = run_model(got.model, feeds), run_model(ref.model, feeds)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=0, atol=1e-5, err_msg=name)
+    assert external.lazy_bytes(got.model) > 0
+
+
+def test_int4_budget_on_disk_picks_the_same_mixed_precision(flat_on_disk, monkeypatch):
+    """max_drop ranks MatMuls on real activations and assembles int4/int8/float variants: on disk the same."""
+    spec = [{"quantize": {"mode": "int4", "max_drop": 0.002, "min_cosine": 0.9}}]
+    data = [ids(4), ids(3)]
+    ref = onnxpipe.optimize(load_model(flat_on_disk), spec, check_inputs=data, measure_latency=False)
+    monkeypatch.setattr(external, "materialize", lambda model: pytest.fail("int4 read every weight into memory"))
+    got = onnxpipe.optimize(flat_on_disk, spec, check_inputs=data, measure_latency=False)
+    a, b = got.stages[1].notes, ref.stages[1].notes
+    assert len(b["trials"]) > 1  # the budget was not met by all-int4: the ladder ran
+    assert (a["kept_8bit"], a["kept_float"], a["budget_met"]) == (b["kept_8bit"], b["kept_float"], b["budget_met"])
+    assert [t["nodes"] for t in a["trials"]] == [t["nodes"] for t in b["trials"]]
+    np.testing.assert_allclose(run_model(got.model, ids())["logits"], run_model(ref.model, ids())["logits"],
+                               rtol=0, atol=1e-6)
+
+
+def test_run_recipe_on_a_model_with_external_data(on_disk, tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"model: {{source: {on_disk}}}\n"
+                      "passes: [simplify, {quantize: {mode: int4}}, strip]\n"
+                      "validate: {providers: [cpu], atol: 0.5, rtol: 0.1}\n"
+                      f"output: {tmp_path / 'run'}\n")
+    result = onnxpipe.run(recipe)
+    assert all(s.kept for s in result.pipeline.stages), [s.reason for s in result.pipeline.stages]
+    assert all(row["ok"] for row in result.validation)
+    assert (tmp_path / "run" / "model.onnx.data").is_file()
+    ref = run_model(str(on_disk), ids())["logits"]
+    got = run_model(str(tmp_path / "run" / "model.onnx"), ids())["logits"]
+    assert float((ref * got).sum() / np.linalg.norm(ref) / np.linalg.norm(got)) > 0.98
+
+
+def test_int4_of_weights_inside_subgraphs_reads_them_for_the_whole_model_quantizer(on_disk):
+    lines = []
+    cfg = {"mode": "int4"}
+    whole = WeightOnlyQuantize(cfg).apply(load_model(on_disk), PassContext()).model
+    lazy = WeightOnlyQuantize(cfg).apply(load_model(on_disk, load_external_data=False), PassContext(log=lines.append)).model
+    assert any("inside If/Loop bodies" in line for line in lines)
+    np.testing.assert_array_equal(run_model(lazy, ids())["logits"], run_model(whole, ids())["logits"])
+
+
+def test_a_session_on_a_lazy_model_leaves_no_link_to_the_users_data_file(on_disk):
+    """ONNX Runtime refuses a model whose subgraph weights sit in a file with several hard links: the links
+    a lazy session loads through go as soon as the session has read (memory-mapped) the weights."""
+    from onnxpipe.core.session import Session
+
+    data = on_disk.parent / "model.onnx.data"
+    with Session(load_model(on_disk, load_external_data=False)) as s:
+        assert data.stat().st_nlink == 1
+        expected = s.run(ids())["logits"]
+        np.testing.assert_array_equal(run_model(str(on_disk), ids())["logits"], expected)  # the original loads
