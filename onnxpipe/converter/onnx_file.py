@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from onnxpipe.converter.base import Attempt, ExportOutcome, FrameworkModel
+from onnxpipe.core import external
 from onnxpipe.core.errors import ConversionError
 from onnxpipe.core.graph import convert_opset, default_opset
 from onnxpipe.core.inputs import example_inputs
@@ -46,7 +47,7 @@ def export(fm: FrameworkModel, *, opset: int | None, dynamic_batch: bool) -> Exp
         return ExportOutcome(model, "onnx (" + ("; ".join(steps) or "unchanged") + ")", [])
     start = time.perf_counter()
     try:
-        converted = convert_opset(model, opset)
+        converted = external.with_weights_if_needed(lambda m: convert_opset(m, opset), model)
     except Exception as exc:
         raise ConversionError(f"cannot convert the model from opset {current} to {opset} ({first_line(exc)})",
                               hint="keep its opset (omit --opset) or pick another") from exc

@@ -25,9 +25,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ from onnxpipe.core.errors import InputError
 
 log = logging.getLogger("onnxpipe.external")
 
+T = TypeVar("T")
 BASEPATH = "basepath"
 ALIGN = 4096  # data offsets aligned to the page size, so ONNX Runtime can memory-map every tensor
 CHUNK = 16 << 20  # bytes copied at a time
@@ -342,6 +343,21 @@ def materialize(model: onnx.ModelProto) -> onnx.ModelProto:
     for t in initializers(copy):
         load_tensor(t)
     return copy
+
+
+def with_weights_if_needed(fn: Callable[[onnx.ModelProto], T], model: onnx.ModelProto) -> T:
+    """``fn(model)``; if that fails on a model whose weights stay on disk, ``fn`` of a copy with them read in.
+
+    For tools that rewrite nodes and only sometimes read a weight (onnx's version converter: a few
+    adapters read constant inputs): the weights are read only when they are needed.
+    """
+    try:
+        return fn(model)
+    except Exception:
+        if not lazy_bytes(model):
+            raise
+        log.info("reading the weights into memory: the tool needs their values")
+        return fn(materialize(model))
 
 
 def lazy_bytes(model: onnx.ModelProto) -> int:

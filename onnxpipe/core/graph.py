@@ -215,18 +215,8 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """Convert the default domain to ``opset`` with onnx's version converter.
-
-    A model whose weights stay on disk is converted as it is (the converter rewrites nodes, not
-    weights); only when an adapter needs a weight's values does it get a copy with them read in.
-    """
+    """Convert the default domain to ``opset`` with onnx's version converter (for a model whose weights stay
+    on disk, see :func:`onnxpipe.core.external.with_weights_if_needed`)."""
     from onnx import version_converter
 
-    from onnxpipe.core import external
-
-    try:
-        return version_converter.convert_version(model, opset)
-    except Exception:
-        if not external.lazy_bytes(model):
-            raise
-        return version_converter.convert_version(external.materialize(model), opset)
+    return version_converter.convert_version(model, opset)

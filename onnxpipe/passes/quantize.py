@@ -223,7 +223,7 @@ class Quantize(Pass):
         opset = default_opset(model)
         if opset < MIN_OPSET:  # per-channel Q/DQ needs the axis attribute of opset 13
             try:
-                model = convert_opset(model, MIN_OPSET)
+                model = external.with_weights_if_needed(lambda m: convert_opset(m, MIN_OPSET), model)
             except Exception as exc:  # noqa: BLE001 - the converter raises many kinds; the user gets one line
                 raise InputError(f"int8 quantization needs opset >= {MIN_OPSET} and converting this opset {opset} "
                                  f"model failed: {first_line(exc)}", hint="export the model at opset 13 or later") from exc
