@@ -186,6 +186,21 @@ def test_spill_moves_weights_out_and_returns_a_small_model(tmp_path):
     assert external.spill(spilled, tmp_path) is spilled  # nothing left in memory to move
 
 
+def test_weights_in_many_files_optimize_like_one(tmp_path, on_disk):
+    """One data file per tensor (what onnx.save writes with all_tensors_to_one_file=False)."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    onnx.save_model(llm_like_model(), str(folder / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=False, size_threshold=1024)
+    assert len([p for p in folder.iterdir() if p.name != "model.onnx"]) >= 5
+    one = onnxpipe.optimize(on_disk, PASSES, check_inputs=[ids()], measure_latency=False)
+    many = onnxpipe.optimize(folder / "model.onnx", PASSES, check_inputs=[ids()], measure_latency=False)
+    assert [(s.name, s.kept, s.nodes) for s in many.stages] == [(s.name, s.kept, s.nodes) for s in one.stages]
+    np.testing.assert_array_equal(run_model(many.model, ids())["logits"], run_model(one.model, ids())["logits"])
+    out = save_model(many.model, tmp_path / "out" / "model.onnx")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+
 def test_cli_optimize_keeps_external_data_and_matches(on_disk, tmp_path):
     out = tmp_path / "out" / "model.onnx"
     r = run_cli("optimize", str(on_disk), "-o", str(out), "--pass", "simplify", "--pass", "quantize:mode=int4",
