@@ -139,6 +139,10 @@ def test_int8_on_disk_streams_through_onnx_runtime_to_the_in_memory_result(on_di
     assert got.stages[1].notes["nodes_quantized"] == ref.stages[1].notes["nodes_quantized"] > 0
     np.testing.assert_allclose(run_model(got.model, ids())["logits"], run_model(ref.model, ids())["logits"],
                                rtol=0, atol=1e-6)
+    assert sorted(n.op_type for n in got.model.graph.node) == sorted(n.op_type for n in ref.model.graph.node)
+    a = {t.name: external.tensor_array(t) for t in got.model.graph.initializer}
+    b = {t.name: external.tensor_array(t) for t in ref.model.graph.initializer}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert external.lazy_bytes(got.model) > 0 and got.model.ByteSize() < 30_000
     for t in got.model.graph.initializer:  # every data file it reads outlives the pass's work folder
         if external.is_external(t):
@@ -239,7 +243,9 @@ def test_validate_builds_precision_variants_of_a_model_on_disk(on_disk):
     assert all(r.ok for r in report.rows), [(r.target, [o.detail for o in r.outputs]) for r in report.rows]
 
 
-def test_a_real_decoder_export_on_disk_optimizes_like_in_memory(tmp_path, monkeypatch):
+@pytest.mark.parametrize("quantize", [{"mode": "int4", "exclude_lm_head": True}, {"mode": "dynamic"}],
+                         ids=["int4", "int8-dynamic"])
+def test_a_real_decoder_export_on_disk_optimizes_like_in_memory(tmp_path, monkeypatch, quantize):
     """A transformers Llama export (rotary caches, shape arithmetic, GQA reshapes, KV cache): the skeleton
     simplifies it to the same graph and int4 by weight gives the same numbers as the whole-model quantizer."""
     from hf_tiny import decoder
@@ -252,7 +258,7 @@ def test_a_real_decoder_export_on_disk_optimizes_like_in_memory(tmp_path, monkey
     convert_folder(src, out, check=False, external_data_threshold=0)
     path = out / "model.onnx"
     assert (out / "model.onnx.data").is_file()
-    spec = ["simplify", {"quantize": {"mode": "int4", "exclude_lm_head": True}}, "strip"]
+    spec = ["simplify", {"quantize": quantize}, "strip"]
     ref = onnxpipe.optimize(load_model(path), spec, measure_latency=False)
     monkeypatch.setattr(external, "materialize", lambda model: pytest.fail("a lazy pass read every weight"))
     got = onnxpipe.optimize(path, spec, measure_latency=False)

@@ -13,8 +13,10 @@ from typing import Any
 
 import onnx
 
+from onnxpipe.core import external
 from onnxpipe.core.deps import require
-from onnxpipe.core.graph import subgraphs, toposort
+from onnxpipe.core.graph import all_graphs, subgraphs, toposort
+from onnxpipe.core.modelio import load_model
 from onnxpipe.core.tensors import graph_inputs
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quant_data import StreamingReader, calibrate, progress_bar
@@ -58,8 +60,6 @@ def registry(mode: str, fmt: str) -> list[str]:
 
 def load_sorted(path: Path) -> onnx.ModelProto:
     """Load a quantizer's output, nodes sorted again (ORT sorts them without the outer-scope inputs of If/Loop bodies)."""
-    from onnxpipe.core.modelio import load_model
-
     model = load_model(path, load_external_data=False)  # a big output's weights stay in its data file
     toposort(model.graph)
     return model
@@ -78,6 +78,31 @@ def prune_opsets(model: onnx.ModelProto) -> onnx.ModelProto:
         del model.opset_import[:]
         model.opset_import.extend(keep)
     return model
+
+
+def _dynamic_by_weight(model: onnx.ModelProto, op_types: Sequence[str], excluded: set[str],
+                       only: Sequence[str] | None, dynamic: Callable[..., None], work: Path,
+                       ctx: PassContext) -> onnx.ModelProto:
+    """ORT's dynamic quantizer on each group of nodes that share weights (:mod:`quant_by_weight`): every node it
+    would take reads a weight (it quantizes MatMuls with a constant B only), and it quantizes each on its own."""
+    from onnxpipe.passes.quant_by_weight import quantize_by_weight
+
+    wanted = set(only) if only else None
+    targets = [n.name for n in model.graph.node if n.op_type in set(op_types) | {"Gemm"} and n.name
+               and n.name not in excluded and (wanted is None or n.name in wanted)]
+    counter = iter(range(1 << 30))
+
+    def one(tiny: onnx.ModelProto) -> onnx.ModelProto:
+        k = next(counter)
+        source, out = work / f"group-{k}.onnx", work / f"group-{k}-int8.onnx"
+        onnx.save_model(tiny, str(source))
+        dynamic(source, out, external_data=False)
+        quantized = onnx.load(str(out))
+        source.unlink(missing_ok=True)
+        out.unlink(missing_ok=True)
+        return quantized
+
+    return quantize_by_weight(model, targets, one, ctx.log)
 
 
 def ort_quantizer(c: Any, plan: Plan, prepared: Path, work: Path, ctx: PassContext,
@@ -100,15 +125,24 @@ def ort_quantizer(c: Any, plan: Plan, prepared: Path, work: Path, ctx: PassConte
         def ort_names(names: Sequence[str]) -> list[str]:
             return [*names, *(f"{n}_MatMul" for n in names if n in gemms)]
 
+        def dynamic(source: Path, out: Path, excluded: Sequence[str] = (), only: Sequence[str] | None = None,
+                    external_data: bool = big) -> None:
+            with quiet():
+                quantize_dynamic(str(source), str(out), op_types_to_quantize=plan.op_types,
+                                 per_channel=c.per_channel, reduce_range=plan.reduce_range,
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=ort_names(excluded),
+                                 nodes_to_quantize=ort_names(only) if only else None,
+                                 use_external_data_format=external_data)
+
         def run_dynamic(excluded: Sequence[str] = (), fmt: str | None = None,
                         only: Sequence[str] | None = None) -> onnx.ModelProto:
             out = work / f"dynamic-{next(counter)}.onnx"
-            with quiet():
-                quantize_dynamic(str(prepared), str(out), op_types_to_quantize=plan.op_types,
-                                 per_channel=c.per_channel, reduce_range=plan.reduce_range,
-                                 weight_type=QuantType.QInt8, nodes_to_exclude=ort_names([*always, *excluded]),
-                                 nodes_to_quantize=ort_names(only) if only else None,
-                                 use_external_data_format=big)
+            header = load_model(prepared, load_external_data=False)
+            nested = any(n.op_type in plan.op_types for depth, g in enumerate(all_graphs(header.graph)) if depth
+                         for n in g.node)  # ORT quantizes inside If/Loop bodies too: that takes the whole model
+            if external.lazy_bytes(header) and not nested:  # weights on disk: group by group, never all in memory
+                return _dynamic_by_weight(header, plan.op_types, {*always, *excluded}, only, dynamic, out.parent, ctx)
+            dynamic(prepared, out, [*always, *excluded], only)
             return load_sorted(out)
         return run_dynamic, info
 

@@ -382,10 +382,9 @@ class WeightOnlyQuantize(Pass):
                 # Gather with a constant table) not excluded; it may still leave some as they are
                 skip = set(exclude)
                 tables = {i.name for i in model.graph.initializer}
-                targets = {n: w for n, w in weight_matmuls(model).items() if "MatMul" in op_types and n not in skip}
-                targets.update({n.name: n.input[0] for n in model.graph.node
-                                if "Gather" in op_types and n.op_type == "Gather" and n.input[0] in tables
-                                and n.name not in skip})
+                targets = [n for n in weight_matmuls(model) if "MatMul" in op_types and n not in skip]
+                targets += [n.name for n in model.graph.node if "Gather" in op_types and n.op_type == "Gather"
+                            and n.input[0] in tables and n.name not in skip]
                 return quantize_by_weight(model, targets,
                                           lambda tiny: self.quantize(tiny, bits, algorithm, plan, [], ctx), ctx.log)
         first_exclude = [*exclude, *(plan.get("gptq_odd", []) if algorithm == "gptq" else [])]
