@@ -320,3 +320,18 @@ def test_a_session_on_a_lazy_model_leaves_no_link_to_the_users_data_file(on_disk
         assert data.stat().st_nlink == 1
         expected = s.run(ids())["logits"]
         np.testing.assert_array_equal(run_model(str(on_disk), ids())["logits"], expected)  # the original loads
+
+
+def test_prune_on_disk_reads_weights_through_memory_maps_to_the_in_memory_result(tmp_path, monkeypatch):
+    from conftest import conv_gemm_model
+
+    path = save_model(conv_gemm_model(), tmp_path / "conv" / "model.onnx", external_data=True, threshold=0)
+    x = [{"x": np.random.default_rng(2).standard_normal((4, 3, 8, 8)).astype(np.float32)}]
+    spec = [{"prune": {"ratio": 0.5, "min_agreement": 0.01, "agreement": "cosine", "round_to": 1, "check_latency": False}}]
+    ref = onnxpipe.optimize(load_model(path), spec, check_inputs=x, measure_latency=False)
+    monkeypatch.setattr(external, "materialize", lambda model: pytest.fail("prune read every weight into memory"))
+    got = onnxpipe.optimize(path, spec, check_inputs=x, measure_latency=False)
+    assert got.stages[1].kept and ref.stages[1].kept, (got.stages[1].reason, ref.stages[1].reason)
+    assert got.stages[1].notes["totals"] == ref.stages[1].notes["totals"]
+    assert got.stages[1].notes["totals"]["params_after"] < got.stages[1].notes["totals"]["params_before"]
+    np.testing.assert_array_equal(run_model(got.model, x[0])["y"], run_model(ref.model, x[0])["y"])

@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from pydantic import Field, field_validator
 
+from onnxpipe.core import external
 from onnxpipe.core.agreement import judge_floor
 from onnxpipe.core.compare import Comparison
 from onnxpipe.core.errors import InputError
@@ -119,6 +120,7 @@ class Prune(Pass):
     """
 
     name = "prune"
+    lazy = True  # weights are memory-mapped as they are read; only the pruned layers are made in memory
     structural = True
 
     class Config(PassConfig):
@@ -228,6 +230,8 @@ class Prune(Pass):
             return PassResult(model, modified=False, notes=notes)
         if cfg.reconstruct:
             pruned, notes["reconstruct"] = self._reconstruct(work, pruned, analysis, mask, ctx)
+        if external.lazy_bytes(model):  # the pruned layers join the rest on disk before sessions time them
+            pruned = external.spill(pruned)
         before, after = summarize(model), summarize(pruned)
         sizes = [analysis.sources[s].size for g in groups for s in g.sources]
         kept = [analysis.sources[s].size - int(mask[analysis.sources[s].first:

@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxpipe.core.external import tensor_array
 from onnxpipe.passes.pruning.edits import SetAttr, SplitSizes, tensors_of
 from onnxpipe.passes.pruning.groups import Analysis
 
@@ -144,7 +145,7 @@ class _Identical:
         if shape_key not in self.done:
             self.done.add(shape_key)
             for init in self.by_shape.get(shape_key, []):
-                self.hashed.setdefault(self._key(numpy_helper.to_array(init)), init.name)
+                self.hashed.setdefault(self._key(tensor_array(init)), init.name)
         return self.hashed.get(self._key(value))
 
     def add(self, value: np.ndarray, name: str) -> None:

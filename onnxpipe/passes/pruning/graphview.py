@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxpipe.core import external
 from onnxpipe.core.graph import subgraph_inputs
 
 Dim = int | str | None
@@ -114,7 +115,10 @@ class GraphView:
             return None
         if name not in self._cache:
             if name in self.initializers:
-                self._cache[name] = numpy_helper.to_array(self.initializers[name])
+                t = self.initializers[name]
+                if external.is_external(t) and not t.raw_data:  # on disk: a fresh memory map, not kept mapped
+                    return external.tensor_array(t)
+                self._cache[name] = numpy_helper.to_array(t)
             else:
                 attr = self.constant_nodes[name].attribute[0]
                 self._cache[name] = np.asarray(onnx.helper.get_attribute_value(attr)

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxpipe.core.external import tensor_array
 from onnxpipe.core.session import Session
 from onnxpipe.passes.pruning.graphview import GraphView
 
@@ -97,13 +98,13 @@ class _Layer:
         self.node = next(n for n in model.graph.node if n.output and n.output[0] == out_name)
         self.op = self.node.op_type
         self.inits = {i.name: i for i in model.graph.initializer}
-        self.w = numpy_helper.to_array(self.inits[self.node.input[1]]).astype(np.float64)
+        self.w = tensor_array(self.inits[self.node.input[1]]).astype(np.float64)
         self.groups = int(GraphView.attr(self.node, "group", 1)) if self.op == "Conv" else 1
         self.trans_b = self.op == "Gemm" and int(GraphView.attr(self.node, "transB", 0))
         self.alpha = float(GraphView.attr(self.node, "alpha", 1.0)) if self.op == "Gemm" else 1.0
         self.beta = float(GraphView.attr(self.node, "beta", 1.0)) if self.op == "Gemm" else 1.0
         has_c = len(self.node.input) > 2 and self.node.input[2] in self.inits
-        self.bias = numpy_helper.to_array(self.inits[self.node.input[2]]).astype(np.float64) if has_c else None
+        self.bias = tensor_array(self.inits[self.node.input[2]]).astype(np.float64) if has_c else None
         n_out = self.w.shape[0] if self.op == "Conv" else (self.w.shape[0] if self.trans_b else self.w.shape[1])
         # a per-output bias is refitted with the weights; any other (scalar, per-row) stays and is
         # taken out of the target instead
@@ -161,7 +162,7 @@ class _Layer:
 
     def write(self, mats: list[np.ndarray]) -> None:
         """Store a solution (design layout) as the node's weights, in new initializers."""
-        dtype = numpy_helper.to_array(self.inits[self.node.input[1]]).dtype
+        dtype = tensor_array(self.inits[self.node.input[1]]).dtype
         if self.op == "Conv":
             w = np.concatenate([m[:-1].T if self.fit_bias else m.T for m in mats]).reshape(self.w.shape)
             b = np.concatenate([m[-1] for m in mats]) if self.fit_bias else None
