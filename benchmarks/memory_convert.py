@@ -11,6 +11,7 @@ check on and samples the resident memory of the whole process tree every 20 ms
 |---|---|
 | ``convert`` of the folder (text-generation, check on) | peak <= 2.5x the weight bytes |
 | the written decoder, run by ONNX Runtime | logits match transformers (the converter's check: prompt + 8 cached steps) |
+| ``run`` of a recipe on the folder: convert, quantize int4, strip, validate on cpu | peak <= 2.5x; every stage kept |
 
     python benchmarks/memory_convert.py [--convert-gb 2.6] [--workdir /tmp/onnxpipe-memory-convert] [--keep] [--json]
 
@@ -73,6 +74,34 @@ def build(folder: Path, gb: float) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def run_row(folder: Path, work: Path, weights: int) -> dict:
+    """``onnxpipe run`` of an int4 recipe on the folder: the whole large-model path in one command."""
+    recipe = work / "int4.yaml"
+    recipe.write_text(f"model: {{source: {folder}, task: text-generation}}\n"
+                      "passes:\n  - quantize: {mode: int4, exclude_lm_head: true}\n  - strip\n"
+                      "validate: {providers: [cpu], atol: 0.5, rtol: 0.1}\n"
+                      f"output: {work / 'run'}\n")
+    peak, seconds, proc = peak_of([sys.executable, "-m", "onnxpipe", "run", str(recipe)], Path.cwd())
+    row = {"command": "run (convert, int4, strip, validate)", "peak_bytes": peak, "ratio": peak / weights,
+           "target": TARGET, "seconds": round(seconds, 1), "exit": proc.returncode}
+    report = work / "run" / "report.json"
+    if proc.returncode == 0 and report.is_file():
+        doc = json.loads(report.read_text())
+        row["stages"] = [{"name": s["name"], "kept": s["kept"], "bytes": s["size_bytes"], "seconds": round(s["seconds"])}
+                         for s in doc["stages"]]
+        row["validation_ok"] = all(v["ok"] for v in doc["validation"])
+    else:
+        row["note"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+    row["ok"] = (proc.returncode == 0 and row["ratio"] <= TARGET and row.get("validation_ok", False)
+                 and all(s["kept"] for s in row.get("stages", [])))
+    print(f"{row['command']:40s} peak {peak / 1e9:6.2f} GB  {row['ratio']:5.2f}x weights  target <= {TARGET}x  "
+          f"{seconds:6.1f} s  {'ok' if row['ok'] else 'MISSED'}" + (f"  ({row['note']})" if "note" in row else ""))
+    for s in row.get("stages", []):
+        print(f"  run stage {s['name']:9s} {'kept' if s['kept'] else 'ROLLED BACK'}: {s['bytes'] / 1e9:.2f} GB, "
+              f"{s['seconds']} s")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--convert-gb", type=float, default=2.6, help="float32 weight gigabytes (1e9) of the folder")
@@ -118,8 +147,9 @@ def main() -> None:
         print(f"exported by {row['exporter']}; {row['data_bytes'] / 1e9:.2f} GB in model.onnx.data; ONNX Runtime vs "
               f"transformers logits over {row['runs']} runs (prompt + cached steps): max abs diff "
               f"{row['max_abs_diff']:.2e} ({'match' if row['check_ok'] else 'DIFFERENT'})")
+    rows = [row, run_row(folder, work, weights)]
     if args.json:
-        print(json.dumps({"weights_bytes": weights, "cpu": cpu().model, "rows": [row]}, indent=2))
+        print(json.dumps({"weights_bytes": weights, "cpu": cpu().model, "rows": rows}, indent=2))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

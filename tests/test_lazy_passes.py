@@ -335,3 +335,20 @@ def test_prune_on_disk_reads_weights_through_memory_maps_to_the_in_memory_result
     assert got.stages[1].notes["totals"] == ref.stages[1].notes["totals"]
     assert got.stages[1].notes["totals"]["params_after"] < got.stages[1].notes["totals"]["params_before"]
     np.testing.assert_array_equal(run_model(got.model, x[0])["y"], run_model(ref.model, x[0])["y"])
+
+
+def test_serve_answers_from_a_triton_repository_with_external_data(on_disk, tmp_path):
+    import tritonclient.http as httpclient
+    from conftest import serving, triton_client
+
+    from onnxpipe.serve.triton import export_triton
+
+    repo = tmp_path / "repo"
+    export_triton(on_disk, repo, "llm", max_batch_size=4)
+    assert (repo / "llm" / "1" / "model.onnx.data").is_file()
+    feeds = ids(3)
+    with serving(repo, "cpu") as (url, _), triton_client(url) as client:
+        request = httpclient.InferInput("ids", list(feeds["ids"].shape), "INT64")
+        request.set_data_from_numpy(feeds["ids"])
+        got = client.infer("llm", [request]).as_numpy("logits")
+    np.testing.assert_allclose(got, run_model(str(on_disk), feeds)["logits"], rtol=0, atol=1e-6)
