@@ -10,7 +10,7 @@ from conftest import run_cli
 from onnx import numpy_helper
 
 import onnxpipe
-from onnxpipe.core import external
+from onnxpipe.core import external, skeleton
 from onnxpipe.core.modelio import load_model, save_model
 from onnxpipe.core.session import run_model
 from onnxpipe.passes.base import PassContext
@@ -167,13 +167,13 @@ def test_quantize_by_weight_equals_the_whole_model_quantizer_for_hqq_too(flat_on
 
 def test_hollow_and_fill_give_back_the_weights_the_graph_still_reads(on_disk):
     lazy = load_model(on_disk, load_external_data=False)
-    skeleton, taken = external.hollow(lazy)
+    bare, taken = skeleton.hollow(lazy)
     assert {"table", "w0", "w1", "w2"} <= set(taken) and "minus1" not in taken
     # top-level weights are out; the If branch's weight is read in (tools need subgraphs whole)
-    assert skeleton.ByteSize() < D * D * 4 + 20_000 and not external.has_external_refs(skeleton)
-    assert {i.name for i in skeleton.graph.input} >= {"table", "w0", "w1", "w2"}
-    skeleton.graph.node[4].input[1] = "w0"  # a tool rewired mm1 to w0: w1 is read by nothing any more
-    filled = external.fill(skeleton, taken, lazy)
+    assert bare.ByteSize() < D * D * 4 + 20_000 and not external.has_external_refs(bare)
+    assert {i.name for i in bare.graph.input} >= {"table", "w0", "w1", "w2"}
+    bare.graph.node[4].input[1] = "w0"  # a tool rewired mm1 to w0: w1 is read by nothing any more
+    filled = skeleton.fill(bare, taken, lazy)
     assert [i.name for i in filled.graph.input] == ["ids"]
     names = {t.name for t in filled.graph.initializer}
     assert {"table", "w0", "w2", "minus1"} <= names and "w1" not in names

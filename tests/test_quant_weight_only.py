@@ -18,7 +18,8 @@ from onnxpipe.core.errors import InputError
 from onnxpipe.core.perplexity import evaluate_model, nll_sum, perplexity, text_windows
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quant_layout import check_layout, read_blocks
-from onnxpipe.passes.quant_weight_only import WeightOnlyQuantize, lm_head, weight_matmuls
+from onnxpipe.passes.quant_targets import lm_head, weight_matmuls
+from onnxpipe.passes.quant_weight_only import WeightOnlyQuantize
 from onnxpipe.passes.quantize import Quantize
 from onnxpipe.pipeline import optimize
 

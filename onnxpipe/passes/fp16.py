@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from onnxpipe.core import external
+from onnxpipe.core import external, skeleton
 from onnxpipe.core.deps import require
 from onnxpipe.core.graph import toposort
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
@@ -67,14 +67,14 @@ class Fp16(Pass):
     @staticmethod
     def _on_disk(model: onnx.ModelProto, options: dict[str, Any]) -> tuple[onnx.ModelProto, int]:
         """fp16 of a model whose weights stay on disk: the converter runs on the skeleton (large weights as
-        graph inputs, :func:`~onnxpipe.core.external.hollow`), where it types each weight input float16 or
+        graph inputs, :func:`~onnxpipe.core.skeleton.hollow`), where it types each weight input float16 or
         leaves it float32 as its readers need; each weight it made float16 is then converted alone, from
         its memory map into a spill file, and put back as an initializer."""
         from onnxruntime.transformers.float16 import convert_float_to_float16, convert_np_to_float16
 
-        skeleton, taken = external.hollow(model)
+        bare, taken = skeleton.hollow(model)
         io = [i.name for i in model.graph.input if i.name not in taken] + [o.name for o in model.graph.output]
-        out = convert_float_to_float16(skeleton, keep_io_types=io, **options)
+        out = convert_float_to_float16(bare, keep_io_types=io, **options)
         toposort(out.graph)
         halves = {i.name for i in out.graph.input
                   if i.name in taken and i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16}
@@ -86,4 +86,4 @@ class Fp16(Pass):
                 del w
                 spill.put(t)
                 weights[name] = t
-        return external.fill(out, weights, model), len(halves)
+        return skeleton.fill(out, weights, model), len(halves)

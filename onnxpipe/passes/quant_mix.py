@@ -1,4 +1,5 @@
-"""Mixed precision for weight-only quantization: one model assembled from per-node bit widths.
+"""Mixed precision for weight-only quantization: how much each MatMul loses, and one model assembled from
+per-node bit widths.
 
 The budget quantizes the whole model once per bit width and picks each MatMul's nodes from the
 variant it chose; these helpers assemble that model, hide weights from a quantizer, and compare or
@@ -7,7 +8,7 @@ rename what the quantizers produced. Split out of ``quant_weight_only`` (the pas
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ from onnx import helper
 from onnxpipe.core.external import tensor_array
 from onnxpipe.core.graph import subgraphs
 from onnxpipe.passes.quant_layout import read_blocks
+from onnxpipe.passes.quant_targets import weight_matmuls
 
 
 def quantized_nodes(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
@@ -122,3 +124,49 @@ def suffix_new_tensors(float_model: onnx.ModelProto, quantized: onnx.ModelProto,
             if name in new:
                 n.input[k] = new[name]
     return quantized
+
+
+# -- how much each MatMul loses ----------------------------------------------------------------
+
+def _activations(model: onnx.ModelProto, nodes: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]
+                 ) -> dict[str, list[np.ndarray]]:
+    """The float inputs (A) of each named MatMul on a few batches."""
+    from onnxpipe.core.session import Session
+
+    wanted = {n.name: n.input[0] for n in model.graph.node if n.name in set(nodes)}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    have = {o.name for o in probe.graph.output}
+    for tensor in sorted(set(wanted.values()) - have):
+        probe.graph.output.append(helper.make_empty_tensor_value_info(tensor))
+    out: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
+    with Session(probe, optimization="disable") as s:
+        names = sorted(set(wanted.values()))
+        for batch in batches:
+            got = s.run(batch, names)
+            for node, tensor in wanted.items():
+                a = got[tensor]
+                out[node].append(a.reshape(-1, a.shape[-1]))
+    return out
+
+
+def sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: Sequence[str],
+                batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Each MatMul's relative output error ``|A (W - Wq)| / |A W|`` with its quantized weights, on real activations."""
+    weights = weight_matmuls(float_model)
+    f_inits = {i.name: i for i in float_model.graph.initializer}
+    q_nodes = {n.name.rsplit("_Q", 1)[0]: n for n in quantized.graph.node if n.op_type == "MatMulNBits"}
+    q_inits = {i.name: i for i in quantized.graph.initializer}
+    acts = _activations(float_model, [n for n in nodes if n in q_nodes], batches)
+    out = {}
+    for name, a_list in acts.items():
+        node = q_nodes[name]
+        deq = read_blocks(node, {i: tensor_array(q_inits[i]) for i in node.input[1:] if i in q_inits}).dequantize()
+        w = tensor_array(f_inits[weights[name]]).astype(np.float64)
+        w = w.reshape(w.shape[-2], w.shape[-1])
+        a = np.concatenate(a_list).astype(np.float64)
+        if len(a) > 4096:
+            a = a[np.linspace(0, len(a) - 1, 4096).astype(int)]
+        ref = a @ w
+        out[name] = float(np.linalg.norm(a @ (w - deq)) / max(np.linalg.norm(ref), 1e-30))
+    return out

@@ -34,20 +34,25 @@ from onnxpipe.core.agreement import agreement_score, judge_cosine
 from onnxpipe.core.compare import Comparison
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
-from onnxpipe.core.external import tensor_array
-from onnxpipe.core.graph import name_bytes, subgraphs
+from onnxpipe.core.graph import name_bytes
 from onnxpipe.core.tensors import graph_inputs
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.passes.quant_budget import fit_budget
 from onnxpipe.passes.quant_by_weight import quantize_by_weight
 from onnxpipe.passes.quant_data import RECIPE_HINT, StreamingReader, take_batches
-from onnxpipe.passes.quant_layout import LayoutCheck, check_layout, node_attr, read_blocks
-from onnxpipe.passes.quant_mix import assemble, hide_weights, same_weights, suffix_new_tensors, unhide_weights
+from onnxpipe.passes.quant_layout import LayoutCheck, check_layout, node_attr
+from onnxpipe.passes.quant_mix import (
+    assemble,
+    hide_weights,
+    same_weights,
+    sensitivity,
+    suffix_new_tensors,
+    unhide_weights,
+)
+from onnxpipe.passes.quant_targets import lm_head, name_nodes, nested_matmuls, weight_matmuls
 
 MODES = {"int4": 4, "int8-weight-only": 8}
 ALGORITHMS = ("rtn", "hqq", "gptq")
-SHAPE_OPS = {"Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Add", "Mul", "Div",
-             "Tanh", "Softcap", "Slice", "Gather", "Concat", "Split"}
 
 
 @contextlib.contextmanager
@@ -61,116 +66,6 @@ def _quiet() -> Iterator[None]:
     finally:
         logging.disable(previous)
 
-
-
-# -- what to quantize --------------------------------------------------------------------
-
-def weight_matmuls(model: onnx.ModelProto) -> dict[str, str]:
-    """``{node name: weight initializer}`` of the top graph's MatMuls with a constant 2-D (or [1.., K, N]) weight."""
-    inits = {i.name: i for i in model.graph.initializer}
-    out = {}
-    for n in model.graph.node:
-        if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in inits:
-            dims = list(inits[n.input[1]].dims)
-            if len(dims) >= 2 and all(d == 1 for d in dims[:-2]) and inits[n.input[1]].data_type in (
-                    onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
-                out[n.name] = n.input[1]
-    return out
-
-
-def lm_head(model: onnx.ModelProto) -> str | None:
-    """The MatMul that computes the logits: walking back from the ``logits`` output (or the first
-    output) through reshapes, casts and scalings to the first MatMul with a constant weight."""
-    graph = model.graph
-    if not graph.output:
-        return None
-    out = next((o.name for o in graph.output if "logits" in o.name.lower()), graph.output[0].name)
-    producer = {o: n for n in graph.node for o in n.output if o}
-    weights = weight_matmuls(model)
-    frontier, seen = [out], set()
-    while frontier:
-        tensor = frontier.pop(0)
-        node = producer.get(tensor)
-        if node is None or node.name in seen:
-            continue
-        seen.add(node.name)
-        if node.name in weights:
-            return node.name
-        if node.op_type in SHAPE_OPS or node.op_type == "MatMul":
-            frontier.extend(i for i in node.input if i)
-    return None
-
-
-def _nested_matmuls(model: onnx.ModelProto) -> int:
-    """MatMul and Gather nodes inside subgraphs (ORT's quantizer takes them; quantizing by weight does not)."""
-    from onnxpipe.core.graph import all_graphs
-
-    return sum(n.op_type in ("MatMul", "Gather") for depth, g in enumerate(all_graphs(model.graph)) if depth
-               for n in g.node)
-
-
-def _name_nodes(model: onnx.ModelProto) -> None:
-    """Every node gets a unique name: exclusions, the quantizer's ``<name>_Q4`` and the budget work by name."""
-    graphs = [model.graph]
-    seen: set[str] = set()
-    while graphs:
-        g = graphs.pop()
-        for i, node in enumerate(g.node):
-            if not node.name or node.name in seen:
-                base = node.name or f"{node.op_type}_{i}"
-                name, k = base, 0
-                while name in seen:
-                    k += 1
-                    name = f"{base}_{k}"
-                node.name = name
-            seen.add(node.name)
-            graphs.extend(subgraphs(node))
-
-
-# -- mixed precision: how much each MatMul loses ----------------------------------------------
-
-def _activations(model: onnx.ModelProto, nodes: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]
-                 ) -> dict[str, list[np.ndarray]]:
-    """The float inputs (A) of each named MatMul on a few batches."""
-    from onnxpipe.core.session import Session
-
-    wanted = {n.name: n.input[0] for n in model.graph.node if n.name in set(nodes)}
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    for tensor in sorted(set(wanted.values()) - have):
-        probe.graph.output.append(helper.make_empty_tensor_value_info(tensor))
-    out: dict[str, list[np.ndarray]] = {n: [] for n in wanted}
-    with Session(probe, optimization="disable") as s:
-        names = sorted(set(wanted.values()))
-        for batch in batches:
-            got = s.run(batch, names)
-            for node, tensor in wanted.items():
-                a = got[tensor]
-                out[node].append(a.reshape(-1, a.shape[-1]))
-    return out
-
-
-def sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes: Sequence[str],
-                batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float]:
-    """Each MatMul's relative output error ``|A (W - Wq)| / |A W|`` with its quantized weights, on real activations."""
-    weights = weight_matmuls(float_model)
-    f_inits = {i.name: i for i in float_model.graph.initializer}
-    q_nodes = {n.name.rsplit("_Q", 1)[0]: n for n in quantized.graph.node if n.op_type == "MatMulNBits"}
-    q_inits = {i.name: i for i in quantized.graph.initializer}
-    acts = _activations(float_model, [n for n in nodes if n in q_nodes], batches)
-    out = {}
-    for name, a_list in acts.items():
-        node = q_nodes[name]
-        deq = read_blocks(node, {i: tensor_array(q_inits[i]) for i in node.input[1:] if i in q_inits}).dequantize()
-        w = tensor_array(f_inits[weights[name]]).astype(np.float64)
-        w = w.reshape(w.shape[-2], w.shape[-1])
-        a = np.concatenate(a_list).astype(np.float64)
-        if len(a) > 4096:
-            a = a[np.linspace(0, len(a) - 1, 4096).astype(int)]
-        ref = a @ w
-        out[name] = float(np.linalg.norm(a @ (w - deq)) / max(np.linalg.norm(ref), 1e-30))
-    return out
 
 
 def summary(notes: Mapping[str, Any], quantized: onnx.ModelProto, weighted: set[str]) -> list[str]:
@@ -371,7 +266,7 @@ class WeightOnlyQuantize(Pass):
         block, level = plan["block_size"], plan["accuracy_level"]
         op_types = tuple(t for t in plan["op_types"] if bits == 4 or t == "MatMul")
         if external.lazy_bytes(model):  # weights on disk: never all of them in memory
-            nested = _nested_matmuls(model)
+            nested = nested_matmuls(model)
             if algorithm == "gptq" or nested:
                 ctx.log("quantize: " + ("gptq runs the whole model on calibration data" if algorithm == "gptq" else
                                         f"{nested} MatMul/Gather node(s) inside If/Loop bodies")
@@ -433,7 +328,7 @@ class WeightOnlyQuantize(Pass):
     def _prepare(self, model: onnx.ModelProto, plan: dict[str, Any]) -> onnx.ModelProto:
         prepared = onnx.ModelProto()
         prepared.CopyFrom(model)
-        _name_nodes(prepared)
+        name_nodes(prepared)
         opset = next((o.version for o in prepared.opset_import if o.domain in ("", "ai.onnx")), 0)
         if plan["gathers"] and opset < 21:  # int4 tensors (GatherBlockQuantized's table) need opset 21
             from onnxpipe.core.graph import convert_opset

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from pydantic import Field
 
-from onnxpipe.core import external, hardware
+from onnxpipe.core import external, hardware, skeleton
 from onnxpipe.core.agreement import judge_cosine
 from onnxpipe.core.compare import Comparison
 from onnxpipe.core.deps import require
@@ -232,9 +232,9 @@ class Quantize(Pass):
         if self.config.preprocess and external.lazy_bytes(model):
             # weights on disk: pre-processing (shape inference, ORT's basic optimizations) runs on the skeleton,
             # the large weights as inputs, instead of loading them all (and keeping copies) in ONNX Runtime
-            skeleton, taken = external.hollow(model)
+            bare, taken = skeleton.hollow(model)
             source = work / "skeleton.onnx"
-            save_model(skeleton, source, external_data=False)
+            save_model(bare, source, external_data=False)
             big = False
         else:
             source = work / "float.onnx"
@@ -257,7 +257,7 @@ class Quantize(Pass):
                 status = "failed (" + "; ".join(failures) + ")"
         prepared = load_model(target if target.exists() else source, load_external_data=not big)
         if taken:
-            prepared = external.fill(prepared, taken, model)
+            prepared = skeleton.fill(prepared, taken, model)
             big = True
         seen = {n.name for n in prepared.graph.node if n.name}
         for i, node in enumerate(prepared.graph.node):  # nodes_to_exclude works by name

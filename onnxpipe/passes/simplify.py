@@ -17,7 +17,7 @@ from typing import ClassVar, Literal
 
 import onnx
 
-from onnxpipe.core import external
+from onnxpipe.core import external, skeleton
 from onnxpipe.core.compare import compare_runs, outputs_on
 from onnxpipe.core.deps import require
 from onnxpipe.core.graph import subgraphs, used_names
@@ -128,7 +128,7 @@ class Simplify(Pass):
         original, taken = model, {}
         if external.lazy_bytes(model) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
             # a large model: the backends work on its skeleton (big weights as inputs), never on copies of them
-            model, taken = external.hollow(model)
+            model, taken = skeleton.hollow(model)
             ctx.log(f"simplify: {len(taken)} weights ({human_bytes(sum(external.nbytes(t) for t in taken.values()))}) "
                     "stay out of the backends (no folding through them)")
 
@@ -174,7 +174,7 @@ class Simplify(Pass):
                                                                    "backend_failures": failures, "rejected": rejected,
                                                                    "weights_kept_out": len(taken)})
             if taken:
-                m = external.fill(m, taken, original)
+                m = skeleton.fill(m, taken, original)
             if reference is not None:
                 try:
                     worst = compare_runs(reference, outputs_on(m, ctx.check_inputs), atol=atol, rtol=rtol)
