@@ -13,6 +13,10 @@ check on and samples the resident memory of the whole process tree every 20 ms
 | the written decoder, run by ONNX Runtime | logits match transformers (the converter's check: prompt + 8 cached steps) |
 | ``run`` of a recipe on the folder: convert, quantize int4, strip, validate on cpu | peak <= 2.5x; every stage kept |
 
+The random weights are no language model: 4-bit rounding moves their nearly flat logits more than a
+trained model's (logits cosine 0.981 after one layer, lower after twelve), so the recipe gives the
+int4 check ``min_cosine: 0.9``; the row measures the path's memory, not this model's accuracy.
+
     python benchmarks/memory_convert.py [--convert-gb 2.6] [--workdir /tmp/onnxpipe-memory-convert] [--keep] [--json]
 
 Needs about 3x ``--convert-gb`` of free disk (the folder, the exporter's files, the output) and
@@ -78,7 +82,7 @@ def run_row(folder: Path, work: Path, weights: int) -> dict:
     """``onnxpipe run`` of an int4 recipe on the folder: the whole large-model path in one command."""
     recipe = work / "int4.yaml"
     recipe.write_text(f"model: {{source: {folder}, task: text-generation}}\n"
-                      "passes:\n  - quantize: {mode: int4, exclude_lm_head: true}\n  - strip\n"
+                      "passes:\n  - quantize: {mode: int4, exclude_lm_head: true, min_cosine: 0.9}\n  - strip\n"
                       "validate: {providers: [cpu], atol: 0.5, rtol: 0.1}\n"
                       f"output: {work / 'run'}\n")
     peak, seconds, proc = peak_of([sys.executable, "-m", "onnxpipe", "run", str(recipe)], Path.cwd())
