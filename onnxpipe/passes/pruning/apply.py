@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxpipe.core.external import tensor_array
+from onnxpipe.core.external import INLINE_BELOW, SpillFile, lazy_bytes, tensor_array
 from onnxpipe.passes.pruning.edits import SetAttr, SplitSizes, tensors_of
 from onnxpipe.passes.pruning.groups import Analysis
 
@@ -89,17 +89,26 @@ def prune_model(model: onnx.ModelProto, analysis: Analysis, removed_elements: np
     taken = _names(graph)
     replaced: set[str] = set()
     shared = _Identical(graph)
-    for (k, slot), value in sorted(values.items()):
+    # a model whose weights stay on disk gets its pruned layers on disk too, as they are made: the model in
+    # memory stays small (shape inference below copies it twice) and a view of a memory map is let go at once
+    spill = SpillFile() if lazy_bytes(model) else None
+    for k, slot in sorted(values):
+        value = np.ascontiguousarray(values.pop((k, slot)))
         node = nodes[k]
         old = node.input[slot]
-        value = np.ascontiguousarray(value)
         name = shared.find(value)
         if name is None:  # layers pruned alike often end up with equal copies of a shared weight
             name = _unique(old, taken)
-            graph.initializer.append(numpy_helper.from_array(value, name))
+            tensor = numpy_helper.from_array(value, name)
+            if spill is not None and value.nbytes >= INLINE_BELOW:
+                spill.put(tensor)
+            graph.initializer.append(tensor)
             shared.add(value, name)
         node.input[slot] = name
         replaced.add(old)
+        del value
+    if spill is not None:
+        spill.close()
     for (k, name), value in attrs.items():
         node = nodes[k]
         for a in node.attribute:
