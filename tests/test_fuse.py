@@ -197,6 +197,22 @@ def test_no_attention_nothing_to_fuse():
     assert detect(model).layers == 0
 
 
+def test_a_model_on_disk_is_read_in_only_when_there_is_attention_to_fuse(hf_export, tmp_path, monkeypatch):
+    from onnxpipe.core import external
+    from onnxpipe.core.modelio import load_model, save_model
+
+    plain = save_model(conv_gemm_model(), tmp_path / "plain" / "model.onnx", external_data=True, threshold=0)
+    bert = save_model(hf_export("bert", "torchscript"), tmp_path / "bert" / "model.onnx", external_data=True)
+    read = []
+    original = external.materialize
+    monkeypatch.setattr(external, "materialize", lambda m: read.append(1) or original(m))
+    result = Fuse({}).apply(load_model(plain, load_external_data=False), PassContext())
+    assert result.notes["status"] == "nothing to fuse" and read == []  # detection reads no weight
+    lazy = load_model(bert, load_external_data=False)
+    notes = _fuse_and_check(lazy, "bert")
+    assert read == [1] and notes["fused_attention"] == LAYERS
+
+
 def test_warning_reaches_the_pipeline_report():
     import onnxpipe
     from onnxpipe.pipeline import report

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from onnxpipe.core import external
 from onnxpipe.core.compare import Comparison, compare_runs, outputs_on
 from onnxpipe.core.deps import require
 from onnxpipe.core.errors import InputError
@@ -215,6 +216,7 @@ class Fuse(Pass):
     """
 
     name = "fuse"
+    lazy = True  # detection reads the graph only; the fusers get the weights read in when there is work
     # fused kernels sum in another order (and FastGelu is tanh GELU): float32 round-off, not errors
     atol = 1e-4
     rtol = 1e-3
@@ -276,6 +278,11 @@ class Fuse(Pass):
             ctx.log("fuse: no attention layer in the graph, nothing to fuse")
             return PassResult(model, modified=False, notes=notes)
         ctx.log(f"fuse: {model_type} ({found.layers} attention layers, heads={heads or '?'}, hidden={hidden or '?'})")
+        on_disk = external.lazy_bytes(model)
+        if on_disk:  # the fusers merge weights (Q, K and V into one): they need the bytes
+            ctx.log(f"fuse: reading {on_disk / 1e9:.2f} GB of weights into memory (the fusers merge weights)")
+            model = external.materialize(model)
+            shaped = None if shaped is None else (model if has_shapes(model) else infer_shapes(model))
 
         feeds = self._feeds(model, ctx)
         reference = outputs_on(model, feeds)

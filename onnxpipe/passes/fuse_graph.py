@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxpipe.core.external import tensor_array
 from onnxpipe.core.files import scratch_cwd
 from onnxpipe.core.tensors import graph_inputs
 
@@ -125,7 +126,7 @@ def _initializer_or_constant(graph: onnx.GraphProto) -> Callable[[str], np.ndarr
 
     def value(name: str) -> np.ndarray | None:
         if name in inits:
-            return numpy_helper.to_array(inits[name])
+            return tensor_array(inits[name])  # memory-mapped when the weights stay on disk
         n = producers.get(name)
         if n is not None and n.op_type == "Constant":
             for a in n.attribute:
