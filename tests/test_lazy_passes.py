@@ -13,7 +13,7 @@ import onnxpipe
 from onnxpipe.core import external, skeleton
 from onnxpipe.core.modelio import load_model, save_model
 from onnxpipe.core.session import run_model
-from onnxpipe.passes.base import PassContext
+from onnxpipe.passes.base import Pass, PassContext, PassResult
 from onnxpipe.passes.quant_weight_only import WeightOnlyQuantize
 
 D = 128  # each weight 128 x 128 float32 = 64 KiB: big enough to stay out of the simplifier's skeleton
@@ -114,9 +114,24 @@ def test_fp16_on_disk_converts_weight_by_weight_to_the_in_memory_result(on_disk,
     assert external.lazy_bytes(got.model) >= 4 * D * D * 2  # the float16 weights are on disk, not in memory
 
 
+class Halve(Pass):
+    """A pass that needs every weight's bytes (not lazy): it halves the float weights."""
+
+    name = "halve"
+    atol = 10.0
+
+    def apply(self, model, ctx):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        for t in out.graph.initializer:
+            if t.data_type == onnx.TensorProto.FLOAT:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) / 2, t.name))
+        return PassResult(out)
+
+
 def test_a_pass_that_needs_the_bytes_gets_them_and_its_weights_go_back_to_disk(on_disk):
     lines = []
-    spec = [{"opset": {"version": 18}}]
+    spec = [Halve()]
     ref = onnxpipe.optimize(load_model(on_disk), spec, check_inputs=[ids()], measure_latency=False)
     got = onnxpipe.optimize(on_disk, spec, check_inputs=[ids()], measure_latency=False,
                             on_event=lambda message, stage: lines.append(message))
@@ -352,3 +367,13 @@ def test_serve_answers_from_a_triton_repository_with_external_data(on_disk, tmp_
         request.set_data_from_numpy(feeds["ids"])
         got = client.infer("llm", [request]).as_numpy("logits")
     np.testing.assert_allclose(got, run_model(str(on_disk), feeds)["logits"], rtol=0, atol=1e-6)
+
+
+def test_opset_conversion_on_disk_reads_no_weight(on_disk, monkeypatch):
+    spec = [{"opset": {"version": 19}}]
+    ref = onnxpipe.optimize(load_model(on_disk), spec, check_inputs=[ids()], measure_latency=False)
+    monkeypatch.setattr(external, "materialize", lambda model: pytest.fail("opset read every weight into memory"))
+    got = onnxpipe.optimize(on_disk, spec, check_inputs=[ids()], measure_latency=False)
+    assert got.stages[1].kept and got.model.opset_import[0].version == 19
+    np.testing.assert_array_equal(run_model(got.model, ids())["logits"], run_model(ref.model, ids())["logits"])
+    assert external.lazy_bytes(got.model) > 0

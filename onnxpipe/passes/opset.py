@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx
 from pydantic import Field
 
+from onnxpipe.core import external
 from onnxpipe.core.graph import convert_opset, default_opset
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 
@@ -18,6 +19,7 @@ class Opset(Pass):
     """
 
     name = "opset"
+    lazy = True  # the converter rewrites nodes; weights are read in only if one of its adapters needs them
     atol = 1e-5
     rtol = 1e-4
 
@@ -29,5 +31,5 @@ class Opset(Pass):
         current = default_opset(model)
         if current == self.config.version:
             return PassResult(model, modified=False, notes={"opset": current})
-        out = convert_opset(model, self.config.version)
+        out = external.with_weights_if_needed(lambda m: convert_opset(m, self.config.version), model)
         return PassResult(out, notes={"from": current, "to": self.config.version})
