@@ -58,10 +58,18 @@ class Blocks:
     scales: np.ndarray
     zero_points: np.ndarray
 
-    def dequantize(self) -> np.ndarray:
-        """The weight [K, N] the spec defines: ``(value - zero point) * scale`` per block."""
-        w = (self.values.astype(np.float64) - self.zero_points[..., None]) * self.scales[..., None]
-        return w.reshape(self.n, -1)[:, : self.k].T
+    def dequantize(self, cols: slice = slice(None)) -> np.ndarray:
+        """The weight [K, N] the spec defines: ``(value - zero point) * scale`` per block (columns ``cols`` of it)."""
+        values = self.values[cols]
+        w = (values.astype(np.float64) - self.zero_points[cols][..., None]) * self.scales[cols][..., None]
+        return w.reshape(len(values), -1)[:, : self.k].T
+
+
+def column_chunks(k: int, n: int, budget: int = 1 << 22) -> list[slice]:
+    """Column ranges of a [K, N] weight with about ``budget`` elements each: float64 work on a large weight
+    (an LM head of 128k x 4096) a slice at a time, never the whole weight in float64 at once."""
+    step = max(1, budget // max(k, 1))
+    return [slice(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
 
 def read_blocks(node: onnx.NodeProto, inits: Mapping[str, np.ndarray]) -> Blocks:
@@ -146,39 +154,46 @@ def check_layout(float_model: onnx.ModelProto, quantized: onnx.ModelProto, algor
         # nodes at another width than the pass's come from the rtn quantizer (the budget's 8-bit ones)
         limit = RTN_STEPS[symmetric] if algorithm == "rtn" or node_bits != bits else SEARCH_STEPS
         inits = {name: tensor_array(q_inits_proto[name]) for name in node.input[1:] if name in q_inits_proto}
-        w = tensor_array(f_inits[original.input[1]]).astype(np.float64)
-        w = w.reshape(w.shape[-2], w.shape[-1])
+        w32 = tensor_array(f_inits[original.input[1]])  # memory-mapped when on disk: read a column slice at a time
+        w32 = w32.reshape(w32.shape[-2], w32.shape[-1])
         blocks = read_blocks(node, inits)
-        if (blocks.k, blocks.n) != w.shape:
-            out.failures.append(f"{node.name}: K x N {blocks.k}x{blocks.n} where the weight is {w.shape[0]}x{w.shape[1]}")
+        if (blocks.k, blocks.n) != w32.shape:
+            out.failures.append(f"{node.name}: K x N {blocks.k}x{blocks.n} where the weight is "
+                                f"{w32.shape[0]}x{w32.shape[1]}")
             continue
-        deq = blocks.dequantize()
         pad = blocks.values.shape[1] * blocks.block_size - blocks.k
-        diff = np.pad(np.abs(deq - w).T, ((0, 0), (0, pad))).reshape(blocks.n, -1, blocks.block_size)
         step = np.maximum(np.abs(blocks.scales), np.finfo(np.float32).tiny)
+        counts = np.minimum(blocks.block_size, blocks.k - np.arange(blocks.values.shape[1]) * blocks.block_size)
         # values within float32 rounding of a grid point count as exact
-        slack = 1e-5 * np.abs(w).max(initial=0.0)
-        steps = np.maximum(diff.max(axis=-1) - slack, 0.0) / step
-        counts = np.minimum(blocks.block_size, blocks.k - np.arange(diff.shape[1]) * blocks.block_size)
-        rms = np.sqrt((diff ** 2).sum(axis=-1) / counts) / step
+        slack = 1e-5 * float(np.abs(w32).max(initial=0.0))
+        rows = np.unique(np.linspace(0, blocks.k - 1, min(LAYOUT_ROWS, blocks.k)).astype(int))
+        got = _readback(node, inits, rows) if runtime else None
+        worst = worst_rms = gap = top = 0.0
+        bad = total = 0
+        for cols in column_chunks(blocks.k, blocks.n):
+            w = np.asarray(w32[:, cols], dtype=np.float64)
+            deq = blocks.dequantize(cols)
+            diff = np.pad(np.abs(deq - w).T, ((0, 0), (0, pad))).reshape(w.shape[1], -1, blocks.block_size)
+            steps = np.maximum(diff.max(axis=-1) - slack, 0.0) / step[cols]
+            rms = np.sqrt((diff ** 2).sum(axis=-1) / counts) / step[cols]
+            err_sq += float(((deq - w) ** 2).sum())
+            ref_sq += float((w ** 2).sum())
+            worst, worst_rms = max(worst, float(steps.max())), max(worst_rms, float(rms.max()))
+            bad += int((steps > limit + 1e-3).sum() + (rms > RMS_STEPS).sum())
+            total += steps.size
+            if got is not None:
+                gap = max(gap, float(np.abs(got[:, cols] - deq[rows]).max()))
+                top = max(top, float(np.abs(deq[rows]).max(initial=0.0)))
         out.nodes += 1
-        err_sq += float(((deq - w) ** 2).sum())
-        ref_sq += float((w ** 2).sum())
-        worst, worst_rms = float(steps.max()), float(rms.max())
         if worst > out.worst_steps:
             out.worst_steps, out.worst_node = worst, node.name
         out.worst_rms_steps = max(out.worst_rms_steps, worst_rms)
-        bad = int((steps > limit + 1e-3).sum() + (rms > RMS_STEPS).sum())
         if bad:
-            out.failures.append(f"{node.name} ({node_bits}-bit): {bad} of {steps.size} blocks off the original weights "
+            out.failures.append(f"{node.name} ({node_bits}-bit): {bad} of {total} blocks off the original weights "
                                 f"(worst {worst:.2f} steps, rms {worst_rms:.2f} steps; allowed {limit:g}, {RMS_STEPS:g})")
-        if runtime:
-            rows = np.unique(np.linspace(0, blocks.k - 1, min(LAYOUT_ROWS, blocks.k)).astype(int))
-            got = _readback(node, inits, rows)
-            gap = float(np.abs(got - deq[rows]).max())
+        if got is not None:
             out.runtime_max_diff = max(out.runtime_max_diff, gap)
-            allowed = 1e-3 * float(np.abs(deq[rows]).max(initial=0.0)) + 1e-6
-            if gap > allowed:
+            if gap > 1e-3 * top + 1e-6:
                 out.failures.append(f"{node.name}: ONNX Runtime reads the weight differently from the stored "
                                     f"layout (max difference {gap:.3g})")
     out.relative_error = math.sqrt(err_sq / ref_sq) if ref_sq else 0.0

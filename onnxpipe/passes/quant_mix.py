@@ -16,7 +16,7 @@ from onnx import helper
 
 from onnxpipe.core.external import tensor_array
 from onnxpipe.core.graph import subgraphs
-from onnxpipe.passes.quant_layout import read_blocks
+from onnxpipe.passes.quant_layout import column_chunks, read_blocks
 from onnxpipe.passes.quant_targets import weight_matmuls
 
 
@@ -161,12 +161,16 @@ def sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes:
     out = {}
     for name, a_list in acts.items():
         node = q_nodes[name]
-        deq = read_blocks(node, {i: tensor_array(q_inits[i]) for i in node.input[1:] if i in q_inits}).dequantize()
-        w = tensor_array(f_inits[weights[name]]).astype(np.float64)
-        w = w.reshape(w.shape[-2], w.shape[-1])
+        blocks = read_blocks(node, {i: tensor_array(q_inits[i]) for i in node.input[1:] if i in q_inits})
+        w32 = tensor_array(f_inits[weights[name]])  # memory-mapped when on disk
+        w32 = w32.reshape(w32.shape[-2], w32.shape[-1])
         a = np.concatenate(a_list).astype(np.float64)
         if len(a) > 4096:
             a = a[np.linspace(0, len(a) - 1, 4096).astype(int)]
-        ref = a @ w
-        out[name] = float(np.linalg.norm(a @ (w - deq)) / max(np.linalg.norm(ref), 1e-30))
+        err_sq = ref_sq = 0.0
+        for cols in column_chunks(blocks.k, blocks.n):  # float64 a slice of columns at a time
+            w = np.asarray(w32[:, cols], dtype=np.float64)
+            ref_sq += float(np.square(a @ w).sum())
+            err_sq += float(np.square(a @ (w - blocks.dequantize(cols))).sum())
+        out[name] = float(np.sqrt(err_sq) / max(np.sqrt(ref_sq), 1e-30))
     return out
