@@ -377,3 +377,23 @@ def test_opset_conversion_on_disk_reads_no_weight(on_disk, monkeypatch):
     assert got.stages[1].kept and got.model.opset_import[0].version == 19
     np.testing.assert_array_equal(run_model(got.model, ids())["logits"], run_model(ref.model, ids())["logits"])
     assert external.lazy_bytes(got.model) > 0
+
+
+def test_the_spill_folder_follows_the_environment_and_warns_on_memory_backed_folders(tmp_path, monkeypatch, caplog):
+    from pathlib import Path
+
+    monkeypatch.setattr(external, "_spill_dir", None)
+    monkeypatch.setenv(external.SPILL_ENV, str(tmp_path))
+    folder = external.spill_folder()
+    assert folder.parent == tmp_path and folder.is_dir()
+    monkeypatch.setattr(external, "_spill_dir", None)
+    monkeypatch.setenv(external.SPILL_ENV, str(tmp_path / "missing"))
+    with pytest.raises(external.InputError, match="ONNXPIPE_SPILL_DIR"):
+        external.spill_folder()
+    if Path("/dev/shm").is_dir() and external._in_memory_fs(Path("/dev/shm")):
+        monkeypatch.setattr(external, "_spill_dir", None)
+        monkeypatch.setenv(external.SPILL_ENV, "/dev/shm")
+        with caplog.at_level("WARNING", logger="onnxpipe.external"):
+            shm = external.spill_folder()
+        assert "held in memory" in caplog.text
+        shm.rmdir()

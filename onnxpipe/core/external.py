@@ -222,16 +222,42 @@ def write_streaming(model: onnx.ModelProto, dest: str | os.PathLike, *, data_nam
 _spill_dir: Path | None = None
 
 
+SPILL_ENV = "ONNXPIPE_SPILL_DIR"
+
+
 def spill_folder() -> Path:
-    """This process's folder for weights moved out of memory (removed when the process exits)."""
+    """This process's folder for weights moved out of memory (removed when the process exits).
+
+    It is made under ``$ONNXPIPE_SPILL_DIR`` if set, else the system's temporary folder (``$TMPDIR``).
+    A temporary folder held in memory (tmpfs) would keep the spilled weights in memory: that is
+    logged as a warning naming the variable to set.
+    """
     global _spill_dir
     if _spill_dir is None or not _spill_dir.is_dir():
         import atexit
         import tempfile
 
-        _spill_dir = Path(tempfile.mkdtemp(prefix="onnxpipe-weights-"))
+        parent = os.environ.get(SPILL_ENV) or None
+        if parent is not None and not Path(parent).is_dir():
+            raise InputError(f"{SPILL_ENV}={parent} is not a folder", hint="point it at a folder on a disk with room")
+        _spill_dir = Path(tempfile.mkdtemp(prefix="onnxpipe-weights-", dir=parent))
         atexit.register(shutil.rmtree, _spill_dir, ignore_errors=True)
+        if _in_memory_fs(_spill_dir):
+            log.warning("weights moved out of memory go to %s, which is held in memory (tmpfs); set %s to a folder "
+                        "on disk to keep large models' memory bounded", _spill_dir, SPILL_ENV)
     return _spill_dir
+
+
+def _in_memory_fs(path: Path) -> bool:
+    """Whether ``path`` is on a tmpfs or ramfs mount (Linux; False where /proc/mounts is not readable)."""
+    try:
+        mounts = [line.split()[1:3] for line in Path("/proc/mounts").read_text().splitlines() if len(line.split()) > 2]
+    except OSError:
+        return False
+    target = str(path.resolve())
+    best = max((m for m in mounts if target == m[0] or target.startswith(m[0].rstrip("/") + "/")),
+               key=lambda m: len(m[0]), default=None)
+    return best is not None and best[1] in ("tmpfs", "ramfs")
 
 
 class SpillFile:
