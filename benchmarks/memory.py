@@ -122,6 +122,35 @@ def peak_of(cmd: list[str], cwd: Path) -> tuple[int, float, subprocess.Completed
     return peak[0], time.perf_counter() - start, subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def measure(name: str, cmd: list[str], weights: int, target: float | None
+            ) -> tuple[dict, subprocess.CompletedProcess]:
+    """Run ``cmd`` under the sampler: its row (peak, ratio to ``weights``, seconds, exit, the last error line)
+    and the finished process. The caller sets ``row["ok"]`` and prints it with :func:`print_row`."""
+    peak, seconds, proc = peak_of(cmd, Path.cwd())
+    row = {"command": name, "peak_bytes": peak, "ratio": peak / weights, "target": target,
+           "seconds": round(seconds, 1), "exit": proc.returncode}
+    if proc.returncode != 0:
+        row["note"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
+    return row, proc
+
+
+def print_row(row: dict) -> None:
+    target = row["target"]
+    print(f"{row['command']:44s} peak {row['peak_bytes'] / 1e9:6.2f} GB  {row['ratio']:5.2f}x weights  target "
+          f"{'-' if target is None else f'<= {target}x'}  {row['seconds']:6.1f} s  {'ok' if row['ok'] else 'MISSED'}"
+          + (f"  ({row['note']})" if "note" in row else ""), flush=True)
+
+
+def finish(rows: list[dict], weights: int, work: Path, *, as_json: bool, keep: bool) -> None:
+    """Print the rows as JSON when asked (with the CPU), and remove the work folder unless kept."""
+    from onnxpipe.core.hardware import cpu
+
+    if as_json:
+        print(json.dumps({"weights_bytes": weights, "cpu": cpu().model, "rows": rows}, indent=2))
+    if not keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def read_outputs(folder: Path) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {}
     for shard in sorted(folder.glob("shard-*.npz")):
@@ -176,16 +205,10 @@ def main() -> None:
             cmd = py + ["infer", str(work / "parts"), "--data", str(work / "inputs.npz"), "-o", str(work / "out-parts"),
                         "--devices", devices, "-b", "4"]
             name = f"infer parts on {devices}"
-        peak, seconds, proc = peak_of(cmd, Path.cwd())
-        row = {"command": name, "peak_bytes": peak, "ratio": peak / weights, "target": target,
-               "seconds": round(seconds, 1), "exit": proc.returncode}
+        row, proc = measure(name, cmd, weights, target)
         row["ok"] = proc.returncode == 0 and (target is None or row["ratio"] <= target)
-        if proc.returncode != 0:
-            row["note"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
         rows.append(row)
-        print(f"{name:44s} peak {peak / 1e9:6.2f} GB  {row['ratio']:5.2f}x weights  target "
-              f"{'-' if target is None else f'<= {target}x'}  {seconds:6.1f} s  {'ok' if row['ok'] else 'MISSED'}"
-              + (f"  ({row['note']})" if "note" in row else ""), flush=True)
+        print_row(row)
     parts_json = work / "parts" / "pipeline.json"
     if parts_json.is_file():
         spec = json.loads(parts_json.read_text())
@@ -203,10 +226,7 @@ def main() -> None:
         a, b = read_outputs(work / "out-whole"), read_outputs(work / "out-parts")
         diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
         print(f"infer: whole vs parts max abs diff {diff:.2e} ({'equal within 1e-4' if diff <= 1e-4 else 'DIFFERENT'})")
-    if args.json:
-        print(json.dumps({"weights_bytes": weights, "cpu": cpu().model, "rows": rows}, indent=2))
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    finish(rows, weights, work, as_json=args.json, keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from memory import peak_of
+from memory import finish, measure, print_row
 
 TARGET = 2.5
 SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_key_value_heads": 4,
@@ -85,21 +85,17 @@ def run_row(folder: Path, work: Path, weights: int) -> dict:
                       "passes:\n  - quantize: {mode: int4, exclude_lm_head: true, min_cosine: 0.9}\n  - strip\n"
                       "validate: {providers: [cpu], atol: 0.5, rtol: 0.1}\n"
                       f"output: {work / 'run'}\n")
-    peak, seconds, proc = peak_of([sys.executable, "-m", "onnxpipe", "run", str(recipe)], Path.cwd())
-    row = {"command": "run (convert, int4, strip, validate)", "peak_bytes": peak, "ratio": peak / weights,
-           "target": TARGET, "seconds": round(seconds, 1), "exit": proc.returncode}
+    row, proc = measure("run (convert, int4, strip, validate)", [sys.executable, "-m", "onnxpipe", "run", str(recipe)],
+                        weights, TARGET)
     report = work / "run" / "report.json"
     if proc.returncode == 0 and report.is_file():
         doc = json.loads(report.read_text())
         row["stages"] = [{"name": s["name"], "kept": s["kept"], "bytes": s["size_bytes"], "seconds": round(s["seconds"])}
                          for s in doc["stages"]]
         row["validation_ok"] = all(v["ok"] for v in doc["validation"])
-    else:
-        row["note"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
     row["ok"] = (proc.returncode == 0 and row["ratio"] <= TARGET and row.get("validation_ok", False)
                  and all(s["kept"] for s in row.get("stages", [])))
-    print(f"{row['command']:40s} peak {peak / 1e9:6.2f} GB  {row['ratio']:5.2f}x weights  target <= {TARGET}x  "
-          f"{seconds:6.1f} s  {'ok' if row['ok'] else 'MISSED'}" + (f"  ({row['note']})" if "note" in row else ""))
+    print_row(row)
     for s in row.get("stages", []):
         print(f"  run stage {s['name']:9s} {'kept' if s['kept'] else 'ROLLED BACK'}: {s['bytes'] / 1e9:.2f} GB, "
               f"{s['seconds']} s")
@@ -133,29 +129,20 @@ def main() -> None:
           f"weights in {folder} (built in {time.perf_counter() - t0:.0f} s); CPU: {cpu().model} ({cpu().cores} cores)",
           flush=True)
     cmd = [sys.executable, "-m", "onnxpipe", "convert", str(folder), "-o", str(out), "--json"]
-    peak, seconds, proc = peak_of(cmd, Path.cwd())
-    row = {"command": "convert (text-generation, check on)", "peak_bytes": peak, "ratio": peak / weights,
-           "target": TARGET, "seconds": round(seconds, 1), "exit": proc.returncode}
+    row, proc = measure("convert (text-generation, check on)", cmd, weights, TARGET)
     if proc.returncode == 0:
         doc = json.loads(proc.stdout[proc.stdout.index("{"):])
         logits = next(c for c in doc["check"]["outputs"] if c["name"] == "logits")
         data = out / "model.onnx.data"
         row.update(exporter=doc["exporter"], check_ok=doc["check"]["ok"], max_abs_diff=logits["max_abs_diff"],
                    runs=len(doc["check"]["runs"]), data_bytes=data.stat().st_size if data.is_file() else 0)
-    else:
-        row["note"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:200]
     row["ok"] = proc.returncode == 0 and row["ratio"] <= TARGET and bool(row.get("check_ok"))
-    print(f"{row['command']:40s} peak {peak / 1e9:6.2f} GB  {row['ratio']:5.2f}x weights  target <= {TARGET}x  "
-          f"{seconds:6.1f} s  {'ok' if row['ok'] else 'MISSED'}" + (f"  ({row['note']})" if "note" in row else ""))
+    print_row(row)
     if "max_abs_diff" in row:
         print(f"exported by {row['exporter']}; {row['data_bytes'] / 1e9:.2f} GB in model.onnx.data; ONNX Runtime vs "
               f"transformers logits over {row['runs']} runs (prompt + cached steps): max abs diff "
               f"{row['max_abs_diff']:.2e} ({'match' if row['check_ok'] else 'DIFFERENT'})")
-    rows = [row, run_row(folder, work, weights)]
-    if args.json:
-        print(json.dumps({"weights_bytes": weights, "cpu": cpu().model, "rows": rows}, indent=2))
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    finish([row, run_row(folder, work, weights)], weights, work, as_json=args.json, keep=args.keep)
 
 
 if __name__ == "__main__":
