@@ -22,8 +22,8 @@ from typing import Any
 import onnx
 
 from onnxpipe.converter.base import DEFAULT_OPSET, Attempt, FrameworkModel
-from onnxpipe.converter.check import CheckReport, verify
-from onnxpipe.core.errors import CheckFailedError, InputError
+from onnxpipe.converter.check import CheckReport, raise_if_failed, verify
+from onnxpipe.core.errors import InputError
 from onnxpipe.core.modelio import EXTERNAL_DATA_THRESHOLD, check_model, save_model
 from onnxpipe.core.tensors import InputSpec
 
@@ -147,13 +147,5 @@ def convert(
     if output is not None:
         result.path = save_model(model, output, threshold=external_data_threshold)
     result.seconds = time.perf_counter() - start
-    if result.check is not None and not result.check.ok:
-        bad = [c for c in result.check.worst() if not c.ok]
-        summary = ", ".join(f"{c.name} max abs diff {c.max_abs:.3g}" + (f" ({c.detail})" if c.detail else "")
-                            for c in bad)
-        where = f"; the model is kept at {result.path}" if result.path else ""
-        err = CheckFailedError(f"ONNX outputs differ from the framework beyond atol={atol:g}, rtol={rtol:g}: "
-                               f"{summary}{where}", hint="inspect it, loosen --atol/--rtol, or --no-check")
-        err.result = result  # type: ignore[attr-defined]
-        raise err
+    raise_if_failed(result, atol=atol, rtol=rtol, reference="the framework")
     return result

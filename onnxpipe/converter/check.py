@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxpipe.converter.base import FrameworkModel
 from onnxpipe.core.compare import Comparison, compare
+from onnxpipe.core.errors import CheckFailedError
 from onnxpipe.core.session import Session
 from onnxpipe.core.tensors import batched_inputs, graph_inputs, random_like
 
@@ -118,3 +120,17 @@ def verify(model: onnx.ModelProto, fm: FrameworkModel, *, atol: float, rtol: flo
     feeds_list = check_feeds(model, fm, random_batches=random_batches, seed=seed)
     expected = [fm.reference(feeds) for _, _, feeds in feeds_list]
     return compare_outputs(model, feeds_list, expected, atol=atol, rtol=rtol)
+
+
+def raise_if_failed(result: Any, *, atol: float, rtol: float, reference: str, kept: str = "model") -> None:
+    """Raise :class:`CheckFailedError` (carrying ``result``) when ``result.check`` failed, naming each output
+    off and where the written ``kept`` (model or output folder) is; nothing when it passed or did not run."""
+    if result.check is None or result.check.ok:
+        return
+    bad = [c for c in result.check.worst() if not c.ok]
+    summary = ", ".join(f"{c.name} max abs diff {c.max_abs:.3g}" + (f" ({c.detail})" if c.detail else "") for c in bad)
+    where = f"; the {kept} is kept at {result.path}" if result.path else ""
+    err = CheckFailedError(f"ONNX outputs differ from {reference} beyond atol={atol:g}, rtol={rtol:g}: "
+                           f"{summary}{where}", hint="inspect it, loosen --atol/--rtol, or --no-check")
+    err.result = result  # type: ignore[attr-defined]
+    raise err

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from onnxpipe.converter.base import DEFAULT_OPSET
+from onnxpipe.converter.check import raise_if_failed
 from onnxpipe.converter.hf_common import (
     TASKS,
     HFConversionResult,
@@ -30,7 +31,7 @@ from onnxpipe.converter.hf_common import (
     load_pretrained,
 )
 from onnxpipe.core.deps import require
-from onnxpipe.core.errors import CheckFailedError, InputError
+from onnxpipe.core.errors import InputError
 from onnxpipe.core.userfiles import first_line
 
 __all__ = ["TASKS", "HFConversionResult", "convert_folder", "infer_task", "is_hf_folder", "read_config"]
@@ -122,14 +123,7 @@ def convert_folder(
     result.task_inferred = inferred
     result.source = folder
     result.seconds = time.perf_counter() - start
-    if result.check is not None and not result.check.ok:
-        bad = [c for c in result.check.worst() if not c.ok]
-        summary = ", ".join(f"{c.name} max abs diff {c.max_abs:.3g}" for c in bad)
-        where = f"; the output is kept at {result.path}" if result.path else ""
-        err = CheckFailedError(f"ONNX outputs differ from transformers beyond atol={atol:g}, rtol={rtol:g}: "
-                               f"{summary}{where}", hint="inspect it, loosen --atol/--rtol, or --no-check")
-        err.result = result  # type: ignore[attr-defined]
-        raise err
+    raise_if_failed(result, atol=atol, rtol=rtol, reference="transformers", kept="output")
     return result
 
 

@@ -44,15 +44,9 @@ INLINE_BELOW = 1024  # tensors smaller than this stay inside the .onnx file
 
 
 def initializers(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every initializer of the model, subgraphs (If/Loop/Scan bodies) included."""
-    from onnxpipe.core.graph import all_graphs
-
-    for g in all_graphs(model.graph):
-        yield from g.initializer
-        for node in g.node:  # Constant nodes may hold external tensors too
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
+    """Every initializer of the model, subgraphs (If/Loop/Scan bodies) and Constant nodes included."""
+    yield from model.graph.initializer
+    yield from _inner_tensors(model)
 
 
 def _inner_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -62,7 +56,7 @@ def _inner_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
     for depth, g in enumerate(all_graphs(model.graph)):
         if depth:  # all_graphs yields the top graph first
             yield from g.initializer
-        for node in g.node:
+        for node in g.node:  # Constant nodes may hold external tensors too
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:
                     yield attr.t
@@ -70,6 +64,20 @@ def _inner_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 def is_external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def on_disk(t: onnx.TensorProto) -> bool:
+    """Whether ``t``'s bytes are in its external file and not in memory (a lazily loaded or spilled tensor)."""
+    return is_external(t) and not t.raw_data
+
+
+def _link_or_copy(src: Path, dest: Path) -> None:
+    """``dest`` as a hard link to ``src``: no bytes copied; a copy where no link is possible (another file system)."""
+    try:
+        os.link(src, dest)
+    except OSError:
+        log.warning("copying %s to %s (no hard link possible)", src, dest.parent)
+        shutil.copyfile(src, dest)
 
 
 def _info(t: onnx.TensorProto) -> dict[str, str]:
@@ -85,7 +93,7 @@ def _set_info(t: onnx.TensorProto, info: dict[str, str]) -> None:
 
 def has_external_refs(model: onnx.ModelProto) -> bool:
     """True when some initializer's bytes are not in memory but in an external file."""
-    return any(is_external(t) and not t.raw_data for t in initializers(model))
+    return any(on_disk(t) for t in initializers(model))
 
 
 def source_file(t: onnx.TensorProto, base_dir: str | os.PathLike | None = None) -> Path:
@@ -150,7 +158,7 @@ def remember_folder(model: onnx.ModelProto, path: str | os.PathLike) -> onnx.Mod
 
 def tensor_array(t: onnx.TensorProto, base_dir: str | os.PathLike | None = None) -> np.ndarray:
     """A tensor's values; external data is memory-mapped, not read."""
-    if not (is_external(t) and not t.raw_data):
+    if not on_disk(t):
         return onnx.numpy_helper.to_array(t)
     dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
     offset, length = _span(t)
@@ -168,7 +176,7 @@ def _move_out(t: onnx.TensorProto, out: BinaryIO, data_name: str) -> None:
     pad = (-out.tell()) % ALIGN
     out.write(b"\0" * pad)
     offset = out.tell()
-    if is_external(t) and not t.raw_data:
+    if on_disk(t):
         src_offset, length = _span(t)
         length = nbytes(t) if length is None else length
         with open(source_file(t), "rb") as src:
@@ -206,7 +214,7 @@ def write_streaming(model: onnx.ModelProto, dest: str | os.PathLike, *, data_nam
     data_name = data_name or f"{dest.name}.data"
     with open(dest.parent / data_name, "wb") as out:
         for t in initializers(model):
-            if (is_external(t) and not t.raw_data) or nbytes(t) >= inline_below:
+            if on_disk(t) or nbytes(t) >= inline_below:
                 _move_out(t, out, data_name)
     with open(dest, "wb") as f:
         f.write(model.SerializeToString())
@@ -307,15 +315,12 @@ def adopt(model: onnx.ModelProto) -> onnx.ModelProto:
     folder = spill_folder()
     moved: dict[Path, str] = {}
     for t in initializers(model):
-        if not (is_external(t) and not t.raw_data):
+        if not on_disk(t):
             continue
         src = source_file(t)
         if src not in moved:
             name = f"adopted-{uuid.uuid4().hex[:12]}-{src.name}"
-            try:
-                os.link(src, folder / name)
-            except OSError:
-                shutil.copyfile(src, folder / name)
+            _link_or_copy(src, folder / name)
             moved[src] = name
         _set_info(t, {**_info(t), "location": moved[src], BASEPATH: str(folder.resolve())})
     return model
@@ -345,7 +350,7 @@ def spill(model: onnx.ModelProto, folder: str | os.PathLike | None = None, *,
 
 def load_tensor(t: onnx.TensorProto) -> None:
     """Read an external tensor's bytes into the proto, in place (it is no longer external)."""
-    if not (is_external(t) and not t.raw_data):
+    if not on_disk(t):
         return
     offset, length = _span(t)
     length = nbytes(t) if length is None else length
@@ -388,7 +393,7 @@ def with_weights_if_needed(fn: Callable[[onnx.ModelProto], T], model: onnx.Model
 
 def lazy_bytes(model: onnx.ModelProto) -> int:
     """Bytes of the weights that stay on disk (0 for a model held in memory)."""
-    return sum(nbytes(t) for t in initializers(model) if is_external(t) and not t.raw_data)
+    return sum(nbytes(t) for t in initializers(model) if on_disk(t))
 
 
 def ort_model_path(model: onnx.ModelProto, folder: str | os.PathLike, *, placeholders: bool = False) -> Path:
@@ -408,7 +413,7 @@ def ort_model_path(model: onnx.ModelProto, folder: str | os.PathLike, *, placeho
     for t in _inner_tensors(header):  # ORT refuses hard-linked data for these: read in (small, as a rule)
         load_tensor(t)
     for t in header.graph.initializer:
-        if not (is_external(t) and not t.raw_data):
+        if not on_disk(t):
             continue
         src = source_file(t)
         if src not in names:
@@ -419,11 +424,7 @@ def ort_model_path(model: onnx.ModelProto, folder: str | os.PathLike, *, placeho
                 with open(link, "wb") as f:
                     f.truncate(src.stat().st_size)
             else:
-                try:
-                    os.link(src, link)
-                except OSError:
-                    log.warning("copying %s to a scratch folder for ONNX Runtime (no hard link possible)", src)
-                    shutil.copyfile(src, link)
+                _link_or_copy(src, link)
         _set_info(t, {**{k: v for k, v in _info(t).items() if k != BASEPATH}, "location": names[src]})
     path = folder / "model.onnx"
     with open(path, "wb") as f:

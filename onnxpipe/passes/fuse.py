@@ -39,6 +39,7 @@ from onnxpipe.core.inputs import random_input
 from onnxpipe.core.session import Session
 from onnxpipe.core.tensors import concrete_shape, graph_inputs
 from onnxpipe.core.timing import interleaved
+from onnxpipe.core.units import human_bytes
 from onnxpipe.core.userfiles import first_line
 from onnxpipe.passes.base import Pass, PassConfig, PassContext, PassResult
 from onnxpipe.passes.fuse_graph import (
@@ -280,7 +281,7 @@ class Fuse(Pass):
         ctx.log(f"fuse: {model_type} ({found.layers} attention layers, heads={heads or '?'}, hidden={hidden or '?'})")
         on_disk = external.lazy_bytes(model)
         if on_disk:  # the fusers merge weights (Q, K and V into one): they need the bytes
-            ctx.log(f"fuse: reading {on_disk / 1e9:.2f} GB of weights into memory (the fusers merge weights)")
+            ctx.log(f"fuse: reading {human_bytes(on_disk)} of weights into memory (the fusers merge weights)")
             model = external.materialize(model)
             shaped = None if shaped is None else (model if has_shapes(model) else infer_shapes(model))
 

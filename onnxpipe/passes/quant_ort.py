@@ -15,11 +15,12 @@ import onnx
 
 from onnxpipe.core import external
 from onnxpipe.core.deps import require
-from onnxpipe.core.graph import all_graphs, subgraphs, toposort
+from onnxpipe.core.graph import subgraphs, toposort
 from onnxpipe.core.modelio import load_model
 from onnxpipe.core.tensors import graph_inputs
 from onnxpipe.passes.base import PassContext
 from onnxpipe.passes.quant_data import StreamingReader, calibrate, progress_bar
+from onnxpipe.passes.quant_targets import nested_nodes
 
 
 @dataclass
@@ -138,9 +139,7 @@ def ort_quantizer(c: Any, plan: Plan, prepared: Path, work: Path, ctx: PassConte
                         only: Sequence[str] | None = None) -> onnx.ModelProto:
             out = work / f"dynamic-{next(counter)}.onnx"
             header = load_model(prepared, load_external_data=False)
-            nested = any(n.op_type in plan.op_types for depth, g in enumerate(all_graphs(header.graph)) if depth
-                         for n in g.node)  # ORT quantizes inside If/Loop bodies too: that takes the whole model
-            if external.lazy_bytes(header) and not nested:  # weights on disk: group by group, never all in memory
+            if external.lazy_bytes(header) and not nested_nodes(header, plan.op_types):  # weights on disk: group by group, never all in memory
                 return _dynamic_by_weight(header, plan.op_types, {*always, *excluded}, only, dynamic, out.parent, ctx)
             dynamic(prepared, out, [*always, *excluded], only)
             return load_sorted(out)

@@ -5,6 +5,8 @@ Split out of ``quant_weight_only`` (the pass); the by-weight path and the budget
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import onnx
 
 from onnxpipe.core.graph import all_graphs, subgraphs
@@ -49,10 +51,11 @@ def lm_head(model: onnx.ModelProto) -> str | None:
     return None
 
 
-def nested_matmuls(model: onnx.ModelProto) -> int:
-    """MatMul and Gather nodes inside subgraphs (ORT's quantizer takes them; quantizing by weight does not)."""
-    return sum(n.op_type in ("MatMul", "Gather") for depth, g in enumerate(all_graphs(model.graph)) if depth
-               for n in g.node)
+def nested_nodes(model: onnx.ModelProto, op_types: Iterable[str] = ("MatMul", "Gather")) -> int:
+    """Nodes of ``op_types`` inside subgraphs (If/Loop bodies): ORT's quantizers take them, quantizing by
+    weight (:mod:`onnxpipe.passes.quant_by_weight`) does not, so such a model goes to the whole-model run."""
+    wanted = set(op_types)
+    return sum(n.op_type in wanted for depth, g in enumerate(all_graphs(model.graph)) if depth for n in g.node)
 
 
 def name_nodes(model: onnx.ModelProto) -> None:

@@ -49,7 +49,7 @@ from onnxpipe.passes.quant_mix import (
     suffix_new_tensors,
     unhide_weights,
 )
-from onnxpipe.passes.quant_targets import lm_head, name_nodes, nested_matmuls, weight_matmuls
+from onnxpipe.passes.quant_targets import lm_head, name_nodes, nested_nodes, weight_matmuls
 
 MODES = {"int4": 4, "int8-weight-only": 8}
 ALGORITHMS = ("rtn", "hqq", "gptq")
@@ -266,7 +266,7 @@ class WeightOnlyQuantize(Pass):
         block, level = plan["block_size"], plan["accuracy_level"]
         op_types = tuple(t for t in plan["op_types"] if bits == 4 or t == "MatMul")
         if external.lazy_bytes(model):  # weights on disk: never all of them in memory
-            nested = nested_matmuls(model)
+            nested = nested_nodes(model)
             if algorithm == "gptq" or nested:
                 ctx.log("quantize: " + ("gptq runs the whole model on calibration data" if algorithm == "gptq" else
                                         f"{nested} MatMul/Gather node(s) inside If/Loop bodies")

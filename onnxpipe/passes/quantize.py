@@ -235,10 +235,10 @@ class Quantize(Pass):
             bare, taken = skeleton.hollow(model)
             source = work / "skeleton.onnx"
             save_model(bare, source, external_data=False)
-            big = False
         else:
             source = work / "float.onnx"
             save_model(model, source, external_data=big)
+        source_big = big and not taken  # the skeleton is small whatever the model's size
         if self.config.preprocess:
             require("onnxruntime")
             from onnxruntime.quantization import quant_pre_process
@@ -247,7 +247,7 @@ class Quantize(Pass):
             for label, opts in (("full", {}), ("without symbolic shapes", {"skip_symbolic_shape": True})):
                 try:
                     with quiet(), scratch_cwd():  # its shape inference drops debug files into the cwd
-                        quant_pre_process(str(source), str(target), save_as_external_data=big,
+                        quant_pre_process(str(source), str(target), save_as_external_data=source_big,
                                           all_tensors_to_one_file=True, **opts)
                     status = label
                     break
@@ -255,10 +255,9 @@ class Quantize(Pass):
                     failures.append(f"{label}: {first_line(exc)}")
             else:
                 status = "failed (" + "; ".join(failures) + ")"
-        prepared = load_model(target if target.exists() else source, load_external_data=not big)
+        prepared = load_model(target if target.exists() else source, load_external_data=not source_big)
         if taken:
             prepared = skeleton.fill(prepared, taken, model)
-            big = True
         seen = {n.name for n in prepared.graph.node if n.name}
         for i, node in enumerate(prepared.graph.node):  # nodes_to_exclude works by name
             if not node.name:

@@ -116,7 +116,7 @@ class GraphView:
         if name not in self._cache:
             if name in self.initializers:
                 t = self.initializers[name]
-                if external.is_external(t) and not t.raw_data:  # on disk: a fresh memory map, not kept mapped
+                if external.on_disk(t):  # on disk: a fresh memory map, not kept mapped
                     return external.tensor_array(t)
                 self._cache[name] = numpy_helper.to_array(t)
             else:
