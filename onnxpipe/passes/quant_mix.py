@@ -1,5 +1,5 @@
-"""Mixed precision for weight-only quantization: how much each MatMul loses, and one model assembled from
-per-node bit widths.
+"""Mixed precision for weight-only quantization: how much each MatMul loses, one model assembled from
+per-node bit widths, and the report of what was stored how.
 
 The budget quantizes the whole model once per bit width and picks each MatMul's nodes from the
 variant it chose; these helpers assemble that model, hide weights from a quantizer, and compare or
@@ -9,6 +9,7 @@ rename what the quantizers produced. Split out of ``quant_weight_only`` (the pas
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from onnx import helper
 
 from onnxpipe.core.external import tensor_array
 from onnxpipe.core.graph import subgraphs
-from onnxpipe.passes.quant_layout import column_chunks, read_blocks
+from onnxpipe.passes.quant_layout import column_chunks, node_attr, read_blocks
 from onnxpipe.passes.quant_targets import weight_matmuls
 
 
@@ -174,3 +175,34 @@ def sensitivity(float_model: onnx.ModelProto, quantized: onnx.ModelProto, nodes:
             err_sq += float(np.square(a @ (w - blocks.dequantize(cols))).sum())
         out[name] = float(np.sqrt(err_sq) / max(np.sqrt(ref_sq), 1e-30))
     return out
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+def summary(notes: Mapping[str, Any], quantized: onnx.ModelProto, weighted: set[str]) -> list[str]:
+    """The report's lines: what was stored how, which MatMuls stayed at higher precision, the checks, the budget."""
+    mm = notes["matmuls"]
+    size = notes["size_bytes"]
+    lines = [f"int{notes['weight_bits']} {notes['algorithm']}, block {notes['block_size']}, "
+             f"{'symmetric' if notes['symmetric'] else 'asymmetric'}, accuracy_level {notes['accuracy_level']} "
+             f"({notes['hardware']})",
+             f"MatMuls: {mm['int4']} int4, {mm['int8']} int8, {mm['float']} float; embeddings quantized: "
+             f"{notes['embeddings_quantized']}; size {size['before'] / 1e6:.3g} MB -> {size['after'] / 1e6:.3g} MB "
+             f"({size['after'] / max(size['before'], 1):.2f}x)"]
+    int8 = sorted(n.name.rsplit("_Q", 1)[0] for n in quantized.graph.node
+                  if n.op_type == "MatMulNBits" and node_attr(n, "bits") == 8 and notes["weight_bits"] == 4)
+    floats = sorted(n.name for n in quantized.graph.node if n.op_type == "MatMul" and n.name in weighted)
+    for label, names in (("in int8", int8), ("in float", floats)):
+        if names:
+            lines.append(f"kept {label}: " + ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
+    lay = notes.get("layout_check", {})
+    lines.append(f"layout check: {'ok' if lay.get('ok') else 'FAILED'} ({lay.get('nodes')} weights block by block, "
+                 f"worst {lay.get('worst_block_error_steps')} steps)")
+    if notes.get("max_drop") is not None and "metric_float" in notes:
+        bits = notes["weight_bits"]
+        first = notes.get(f"metric_int{bits}", float("nan"))
+        lines.append(f"budget on {notes['metric']}: float {notes['metric_float']:.5g}, all int{bits} {first:.5g}; "
+                     + (f"met at {notes['drop']:.4g} <= max_drop {notes['max_drop']:g}" if notes.get("budget_met")
+                        else "not met"))
+    lines.extend(f"warning: {w}" for w in notes.get("warnings", []))
+    return lines

@@ -47,6 +47,7 @@ from onnxpipe.passes.quant_mix import (
     same_weights,
     sensitivity,
     suffix_new_tensors,
+    summary,
     unhide_weights,
 )
 from onnxpipe.passes.quant_targets import lm_head, name_nodes, nested_nodes, weight_matmuls
@@ -66,35 +67,6 @@ def _quiet() -> Iterator[None]:
     finally:
         logging.disable(previous)
 
-
-
-def summary(notes: Mapping[str, Any], quantized: onnx.ModelProto, weighted: set[str]) -> list[str]:
-    """The report's lines: what was stored how, which MatMuls stayed at higher precision, the checks, the budget."""
-    mm = notes["matmuls"]
-    size = notes["size_bytes"]
-    lines = [f"int{notes['weight_bits']} {notes['algorithm']}, block {notes['block_size']}, "
-             f"{'symmetric' if notes['symmetric'] else 'asymmetric'}, accuracy_level {notes['accuracy_level']} "
-             f"({notes['hardware']})",
-             f"MatMuls: {mm['int4']} int4, {mm['int8']} int8, {mm['float']} float; embeddings quantized: "
-             f"{notes['embeddings_quantized']}; size {size['before'] / 1e6:.3g} MB -> {size['after'] / 1e6:.3g} MB "
-             f"({size['after'] / max(size['before'], 1):.2f}x)"]
-    int8 = sorted(n.name.rsplit("_Q", 1)[0] for n in quantized.graph.node
-                  if n.op_type == "MatMulNBits" and node_attr(n, "bits") == 8 and notes["weight_bits"] == 4)
-    floats = sorted(n.name for n in quantized.graph.node if n.op_type == "MatMul" and n.name in weighted)
-    for label, names in (("in int8", int8), ("in float", floats)):
-        if names:
-            lines.append(f"kept {label}: " + ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
-    lay = notes.get("layout_check", {})
-    lines.append(f"layout check: {'ok' if lay.get('ok') else 'FAILED'} ({lay.get('nodes')} weights block by block, "
-                 f"worst {lay.get('worst_block_error_steps')} steps)")
-    if notes.get("max_drop") is not None and "metric_float" in notes:
-        bits = notes["weight_bits"]
-        first = notes.get(f"metric_int{bits}", float("nan"))
-        lines.append(f"budget on {notes['metric']}: float {notes['metric_float']:.5g}, all int{bits} {first:.5g}; "
-                     + (f"met at {notes['drop']:.4g} <= max_drop {notes['max_drop']:g}" if notes.get("budget_met")
-                        else "not met"))
-    lines.extend(f"warning: {w}" for w in notes.get("warnings", []))
-    return lines
 
 
 # -- the pass ------------------------------------------------------------------------------

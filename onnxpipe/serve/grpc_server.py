@@ -26,16 +26,9 @@ import numpy as np
 from onnxpipe._version import __version__
 from onnxpipe.serve.grpc_proto import grpc_service_pb2_grpc as service
 from onnxpipe.serve.grpc_proto import oip_pb2 as pb
-from onnxpipe.serve.protocol import (
-    DATATYPES,
-    InferRequest,
-    ProtocolError,
-    _binary,
-    _tensor,
-    datatype_of,
-    wire_shape,
-)
+from onnxpipe.serve.protocol import InferRequest, _tensor, wire_shape
 from onnxpipe.serve.security import OPEN_RPCS, authorized, tensor_bytes
+from onnxpipe.serve.wire import DATATYPES, ProtocolError, binary_bytes, datatype_of
 
 # the server is an onnxpipe.serve.server.InferenceServer; it imports this module (lazily, for
 # --grpc-port), so this module does not import it back, not even for type checking
@@ -96,7 +89,7 @@ def encode_infer(model: str, version: str, outputs: dict[str, np.ndarray], reque
         arr = np.asarray(arr)
         datatype = datatype_of(arr.dtype)
         resp.outputs.add(name=name, datatype=datatype, shape=list(arr.shape))
-        resp.raw_output_contents.append(bytes(_binary(arr, datatype)))
+        resp.raw_output_contents.append(bytes(binary_bytes(arr, datatype)))
     return resp
 
 

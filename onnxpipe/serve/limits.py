@@ -25,7 +25,8 @@ import math
 import re
 from dataclasses import dataclass
 
-from onnxpipe.serve.protocol import DATATYPES, MAX_DIMS, ProtocolError
+from onnxpipe.serve.protocol import MAX_DIMS
+from onnxpipe.serve.wire import DATATYPES, ProtocolError
 
 PY_OBJECT_BYTES = 40  # what one decoded JSON value costs: the object plus its slot in a list
 

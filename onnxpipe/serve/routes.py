@@ -19,16 +19,9 @@ from onnxpipe._version import __version__
 from onnxpipe.serve.batcher import Unavailable
 from onnxpipe.serve.control import _Model
 from onnxpipe.serve.http_io import OFFLOAD_BYTES, _bad_body, _client_gone, _json, _read_body
-from onnxpipe.serve.protocol import (
-    HEADER,
-    ProtocolError,
-    datatype_of,
-    decode_request,
-    encode_response,
-    error_body,
-    wire_shape,
-)
+from onnxpipe.serve.protocol import HEADER, decode_request, encode_response, error_body, wire_shape
 from onnxpipe.serve.security import OPEN_PATHS, authorized
+from onnxpipe.serve.wire import ProtocolError, datatype_of
 
 log = logging.getLogger("onnxpipe.serve")
 

@@ -25,8 +25,8 @@ from onnxpipe.core.modelio import load_model, save_model
 from onnxpipe.core.tensors import TensorInfo
 from onnxpipe.runtimes.device_options import CudaOptions, TensorrtOptions
 from onnxpipe.runtimes.providers import Device, parse_devices
-from onnxpipe.serve.protocol import datatype_of
 from onnxpipe.serve.repository import ModelEntry, check_name
+from onnxpipe.serve.wire import datatype_of
 
 
 class Enum(str):
